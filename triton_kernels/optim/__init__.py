@@ -1,0 +1,37 @@
+"""Fused multi-tensor optimizer steps: one kernel launch per (device, dtype) group per step."""
+
+from triton_kernels.optim.launchers import (
+    ADAGRAD_FIELDS,
+    ADAM_FIELDS,
+    RMSPROP_FIELDS,
+    SGD_FIELDS,
+    StepControls,
+    adagrad_step,
+    adam_step,
+    grad_square_norm,
+    rmsprop_step,
+    sgd_step,
+)
+from triton_kernels.optim.tables import (
+    DEFAULT_BLOCK_SIZE,
+    SUPPORTED_DTYPES,
+    MultiTensorTable,
+    updatable_in_place,
+)
+
+__all__ = [
+    "ADAGRAD_FIELDS",
+    "ADAM_FIELDS",
+    "DEFAULT_BLOCK_SIZE",
+    "RMSPROP_FIELDS",
+    "SGD_FIELDS",
+    "SUPPORTED_DTYPES",
+    "MultiTensorTable",
+    "StepControls",
+    "adagrad_step",
+    "adam_step",
+    "grad_square_norm",
+    "rmsprop_step",
+    "sgd_step",
+    "updatable_in_place",
+]

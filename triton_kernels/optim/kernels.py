@@ -1,0 +1,1042 @@
+"""Multi-tensor optimizer-step kernels: one launch updates every tensor of a (device, dtype) group.
+
+The update rules are documented once, next to the torch reference path, in
+``torchopt_lab/optim/{sgd,adagrad,rmsprop,adam}.py``; each kernel here follows those lines in the
+same order. These kernels are private: call them through :mod:`triton_kernels.optim.launchers`,
+which checks the inputs and builds the tables described below.
+
+**Tables.** A launch covers ``tensor_count`` tensors cut into blocks of ``BLOCK`` elements:
+
+- ``tensor_table``: int64, shape ``[TABLE_ROWS, tensor_count]``. Rows: the addresses
+  (``data_ptr()``) of the parameter, its gradient, up to three state tensors and the ``step``
+  scalar, then the element count, the hyperparameter row (param group) and a per-tensor flag
+  (SGD: "initialise the momentum buffer from this gradient").
+- ``block_table``: int64, shape ``[2, block_count]``: for each program, its tensor and the offset
+  of its first element in that tensor.
+- ``hyperparameters``: float64, shape ``[group_count, field_count]``, read on the device, so a
+  scheduler's new lr costs no recompilation and no host synchronisation.
+
+**Per-tensor completion.** Each program increments ``block_counters[tensor]`` after its stores; the
+last program of a tensor writes the incremented ``step`` (every program read the old one before
+its increment), publishes the diagnostics of the tensor and resets the counter, so the next launch
+finds it at zero. Hence one launch per step, with no separate ``step += 1`` kernel.
+
+**Scalars in float64.** Bias corrections and the clip coefficient are per-program scalars computed
+in float64 from float64 hyperparameters, as torch does on the host in Python floats; only the
+element-wise arithmetic runs in ``COMPUTE_DTYPE`` (float32, or float64 for float64 parameters).
+"""
+
+import triton
+import triton.language as tl
+
+# Rows of ``tensor_table`` (constexpr so the kernels can name them).
+PARAM_ROW = tl.constexpr(0)
+GRAD_ROW = tl.constexpr(1)
+STATE_ROW = tl.constexpr(2)  # up to three state tensors: rows 2, 3, 4
+STEP_ROW = tl.constexpr(5)
+NUMEL_ROW = tl.constexpr(6)
+GROUP_ROW = tl.constexpr(7)
+FLAG_ROW = tl.constexpr(8)
+TABLE_ROWS = 9
+
+DIAGNOSTIC_FIELDS = ("grad_sq_norm", "update_sq_norm", "param_sq_norm")
+
+
+@triton.jit
+def _address(
+    tensor_table, row, tensor, tensor_count, DTYPE: tl.constexpr, ASSUME_ALIGNED: tl.constexpr
+):
+    """The address of ``tensor``'s data in table ``row`` as a pointer to ``DTYPE``."""
+    pointer = tl.load(tensor_table + row * tensor_count + tensor).to(tl.pointer_type(DTYPE))
+    if ASSUME_ALIGNED:
+        # The launcher checked every address is 16-byte aligned: this lets float32 move 128 bits
+        # per load and store.
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def _load(pointer, offsets, numel, COMPUTE_DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        values = tl.load(pointer + offsets, mask=offsets < numel, other=0.0)
+    else:
+        values = tl.load(pointer + offsets)
+    return values.to(COMPUTE_DTYPE)
+
+
+@triton.jit
+def _round_to_bfloat16(values):
+    """float32 -> bfloat16, rounding to nearest even as torch does.
+
+    Written out with integer operations because the Triton interpreter's ``.to(tl.bfloat16)``
+    truncates; on a GPU this costs a few integer instructions in a memory-bound kernel.
+    """
+    bits = values.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    result = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(values == values, result, float("nan"))
+
+
+@triton.jit
+def _store(pointer, offsets, numel, values, MASKED: tl.constexpr):
+    target = pointer.dtype.element_ty
+    if target == tl.bfloat16 and values.dtype == tl.float32:
+        values = _round_to_bfloat16(values)
+    else:
+        values = values.to(target)
+    if MASKED:
+        tl.store(pointer + offsets, values, mask=offsets < numel)
+    else:
+        tl.store(pointer + offsets, values)
+
+
+@triton.jit
+def _locate_block(block_table, block_count, BLOCK: tl.constexpr):
+    """This program's tensor and the offsets of its ``BLOCK`` elements in that tensor."""
+    program = tl.program_id(0)
+    tensor = tl.load(block_table + program)
+    start = tl.multiple_of(tl.load(block_table + block_count + program), BLOCK)
+    return tensor, start + tl.arange(0, BLOCK), start
+
+
+@triton.jit
+def _grad_multiplier(
+    grad_scale,
+    found_inf,
+    square_norms,
+    max_grad_norm,
+    skipped_steps,
+    UNSCALE_GRADS: tl.constexpr,
+    CHECK_FOUND_INF: tl.constexpr,
+    CLIP_GRADS: tl.constexpr,
+    NORM_SLOTS: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+):
+    """Whether this step is skipped, and the factors each loaded gradient is multiplied by.
+
+    ``inverse_scale = float32(1 / grad_scale)`` as ``GradScaler.unscale_`` computes it; the clip
+    coefficient is ``clip_grad_norm_``'s ``min(1, max_grad_norm / (norm + 1e-6))`` of the unscaled
+    gradients, NaN when the norm is NaN, as in torch.
+    """
+    skip = False
+    inverse_scale = 1.0
+    clip_coefficient = 1.0
+    if UNSCALE_GRADS:
+        inverse_scale = (1.0 / tl.load(grad_scale).to(tl.float64)).to(tl.float32)
+    if CHECK_FOUND_INF:
+        skip = tl.load(found_inf) != 0.0
+    if CLIP_GRADS:
+        slots = tl.arange(0, NORM_SLOTS)
+        square_norm = tl.sum(tl.load(square_norms + slots), axis=0)
+        norm = tl.sqrt(square_norm)
+        if UNSCALE_GRADS:
+            norm = norm * inverse_scale.to(tl.float64)
+        clip_coefficient = tl.cast(max_grad_norm, tl.float64) / (norm + 1e-6)
+        # Written so that a NaN coefficient stays NaN, as torch.clamp(nan, max=1.0) does.
+        clip_coefficient = tl.where(clip_coefficient > 1.0, 1.0, clip_coefficient)
+        if SKIP_NONFINITE:
+            nonfinite = (norm != norm) | (norm == float("inf"))
+            if nonfinite & (tl.program_id(0) == 0):
+                tl.store(skipped_steps, tl.load(skipped_steps) + 1)
+            skip = skip | nonfinite
+    return skip, inverse_scale, clip_coefficient
+
+
+@triton.jit
+def _scaled_grad(
+    grad, inverse_scale, clip_coefficient, UNSCALE_GRADS: tl.constexpr, CLIP_GRADS: tl.constexpr
+):
+    if UNSCALE_GRADS:
+        grad = grad * inverse_scale.to(grad.dtype)
+    if CLIP_GRADS:
+        grad = grad * clip_coefficient.to(grad.dtype)
+    return grad
+
+
+@triton.jit
+def _power(base, exponent):
+    """``base ** exponent`` for a float64 ``base`` in [0, 1) and step count ``exponent`` >= 1, in
+    float64 like torch's host-side Python floats."""
+    result = tl.zeros_like(base)
+    if base > 0.0:
+        result = tl.exp(exponent * tl.log(base))
+    return result
+
+
+@triton.jit
+def _lerp(start, end, weight):
+    """``torch.lerp``, with its two formulas, so that results match it bit for bit."""
+    if weight < 0.5:
+        result = start + weight * (end - start)
+    else:
+        result = end - (end - start) * (1.0 - weight)
+    return result
+
+
+@triton.jit
+def _record_norms(
+    diagnostic_sums, tensor, grad, update, param, offsets, numel, MASKED: tl.constexpr
+):
+    """Add this block's squared norms of grad, update and parameter to the tensor's accumulators."""
+    if MASKED:
+        inside = offsets < numel
+        grad = tl.where(inside, grad, 0.0)
+        update = tl.where(inside, update, 0.0)
+        param = tl.where(inside, param, 0.0)
+    tl.atomic_add(diagnostic_sums + tensor * 3 + 0, tl.sum(grad * grad, axis=0).to(tl.float32))
+    tl.atomic_add(diagnostic_sums + tensor * 3 + 1, tl.sum(update * update, axis=0).to(tl.float32))
+    tl.atomic_add(diagnostic_sums + tensor * 3 + 2, tl.sum(param * param, axis=0).to(tl.float32))
+
+
+@triton.jit
+def _finish_block(
+    tensor_table,
+    tensor,
+    tensor_count,
+    numel,
+    step,
+    block_counters,
+    diagnostic_sums,
+    diagnostics,
+    BLOCK: tl.constexpr,
+    WRITE_STEP: tl.constexpr,
+    RECORD_NORMS: tl.constexpr,
+):
+    """Count this program done; the tensor's last program writes ``step`` and the diagnostics."""
+    # Every thread of this program has read the old step and issued its atomics before the count.
+    tl.debug_barrier()
+    finished = tl.atomic_add(block_counters + tensor, 1)
+    if finished == tl.cdiv(numel, BLOCK) - 1:
+        if WRITE_STEP:
+            step_pointer = _address(tensor_table, STEP_ROW, tensor, tensor_count, tl.float32, False)
+            tl.store(step_pointer, step.to(tl.float32))
+        if RECORD_NORMS:
+            for field in tl.static_range(3):
+                total = tl.atomic_add(diagnostic_sums + tensor * 3 + field, 0.0)
+                tl.store(diagnostics + tensor * 3 + field, total)
+                tl.store(diagnostic_sums + tensor * 3 + field, 0.0)
+        tl.store(block_counters + tensor, 0)
+
+
+@triton.jit
+def _grad_square_norm_kernel(
+    tensor_table,
+    block_table,
+    tensor_count,
+    block_count,
+    partial_sums,
+    done_counter,
+    square_norms,
+    slot,
+    GRAD_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ASSUME_ALIGNED: tl.constexpr,
+    REDUCE_BLOCK: tl.constexpr,
+):
+    """``square_norms[slot] = sum over all gradients g of sum(g * g)``, deterministically.
+
+    Each program writes the sum of squares of its block to ``partial_sums[program]``; the last
+    program to finish adds the partial sums in a fixed order (no float atomics), so the norm is
+    the same bits on every run.
+    """
+    tensor, offsets, start = _locate_block(block_table, block_count, BLOCK)
+    numel = tl.load(tensor_table + NUMEL_ROW * tensor_count + tensor)
+    grad_pointer = _address(
+        tensor_table, GRAD_ROW, tensor, tensor_count, GRAD_DTYPE, ASSUME_ALIGNED
+    )
+    if start + BLOCK <= numel:
+        grad = _load(grad_pointer, offsets, numel, COMPUTE_DTYPE, False)
+    else:
+        grad = _load(grad_pointer, offsets, numel, COMPUTE_DTYPE, True)
+    tl.store(partial_sums + tl.program_id(0), tl.sum(grad * grad, axis=0).to(tl.float64))
+    tl.debug_barrier()
+    finished = tl.atomic_add(done_counter, 1)
+    if finished == block_count - 1:
+        total = tl.zeros([REDUCE_BLOCK], dtype=tl.float64)
+        for first in range(0, block_count, REDUCE_BLOCK):
+            index = first + tl.arange(0, REDUCE_BLOCK)
+            total += tl.load(
+                partial_sums + index, mask=index < block_count, other=0.0, cache_modifier=".cg"
+            )
+        tl.store(square_norms + slot, tl.sum(total, axis=0))
+        tl.store(done_counter, 0)
+
+
+@triton.jit
+def _tensor_of_block(tensor_table, block_table, tensor_count, block_count, BLOCK: tl.constexpr):
+    """This program's tensor, its element offsets, whether the block is full, and the tensor's
+    element count, hyperparameter row and flag."""
+    tensor, offsets, start = _locate_block(block_table, block_count, BLOCK)
+    numel = tl.load(tensor_table + NUMEL_ROW * tensor_count + tensor)
+    group = tl.load(tensor_table + GROUP_ROW * tensor_count + tensor)
+    flag = tl.load(tensor_table + FLAG_ROW * tensor_count + tensor)
+    return tensor, offsets, start + BLOCK <= numel, numel, group, flag
+
+
+@triton.jit
+def _sgd_block(
+    param_pointer,
+    grad_pointer,
+    buffer_pointer,
+    offsets,
+    numel,
+    fresh,
+    lr,
+    momentum,
+    one_minus_dampening,
+    weight_decay,
+    inverse_scale,
+    clip_coefficient,
+    diagnostic_sums,
+    tensor,
+    COMPUTE_DTYPE: tl.constexpr,
+    MASKED: tl.constexpr,
+    UNSCALE_GRADS: tl.constexpr,
+    CLIP_GRADS: tl.constexpr,
+    RECORD_NORMS: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    USE_MOMENTUM: tl.constexpr,
+    USE_NESTEROV: tl.constexpr,
+):
+    param = _load(param_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
+    grad = _load(grad_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
+    grad = _scaled_grad(grad, inverse_scale, clip_coefficient, UNSCALE_GRADS, CLIP_GRADS)
+    used_grad = grad
+    if MAXIMIZE:
+        grad = -grad
+    grad = grad + param * weight_decay
+    if USE_MOMENTUM:
+        if fresh != 0:
+            buffer = grad
+        else:
+            buffer = _load(buffer_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
+            buffer = buffer * momentum + grad * one_minus_dampening
+        _store(buffer_pointer, offsets, numel, buffer, MASKED)
+        grad = grad + buffer * momentum if USE_NESTEROV else buffer
+    new_param = param + grad * -lr
+    _store(param_pointer, offsets, numel, new_param, MASKED)
+    if RECORD_NORMS:
+        _record_norms(
+            diagnostic_sums, tensor, used_grad, new_param - param, param, offsets, numel, MASKED
+        )
+
+
+@triton.jit
+def _sgd_kernel(
+    tensor_table,
+    block_table,
+    tensor_count,
+    block_count,
+    hyperparameters,
+    grad_scale,
+    found_inf,
+    square_norms,
+    max_grad_norm,
+    skipped_steps,
+    block_counters,
+    diagnostic_sums,
+    diagnostics,
+    PARAM_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ASSUME_ALIGNED: tl.constexpr,
+    NORM_SLOTS: tl.constexpr,
+    UNSCALE_GRADS: tl.constexpr,
+    CHECK_FOUND_INF: tl.constexpr,
+    CLIP_GRADS: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    RECORD_NORMS: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    USE_MOMENTUM: tl.constexpr,
+    USE_NESTEROV: tl.constexpr,
+):
+    """SGD (momentum, dampening, Nesterov, weight decay, maximize); see torchopt_lab/optim/sgd.py.
+
+    Hyperparameter fields: lr, momentum, dampening, weight_decay. State row 0: momentum_buffer;
+    a tensor's flag says its buffer starts as this step's gradient (torch's first step).
+    """
+    skip, inverse_scale, clip_coefficient = _grad_multiplier(
+        grad_scale,
+        found_inf,
+        square_norms,
+        max_grad_norm,
+        skipped_steps,
+        UNSCALE_GRADS,
+        CHECK_FOUND_INF,
+        CLIP_GRADS,
+        NORM_SLOTS,
+        SKIP_NONFINITE,
+    )
+    if skip:
+        return
+    tensor, offsets, full, numel, group, fresh = _tensor_of_block(
+        tensor_table, block_table, tensor_count, block_count, BLOCK
+    )
+    row = hyperparameters + group * 4
+    lr = tl.load(row + 0).to(COMPUTE_DTYPE)
+    momentum = tl.load(row + 1).to(COMPUTE_DTYPE)
+    one_minus_dampening = (1.0 - tl.load(row + 2)).to(COMPUTE_DTYPE)
+    weight_decay = tl.load(row + 3).to(COMPUTE_DTYPE)
+    param_pointer = _address(
+        tensor_table, PARAM_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
+    )
+    grad_pointer = _address(
+        tensor_table, GRAD_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
+    )
+    buffer_pointer = _address(
+        tensor_table, STATE_ROW, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
+    )
+    if full:
+        _sgd_block(
+            param_pointer,
+            grad_pointer,
+            buffer_pointer,
+            offsets,
+            numel,
+            fresh,
+            lr,
+            momentum,
+            one_minus_dampening,
+            weight_decay,
+            inverse_scale,
+            clip_coefficient,
+            diagnostic_sums,
+            tensor,
+            COMPUTE_DTYPE,
+            False,
+            UNSCALE_GRADS,
+            CLIP_GRADS,
+            RECORD_NORMS,
+            MAXIMIZE,
+            USE_MOMENTUM,
+            USE_NESTEROV,
+        )
+    else:
+        _sgd_block(
+            param_pointer,
+            grad_pointer,
+            buffer_pointer,
+            offsets,
+            numel,
+            fresh,
+            lr,
+            momentum,
+            one_minus_dampening,
+            weight_decay,
+            inverse_scale,
+            clip_coefficient,
+            diagnostic_sums,
+            tensor,
+            COMPUTE_DTYPE,
+            True,
+            UNSCALE_GRADS,
+            CLIP_GRADS,
+            RECORD_NORMS,
+            MAXIMIZE,
+            USE_MOMENTUM,
+            USE_NESTEROV,
+        )
+    if RECORD_NORMS:
+        _finish_block(
+            tensor_table,
+            tensor,
+            tensor_count,
+            numel,
+            0.0,
+            block_counters,
+            diagnostic_sums,
+            diagnostics,
+            BLOCK,
+            False,
+            RECORD_NORMS,
+        )
+
+
+@triton.jit
+def _adagrad_block(
+    param_pointer,
+    grad_pointer,
+    sum_pointer,
+    offsets,
+    numel,
+    clr,
+    weight_decay,
+    eps,
+    inverse_scale,
+    clip_coefficient,
+    diagnostic_sums,
+    tensor,
+    COMPUTE_DTYPE: tl.constexpr,
+    MASKED: tl.constexpr,
+    UNSCALE_GRADS: tl.constexpr,
+    CLIP_GRADS: tl.constexpr,
+    RECORD_NORMS: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+):
+    param = _load(param_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
+    grad = _load(grad_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
+    grad = _scaled_grad(grad, inverse_scale, clip_coefficient, UNSCALE_GRADS, CLIP_GRADS)
+    used_grad = grad
+    if MAXIMIZE:
+        grad = -grad
+    grad = grad + param * weight_decay
+    state_sum = _load(sum_pointer, offsets, numel, COMPUTE_DTYPE, MASKED) + grad * grad
+    _store(sum_pointer, offsets, numel, state_sum, MASKED)
+    std = tl.sqrt(state_sum) + eps
+    new_param = param + grad * -clr / std
+    _store(param_pointer, offsets, numel, new_param, MASKED)
+    if RECORD_NORMS:
+        _record_norms(
+            diagnostic_sums, tensor, used_grad, new_param - param, param, offsets, numel, MASKED
+        )
+
+
+@triton.jit
+def _adagrad_kernel(
+    tensor_table,
+    block_table,
+    tensor_count,
+    block_count,
+    hyperparameters,
+    grad_scale,
+    found_inf,
+    square_norms,
+    max_grad_norm,
+    skipped_steps,
+    block_counters,
+    diagnostic_sums,
+    diagnostics,
+    PARAM_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ASSUME_ALIGNED: tl.constexpr,
+    NORM_SLOTS: tl.constexpr,
+    UNSCALE_GRADS: tl.constexpr,
+    CHECK_FOUND_INF: tl.constexpr,
+    CLIP_GRADS: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    RECORD_NORMS: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+):
+    """Adagrad (lr_decay, weight decay, maximize); see torchopt_lab/optim/adagrad.py.
+
+    Hyperparameter fields: lr, lr_decay, weight_decay, eps. State row 0: sum (initialised with
+    ``initial_accumulator_value`` by the optimizer).
+    """
+    skip, inverse_scale, clip_coefficient = _grad_multiplier(
+        grad_scale,
+        found_inf,
+        square_norms,
+        max_grad_norm,
+        skipped_steps,
+        UNSCALE_GRADS,
+        CHECK_FOUND_INF,
+        CLIP_GRADS,
+        NORM_SLOTS,
+        SKIP_NONFINITE,
+    )
+    if skip:
+        return
+    tensor, offsets, full, numel, group, _ = _tensor_of_block(
+        tensor_table, block_table, tensor_count, block_count, BLOCK
+    )
+    step_pointer = _address(tensor_table, STEP_ROW, tensor, tensor_count, tl.float32, False)
+    step = tl.load(step_pointer).to(tl.float64) + 1.0
+    row = hyperparameters + group * 4
+    lr = tl.load(row + 0)
+    lr_decay = tl.load(row + 1)
+    weight_decay = tl.load(row + 2).to(COMPUTE_DTYPE)
+    eps = tl.load(row + 3).to(COMPUTE_DTYPE)
+    clr = (lr / (1.0 + (step - 1.0) * lr_decay)).to(COMPUTE_DTYPE)
+    param_pointer = _address(
+        tensor_table, PARAM_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
+    )
+    grad_pointer = _address(
+        tensor_table, GRAD_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
+    )
+    sum_pointer = _address(
+        tensor_table, STATE_ROW, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
+    )
+    if full:
+        _adagrad_block(
+            param_pointer,
+            grad_pointer,
+            sum_pointer,
+            offsets,
+            numel,
+            clr,
+            weight_decay,
+            eps,
+            inverse_scale,
+            clip_coefficient,
+            diagnostic_sums,
+            tensor,
+            COMPUTE_DTYPE,
+            False,
+            UNSCALE_GRADS,
+            CLIP_GRADS,
+            RECORD_NORMS,
+            MAXIMIZE,
+        )
+    else:
+        _adagrad_block(
+            param_pointer,
+            grad_pointer,
+            sum_pointer,
+            offsets,
+            numel,
+            clr,
+            weight_decay,
+            eps,
+            inverse_scale,
+            clip_coefficient,
+            diagnostic_sums,
+            tensor,
+            COMPUTE_DTYPE,
+            True,
+            UNSCALE_GRADS,
+            CLIP_GRADS,
+            RECORD_NORMS,
+            MAXIMIZE,
+        )
+    _finish_block(
+        tensor_table,
+        tensor,
+        tensor_count,
+        numel,
+        step,
+        block_counters,
+        diagnostic_sums,
+        diagnostics,
+        BLOCK,
+        True,
+        RECORD_NORMS,
+    )
+
+
+@triton.jit
+def _rmsprop_block(
+    param_pointer,
+    grad_pointer,
+    square_avg_pointer,
+    grad_avg_pointer,
+    buffer_pointer,
+    offsets,
+    numel,
+    lr,
+    alpha,
+    one_minus_alpha,
+    eps,
+    weight_decay,
+    momentum,
+    inverse_scale,
+    clip_coefficient,
+    diagnostic_sums,
+    tensor,
+    COMPUTE_DTYPE: tl.constexpr,
+    MASKED: tl.constexpr,
+    UNSCALE_GRADS: tl.constexpr,
+    CLIP_GRADS: tl.constexpr,
+    RECORD_NORMS: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    CENTER: tl.constexpr,
+    USE_MOMENTUM: tl.constexpr,
+):
+    param = _load(param_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
+    grad = _load(grad_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
+    grad = _scaled_grad(grad, inverse_scale, clip_coefficient, UNSCALE_GRADS, CLIP_GRADS)
+    used_grad = grad
+    if MAXIMIZE:
+        grad = -grad
+    grad = grad + param * weight_decay
+    square_avg = _load(square_avg_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
+    square_avg = square_avg * alpha + one_minus_alpha * grad * grad
+    _store(square_avg_pointer, offsets, numel, square_avg, MASKED)
+    if CENTER:
+        grad_avg = _load(grad_avg_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
+        grad_avg = _lerp(grad_avg, grad, one_minus_alpha)
+        _store(grad_avg_pointer, offsets, numel, grad_avg, MASKED)
+        avg = tl.sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        avg = tl.sqrt(square_avg) + eps
+    if USE_MOMENTUM:
+        buffer = _load(buffer_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
+        buffer = buffer * momentum + grad / avg
+        _store(buffer_pointer, offsets, numel, buffer, MASKED)
+        new_param = param + buffer * -lr
+    else:
+        new_param = param + grad * -lr / avg
+    _store(param_pointer, offsets, numel, new_param, MASKED)
+    if RECORD_NORMS:
+        _record_norms(
+            diagnostic_sums, tensor, used_grad, new_param - param, param, offsets, numel, MASKED
+        )
+
+
+@triton.jit
+def _rmsprop_kernel(
+    tensor_table,
+    block_table,
+    tensor_count,
+    block_count,
+    hyperparameters,
+    grad_scale,
+    found_inf,
+    square_norms,
+    max_grad_norm,
+    skipped_steps,
+    block_counters,
+    diagnostic_sums,
+    diagnostics,
+    PARAM_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ASSUME_ALIGNED: tl.constexpr,
+    NORM_SLOTS: tl.constexpr,
+    UNSCALE_GRADS: tl.constexpr,
+    CHECK_FOUND_INF: tl.constexpr,
+    CLIP_GRADS: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    RECORD_NORMS: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    CENTER: tl.constexpr,
+    USE_MOMENTUM: tl.constexpr,
+):
+    """RMSprop (centered, momentum, weight decay, maximize); see torchopt_lab/optim/rmsprop.py.
+
+    Hyperparameter fields: lr, alpha, eps, weight_decay, momentum. State rows: square_avg,
+    grad_avg (when centered), momentum_buffer (when momentum > 0).
+    """
+    skip, inverse_scale, clip_coefficient = _grad_multiplier(
+        grad_scale,
+        found_inf,
+        square_norms,
+        max_grad_norm,
+        skipped_steps,
+        UNSCALE_GRADS,
+        CHECK_FOUND_INF,
+        CLIP_GRADS,
+        NORM_SLOTS,
+        SKIP_NONFINITE,
+    )
+    if skip:
+        return
+    tensor, offsets, full, numel, group, _ = _tensor_of_block(
+        tensor_table, block_table, tensor_count, block_count, BLOCK
+    )
+    step_pointer = _address(tensor_table, STEP_ROW, tensor, tensor_count, tl.float32, False)
+    step = tl.load(step_pointer).to(tl.float64) + 1.0
+    row = hyperparameters + group * 5
+    lr = tl.load(row + 0).to(COMPUTE_DTYPE)
+    alpha = tl.load(row + 1)
+    one_minus_alpha = (1.0 - alpha).to(COMPUTE_DTYPE)
+    alpha = alpha.to(COMPUTE_DTYPE)
+    eps = tl.load(row + 2).to(COMPUTE_DTYPE)
+    weight_decay = tl.load(row + 3).to(COMPUTE_DTYPE)
+    momentum = tl.load(row + 4).to(COMPUTE_DTYPE)
+    param_pointer = _address(
+        tensor_table, PARAM_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
+    )
+    grad_pointer = _address(
+        tensor_table, GRAD_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
+    )
+    square_avg_pointer = _address(
+        tensor_table, STATE_ROW, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
+    )
+    grad_avg_pointer = _address(
+        tensor_table, STATE_ROW + 1, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
+    )
+    buffer_pointer = _address(
+        tensor_table, STATE_ROW + 2, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
+    )
+    if full:
+        _rmsprop_block(
+            param_pointer,
+            grad_pointer,
+            square_avg_pointer,
+            grad_avg_pointer,
+            buffer_pointer,
+            offsets,
+            numel,
+            lr,
+            alpha,
+            one_minus_alpha,
+            eps,
+            weight_decay,
+            momentum,
+            inverse_scale,
+            clip_coefficient,
+            diagnostic_sums,
+            tensor,
+            COMPUTE_DTYPE,
+            False,
+            UNSCALE_GRADS,
+            CLIP_GRADS,
+            RECORD_NORMS,
+            MAXIMIZE,
+            CENTER,
+            USE_MOMENTUM,
+        )
+    else:
+        _rmsprop_block(
+            param_pointer,
+            grad_pointer,
+            square_avg_pointer,
+            grad_avg_pointer,
+            buffer_pointer,
+            offsets,
+            numel,
+            lr,
+            alpha,
+            one_minus_alpha,
+            eps,
+            weight_decay,
+            momentum,
+            inverse_scale,
+            clip_coefficient,
+            diagnostic_sums,
+            tensor,
+            COMPUTE_DTYPE,
+            True,
+            UNSCALE_GRADS,
+            CLIP_GRADS,
+            RECORD_NORMS,
+            MAXIMIZE,
+            CENTER,
+            USE_MOMENTUM,
+        )
+    _finish_block(
+        tensor_table,
+        tensor,
+        tensor_count,
+        numel,
+        step,
+        block_counters,
+        diagnostic_sums,
+        diagnostics,
+        BLOCK,
+        True,
+        RECORD_NORMS,
+    )
+
+
+@triton.jit
+def _adam_block(
+    param_pointer,
+    grad_pointer,
+    exp_avg_pointer,
+    exp_avg_sq_pointer,
+    max_exp_avg_sq_pointer,
+    offsets,
+    numel,
+    decay_factor,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    step_size,
+    bias_correction2_sqrt,
+    inverse_scale,
+    clip_coefficient,
+    diagnostic_sums,
+    tensor,
+    COMPUTE_DTYPE: tl.constexpr,
+    MASKED: tl.constexpr,
+    UNSCALE_GRADS: tl.constexpr,
+    CLIP_GRADS: tl.constexpr,
+    RECORD_NORMS: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    USE_AMSGRAD: tl.constexpr,
+    DECOUPLE_WEIGHT_DECAY: tl.constexpr,
+):
+    param = _load(param_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
+    grad = _load(grad_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
+    grad = _scaled_grad(grad, inverse_scale, clip_coefficient, UNSCALE_GRADS, CLIP_GRADS)
+    used_grad = grad
+    if MAXIMIZE:
+        grad = -grad
+    if DECOUPLE_WEIGHT_DECAY:
+        decayed = param * decay_factor
+    else:
+        decayed = param
+        grad = grad + param * weight_decay
+    exp_avg = _load(exp_avg_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
+    exp_avg = _lerp(exp_avg, grad, one_minus_beta1)
+    _store(exp_avg_pointer, offsets, numel, exp_avg, MASKED)
+    exp_avg_sq = _load(exp_avg_sq_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
+    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
+    _store(exp_avg_sq_pointer, offsets, numel, exp_avg_sq, MASKED)
+    if USE_AMSGRAD:
+        max_exp_avg_sq = _load(max_exp_avg_sq_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
+        max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
+        _store(max_exp_avg_sq_pointer, offsets, numel, max_exp_avg_sq, MASKED)
+        denom = tl.sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
+    else:
+        denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+    new_param = decayed + exp_avg * -step_size / denom
+    _store(param_pointer, offsets, numel, new_param, MASKED)
+    if RECORD_NORMS:
+        _record_norms(
+            diagnostic_sums, tensor, used_grad, new_param - param, param, offsets, numel, MASKED
+        )
+
+
+@triton.jit
+def _adam_kernel(
+    tensor_table,
+    block_table,
+    tensor_count,
+    block_count,
+    hyperparameters,
+    grad_scale,
+    found_inf,
+    square_norms,
+    max_grad_norm,
+    skipped_steps,
+    block_counters,
+    diagnostic_sums,
+    diagnostics,
+    PARAM_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ASSUME_ALIGNED: tl.constexpr,
+    NORM_SLOTS: tl.constexpr,
+    UNSCALE_GRADS: tl.constexpr,
+    CHECK_FOUND_INF: tl.constexpr,
+    CLIP_GRADS: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    RECORD_NORMS: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    USE_AMSGRAD: tl.constexpr,
+    DECOUPLE_WEIGHT_DECAY: tl.constexpr,
+):
+    """Adam and AdamW (amsgrad, maximize, L2 or decoupled weight decay); see
+    torchopt_lab/optim/adam.py.
+
+    Hyperparameter fields: lr, beta1, beta2, eps, weight_decay. State rows: exp_avg, exp_avg_sq,
+    max_exp_avg_sq (amsgrad).
+    """
+    skip, inverse_scale, clip_coefficient = _grad_multiplier(
+        grad_scale,
+        found_inf,
+        square_norms,
+        max_grad_norm,
+        skipped_steps,
+        UNSCALE_GRADS,
+        CHECK_FOUND_INF,
+        CLIP_GRADS,
+        NORM_SLOTS,
+        SKIP_NONFINITE,
+    )
+    if skip:
+        return
+    tensor, offsets, full, numel, group, _ = _tensor_of_block(
+        tensor_table, block_table, tensor_count, block_count, BLOCK
+    )
+    step_pointer = _address(tensor_table, STEP_ROW, tensor, tensor_count, tl.float32, False)
+    step = tl.load(step_pointer).to(tl.float64) + 1.0
+    row = hyperparameters + group * 5
+    lr = tl.load(row + 0)
+    beta1 = tl.load(row + 1)
+    beta2 = tl.load(row + 2)
+    eps = tl.load(row + 3).to(COMPUTE_DTYPE)
+    weight_decay = tl.load(row + 4)
+    bias_correction1 = 1.0 - _power(beta1, step)
+    bias_correction2 = 1.0 - _power(beta2, step)
+    step_size = (lr / bias_correction1).to(COMPUTE_DTYPE)
+    bias_correction2_sqrt = tl.sqrt(bias_correction2).to(COMPUTE_DTYPE)
+    decay_factor = (1.0 - lr * weight_decay).to(COMPUTE_DTYPE)
+    param_pointer = _address(
+        tensor_table, PARAM_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
+    )
+    grad_pointer = _address(
+        tensor_table, GRAD_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
+    )
+    exp_avg_pointer = _address(
+        tensor_table, STATE_ROW, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
+    )
+    exp_avg_sq_pointer = _address(
+        tensor_table, STATE_ROW + 1, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
+    )
+    max_exp_avg_sq_pointer = _address(
+        tensor_table, STATE_ROW + 2, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
+    )
+    if full:
+        _adam_block(
+            param_pointer,
+            grad_pointer,
+            exp_avg_pointer,
+            exp_avg_sq_pointer,
+            max_exp_avg_sq_pointer,
+            offsets,
+            numel,
+            decay_factor,
+            (1.0 - beta1).to(COMPUTE_DTYPE),
+            beta2.to(COMPUTE_DTYPE),
+            (1.0 - beta2).to(COMPUTE_DTYPE),
+            eps,
+            weight_decay.to(COMPUTE_DTYPE),
+            step_size,
+            bias_correction2_sqrt,
+            inverse_scale,
+            clip_coefficient,
+            diagnostic_sums,
+            tensor,
+            COMPUTE_DTYPE,
+            False,
+            UNSCALE_GRADS,
+            CLIP_GRADS,
+            RECORD_NORMS,
+            MAXIMIZE,
+            USE_AMSGRAD,
+            DECOUPLE_WEIGHT_DECAY,
+        )
+    else:
+        _adam_block(
+            param_pointer,
+            grad_pointer,
+            exp_avg_pointer,
+            exp_avg_sq_pointer,
+            max_exp_avg_sq_pointer,
+            offsets,
+            numel,
+            decay_factor,
+            (1.0 - beta1).to(COMPUTE_DTYPE),
+            beta2.to(COMPUTE_DTYPE),
+            (1.0 - beta2).to(COMPUTE_DTYPE),
+            eps,
+            weight_decay.to(COMPUTE_DTYPE),
+            step_size,
+            bias_correction2_sqrt,
+            inverse_scale,
+            clip_coefficient,
+            diagnostic_sums,
+            tensor,
+            COMPUTE_DTYPE,
+            True,
+            UNSCALE_GRADS,
+            CLIP_GRADS,
+            RECORD_NORMS,
+            MAXIMIZE,
+            USE_AMSGRAD,
+            DECOUPLE_WEIGHT_DECAY,
+        )
+    _finish_block(
+        tensor_table,
+        tensor,
+        tensor_count,
+        numel,
+        step,
+        block_counters,
+        diagnostic_sums,
+        diagnostics,
+        BLOCK,
+        True,
+        RECORD_NORMS,
+    )

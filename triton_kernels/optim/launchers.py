@@ -1,0 +1,311 @@
+"""Public launchers of the optimizer-step kernels: check the inputs, pick the variant, launch once.
+
+Each ``*_step`` function updates every tensor described by a
+:class:`~triton_kernels.optim.tables.MultiTensorTable` in ONE kernel launch, reading its
+hyperparameters (a float64 tensor of shape ``[param_groups, len(FIELDS)]``, rows indexed by each
+tensor's group) from device memory. :func:`grad_square_norm` is the one extra launch that clipping
+needs. Nothing here synchronises with the host, so a step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+from triton_kernels.optim import kernels
+from triton_kernels.optim.tables import MultiTensorTable
+
+SGD_FIELDS = ("lr", "momentum", "dampening", "weight_decay")
+ADAGRAD_FIELDS = ("lr", "lr_decay", "weight_decay", "eps")
+RMSPROP_FIELDS = ("lr", "alpha", "eps", "weight_decay", "momentum")
+ADAM_FIELDS = ("lr", "beta1", "beta2", "eps", "weight_decay")
+
+_TRITON_DTYPES = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float64: tl.float64,
+}
+_REDUCE_BLOCK = 1024
+
+
+@dataclass
+class StepControls:
+    """The device-side inputs every step kernel takes besides the tensors and hyperparameters.
+
+    - ``grad_scale`` (float32 scalar): gradients are multiplied by ``1 / grad_scale`` as they are
+      loaded (GradScaler's unscale, fused). Gradients in memory are left as they were.
+    - ``found_inf`` (float32 scalar): when nonzero, the step is skipped on the device (no
+      parameter, state or step changes), as torch's fused optimizers do.
+    - ``square_norms`` (float64, a power-of-two number of slots) and ``max_grad_norm``: clip with
+      ``min(1, max_grad_norm / (norm + 1e-6))``, ``norm`` the square root of the slots' sum
+      (filled by :func:`grad_square_norm`), unscaled by ``grad_scale``.
+    - ``skip_nonfinite`` with ``skipped_steps`` (int32, one element): skip the step when that norm
+      is NaN or infinite, and add one to ``skipped_steps``.
+    - ``record_norms``: write per-tensor squared norms of the gradient (after unscaling and
+      clipping), the update and the parameter (before the update) into ``table.diagnostics``.
+    """
+
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
+    square_norms: Tensor | None = None
+    max_grad_norm: float | None = None
+    skip_nonfinite: bool = False
+    skipped_steps: Tensor | None = None
+    record_norms: bool = False
+
+
+def _launch(kernel: Any, grid: tuple[int], *args: Any, **constexprs: Any) -> None:
+    """Every kernel launch of this package goes through here (tests count them)."""
+    kernel[grid](*args, **constexprs)
+
+
+_dummies: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def _dummy(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A one-element tensor standing in for a pointer argument the chosen variant never reads."""
+    key = (device, dtype)
+    if key not in _dummies:
+        _dummies[key] = torch.zeros(1, dtype=dtype, device=device)
+    return _dummies[key]
+
+
+def _check_scalar(name: str, tensor: Tensor, dtype: torch.dtype, device: torch.device) -> None:
+    if tensor.device != device or tensor.dtype != dtype or tensor.numel() != 1:
+        raise ValueError(
+            f"{name} must be a one-element {dtype} tensor on {device}, got {tensor.dtype} of "
+            f"shape {tuple(tensor.shape)} on {tensor.device}"
+        )
+
+
+def _check_table(table: MultiTensorTable) -> None:
+    if table.key is None:
+        raise ValueError("the table describes no tensors yet: call table.update(...) first")
+
+
+def _check_hyperparameters(
+    table: MultiTensorTable, hyperparameters: Tensor, fields: tuple[str, ...]
+) -> None:
+    groups = max(table.key.groups) + 1
+    if (
+        hyperparameters.device != table.device
+        or hyperparameters.dtype != torch.float64
+        or hyperparameters.dim() != 2
+        or hyperparameters.shape[0] < groups
+        or hyperparameters.shape[1] != len(fields)
+        or not hyperparameters.is_contiguous()
+    ):
+        raise ValueError(
+            f"hyperparameters must be a contiguous float64 tensor of shape [>={groups}, "
+            f"{len(fields)}] (fields {fields}) on {table.device}, got {hyperparameters.dtype} of "
+            f"shape {tuple(hyperparameters.shape)} on {hyperparameters.device}"
+        )
+
+
+def _control_arguments(table: MultiTensorTable, controls: StepControls) -> tuple[list, dict]:
+    """The control pointer arguments and constexpr flags shared by every step kernel."""
+    device = table.device
+    float32 = _dummy(device, torch.float32)
+    clip = controls.max_grad_norm is not None
+    if controls.grad_scale is not None:
+        _check_scalar("grad_scale", controls.grad_scale, torch.float32, device)
+    if controls.found_inf is not None:
+        _check_scalar("found_inf", controls.found_inf, torch.float32, device)
+    if clip:
+        if not controls.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive, got {controls.max_grad_norm}")
+        norms = controls.square_norms
+        if norms is None:
+            raise ValueError("max_grad_norm needs square_norms filled by grad_square_norm()")
+        slots = norms.numel()
+        if norms.device != device or norms.dtype != torch.float64 or slots & (slots - 1):
+            raise ValueError(
+                f"square_norms must be float64 on {device} with a power-of-two size, got "
+                f"{norms.dtype} of size {slots} on {norms.device}"
+            )
+    if controls.skip_nonfinite:
+        if not clip:
+            raise ValueError("skip_nonfinite needs max_grad_norm: the norm decides the skip")
+        if controls.skipped_steps is None:
+            raise ValueError("skip_nonfinite needs a skipped_steps counter")
+        _check_scalar("skipped_steps", controls.skipped_steps, torch.int32, device)
+    arguments = [
+        controls.grad_scale if controls.grad_scale is not None else float32,
+        controls.found_inf if controls.found_inf is not None else float32,
+        controls.square_norms if clip else _dummy(device, torch.float64),
+        float(controls.max_grad_norm) if clip else 1.0,
+        controls.skipped_steps if controls.skip_nonfinite else _dummy(device, torch.int32),
+        table.block_counters,
+        table.diagnostic_sums,
+        table.diagnostics,
+    ]
+    compute = tl.float64 if table.param_dtype == torch.float64 else tl.float32
+    constexprs = {
+        "PARAM_DTYPE": _TRITON_DTYPES[table.param_dtype],
+        "STATE_DTYPE": _TRITON_DTYPES[table.state_dtype],
+        "COMPUTE_DTYPE": compute,
+        "BLOCK": table.block_size,
+        "ASSUME_ALIGNED": table.aligned,
+        "NORM_SLOTS": controls.square_norms.numel() if clip else 1,
+        "UNSCALE_GRADS": controls.grad_scale is not None,
+        "CHECK_FOUND_INF": controls.found_inf is not None,
+        "CLIP_GRADS": clip,
+        "SKIP_NONFINITE": controls.skip_nonfinite,
+        "RECORD_NORMS": controls.record_norms,
+        "num_warps": 4,
+    }
+    return arguments, constexprs
+
+
+def _step(
+    kernel: Any,
+    fields: tuple[str, ...],
+    table: MultiTensorTable,
+    hyperparameters: Tensor,
+    controls: StepControls | None,
+    **flags: bool,
+) -> None:
+    _check_table(table)
+    _check_hyperparameters(table, hyperparameters, fields)
+    arguments, constexprs = _control_arguments(table, controls or StepControls())
+    _launch(
+        kernel,
+        (table.block_count,),
+        table.tensor_table,
+        table.block_table,
+        table.tensor_count,
+        table.block_count,
+        hyperparameters,
+        *arguments,
+        **constexprs,
+        **flags,
+    )
+
+
+def grad_square_norm(table: MultiTensorTable, square_norms: Tensor, slot: int = 0) -> None:
+    """Write the sum of squares of all of the table's gradients to ``square_norms[slot]``.
+
+    One launch, deterministic (partial sums added in a fixed order), no host synchronisation.
+    ``square_norms`` is float64 on the table's device; several launch groups (say, float32 and
+    bfloat16 parameters) fill several slots, and the step kernels add the slots up.
+    """
+    _check_table(table)
+    if square_norms.device != table.device or square_norms.dtype != torch.float64:
+        raise ValueError(
+            f"square_norms must be float64 on {table.device}, got {square_norms.dtype} on "
+            f"{square_norms.device}"
+        )
+    if not 0 <= slot < square_norms.numel():
+        raise IndexError(f"slot {slot} is out of range for {square_norms.numel()} square_norms")
+    _launch(
+        kernels._grad_square_norm_kernel,
+        (table.block_count,),
+        table.tensor_table,
+        table.block_table,
+        table.tensor_count,
+        table.block_count,
+        table.partial_sums,
+        table.done_counter,
+        square_norms,
+        slot,
+        GRAD_DTYPE=_TRITON_DTYPES[table.param_dtype],
+        COMPUTE_DTYPE=tl.float64 if table.param_dtype == torch.float64 else tl.float32,
+        BLOCK=table.block_size,
+        ASSUME_ALIGNED=table.aligned,
+        REDUCE_BLOCK=_REDUCE_BLOCK,
+        num_warps=4,
+    )
+
+
+def sgd_step(
+    table: MultiTensorTable,
+    hyperparameters: Tensor,
+    *,
+    momentum: bool,
+    nesterov: bool,
+    maximize: bool,
+    controls: StepControls | None = None,
+) -> None:
+    """One SGD step for every tensor of ``table`` (fields :data:`SGD_FIELDS`).
+
+    ``momentum``: whether the groups use a momentum buffer (state row 0); a tensor whose table
+    flag is 1 starts its buffer from this step's gradient, as torch does on the first step.
+    """
+    if nesterov and not momentum:
+        raise ValueError("Nesterov momentum requires a momentum")
+    _step(
+        kernels._sgd_kernel,
+        SGD_FIELDS,
+        table,
+        hyperparameters,
+        controls,
+        MAXIMIZE=maximize,
+        USE_MOMENTUM=momentum,
+        USE_NESTEROV=nesterov,
+    )
+
+
+def adagrad_step(
+    table: MultiTensorTable,
+    hyperparameters: Tensor,
+    *,
+    maximize: bool,
+    controls: StepControls | None = None,
+) -> None:
+    """One Adagrad step for every tensor of ``table`` (fields :data:`ADAGRAD_FIELDS`; state row
+    0: ``sum``; every tensor needs a step)."""
+    _step(
+        kernels._adagrad_kernel, ADAGRAD_FIELDS, table, hyperparameters, controls, MAXIMIZE=maximize
+    )
+
+
+def rmsprop_step(
+    table: MultiTensorTable,
+    hyperparameters: Tensor,
+    *,
+    centered: bool,
+    momentum: bool,
+    maximize: bool,
+    controls: StepControls | None = None,
+) -> None:
+    """One RMSprop step for every tensor of ``table`` (fields :data:`RMSPROP_FIELDS`; state rows:
+    ``square_avg``, ``grad_avg`` when centered, ``momentum_buffer`` when momentum > 0)."""
+    _step(
+        kernels._rmsprop_kernel,
+        RMSPROP_FIELDS,
+        table,
+        hyperparameters,
+        controls,
+        MAXIMIZE=maximize,
+        CENTER=centered,
+        USE_MOMENTUM=momentum,
+    )
+
+
+def adam_step(
+    table: MultiTensorTable,
+    hyperparameters: Tensor,
+    *,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    controls: StepControls | None = None,
+) -> None:
+    """One Adam (or, with ``decoupled_weight_decay``, AdamW) step for every tensor of ``table``
+    (fields :data:`ADAM_FIELDS`; state rows: ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` when
+    amsgrad)."""
+    _step(
+        kernels._adam_kernel,
+        ADAM_FIELDS,
+        table,
+        hyperparameters,
+        controls,
+        MAXIMIZE=maximize,
+        USE_AMSGRAD=amsgrad,
+        DECOUPLE_WEIGHT_DECAY=decoupled_weight_decay,
+    )
