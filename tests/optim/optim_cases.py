@@ -57,6 +57,22 @@ CASES: list[Case] = [
     Case(ours.Momentum, torch.optim.SGD, {"lr": 0.01, "momentum": 0.9}),
     Case(ours.Momentum, torch.optim.SGD, {"lr": 0.02, "momentum": 0.7, "nesterov": True}),
     Case(ours.Momentum, torch.optim.SGD, {"lr": 0.02, "momentum": 0.7, "weight_decay": 0.1}),
+    Case(ours.Adam, torch.optim.Adam, {"lr": 0.01}),
+    Case(ours.Adam, torch.optim.Adam, {"lr": 0.01, "amsgrad": True}),
+    Case(ours.Adam, torch.optim.Adam, {"lr": 0.01, "weight_decay": 0.1}),
+    Case(ours.Adam, torch.optim.Adam, {"lr": 0.01, "maximize": True, "amsgrad": True}),
+    Case(ours.Adam, torch.optim.Adam, {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-3}),
+    Case(
+        ours.Adam,
+        torch.optim.Adam,
+        {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1},
+    ),
+    Case(ours.Adam, torch.optim.Adam, {"lr": _lr(0.01)}),
+    Case(ours.Adam, torch.optim.Adam, {"lr": _lr(0.01), "betas": (_lr(0.8), _lr(0.9))}),
+    Case(ours.Adam, torch.optim.Adam, {"lr": 0.01, "foreach": True}),
+    Case(ours.AdamW, torch.optim.AdamW, {"lr": 0.01}),
+    Case(ours.AdamW, torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.3, "amsgrad": True}),
+    Case(ours.AdamW, torch.optim.AdamW, {"lr": 0.01, "maximize": True}),
 ]
 
 
