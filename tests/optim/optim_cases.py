@@ -73,6 +73,21 @@ CASES: list[Case] = [
     Case(ours.AdamW, torch.optim.AdamW, {"lr": 0.01}),
     Case(ours.AdamW, torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.3, "amsgrad": True}),
     Case(ours.AdamW, torch.optim.AdamW, {"lr": 0.01, "maximize": True}),
+    Case(ours.Adagrad, torch.optim.Adagrad, {"lr": 0.1}),
+    Case(ours.Adagrad, torch.optim.Adagrad, {"lr": 0.1, "lr_decay": 0.05}),
+    Case(ours.Adagrad, torch.optim.Adagrad, {"lr": 0.1, "weight_decay": 0.1}),
+    Case(ours.Adagrad, torch.optim.Adagrad, {"lr": 0.1, "initial_accumulator_value": 0.5}),
+    Case(ours.Adagrad, torch.optim.Adagrad, {"lr": 0.1, "eps": 1e-3, "maximize": True}),
+    Case(
+        ours.Adagrad, torch.optim.Adagrad, {"lr": _lr(0.1), "weight_decay": 0.01, "maximize": True}
+    ),
+    Case(ours.RMSprop, torch.optim.RMSprop, {"lr": 0.01}),
+    Case(ours.RMSprop, torch.optim.RMSprop, {"lr": 0.01, "centered": True}),
+    Case(ours.RMSprop, torch.optim.RMSprop, {"lr": 0.01, "momentum": 0.9}),
+    Case(ours.RMSprop, torch.optim.RMSprop, {"lr": 0.01, "momentum": 0.5, "centered": True}),
+    Case(ours.RMSprop, torch.optim.RMSprop, {"lr": 0.01, "weight_decay": 0.1, "alpha": 0.9}),
+    Case(ours.RMSprop, torch.optim.RMSprop, {"lr": 0.01, "eps": 1e-3, "maximize": True}),
+    Case(ours.RMSprop, torch.optim.RMSprop, {"lr": _lr(0.01), "momentum": 0.9}),
 ]
 
 
