@@ -122,9 +122,18 @@ def resolve(component: str, requested: str, device: torch.device | str) -> str:
         backend, reason = "triton", why
     else:
         backend, reason = "torch", f"auto chose the torch path: {why}"
+    record(component, requested, backend, device, reason)
+    return backend
+
+
+def record(component: str, requested: str, backend: str, device: torch.device, reason: str) -> None:
+    """Record what ran for ``component`` and why, for :func:`backend_info`.
+
+    :func:`resolve` records its decisions; a component records here when it narrows one (the
+    optimizers send tensors the kernels cannot update to the torch path, and say why).
+    """
     with _lock:
         _decisions[component] = Decision(component, requested, backend, str(device), reason)
-    return backend
 
 
 def backend_info() -> dict[str, Any]:

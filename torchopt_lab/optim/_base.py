@@ -12,6 +12,7 @@ A subclass provides three things, the rest is here:
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -20,14 +21,10 @@ import torch
 from torch import Tensor
 
 from torchopt_lab import backend as _backend
+from torchopt_lab.optim._fused import Part, fused_step
 from torchopt_lab.optim.clip import _clip_coefficient, _total_norm
 
 TensorLists = dict[str, list[Any]]
-
-TRITON_NOT_AVAILABLE = (
-    "Triton optimizer kernels are not available yet (they land with issue 3); "
-    "use backend='torch' for the torch reference path"
-)
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -76,8 +73,10 @@ def check_max_grad_norm(max_grad_norm: float | None) -> float | None:
 class TorchoptOptimizer(torch.optim.Optimizer):
     """Base of every torchopt_lab optimizer (private: use the optimizers themselves).
 
-    ``backend`` and ``max_grad_norm`` are attributes of the optimizer, not of its param groups, so
-    param groups and ``state_dict()`` hold exactly torch.optim's keys and interchange with it.
+    ``backend``, ``max_grad_norm`` and the fused-kernel options (``skip_nonfinite``,
+    ``float32_state``, ``record_norms``; see the README, "Fused Triton optimizer kernels") are
+    attributes of the optimizer, not of its param groups, so param groups and ``state_dict()``
+    hold exactly torch.optim's keys and interchange with it.
     """
 
     _reference: ClassVar[Callable[..., None]]
@@ -94,9 +93,21 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         *,
         backend: str = "auto",
         max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        float32_state: bool = False,
+        record_norms: bool = False,
     ) -> None:
         self.backend = _backend.check_backend(backend)
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        if skip_nonfinite and self.max_grad_norm is None:
+            raise ValueError(
+                "skip_nonfinite=True needs max_grad_norm: the step is skipped when the gradient "
+                "norm computed for clipping is not finite"
+            )
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.float32_state = bool(float32_state)
+        self.record_norms = bool(record_norms)
+        self._skipped_on_host = 0
         if defaults.get("differentiable"):
             raise RuntimeError(
                 f"{type(self).__name__}: differentiable=True is not supported; the update runs "
@@ -110,6 +121,47 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("skip_nonfinite", False)
+        self.__dict__.setdefault("float32_state", False)
+        self.__dict__.setdefault("record_norms", False)
+        self.__dict__.setdefault("_skipped_on_host", 0)
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Whether ``GradScaler.step`` may hand this optimizer ``grad_scale``/``found_inf`` instead
+        of unscaling the gradients itself: true when every parameter runs the fused kernels,
+        which unscale as they load and skip the step on the device when ``found_inf`` is set."""
+        devices = {p.device for group in self.param_groups for p in group["params"]}
+        component = f"optim.{type(self).__name__}"
+        return bool(devices) and all(
+            _backend.resolve(component, self.backend, device) == "triton" for device in devices
+        )
+
+    def norm_diagnostics(self) -> dict[Tensor, Tensor]:
+        """Per-parameter squared norms from the last fused step run with ``record_norms=True``.
+
+        Maps each parameter updated by the kernels to a float32 tensor on its device holding
+        ``[grad_sq_norm, update_sq_norm, param_sq_norm]``: the squared L2 norms of the gradient
+        the update used (after unscaling and clipping), of the update (new minus old parameter)
+        and of the parameter before the update. They are accumulated by the update kernel as it
+        runs, so logging ``sqrt(update_sq_norm / param_sq_norm)`` (the update/weight ratio) costs
+        no extra pass over memory and no synchronisation until you read a value.
+        """
+        state = self.__dict__.get("_fused_state")
+        if state is None:
+            return {}
+        by_id = {id(p): p for group in self.param_groups for p in group["params"]}
+        return {
+            by_id[key]: buffer[row] for key, (buffer, row) in state.norms.items() if key in by_id
+        }
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps ``skip_nonfinite`` skipped (reading it synchronises with the device)."""
+        state = self.__dict__.get("_fused_state")
+        counters = state.skipped_steps.values() if state is not None else ()
+        # Every device sees the same global norm, so they skip together: count a step once.
+        return self._skipped_on_host + max((int(c.item()) for c in counters), default=0)
 
     def _init_group(self, group: dict[str, Any]) -> TensorLists:
         raise NotImplementedError
@@ -128,47 +180,122 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         groups = [(group, self._init_group(group)) for group in self.param_groups]
-        clip_coefficient = None
-        if self.max_grad_norm is not None:
-            grads = [grad for _, tensors in groups for grad in tensors["grads"]]
-            if grads:
-                clip_coefficient = _clip_coefficient(_total_norm(grads), self.max_grad_norm)
+        parts = self._dispatch(groups)
+        fused = [part for part in parts if part.backend == "triton"]
+        reference = [part for part in parts if part.backend == "torch"]
+        total_norm = clip_coefficient = None
+        if self.max_grad_norm is not None and reference:
+            # Some tensors take the torch path: one norm over all gradients, computed by torch, is
+            # used by both paths (the kernels then skip their own norm pass).
+            grads = [grad for part in parts for grad in part.tensors["grads"]]
+            total_norm = _total_norm(grads)
+            if self.skip_nonfinite and not torch.isfinite(total_norm).item():
+                # The torch path decides on the host (one synchronisation) and skips every part.
+                self._skipped_on_host += 1
+                return loss
+            clip_coefficient = _clip_coefficient(total_norm, self.max_grad_norm)
+        for part in reference:
+            self._reference_step(part, clip_coefficient)
+        if fused:
+            fused_step(
+                self,
+                type(self)._reference.__name__,
+                fused,
+                max_grad_norm=self.max_grad_norm,
+                total_norm=total_norm,
+                skip_nonfinite=self.skip_nonfinite,
+                float32_state=self.float32_state,
+                record_norms=self.record_norms,
+            )
+        for part in parts:
+            if self._creates_state or part.backend == "triton":
+                # Hand state the update created (SGD's first momentum buffers) to _finish_group.
+                tensors = groups[part.group_index][1]
+                for name, values in part.tensors.items():
+                    if len(tensors[name]) == len(tensors["params"]):
+                        for position, index in enumerate(part.indices):
+                            tensors[name][index] = values[position]
         for group, tensors in groups:
             if tensors["params"]:
-                self._update_group(group, tensors, clip_coefficient)
                 self._finish_group(group, tensors)
         return loss
 
-    def _update_group(
-        self, group: dict[str, Any], tensors: TensorLists, clip_coefficient: Tensor | None
-    ) -> None:
-        """The one dispatch point: each (device, dtype) group runs on the backend chosen for it."""
-        names = list(tensors)
-        count = len(tensors["params"])
-        # Lists not kept for this group (max_exp_avg_sqs without amsgrad) stay empty.
-        full = [name for name in names if len(tensors[name]) == count]
-        split = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
-            [tensors[name] for name in full], with_indices=True
-        )
-        hyperparameters = self._hyperparameters(group)
+    def _dispatch(self, groups: list[tuple[dict[str, Any], TensorLists]]) -> list[Part]:
+        """The one dispatch point: split each param group's tensors by (device, dtype) and ask
+        :func:`torchopt_lab.backend.resolve` which backend runs each part.
+
+        Tensors the kernels cannot update through a flat pointer (complex, or with gaps in
+        memory) leave a Triton part: under ``backend="auto"`` they run the torch path and the
+        reason is recorded; an explicit ``backend="triton"`` raises instead.
+        """
         component = f"optim.{type(self).__name__}"
-        for (device, dtype), (lists, indices) in split.items():
-            chosen = _backend.resolve(component, self.backend, device)
-            part = {name: [] for name in names}
-            part.update(zip(full, lists, strict=True))
-            if clip_coefficient is not None:
-                part["grads"] = torch._foreach_mul(part["grads"], clip_coefficient.to(device))
-            if self._views_complex_as_real and dtype.is_complex:
-                for name in names:
-                    part[name] = [_real_view(t) for t in part[name]]
-            if chosen == "triton":
-                raise NotImplementedError(f"{component}: {TRITON_NOT_AVAILABLE}")
-            self._check_torch_path(group, device)
-            type(self)._reference(*part.values(), **hyperparameters)
-            if self._creates_state:
-                for name in full:
-                    for position, index in enumerate(indices):
-                        tensors[name][index] = part[name][position]
+        parts = []
+        for group_index, (group, tensors) in enumerate(groups):
+            if not tensors["params"]:
+                continue
+            names = list(tensors)
+            count = len(tensors["params"])
+            # Lists not kept for this group (max_exp_avg_sqs without amsgrad) stay empty.
+            full = [name for name in names if len(tensors[name]) == count]
+            split = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
+                [tensors[name] for name in full], with_indices=True
+            )
+            for (device, dtype), (lists, indices) in split.items():
+                chosen = _backend.resolve(component, self.backend, device)
+                by_backend = {chosen: list(range(len(indices)))}
+                if chosen == "triton":
+                    by_backend = self._kernel_eligible(component, lists[0], device)
+                for backend, positions in by_backend.items():
+                    if not positions:
+                        continue
+                    part_tensors = {name: [] for name in names}
+                    for name, values in zip(full, lists, strict=True):
+                        part_tensors[name] = [values[position] for position in positions]
+                    part_indices = [indices[position] for position in positions]
+                    parts.append(
+                        Part(group, group_index, part_indices, part_tensors, device, dtype, backend)
+                    )
+        return parts
+
+    def _kernel_eligible(
+        self, component: str, params: list[Tensor], device: torch.device
+    ) -> dict[str, list[int]]:
+        """Positions of ``params`` the kernels can update, and of those they cannot."""
+        kernels = importlib.import_module("triton_kernels.optim")
+        eligible: dict[str, list[int]] = {"triton": [], "torch": []}
+        for position, param in enumerate(params):
+            ok, why = kernels.updatable_in_place(param)
+            if ok:
+                eligible["triton"].append(position)
+                continue
+            if self.backend == "triton":
+                raise RuntimeError(
+                    f"{component}: backend='triton' cannot update a parameter: {why}"
+                )
+            _backend.record(
+                f"{component} (tensors the kernels cannot update)",
+                self.backend,
+                "torch",
+                device,
+                why,
+            )
+            eligible["torch"].append(position)
+        return eligible
+
+    def _reference_step(self, part: Part, clip_coefficient: Tensor | None) -> None:
+        """Run the torch reference update on one part."""
+        tensors = part.tensors
+        if clip_coefficient is not None:
+            tensors["grads"] = torch._foreach_mul(
+                tensors["grads"], clip_coefficient.to(part.device)
+            )
+        if self._views_complex_as_real and part.dtype.is_complex:
+            tensors = {name: [_real_view(t) for t in values] for name, values in tensors.items()}
+        self._check_torch_path(part.group, part.device)
+        type(self)._reference(*tensors.values(), **self._hyperparameters(part.group))
+        if self._creates_state:
+            for name, values in tensors.items():
+                part.tensors[name] = values
 
     def _check_torch_path(self, group: dict[str, Any], device: torch.device) -> None:
         """Refuse what the torch reference path cannot honour, instead of ignoring it."""

@@ -112,6 +112,9 @@ class Adagrad(TorchoptOptimizer):
         fused: bool | None = None,
         backend: str = "auto",
         max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        float32_state: bool = False,
+        record_norms: bool = False,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -140,7 +143,15 @@ class Adagrad(TorchoptOptimizer):
         }
         if fused and differentiable:
             raise RuntimeError("`fused` does not support `differentiable`")
-        super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm)
+        super().__init__(
+            params,
+            defaults,
+            backend=backend,
+            max_grad_norm=max_grad_norm,
+            skip_nonfinite=skip_nonfinite,
+            float32_state=float32_state,
+            record_norms=record_norms,
+        )
         for group in self.param_groups:
             for p in group["params"]:
                 self._init_state(p)

@@ -108,6 +108,9 @@ class Adam(TorchoptOptimizer):
         decoupled_weight_decay: bool = False,
         backend: str = "auto",
         max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        float32_state: bool = False,
+        record_norms: bool = False,
     ) -> None:
         if isinstance(lr, Tensor):
             if foreach and not capturable:
@@ -156,7 +159,15 @@ class Adam(TorchoptOptimizer):
         }
         if fused and differentiable:
             raise RuntimeError("`fused` does not support `differentiable`")
-        super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm)
+        super().__init__(
+            params,
+            defaults,
+            backend=backend,
+            max_grad_norm=max_grad_norm,
+            skip_nonfinite=skip_nonfinite,
+            float32_state=float32_state,
+            record_norms=record_norms,
+        )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -246,6 +257,9 @@ class AdamW(Adam):
         fused: bool | None = None,
         backend: str = "auto",
         max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        float32_state: bool = False,
+        record_norms: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -262,6 +276,9 @@ class AdamW(Adam):
             decoupled_weight_decay=True,
             backend=backend,
             max_grad_norm=max_grad_norm,
+            skip_nonfinite=skip_nonfinite,
+            float32_state=float32_state,
+            record_norms=record_norms,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -101,6 +101,9 @@ class RMSprop(TorchoptOptimizer):
         *,
         backend: str = "auto",
         max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        float32_state: bool = False,
+        record_norms: bool = False,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -126,7 +129,15 @@ class RMSprop(TorchoptOptimizer):
             "maximize": maximize,
             "differentiable": differentiable,
         }
-        super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm)
+        super().__init__(
+            params,
+            defaults,
+            backend=backend,
+            max_grad_norm=max_grad_norm,
+            skip_nonfinite=skip_nonfinite,
+            float32_state=float32_state,
+            record_norms=record_norms,
+        )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -95,6 +95,9 @@ class SGD(TorchoptOptimizer):
         fused: bool | None = None,
         backend: str = "auto",
         max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        float32_state: bool = False,
+        record_norms: bool = False,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -119,7 +122,15 @@ class SGD(TorchoptOptimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         if fused and differentiable:
             raise RuntimeError("`fused` does not support `differentiable`")
-        super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm)
+        super().__init__(
+            params,
+            defaults,
+            backend=backend,
+            max_grad_norm=max_grad_norm,
+            skip_nonfinite=skip_nonfinite,
+            float32_state=float32_state,
+            record_norms=record_norms,
+        )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -184,6 +195,9 @@ class Momentum(SGD):
         fused: bool | None = None,
         backend: str = "auto",
         max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        float32_state: bool = False,
+        record_norms: bool = False,
     ) -> None:
         if not momentum > 0.0:
             raise ValueError(
@@ -203,4 +217,7 @@ class Momentum(SGD):
             fused=fused,
             backend=backend,
             max_grad_norm=max_grad_norm,
+            skip_nonfinite=skip_nonfinite,
+            float32_state=float32_state,
+            record_norms=record_norms,
         )

@@ -1,0 +1,298 @@
+"""The Triton branch of the optimizers' one dispatch point: their step as fused kernels.
+
+:func:`fused_step` takes every (device, dtype) part that :mod:`torchopt_lab.backend` assigned to
+Triton, across param groups, and updates each (device, dtype) in ONE kernel launch (plus one
+launch for the gradient norm when ``max_grad_norm`` is set). Hyperparameters go to the device as a
+small float64 table, re-uploaded only when a scheduler changes them; per-tensor pointer tables are
+cached by ``data_ptr()`` (:class:`triton_kernels.optim.MultiTensorTable`). Nothing here reads a
+device value on the host, so a step does not synchronise and can be captured in a CUDA graph.
+
+The update rules live with the torch reference functions (``sgd.py``, ``adagrad.py``,
+``rmsprop.py``, ``adam.py``); this module only maps an optimizer's tensor lists and param-group
+options onto its kernel.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchopt_lab import backend as _backend
+from torchopt_lab.optim.clip import _total_norm
+
+DIAGNOSTIC_FIELDS = ("grad_sq_norm", "update_sq_norm", "param_sq_norm")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """How one optimizer's tensor lists and param-group options map onto its kernel."""
+
+    launcher: str  # the triton_kernels.optim launcher
+    values: Callable[[dict[str, Any]], list[float | Tensor]]  # hyperparameter row of a group
+    flags: Callable[[dict[str, Any]], dict[str, bool]]  # launch-level options of a group
+    state_lists: tuple[str, ...]  # names of the TensorLists holding the state rows
+    state_keys: tuple[str, ...]  # the same state, as keys of optimizer.state[p]
+    has_step: bool = True
+
+
+SPECS: dict[str, KernelSpec] = {
+    "sgd": KernelSpec(
+        launcher="sgd_step",
+        values=lambda g: [g["lr"], g["momentum"], g["dampening"], g["weight_decay"]],
+        flags=lambda g: {
+            "momentum": g["momentum"] != 0,
+            "nesterov": g["nesterov"],
+            "maximize": g["maximize"],
+        },
+        state_lists=("momentum_buffer_list",),
+        state_keys=("momentum_buffer",),
+        has_step=False,
+    ),
+    "adagrad": KernelSpec(
+        launcher="adagrad_step",
+        values=lambda g: [g["lr"], g["lr_decay"], g["weight_decay"], g["eps"]],
+        flags=lambda g: {"maximize": g["maximize"]},
+        state_lists=("state_sums",),
+        state_keys=("sum",),
+    ),
+    "rmsprop": KernelSpec(
+        launcher="rmsprop_step",
+        values=lambda g: [g["lr"], g["alpha"], g["eps"], g["weight_decay"], g["momentum"]],
+        flags=lambda g: {
+            "centered": g["centered"],
+            "momentum": g["momentum"] > 0,
+            "maximize": g["maximize"],
+        },
+        state_lists=("square_avgs", "grad_avgs", "momentum_buffer_list"),
+        state_keys=("square_avg", "grad_avg", "momentum_buffer"),
+    ),
+    "adam": KernelSpec(
+        launcher="adam_step",
+        values=lambda g: [g["lr"], g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"]],
+        flags=lambda g: {
+            "amsgrad": g["amsgrad"],
+            "maximize": g["maximize"],
+            "decoupled_weight_decay": g["decoupled_weight_decay"],
+        },
+        state_lists=("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+        state_keys=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    ),
+}
+
+
+@dataclass
+class Part:
+    """The tensors of one param group on one device and dtype, and the backend chosen for them."""
+
+    group: dict[str, Any]
+    group_index: int
+    indices: list[int]  # positions of the part's tensors in the group's tensor lists
+    tensors: dict[str, list[Any]]
+    device: torch.device
+    dtype: torch.dtype
+    backend: str
+
+
+@dataclass
+class _Launch:
+    """The cached device-side pieces of one launch group."""
+
+    table: Any
+    hyperparameters: Tensor | None = None
+    uploaded: tuple | None = None
+
+
+@dataclass
+class FusedState:
+    """What an optimizer keeps between fused steps (not part of its state dict)."""
+
+    launches: dict[tuple, _Launch] = field(default_factory=dict)
+    square_norms: dict[torch.device, Tensor] = field(default_factory=dict)
+    skipped_steps: dict[torch.device, Tensor] = field(default_factory=dict)
+    norms: dict[int, tuple[Tensor, int]] = field(default_factory=dict)  # id(param) -> (buffer, row)
+
+
+def _device_value(value: Any) -> float | None:
+    """A hyperparameter as a Python float, or None when it lives on a device (read it there)."""
+    if isinstance(value, Tensor):
+        return None if value.device.type != "cpu" else float(value)
+    return float(value)
+
+
+def _hyperparameters(
+    launch: _Launch, spec: KernelSpec, groups: list[dict[str, Any]], device: torch.device
+) -> Tensor:
+    """The launch's float64 hyperparameter table, uploaded only when a value changed.
+
+    Python numbers are uploaded with one asynchronous copy when they change (a scheduler step);
+    device tensors (tensor ``lr``/``betas`` on the parameters' device) are copied device to device
+    every step, so a CUDA graph replay reads their current value.
+    """
+    rows = [spec.values(group) for group in groups]
+    host = tuple(tuple(_device_value(value) for value in row) for row in rows)
+    if launch.hyperparameters is None or launch.hyperparameters.shape[0] != len(rows):
+        launch.hyperparameters = torch.zeros(
+            len(rows), len(rows[0]), dtype=torch.float64, device=device
+        )
+        launch.uploaded = None
+    if host != launch.uploaded:
+        values = [[0.0 if value is None else value for value in row] for row in host]
+        source = torch.tensor(values, dtype=torch.float64, pin_memory=device.type == "cuda")
+        launch.hyperparameters.copy_(source, non_blocking=True)
+        launch.uploaded = host
+    for row_index, row in enumerate(rows):
+        for column, value in enumerate(row):
+            if isinstance(value, Tensor) and value.device.type != "cpu":
+                launch.hyperparameters[row_index, column].copy_(value.reshape(()))
+    return launch.hyperparameters
+
+
+def _prepare_state(
+    optimizer: torch.optim.Optimizer, spec: KernelSpec, part: Part, float32_state: bool
+) -> tuple[list[list[Tensor | None]], list[Tensor] | None, list[int]]:
+    """State rows, device step counters and per-tensor flags of one part, in kernel form.
+
+    ``step`` moves to the parameter's device as float32 (as torch's fused optimizers keep it);
+    SGD's missing momentum buffers are created here (flag 1: start from this step's gradient);
+    with ``float32_state``, low-precision parameters get float32 state.
+    """
+    params = part.tensors["params"]
+    upcast = float32_state and part.dtype in _LOW_PRECISION
+    rows: list[list[Tensor | None]] = []
+    flags = [0] * len(params)
+    for name, key in zip(spec.state_lists, spec.state_keys, strict=True):
+        values = part.tensors.get(name, [])
+        if len(values) != len(params):
+            rows.append([None] * len(params))
+            continue
+        row: list[Tensor | None] = []
+        for index, (param, value) in enumerate(zip(params, values, strict=True)):
+            if value is None:
+                value = torch.zeros_like(param, dtype=torch.float32 if upcast else None)
+                flags[index] = 1
+                optimizer.state[param][key] = value
+            elif upcast and value.dtype != torch.float32:
+                value = value.float()
+                optimizer.state[param][key] = value
+            row.append(value)
+        part.tensors[name] = row
+        rows.append(row)
+    steps = None
+    if spec.has_step:
+        steps = []
+        for param in params:
+            step = optimizer.state[param]["step"]
+            if step.device != param.device or step.dtype != torch.float32:
+                step = step.to(device=param.device, dtype=torch.float32)
+                optimizer.state[param]["step"] = step
+            steps.append(step)
+    return rows, steps, flags
+
+
+def _on(value: Tensor | None, device: torch.device) -> Tensor | None:
+    """A GradScaler scalar on ``device`` as float32 (asynchronous; a no-op when already there)."""
+    return None if value is None else value.to(device, torch.float32, non_blocking=True)
+
+
+def fused_step(
+    optimizer: torch.optim.Optimizer,
+    algorithm: str,
+    parts: list[Part],
+    *,
+    max_grad_norm: float | None,
+    total_norm: Tensor | None,
+    skip_nonfinite: bool,
+    float32_state: bool,
+    record_norms: bool,
+) -> None:
+    """Update every part with the Triton kernels: one launch per (device, dtype) launch group.
+
+    ``total_norm``: the global gradient norm when some tensors ran on the torch path (it already
+    covers them); otherwise the kernels compute it (one reduction launch per launch group).
+    ``optimizer.grad_scale`` / ``optimizer.found_inf``, set by ``GradScaler.step``, are unscaled
+    and checked inside the kernels.
+    """
+    _backend.kernels()  # raises clearly if the triton_kernels found is not ours
+    kernels = importlib.import_module("triton_kernels.optim")
+    spec = SPECS[algorithm]
+    state: FusedState = optimizer.__dict__.setdefault("_fused_state", FusedState())
+    grad_scale = getattr(optimizer, "grad_scale", None)
+    found_inf = getattr(optimizer, "found_inf", None)
+
+    # Launch groups: one per (device, dtype, launch-level options); parts of several param groups
+    # with the same options share a launch, each tensor reading its group's hyperparameter row.
+    launches: dict[tuple, list[Part]] = {}
+    for part in parts:
+        key = (part.device, part.dtype, tuple(sorted(spec.flags(part.group).items())))
+        launches.setdefault(key, []).append(part)
+
+    prepared = []
+    for key, members in launches.items():
+        device, _, flags = key
+        groups = [part.group for part in members]
+        params, grads, rows, steps, tensor_flags, group_rows = [], [], [], [], [], []
+        for row_index, part in enumerate(members):
+            part_rows, part_steps, part_flags = _prepare_state(optimizer, spec, part, float32_state)
+            params += part.tensors["params"]
+            grads += part.tensors["grads"]
+            rows.append(part_rows)
+            steps += part_steps or []
+            tensor_flags += part_flags
+            group_rows += [row_index] * len(part.tensors["params"])
+        state_rows = [[t for part_rows in rows for t in part_rows[k]] for k in range(len(rows[0]))]
+        if key not in state.launches:
+            state.launches[key] = _Launch(kernels.MultiTensorTable())
+        launch = state.launches[key]
+        launch.table.update(
+            params, grads, state_rows, steps if spec.has_step else None, group_rows, tensor_flags
+        )
+        hyperparameters = _hyperparameters(launch, spec, groups, device)
+        prepared.append((key, launch, hyperparameters, dict(flags), params))
+
+    devices = {key[0] for key, *_ in prepared}
+    square_norms: dict[torch.device, Tensor] = {}
+    if max_grad_norm is not None:
+        if total_norm is None and len(devices) > 1:
+            # One global norm across devices: torch's (one small reduction per device).
+            total_norm = _total_norm([grad for part in parts for grad in part.tensors["grads"]])
+        if total_norm is not None:
+            for device in devices:
+                square_norms[device] = (total_norm.to(device, torch.float64) ** 2).reshape(1)
+        else:
+            device = next(iter(devices))
+            slots = 1 << max(0, (len(prepared) - 1).bit_length())
+            norms = state.square_norms.get(device)
+            if norms is None or norms.numel() != slots:
+                norms = torch.zeros(slots, dtype=torch.float64, device=device)
+                state.square_norms[device] = norms
+            for slot, (_, launch, *_rest) in enumerate(prepared):
+                kernels.grad_square_norm(launch.table, norms, slot)
+            square_norms[device] = norms
+
+    state.norms.clear()
+    for key, launch, hyperparameters, flags, params in prepared:
+        device = key[0]
+        skipped = None
+        if skip_nonfinite and max_grad_norm is not None:
+            skipped = state.skipped_steps.setdefault(
+                device, torch.zeros(1, dtype=torch.int32, device=device)
+            )
+        controls = kernels.StepControls(
+            grad_scale=_on(grad_scale, device),
+            found_inf=_on(found_inf, device),
+            square_norms=square_norms.get(device),
+            max_grad_norm=max_grad_norm,
+            skip_nonfinite=skipped is not None,
+            skipped_steps=skipped,
+            record_norms=record_norms,
+        )
+        getattr(kernels, spec.launcher)(launch.table, hyperparameters, controls=controls, **flags)
+        if record_norms:
+            for row, param in enumerate(params):
+                state.norms[id(param)] = (launch.table.diagnostics, row)
