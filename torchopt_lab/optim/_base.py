@@ -117,6 +117,14 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         if defaults.get("fused") and defaults.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim pickles only defaults, state and param groups; keep our two attributes too.
+        return {
+            **super().__getstate__(),
+            "backend": self.backend,
+            "max_grad_norm": self.max_grad_norm,
+        }
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")

@@ -27,7 +27,8 @@ def _sparse_adagrad_update(
     indices, values = grad._indices(), grad._values()
 
     def sparse_like(new_values: Tensor) -> Tensor:
-        return torch.sparse_coo_tensor(indices, new_values, grad.size())
+        # The indices come from a coalesced tensor: valid, so the invariant check can be skipped.
+        return torch.sparse_coo_tensor(indices, new_values, grad.size(), check_invariants=False)
 
     state_sum.add_(sparse_like(values.pow(2)))
     std_values = state_sum.sparse_mask(grad)._values().sqrt_().add_(eps)
