@@ -181,13 +181,14 @@ def test_step_records_its_backend_decision() -> None:
     assert decision["backend"] == "torch" and decision["device"] == "cpu"
 
 
-def test_triton_backend_raises_not_implemented_until_the_kernels_land() -> None:
+def test_triton_backend_runs_the_fused_kernels_and_says_so() -> None:
     # conftest sets TRITON_INTERPRET=1 without CUDA, so resolve() picks Triton for CPU tensors.
     params = make_params(torch.float32)
     optimizer = ours.SGD(params, lr=0.1, backend="triton")
     loss_of(params).backward()
-    with pytest.raises(NotImplementedError, match="Triton optimizer kernels are not available"):
-        optimizer.step()
+    optimizer.step()
+    decision = backend_info()["decisions"]["optim.SGD"]
+    assert decision["requested"] == "triton" and decision["backend"] == "triton"
 
 
 @pytest.mark.parametrize(

@@ -118,11 +118,15 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
     def __getstate__(self) -> dict[str, Any]:
-        # torch.optim pickles only defaults, state and param groups; keep our two attributes too.
+        # torch.optim pickles only defaults, state and param groups; keep our options too (not
+        # the fused kernels' cached tables: they hold addresses, rebuilt on the next step).
         return {
             **super().__getstate__(),
             "backend": self.backend,
             "max_grad_norm": self.max_grad_norm,
+            "skip_nonfinite": self.skip_nonfinite,
+            "float32_state": self.float32_state,
+            "record_norms": self.record_norms,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
