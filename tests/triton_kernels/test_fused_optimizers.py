@@ -253,3 +253,29 @@ def test_params_with_gaps_take_the_torch_path_under_auto_and_say_why(monkeypatch
     assert decision["backend"] == "torch" and "gaps in memory" in decision["reason"]
     with pytest.raises(RuntimeError, match="gaps in memory"):
         _step(torch_lab_optim().Adam([gapped], backend="triton"), [gapped])
+
+
+@pytest.mark.parametrize(
+    ("make", "options"),
+    [
+        ("Adam", {"lr": 0.01}),
+        ("SGD", {"lr": 0.05, "momentum": 0.9}),
+    ],
+)
+def test_one_cycle_schedule_updates_device_hyperparameters_without_rebuilding_tables(make, options):
+    # OneCycleLR changes lr and cycles betas[0] (Adam) or momentum (SGD) every step.
+    params = make_params(torch.float64)
+    reference = clone_params(params)
+    runs = []
+    for tensors, backend in ((params, "triton"), (reference, "torch")):
+        optimizer = getattr(torch_lab_optim(), make)(tensors, **options, backend=backend)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10)
+        for _ in range(4):
+            _step(optimizer, tensors)
+            schedule.step()
+        runs.append(optimizer)
+    for a, b in zip(params, reference, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
+    (launch,) = runs[0]._fused_state.launches.values()
+    # Built on the first step, and once more on the second for SGD (its first-step flag clears).
+    assert launch.table.builds == (2 if make == "SGD" else 1)

@@ -25,7 +25,6 @@ from torch import Tensor
 from torchopt_lab import backend as _backend
 from torchopt_lab.optim.clip import _total_norm
 
-DIAGNOSTIC_FIELDS = ("grad_sq_norm", "update_sq_norm", "param_sq_norm")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
