@@ -220,7 +220,7 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                 record_norms=self.record_norms,
             )
         for part in parts:
-            if self._creates_state or part.backend == "triton":
+            if self._creates_state:
                 # Hand state the update created (SGD's first momentum buffers) to _finish_group.
                 tensors = groups[part.group_index][1]
                 for name, values in part.tensors.items():
@@ -261,9 +261,13 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                     if not positions:
                         continue
                     part_tensors = {name: [] for name in names}
-                    for name, values in zip(full, lists, strict=True):
-                        part_tensors[name] = [values[position] for position in positions]
-                    part_indices = [indices[position] for position in positions]
+                    if len(positions) == len(indices):  # the usual case: the whole part
+                        part_tensors.update(zip(full, lists, strict=True))
+                        part_indices = indices
+                    else:
+                        for name, values in zip(full, lists, strict=True):
+                            part_tensors[name] = [values[position] for position in positions]
+                        part_indices = [indices[position] for position in positions]
                     parts.append(
                         Part(group, group_index, part_indices, part_tensors, device, dtype, backend)
                     )
@@ -274,6 +278,8 @@ class TorchoptOptimizer(torch.optim.Optimizer):
     ) -> dict[str, list[int]]:
         """Positions of ``params`` the kernels can update, and of those they cannot."""
         kernels = importlib.import_module("triton_kernels.optim")
+        if params[0].dtype in kernels.SUPPORTED_DTYPES and all(p.is_contiguous() for p in params):
+            return {"triton": list(range(len(params)))}  # the usual case, checked in bulk
         eligible: dict[str, list[int]] = {"triton": [], "torch": []}
         for position, param in enumerate(params):
             ok, why = kernels.updatable_in_place(param)

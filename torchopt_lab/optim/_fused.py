@@ -170,27 +170,28 @@ def _prepare_state(
         if len(values) != len(params):
             rows.append([None] * len(params))
             continue
-        row: list[Tensor | None] = []
-        for index, (param, value) in enumerate(zip(params, values, strict=True)):
-            if value is None:
-                value = torch.zeros_like(param, dtype=torch.float32 if upcast else None)
-                flags[index] = 1
-                optimizer.state[param][key] = value
-            elif upcast and value.dtype != torch.float32:
-                value = value.float()
-                optimizer.state[param][key] = value
-            row.append(value)
-        part.tensors[name] = row
-        rows.append(row)
+        if upcast or any(value is None for value in values):
+            values = list(values)
+            for index, (param, value) in enumerate(zip(params, values, strict=True)):
+                if value is None:
+                    values[index] = torch.zeros_like(param, dtype=torch.float32 if upcast else None)
+                    flags[index] = 1
+                elif upcast and value.dtype != torch.float32:
+                    values[index] = value.float()
+                else:
+                    continue
+                optimizer.state[param][key] = values[index]
+            part.tensors[name] = values
+        rows.append(values)
     steps = None
     if spec.has_step:
-        steps = []
-        for param in params:
-            step = optimizer.state[param]["step"]
-            if step.device != param.device or step.dtype != torch.float32:
-                step = step.to(device=param.device, dtype=torch.float32)
+        steps = part.tensors["state_steps"]
+        device = part.device
+        if not all(s.dtype == torch.float32 and s.device == device for s in steps):
+            steps = [step.to(device=device, dtype=torch.float32) for step in steps]
+            for param, step in zip(params, steps, strict=True):
                 optimizer.state[param]["step"] = step
-            steps.append(step)
+            part.tensors["state_steps"] = steps
     return rows, steps, flags
 
 

@@ -11,6 +11,7 @@ their addresses move.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -99,7 +100,7 @@ class MultiTensorTable:
             raise ValueError(f"block_size must be a positive power of two, got {block_size}")
         self.block_size = block_size
         self.key: TableKey | None = None
-        self.grad_addresses: tuple[int, ...] = ()
+        self.grad_addresses: list[int] = []
         self.builds = 0
         self.grad_uploads = 0
 
@@ -126,20 +127,33 @@ class MultiTensorTable:
         for name, values in (("grads", grads), ("groups", groups), *(("state", s) for s in states)):
             if len(values) != count:
                 raise ValueError(f"{count} params but {len(values)} {name}")
-        flags = tuple(flags) if flags is not None else (0,) * count
+        flags = list(flags) if flags is not None else [0] * count
         state_rows = [list(row) for row in states] + [[None] * count] * (3 - len(states))
         step_row = list(steps) if steps is not None else [None] * count
-        key = TableKey(
-            addresses=tuple(p.data_ptr() for p in params)
-            + tuple(0 if t is None else t.data_ptr() for row in state_rows for t in row)
-            + tuple(0 if t is None else t.data_ptr() for t in step_row),
-            numels=tuple(p.numel() for p in params),
-            groups=tuple(groups),
-            flags=flags,
-        )
-        if key != self.key:
+        # Parameters are tracked by address (new wrappers of the same storage keep the table);
+        # state and step tensors, which the optimizer owns, by identity (cheaper, and a new state
+        # dict brings new tensors).
+        param_addresses = [p.data_ptr() for p in params]
+        if (
+            self.key is None
+            or param_addresses != self.param_addresses
+            or list(groups) != self.groups
+            or flags != self.flags
+            or not _same_objects(step_row, self.step_row)
+            or not all(map(_same_objects, state_rows, self.state_rows))
+        ):
+            key = TableKey(
+                addresses=tuple(param_addresses)
+                + tuple(0 if t is None else t.data_ptr() for row in state_rows for t in row)
+                + tuple(0 if t is None else t.data_ptr() for t in step_row),
+                numels=tuple(p.numel() for p in params),
+                groups=tuple(groups),
+                flags=tuple(flags),
+            )
             self._build(params, grads, state_rows, step_row, key)
-        grad_addresses = tuple(g.data_ptr() for g in grads)
+            self.param_addresses, self.groups, self.flags = param_addresses, list(groups), flags
+            self.state_rows, self.step_row = state_rows, step_row
+        grad_addresses = [g.data_ptr() for g in grads]
         if grad_addresses != self.grad_addresses:
             self._upload_grads(params, grads, grad_addresses)
         return self
@@ -225,11 +239,11 @@ class MultiTensorTable:
         # caller launches right after update(), while it still holds them.
         self.tensors = (list(params), state_rows, step_row)
         self.key = key
-        self.grad_addresses = ()
+        self.grad_addresses = []
         self.builds += 1
 
     def _upload_grads(
-        self, params: Sequence[Tensor], grads: Sequence[Tensor], addresses: tuple[int, ...]
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], addresses: list[int]
     ) -> None:
         for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
             if grad.device != param.device or grad.dtype != param.dtype:
@@ -251,6 +265,10 @@ class MultiTensorTable:
     def aligned(self) -> bool:
         """Whether every address is 16-byte aligned, so the kernels may use 128-bit accesses."""
         return self.static_aligned and self.grads_aligned
+
+
+def _same_objects(values: list, previous: list) -> bool:
+    return len(values) == len(previous) and all(map(operator.is_, values, previous))
 
 
 def _host_tensor(values: list[int], device: torch.device) -> Tensor:
