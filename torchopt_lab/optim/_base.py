@@ -45,15 +45,22 @@ def as_float(value: float | Tensor) -> float:
     return value.item() if isinstance(value, Tensor) else value
 
 
-def increment_steps(state_steps: list[Tensor]) -> list[float]:
-    """Add one to every ``state["step"]`` and return the new counts as Python numbers."""
+def increment_steps(state_steps: list[Tensor]) -> None:
+    """Add one to every ``state["step"]``."""
+    if state_steps:
+        # One wrapped scalar for the whole list: foreach on CPU scalars would wrap 1 per tensor.
+        torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
+
+
+def read_steps(state_steps: list[Tensor]) -> list[float]:
+    """The step counts as Python numbers."""
     if not state_steps:
         return []
-    # One wrapped scalar for the whole list: foreach on CPU scalars would wrap 1 per tensor.
-    torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
-    if len(state_steps) == 1:
-        return [state_steps[0].item()]
-    return torch.stack([step.to("cpu", torch.float64) for step in state_steps]).tolist()
+    try:
+        # One read for the whole list; steps loaded from elsewhere may differ in dtype or device.
+        return torch.stack(state_steps).tolist()
+    except RuntimeError:
+        return [step.item() for step in state_steps]
 
 
 def _real_view(tensor: Tensor) -> Tensor:
@@ -160,10 +167,16 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         )
         hyperparameters = self._hyperparameters(group)
         component = f"optim.{type(self).__name__}"
+        # With one (device, dtype), the update gets the group's own lists: no copies, and state it
+        # creates lands in them directly.
+        single = len(split) == 1
         for (device, dtype), (lists, indices) in split.items():
             chosen = _backend.resolve(component, self.backend, device)
-            part = {name: [] for name in names}
-            part.update(zip(full, lists, strict=True))
+            if single:
+                part = dict(tensors)
+            else:
+                part = {name: [] for name in names}
+                part.update(zip(full, lists, strict=True))
             if clip_coefficient is not None:
                 part["grads"] = torch._foreach_mul(part["grads"], clip_coefficient.to(device))
             if self._views_complex_as_real and dtype.is_complex:
@@ -173,7 +186,7 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                 raise NotImplementedError(f"{component}: {TRITON_NOT_AVAILABLE}")
             self._check_torch_path(group, device)
             type(self)._reference(*part.values(), **hyperparameters)
-            if self._creates_state:
+            if self._creates_state and not single:
                 for name in full:
                     for position, index in enumerate(indices):
                         tensors[name][index] = part[name][position]
