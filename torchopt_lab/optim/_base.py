@@ -42,15 +42,22 @@ def as_float(value: float | Tensor) -> float:
     return value.item() if isinstance(value, Tensor) else value
 
 
-def increment_steps(state_steps: list[Tensor]) -> list[float]:
-    """Add one to every ``state["step"]`` and return the new counts as Python numbers."""
+def increment_steps(state_steps: list[Tensor]) -> None:
+    """Add one to every ``state["step"]``."""
+    if state_steps:
+        # One wrapped scalar for the whole list: foreach on CPU scalars would wrap 1 per tensor.
+        torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
+
+
+def read_steps(state_steps: list[Tensor]) -> list[float]:
+    """The step counts as Python numbers."""
     if not state_steps:
         return []
-    # One wrapped scalar for the whole list: foreach on CPU scalars would wrap 1 per tensor.
-    torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
-    if len(state_steps) == 1:
-        return [state_steps[0].item()]
-    return torch.stack([step.to("cpu", torch.float64) for step in state_steps]).tolist()
+    try:
+        # One read for the whole list; steps loaded from elsewhere may differ in dtype or device.
+        return torch.stack(state_steps).tolist()
+    except RuntimeError:
+        return [step.item() for step in state_steps]
 
 
 def _real_view(tensor: Tensor) -> Tensor:
@@ -224,7 +231,7 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                 # Hand state the update created (SGD's first momentum buffers) to _finish_group.
                 tensors = groups[part.group_index][1]
                 for name, values in part.tensors.items():
-                    if len(tensors[name]) == len(tensors["params"]):
+                    if values is not tensors[name] and len(tensors[name]) == len(tensors["params"]):
                         for position, index in enumerate(part.indices):
                             tensors[name][index] = values[position]
         for group, tensors in groups:
@@ -261,7 +268,12 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                     if not positions:
                         continue
                     part_tensors = {name: [] for name in names}
-                    if len(positions) == len(indices):  # the usual case: the whole part
+                    if len(split) == 1 and len(positions) == len(indices):
+                        # The usual case, the whole group: the update gets the group's own
+                        # lists (no copies; state it creates lands in them directly).
+                        part_tensors = dict(tensors)
+                        part_indices = indices
+                    elif len(positions) == len(indices):
                         part_tensors.update(zip(full, lists, strict=True))
                         part_indices = indices
                     else:
