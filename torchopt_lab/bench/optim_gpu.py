@@ -165,15 +165,15 @@ def run_cases(shapes: list[tuple], device: torch.device) -> list[tuple[str, list
 
 
 def report(device: torch.device, set_names: list[str] | None = None) -> str:
-    """Run every case on every parameter set and format the results as a table."""
+    """Run every case on every parameter set; the results as a markdown table."""
     bandwidth = copy_bandwidth(device)
     lines = [
-        f"device: {torch.cuda.get_device_name(device)}; copy bandwidth {bandwidth:.0f} GB/s",
-        "bytes per parameter: "
+        f"# device {torch.cuda.get_device_name(device)}: copy bandwidth {bandwidth:.0f} GB/s "
+        "(1 GB device-to-device copy, bytes read + written)",
+        "# float32 bytes each algorithm must move per parameter: "
         + ", ".join(f"{case} {size}" for case, size in BYTES_PER_PARAM.items()),
-        "",
-        f"{'parameters':34} {'case':22} {'implementation':30} {'ms':>8} {'GB/s':>7} "
-        f"{'of copy':>7} {'ours is x faster':>16}",
+        "| set | case | implementation | ms | GB/s | of copy bandwidth | ours faster by |",
+        "|---|---|---|---|---|---|---|",
     ]
     for set_name, make_shapes in PARAMETER_SETS.items():
         if set_names and set_name not in set_names:
@@ -182,10 +182,10 @@ def report(device: torch.device, set_names: list[str] | None = None) -> str:
             ours_ms = timings[0].milliseconds
             for timing in timings:
                 lines.append(
-                    f"{set_name:34} {case:22} {timing.name:30} {timing.milliseconds:8.3f} "
-                    f"{timing.gigabytes_per_second:7.0f} "
-                    f"{timing.gigabytes_per_second / bandwidth:7.0%} "
-                    f"{timing.milliseconds / ours_ms:16.2f}"
+                    f"| {set_name} | {case} | {timing.name} | {timing.milliseconds:.3f} "
+                    f"| {timing.gigabytes_per_second:.0f} "
+                    f"| {timing.gigabytes_per_second / bandwidth:.0%} "
+                    f"| {timing.milliseconds / ours_ms:.2f}x |"
                 )
         torch.cuda.empty_cache()
     return "\n".join(lines)
