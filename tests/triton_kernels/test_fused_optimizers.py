@@ -279,3 +279,24 @@ def test_one_cycle_schedule_updates_device_hyperparameters_without_rebuilding_ta
     (launch,) = runs[0]._fused_state.launches.values()
     # Built on the first step, and once more on the second for SGD (its first-step flag clears).
     assert launch.table.builds == (2 if make == "SGD" else 1)
+
+
+class _Sharded(torch.nn.Parameter):
+    """Stands in for an FSDP2 DTensor: each to_local() is a new view of the same storage."""
+
+    def to_local(self) -> torch.Tensor:
+        return self.detach()
+
+
+def test_to_local_shards_are_updated_in_place_and_keep_the_table_cached():
+    params = [_Sharded(p.detach()) for p in make_params(torch.float32)[:4]]
+    reference = clone_params(params)
+    mine = torch_lab_optim().Adam(params, lr=0.01, backend="triton")
+    theirs = torch_lab_optim().Adam(reference, lr=0.01, backend="torch")
+    for _ in range(3):
+        _step(mine, params)
+        _step(theirs, reference)
+    for a, b in zip(params, reference, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-5)
+    (launch,) = mine._fused_state.launches.values()
+    assert launch.table.builds == 1

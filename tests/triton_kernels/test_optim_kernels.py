@@ -143,8 +143,12 @@ def test_table_is_built_once_and_survives_new_wrappers_of_the_same_storage():
     run = Run("adam", options_of("adam", {}), params, groups=[0] * len(params), group_lrs=[0.01])
     grads = _grads(params, 0)
     run.kernel_step(grads)
-    # New Python objects over the same storage (what FSDP2's DTensor.to_local() hands out).
+    # New Python objects over the same storage (what FSDP2's DTensor.to_local() hands out), for
+    # parameters and state alike.
     run.kernel_params = [p.detach().view_as(p) for p in run.kernel_params]
+    run.kernel_states = [
+        [t if t is None else t.view_as(t) for t in row] for row in run.kernel_states
+    ]
     run.kernel_step([g.view_as(g) for g in grads])
     assert run.table.builds == 1 and run.table.grad_uploads == 1
     run.kernel_step(_grads(params, 1))  # autograd-style fresh gradients: only their row moves

@@ -195,6 +195,15 @@ def _prepare_state(
     return rows, steps, flags
 
 
+def _local(values: list) -> list:
+    """The local shards the kernels update: FSDP2 hands the optimizer DTensors, whose
+    ``to_local()`` views share storage from step to step (so the tables stay cached)."""
+    first = next((value for value in values if value is not None), None)
+    if first is None or not hasattr(first, "to_local"):
+        return values
+    return [value if value is None else value.to_local() for value in values]
+
+
 def _on(value: Tensor | None, device: torch.device) -> Tensor | None:
     """A GradScaler scalar on ``device`` as float32 (asynchronous; a no-op when already there)."""
     return None if value is None else value.to(device, torch.float32, non_blocking=True)
@@ -236,13 +245,14 @@ def fused_step(
     for key, members in launches.items():
         device, _, flags = key
         groups = [part.group for part in members]
-        params, grads, rows, steps, tensor_flags, group_rows = [], [], [], [], [], []
+        params, originals, grads, rows, steps, tensor_flags, group_rows = [], [], [], [], [], [], []
         for row_index, part in enumerate(members):
             part_rows, part_steps, part_flags = _prepare_state(optimizer, spec, part, float32_state)
-            params += part.tensors["params"]
-            grads += part.tensors["grads"]
-            rows.append(part_rows)
-            steps += part_steps or []
+            originals += part.tensors["params"]
+            params += _local(part.tensors["params"])
+            grads += _local(part.tensors["grads"])
+            rows.append([_local(row) for row in part_rows])
+            steps += _local(part_steps or [])
             tensor_flags += part_flags
             group_rows += [row_index] * len(part.tensors["params"])
         state_rows = [[t for part_rows in rows for t in part_rows[k]] for k in range(len(rows[0]))]
@@ -253,7 +263,7 @@ def fused_step(
             params, grads, state_rows, steps if spec.has_step else None, group_rows, tensor_flags
         )
         hyperparameters = _hyperparameters(launch, spec, groups, device)
-        prepared.append((key, launch, hyperparameters, dict(flags), params))
+        prepared.append((key, launch, hyperparameters, dict(flags), originals))
 
     devices = {key[0] for key, *_ in prepared}
     square_norms: dict[torch.device, Tensor] = {}

@@ -101,6 +101,8 @@ class MultiTensorTable:
         self.block_size = block_size
         self.key: TableKey | None = None
         self.grad_addresses: list[int] = []
+        self.state_rows: list[list[Tensor | None]] = []
+        self.step_row: list[Tensor | None] = []
         self.builds = 0
         self.grad_uploads = 0
 
@@ -130,29 +132,33 @@ class MultiTensorTable:
         flags = list(flags) if flags is not None else [0] * count
         state_rows = [list(row) for row in states] + [[None] * count] * (3 - len(states))
         step_row = list(steps) if steps is not None else [None] * count
-        # Parameters are tracked by address (new wrappers of the same storage keep the table);
-        # state and step tensors, which the optimizer owns, by identity (cheaper, and a new state
-        # dict brings new tensors).
+        # Tracked by address, so new wrappers of the same storage keep the table. State and step
+        # tensors, which the optimizer owns, are first compared by identity (cheap); only new
+        # objects (a loaded state dict, FSDP2's fresh to_local() views) have their addresses read.
         param_addresses = [p.data_ptr() for p in params]
+        same_state = _same_objects(step_row, self.step_row) and all(
+            map(_same_objects, state_rows, self.state_rows)
+        )
+        state_addresses = None if same_state else _addresses(state_rows, step_row)
         if (
             self.key is None
             or param_addresses != self.param_addresses
             or list(groups) != self.groups
             or flags != self.flags
-            or not _same_objects(step_row, self.step_row)
-            or not all(map(_same_objects, state_rows, self.state_rows))
+            or (state_addresses is not None and state_addresses != self.state_addresses)
         ):
+            state_addresses = state_addresses or _addresses(state_rows, step_row)
             key = TableKey(
-                addresses=tuple(param_addresses)
-                + tuple(0 if t is None else t.data_ptr() for row in state_rows for t in row)
-                + tuple(0 if t is None else t.data_ptr() for t in step_row),
+                addresses=tuple(param_addresses + state_addresses),
                 numels=tuple(p.numel() for p in params),
                 groups=tuple(groups),
                 flags=tuple(flags),
             )
             self._build(params, grads, state_rows, step_row, key)
             self.param_addresses, self.groups, self.flags = param_addresses, list(groups), flags
-            self.state_rows, self.step_row = state_rows, step_row
+            self.state_addresses = state_addresses
+        # Keep the objects compared next time (and alive while the table points at them).
+        self.state_rows, self.step_row = state_rows, step_row
         grad_addresses = [g.data_ptr() for g in grads]
         if grad_addresses != self.grad_addresses:
             self._upload_grads(params, grads, grad_addresses)
@@ -265,6 +271,10 @@ class MultiTensorTable:
     def aligned(self) -> bool:
         """Whether every address is 16-byte aligned, so the kernels may use 128-bit accesses."""
         return self.static_aligned and self.grads_aligned
+
+
+def _addresses(state_rows: list[list[Tensor | None]], step_row: list[Tensor | None]) -> list[int]:
+    return [0 if t is None else t.data_ptr() for row in [*state_rows, step_row] for t in row]
 
 
 def _same_objects(values: list, previous: list) -> bool:
