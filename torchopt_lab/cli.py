@@ -8,7 +8,12 @@ import importlib
 import sys
 
 # name -> (module, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "bench-optim": (
+        "torchopt_lab.bench.optim",
+        "time optimizer steps of ours against torch.optim foreach and fused",
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
