@@ -177,19 +177,48 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             else:
                 part = {name: [] for name in names}
                 part.update(zip(full, lists, strict=True))
-            if clip_coefficient is not None:
-                part["grads"] = torch._foreach_mul(part["grads"], clip_coefficient.to(device))
             if self._views_complex_as_real and dtype.is_complex:
                 for name in names:
                     part[name] = [_real_view(t) for t in part[name]]
             if chosen == "triton":
-                raise NotImplementedError(f"{component}: {TRITON_NOT_AVAILABLE}")
-            self._check_torch_path(group, device)
-            type(self)._reference(*part.values(), **hyperparameters)
+                self._triton_update(group, part, hyperparameters, clip_coefficient)
+            else:
+                self._torch_update(group, part, hyperparameters, clip_coefficient)
             if self._creates_state and not single:
                 for name in full:
                     for position, index in enumerate(indices):
                         tensors[name][index] = part[name][position]
+
+    def _triton_update(
+        self,
+        group: dict[str, Any],
+        tensors: TensorLists,
+        hyperparameters: dict[str, Any],
+        clip_coefficient: Tensor | None,
+    ) -> None:
+        """The update as Triton kernels: same arguments and contract as :meth:`_torch_update`."""
+        raise NotImplementedError(f"optim.{type(self).__name__}: {TRITON_NOT_AVAILABLE}")
+
+    def _torch_update(
+        self,
+        group: dict[str, Any],
+        tensors: TensorLists,
+        hyperparameters: dict[str, Any],
+        clip_coefficient: Tensor | None,
+    ) -> None:
+        """The update through the reference function.
+
+        ``tensors`` are the lists of one (device, dtype) group, complex ones as real views, in the
+        order of ``_reference``'s positional arguments; ``hyperparameters`` its keyword arguments;
+        ``clip_coefficient`` a 0-dim tensor min(max_grad_norm / (norm + 1e-6), 1) or None. The
+        gradients themselves are never modified; new state goes into the lists (SGD's buffers).
+        """
+        device = tensors["params"][0].device
+        self._check_torch_path(group, device)
+        if clip_coefficient is not None:
+            scaled = torch._foreach_mul(tensors["grads"], clip_coefficient.to(device))
+            tensors = {**tensors, "grads": scaled}
+        type(self)._reference(*tensors.values(), **hyperparameters)
 
     def _check_torch_path(self, group: dict[str, Any], device: torch.device) -> None:
         """Refuse what the torch reference path cannot honour, instead of ignoring it."""
