@@ -313,19 +313,32 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         return eligible
 
     def _reference_step(self, part: Part, clip_coefficient: Tensor | None) -> None:
-        """Run the torch reference update on one part."""
+        """Run the torch reference update on one part (complex tensors as real views)."""
         tensors = part.tensors
-        if clip_coefficient is not None:
-            tensors["grads"] = torch._foreach_mul(
-                tensors["grads"], clip_coefficient.to(part.device)
-            )
         if self._views_complex_as_real and part.dtype.is_complex:
             tensors = {name: [_real_view(t) for t in values] for name, values in tensors.items()}
-        self._check_torch_path(part.group, part.device)
-        type(self)._reference(*tensors.values(), **self._hyperparameters(part.group))
-        if self._creates_state:
-            for name, values in tensors.items():
-                part.tensors[name] = values
+        self._torch_update(part.group, tensors, self._hyperparameters(part.group), clip_coefficient)
+
+    def _torch_update(
+        self,
+        group: dict[str, Any],
+        tensors: TensorLists,
+        hyperparameters: dict[str, Any],
+        clip_coefficient: Tensor | None,
+    ) -> None:
+        """The update through the reference function.
+
+        ``tensors`` are the lists of one (device, dtype) group, complex ones as real views, in the
+        order of ``_reference``'s positional arguments; ``hyperparameters`` its keyword arguments;
+        ``clip_coefficient`` a 0-dim tensor min(max_grad_norm / (norm + 1e-6), 1) or None. The
+        gradients themselves are never modified; new state goes into the lists (SGD's buffers).
+        """
+        device = tensors["params"][0].device
+        self._check_torch_path(group, device)
+        if clip_coefficient is not None:
+            scaled = torch._foreach_mul(tensors["grads"], clip_coefficient.to(device))
+            tensors = {**tensors, "grads": scaled}
+        type(self)._reference(*tensors.values(), **hyperparameters)
 
     def _check_torch_path(self, group: dict[str, Any], device: torch.device) -> None:
         """Refuse what the torch reference path cannot honour, instead of ignoring it."""
