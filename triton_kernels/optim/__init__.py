@@ -1,5 +1,6 @@
 """Fused multi-tensor optimizer steps: one kernel launch per (device, dtype) group per step."""
 
+from triton_kernels.optim.kernels import DIAGNOSTIC_FIELDS
 from triton_kernels.optim.launchers import (
     ADAGRAD_FIELDS,
     ADAM_FIELDS,
@@ -23,6 +24,7 @@ __all__ = [
     "ADAGRAD_FIELDS",
     "ADAM_FIELDS",
     "DEFAULT_BLOCK_SIZE",
+    "DIAGNOSTIC_FIELDS",
     "RMSPROP_FIELDS",
     "SGD_FIELDS",
     "SUPPORTED_DTYPES",

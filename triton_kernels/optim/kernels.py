@@ -39,6 +39,8 @@ GROUP_ROW = tl.constexpr(7)
 FLAG_ROW = tl.constexpr(8)
 TABLE_ROWS = 9
 
+# Columns of the per-tensor diagnostics buffer (``MultiTensorTable.diagnostics``, shape
+# ``[tensor_count, 3]``) that ``RECORD_NORMS`` fills.
 DIAGNOSTIC_FIELDS = ("grad_sq_norm", "update_sq_norm", "param_sq_norm")
 
 
