@@ -3,7 +3,8 @@
 Run as a script in a fresh process (``python tests/triton_kernels/compile_kernels.py``): the test
 process has ``TRITON_INTERPRET=1`` set, under which ``@triton.jit`` yields interpreter objects that
 cannot be compiled, so compilation needs an interpreter-free import of the kernels. Prints one JSON
-object per compiled variant: kernel, target, vectorised load/store counts and ptxas spill bytes.
+object per compiled variant: kernel, target, vectorised load/store counts, and ptxas's spill bytes
+and registers per thread.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from triton_kernels.optim import kernels
+from triton_kernels.optim.launchers import NUM_WARPS, NUM_WARPS_FLOAT64
 from triton_kernels.optim.tables import DEFAULT_BLOCK_SIZE
 
 STEP_SIGNATURE = {
@@ -65,9 +67,9 @@ KERNEL_FLAGS = {
 CONTROL_FLAGS = ("UNSCALE_GRADS", "CHECK_FOUND_INF", "CLIP_GRADS", "SKIP_NONFINITE", "RECORD_NORMS")
 
 
-def _spill_bytes(ptx: str, capability: int) -> int:
-    """Spill store + load bytes that the ptxas bundled with triton (the one it would run for this
-    architecture) reports for this PTX."""
+def _ptxas_report(ptx: str, capability: int) -> tuple[int, int]:
+    """Spill store + load bytes and registers per thread that the ptxas bundled with triton (the
+    one it would run for this architecture) reports for this PTX."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "kernel.ptx"
         path.write_text(ptx)
@@ -87,7 +89,8 @@ def _spill_bytes(ptx: str, capability: int) -> int:
     found = re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr)
     if not found:
         raise RuntimeError(f"ptxas -v reported no spill counts:\n{result.stderr}")
-    return sum(int(value) for value in found)
+    registers = int(re.search(r"Used (\d+) registers", result.stderr).group(1))
+    return sum(int(value) for value in found), registers
 
 
 def _arch(ptx: str) -> str:
@@ -96,6 +99,7 @@ def _arch(ptx: str) -> str:
 
 
 def _compile(fn, signature, constexprs, capability, name, variant):
+    warps = NUM_WARPS_FLOAT64 if variant == "float64" else NUM_WARPS
     pointers = [index for index, kind in enumerate(signature.values()) if kind.startswith("*")]
     signature = dict(signature, **dict.fromkeys(constexprs, "constexpr"))
     source = ASTSource(
@@ -105,16 +109,18 @@ def _compile(fn, signature, constexprs, capability, name, variant):
         attrs={(index,): [["tt.divisibility", 16]] for index in pointers},
     )
     compiled = triton.compile(
-        source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4}
+        source, target=GPUTarget("cuda", capability, 32), options={"num_warps": warps}
     )
     ptx = compiled.asm["ptx"]
+    spill_bytes, registers = _ptxas_report(ptx, capability)
     return {
         "kernel": name,
         "variant": variant,
         "capability": capability,
         "ld_v4": len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)),
         "st_v4": len(re.findall(r"st\.global(?:\.\w+)*\.v4\.b32", ptx)),
-        "spill_bytes": _spill_bytes(ptx, capability),
+        "spill_bytes": spill_bytes,
+        "registers": registers,
     }
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from triton_kernels.optim.launchers import NUM_WARPS
 from triton_kernels.optim.tables import DEFAULT_BLOCK_SIZE
 
 SCRIPT = Path(__file__).with_name("compile_kernels.py")
@@ -22,8 +23,8 @@ STREAMS = {
     "_adam_kernel": (4, 3),
     "_grad_square_norm_kernel": (1, 0),
 }
-# 4 warps of 32 threads, 4 float32 per 128-bit access.
-VECTORS_PER_STREAM = DEFAULT_BLOCK_SIZE // (4 * 32 * 4)
+# Warps of 32 threads, 4 float32 per 128-bit access.
+VECTORS_PER_STREAM = DEFAULT_BLOCK_SIZE // (NUM_WARPS * 32 * 4)
 
 
 @cache
@@ -60,3 +61,12 @@ def test_kernel_float32_loads_and_stores_are_128_bit(kernel):
 @pytest.mark.parametrize("kernel", sorted(STREAMS))
 def test_kernel_does_not_spill_registers(kernel):
     assert all(row["spill_bytes"] == 0 for row in _variants(kernel)), _variants(kernel)
+
+
+@pytest.mark.parametrize("kernel", sorted(STREAMS))
+def test_float32_kernel_fits_in_64_registers_so_32_warps_stay_resident(kernel):
+    # A memory-bound kernel hides latency with resident warps: at <= 64 registers per thread an
+    # SM holds 4 blocks of NUM_WARPS=8 warps (65536 registers / (64 x 256 threads)).
+    for row in _variants(kernel):
+        if row["variant"] == "plain":
+            assert row["registers"] <= 64, row

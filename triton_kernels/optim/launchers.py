@@ -31,6 +31,16 @@ _TRITON_DTYPES = {
     torch.float64: tl.float64,
 }
 _REDUCE_BLOCK = 1024
+# 8 warps for DEFAULT_BLOCK_SIZE (2048) elements: 8 per thread, two 128-bit accesses per float32
+# array. ptxas then allocates ~60 registers for Adam (about half of what 4 warps need), which
+# leaves room for 32 resident warps per SM to hide memory latency. float64 arithmetic needs twice
+# the registers: with 8 warps ptxas caps them and Adam spills, so float64 launches 4 warps.
+NUM_WARPS = 8
+NUM_WARPS_FLOAT64 = 4
+
+
+def _num_warps(dtype: torch.dtype) -> int:
+    return NUM_WARPS_FLOAT64 if dtype == torch.float64 else NUM_WARPS
 
 
 @dataclass
@@ -157,7 +167,7 @@ def _control_arguments(table: MultiTensorTable, controls: StepControls) -> tuple
         "CLIP_GRADS": clip,
         "SKIP_NONFINITE": controls.skip_nonfinite,
         "RECORD_NORMS": controls.record_norms,
-        "num_warps": 4,
+        "num_warps": _num_warps(table.param_dtype),
     }
     return arguments, constexprs
 
@@ -218,7 +228,7 @@ def grad_square_norm(table: MultiTensorTable, square_norms: Tensor, slot: int = 
         BLOCK=table.block_size,
         ASSUME_ALIGNED=table.aligned,
         REDUCE_BLOCK=_REDUCE_BLOCK,
-        num_warps=4,
+        num_warps=_num_warps(table.param_dtype),
     )
 
 
