@@ -290,9 +290,9 @@ def fused_step(
         device = key[0]
         skipped = None
         if skip_nonfinite and max_grad_norm is not None:
-            skipped = state.skipped_steps.setdefault(
-                device, torch.zeros(1, dtype=torch.int32, device=device)
-            )
+            if device not in state.skipped_steps:  # allocated once: a step launches nothing else
+                state.skipped_steps[device] = torch.zeros(1, dtype=torch.int32, device=device)
+            skipped = state.skipped_steps[device]
         controls = kernels.StepControls(
             grad_scale=_on(grad_scale, device),
             found_inf=_on(found_inf, device),
