@@ -251,3 +251,11 @@ def test_grad_scaler_steps_ours_like_torch(case: Case) -> None:
             scaler.update()
     for a, b in zip(params, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_max_grad_norm_refuses_sparse_gradients_clearly() -> None:
+    embedding = torch.nn.Embedding(5, 3, sparse=True)
+    embedding(torch.tensor([0, 1, 1])).sum().backward()
+    optimizer = ours.SGD(embedding.parameters(), lr=0.1, max_grad_norm=0.1)
+    with pytest.raises(NotImplementedError, match="max_grad_norm cannot clip sparse gradients"):
+        optimizer.step()

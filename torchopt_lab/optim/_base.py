@@ -146,6 +146,12 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         clip_coefficient = None
         if self.max_grad_norm is not None:
             grads = [grad for _, tensors in groups for grad in tensors["grads"]]
+            if any(grad.is_sparse for grad in grads):
+                # NotImplementedError is what clip_grad_norm_ raises from deep inside torch here.
+                raise NotImplementedError(
+                    f"{type(self).__name__}: max_grad_norm cannot clip sparse gradients (torch has "
+                    "no norm for them); clip the dense gradients yourself or drop max_grad_norm"
+                )
             if grads:
                 clip_coefficient = _clip_coefficient(_total_norm(grads), self.max_grad_norm)
         for group, tensors in groups:
