@@ -235,3 +235,28 @@ def test_add_param_group_uses_the_defaults_like_torch() -> None:
     mine.add_param_group({"params": params[2:], "lr": 0.002})
     theirs.add_param_group({"params": reference[2:], "lr": 0.002})
     assert mine.state_dict()["param_groups"] == theirs.state_dict()["param_groups"]
+
+
+@pytest.mark.parametrize("case", ONE_CASE_PER_CLASS, ids=lambda case: case.id)
+def test_grad_scaler_steps_ours_like_torch(case: Case) -> None:
+    params = make_params(torch.float32)
+    reference = clone_params(params)
+    for ps, cls in ((params, case.ours), (reference, case.theirs)):
+        optimizer = cls(ps, **case.options)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for step in range(6):
+            optimizer.zero_grad()
+            loss = loss_of(ps) * (float("inf") if step == 2 else 1.0)  # step 2 is skipped
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    for a, b in zip(params, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_max_grad_norm_refuses_sparse_gradients_clearly() -> None:
+    embedding = torch.nn.Embedding(5, 3, sparse=True)
+    embedding(torch.tensor([0, 1, 1])).sum().backward()
+    optimizer = ours.SGD(embedding.parameters(), lr=0.1, max_grad_norm=0.1)
+    with pytest.raises(NotImplementedError, match="max_grad_norm cannot clip sparse gradients"):
+        optimizer.step()

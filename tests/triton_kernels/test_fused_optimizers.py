@@ -327,3 +327,19 @@ def test_steady_state_step_runs_no_torch_operator_besides_our_launches(monkeypat
     operators = {event.name for event in profile.events() if event.name.startswith("aten::")}
     assert operators <= {"aten::to"}, operators
     assert len(launched) == 2  # the norm and the update
+
+
+def test_sparse_gradients_take_the_torch_path_under_auto(monkeypatch):
+    from torchopt_lab import backend
+
+    monkeypatch.setenv(backend.ENV_VAR, "triton")  # "auto" means Triton even on the CPU
+    embeddings = [torch.nn.Embedding(10, 3, sparse=True) for _ in range(2)]
+    embeddings[1].load_state_dict(embeddings[0].state_dict())
+    mine = torch_lab_optim().SGD(embeddings[0].parameters(), lr=0.1)
+    theirs = torch.optim.SGD(embeddings[1].parameters(), lr=0.1)
+    for optimizer, embedding in zip((mine, theirs), embeddings, strict=True):
+        embedding(torch.tensor([1, 4, 4])).sum().backward()
+        optimizer.step()
+    torch.testing.assert_close(embeddings[0].weight, embeddings[1].weight)
+    decision = backend.backend_info()["decisions"]["optim.SGD (tensors the kernels cannot update)"]
+    assert "sparse" in decision["reason"]

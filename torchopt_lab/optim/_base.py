@@ -199,6 +199,14 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         groups = [(group, self._init_group(group)) for group in self.param_groups]
+        if self.max_grad_norm is not None and any(
+            grad.is_sparse for _, tensors in groups for grad in tensors["grads"]
+        ):
+            # NotImplementedError is what clip_grad_norm_ raises from deep inside torch here.
+            raise NotImplementedError(
+                f"{type(self).__name__}: max_grad_norm cannot clip sparse gradients (torch has "
+                "no norm for them); clip the dense gradients yourself or drop max_grad_norm"
+            )
         parts = self._dispatch(groups)
         fused = [part for part in parts if part.backend == "triton"]
         reference = [part for part in parts if part.backend == "torch"]
@@ -263,7 +271,9 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                 chosen = _backend.resolve(component, self.backend, device)
                 by_backend = {chosen: list(range(len(indices)))}
                 if chosen == "triton":
-                    by_backend = self._kernel_eligible(component, lists[0], device)
+                    by_backend = self._kernel_eligible(
+                        component, lists[full.index("params")], lists[full.index("grads")], device
+                    )
                 for backend, positions in by_backend.items():
                     if not positions:
                         continue
@@ -286,15 +296,21 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         return parts
 
     def _kernel_eligible(
-        self, component: str, params: list[Tensor], device: torch.device
+        self, component: str, params: list[Tensor], grads: list[Tensor], device: torch.device
     ) -> dict[str, list[int]]:
         """Positions of ``params`` the kernels can update, and of those they cannot."""
         kernels = importlib.import_module("triton_kernels.optim")
-        if params[0].dtype in kernels.SUPPORTED_DTYPES and all(p.is_contiguous() for p in params):
+        if (
+            params[0].dtype in kernels.SUPPORTED_DTYPES
+            and all(p.is_contiguous() for p in params)
+            and not any(g.is_sparse for g in grads)
+        ):
             return {"triton": list(range(len(params)))}  # the usual case, checked in bulk
         eligible: dict[str, list[int]] = {"triton": [], "torch": []}
-        for position, param in enumerate(params):
+        for position, (param, grad) in enumerate(zip(params, grads, strict=True)):
             ok, why = kernels.updatable_in_place(param)
+            if ok and grad.is_sparse:
+                ok, why = False, "its gradient is sparse; the kernels update dense tensors"
             if ok:
                 eligible["triton"].append(position)
                 continue
