@@ -343,3 +343,63 @@ def test_sparse_gradients_take_the_torch_path_under_auto(monkeypatch):
     torch.testing.assert_close(embeddings[0].weight, embeddings[1].weight)
     decision = backend.backend_info()["decisions"]["optim.SGD (tensors the kernels cannot update)"]
     assert "sparse" in decision["reason"]
+
+
+CHANGES = {
+    "nothing": (lambda optimizer, params: None, False),
+    "a missing gradient": (lambda optimizer, params: setattr(params[0], "grad", None), True),
+    "a loaded state dict": (
+        lambda optimizer, params: optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict())),
+        True,
+    ),
+    "a replaced parameter state": (
+        lambda optimizer, params: optimizer.state.__setitem__(
+            params[1], copy.deepcopy(optimizer.state[params[1]])
+        ),
+        True,
+    ),
+    "an added param group": (
+        lambda optimizer, params: optimizer.add_param_group(
+            {"params": [torch.zeros(2, requires_grad=True)]}
+        ),
+        True,
+    ),
+    "a flipped option": (
+        lambda optimizer, params: optimizer.param_groups[0].__setitem__("maximize", True),
+        True,
+    ),
+    "a new max_grad_norm": (
+        lambda optimizer, params: setattr(optimizer, "max_grad_norm", 1.0),
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_repeated_steps_skip_collecting_tensors_until_something_changes(monkeypatch, change):
+    params = make_params(torch.float64)
+    reference = clone_params(params)
+    optimizer = torch_lab_optim().Adam(params, lr=0.01, backend="triton")
+    theirs = torch_lab_optim().Adam(reference, lr=0.01, backend="torch")
+    for _ in range(2):
+        _step(optimizer, params)
+        _step(theirs, reference)
+    collected = []
+    original = type(optimizer)._init_group
+    monkeypatch.setattr(
+        type(optimizer),
+        "_init_group",
+        lambda self, group: collected.append(1) or original(self, group),
+    )
+    optimizer.zero_grad()
+    _loss(params).backward()
+    apply, recollects = CHANGES[change]
+    apply(optimizer, params)
+    optimizer.step()
+    assert bool(collected) == recollects
+    if change == "nothing":
+        theirs.zero_grad()
+        _loss(reference).backward()
+        theirs.step()
+        for a, b in zip(params, reference, strict=True):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)

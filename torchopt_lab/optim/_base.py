@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from torchopt_lab import backend as _backend
-from torchopt_lab.optim._fused import Part, fused_step
+from torchopt_lab.optim._fused import Part, fused_step, repeat_step
 from torchopt_lab.optim.clip import _clip_coefficient, _total_norm
 
 TensorLists = dict[str, list[Any]]
@@ -198,6 +198,8 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if repeat_step(self, type(self)._reference.__name__):
+            return loss
         groups = [(group, self._init_group(group)) for group in self.param_groups]
         if self.max_grad_norm is not None and any(
             grad.is_sparse for _, tensors in groups for grad in tensors["grads"]
@@ -224,15 +226,14 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         for part in reference:
             self._reference_step(part, clip_coefficient)
         if fused:
+            every_param = sum(len(group["params"]) for group in self.param_groups)
             fused_step(
                 self,
                 type(self)._reference.__name__,
                 fused,
-                max_grad_norm=self.max_grad_norm,
                 total_norm=total_norm,
-                skip_nonfinite=self.skip_nonfinite,
-                float32_state=self.float32_state,
-                record_norms=self.record_norms,
+                complete=not reference
+                and sum(len(part.tensors["params"]) for part in fused) == every_param,
             )
         for part in parts:
             if self._creates_state:

@@ -15,6 +15,7 @@ options onto its kernel.
 from __future__ import annotations
 
 import importlib
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,6 +116,38 @@ class FusedState:
     square_norms: dict[torch.device, Tensor] = field(default_factory=dict)
     skipped_steps: dict[torch.device, Tensor] = field(default_factory=dict)
     norms: dict[int, tuple[Tensor, int]] = field(default_factory=dict)  # id(param) -> (buffer, row)
+    plan: _Plan | None = None
+
+
+@dataclass
+class _Prepared:
+    """One launch group, ready to launch: its cached pieces and the tensors it covers."""
+
+    key: tuple
+    launch: _Launch
+    groups: list[dict[str, Any]]
+    originals: list[Tensor]  # the optimizer's parameters (DTensors under FSDP2)
+    params: list[Tensor]  # what the kernels update (their local shards)
+    state_rows: list[list[Tensor | None]]
+    steps: list[Tensor] | None
+    group_rows: list[int]
+    tensor_flags: list[int]
+
+
+@dataclass
+class _Plan:
+    """A step that can repeat without re-collecting tensors: valid while the optimizer's param
+    groups, their launch-level options, and every parameter's state dict are the same objects
+    and every parameter has a dense gradient. Only the gradients are fetched anew."""
+
+    options: tuple
+    state: Any
+    param_groups: list[dict[str, Any]]
+    group_params: list[list[Tensor]]
+    group_lengths: list[int]
+    group_flags: list[dict[str, bool]]
+    state_dicts: list[dict[str, Any]]
+    prepared: list[_Prepared]
 
 
 def _device_value(value: Any) -> float | None:
@@ -209,30 +242,36 @@ def _on(value: Tensor | None, device: torch.device) -> Tensor | None:
     return None if value is None else value.to(device, torch.float32, non_blocking=True)
 
 
+def _options(optimizer: torch.optim.Optimizer) -> tuple:
+    return (
+        optimizer.backend,
+        optimizer.max_grad_norm,
+        optimizer.skip_nonfinite,
+        optimizer.float32_state,
+        optimizer.record_norms,
+    )
+
+
 def fused_step(
     optimizer: torch.optim.Optimizer,
     algorithm: str,
     parts: list[Part],
     *,
-    max_grad_norm: float | None,
     total_norm: Tensor | None,
-    skip_nonfinite: bool,
-    float32_state: bool,
-    record_norms: bool,
+    complete: bool,
 ) -> None:
     """Update every part with the Triton kernels: one launch per (device, dtype) launch group.
 
     ``total_norm``: the global gradient norm when some tensors ran on the torch path (it already
     covers them); otherwise the kernels compute it (one reduction launch per launch group).
-    ``optimizer.grad_scale`` / ``optimizer.found_inf``, set by ``GradScaler.step``, are unscaled
-    and checked inside the kernels.
+    ``complete``: the parts hold every parameter of the optimizer, so the step may be replayed by
+    :func:`repeat_step` while nothing changes.
     """
     _backend.kernels()  # raises clearly if the triton_kernels found is not ours
     kernels = importlib.import_module("triton_kernels.optim")
     spec = SPECS[algorithm]
     state: FusedState = optimizer.__dict__.setdefault("_fused_state", FusedState())
-    grad_scale = getattr(optimizer, "grad_scale", None)
-    found_inf = getattr(optimizer, "found_inf", None)
+    state.plan = None
 
     # Launch groups: one per (device, dtype, launch-level options); parts of several param groups
     # with the same options share a launch, each tensor reading its group's hyperparameter row.
@@ -243,11 +282,11 @@ def fused_step(
 
     prepared = []
     for key, members in launches.items():
-        device, _, flags = key
-        groups = [part.group for part in members]
-        params, originals, grads, rows, steps, tensor_flags, group_rows = [], [], [], [], [], [], []
+        originals, params, grads, rows, steps, tensor_flags, group_rows = [], [], [], [], [], [], []
         for row_index, part in enumerate(members):
-            part_rows, part_steps, part_flags = _prepare_state(optimizer, spec, part, float32_state)
+            part_rows, part_steps, part_flags = _prepare_state(
+                optimizer, spec, part, optimizer.float32_state
+            )
             originals += part.tensors["params"]
             params += _local(part.tensors["params"])
             grads += _local(part.tensors["grads"])
@@ -255,22 +294,114 @@ def fused_step(
             steps += _local(part_steps or [])
             tensor_flags += part_flags
             group_rows += [row_index] * len(part.tensors["params"])
-        state_rows = [[t for part_rows in rows for t in part_rows[k]] for k in range(len(rows[0]))]
         if key not in state.launches:
             state.launches[key] = _Launch(kernels.MultiTensorTable())
-        launch = state.launches[key]
-        launch.table.update(
-            params, grads, state_rows, steps if spec.has_step else None, group_rows, tensor_flags
+        state_rows = [[t for part_rows in rows for t in part_rows[k]] for k in range(len(rows[0]))]
+        entry = _Prepared(
+            key,
+            state.launches[key],
+            [part.group for part in members],
+            originals,
+            params,
+            state_rows,
+            steps if spec.has_step else None,
+            group_rows,
+            tensor_flags,
         )
-        hyperparameters = _hyperparameters(launch, spec, groups, device)
-        prepared.append((key, launch, hyperparameters, dict(flags), originals))
+        entry.launch.table.update(params, grads, state_rows, entry.steps, group_rows, tensor_flags)
+        prepared.append(entry)
+    _launch_all(optimizer, kernels, spec, state, prepared, parts, total_norm)
+    if complete and not any(flag for entry in prepared for flag in entry.tensor_flags):
+        originals = [p for entry in prepared for p in entry.originals]
+        state.plan = _Plan(
+            options=_options(optimizer),
+            state=optimizer.state,
+            param_groups=optimizer.param_groups,
+            group_params=[group["params"] for group in optimizer.param_groups],
+            group_lengths=[len(group["params"]) for group in optimizer.param_groups],
+            group_flags=[spec.flags(group) for group in optimizer.param_groups],
+            state_dicts=[optimizer.state.get(p) for p in originals],
+            prepared=prepared,
+        )
 
-    devices = {key[0] for key, *_ in prepared}
+
+def repeat_step(optimizer: torch.optim.Optimizer, algorithm: str) -> bool:
+    """Run the step planned by the last :func:`fused_step` again with the current gradients, if
+    nothing it depends on changed; return whether it ran.
+
+    This skips collecting tensors and state group by group (``_init_group``), which dominates the
+    host time of a step over thousands of small tensors. Any change (a param group added or its
+    list edited, an option flipped, a state dict loaded or a parameter's state replaced, a missing
+    or sparse gradient, a different backend decision) falls back to the full step.
+    """
+    state: FusedState | None = optimizer.__dict__.get("_fused_state")
+    plan = state.plan if state is not None else None
+    spec = SPECS[algorithm]
+    if (
+        plan is None
+        or plan.options != _options(optimizer)
+        or plan.state is not optimizer.state
+        or plan.param_groups is not optimizer.param_groups
+        or len(plan.group_params) != len(optimizer.param_groups)
+    ):
+        return False
+    for group, params, length, flags in zip(
+        optimizer.param_groups, plan.group_params, plan.group_lengths, plan.group_flags, strict=True
+    ):
+        if group["params"] is not params or len(params) != length or spec.flags(group) != flags:
+            return False
+    component = f"optim.{type(optimizer).__name__}"
+    for device in {entry.key[0] for entry in plan.prepared}:
+        if _backend.resolve(component, optimizer.backend, device) != "triton":
+            return False
+    parameter_states = optimizer.state
+    originals = [p for entry in plan.prepared for p in entry.originals]
+    if not all(map(operator.is_, map(parameter_states.get, originals), plan.state_dicts)):
+        return False
+    grads = [p.grad for p in originals]
+    if any(grad is None or grad.is_sparse for grad in grads):
+        return False
+    kernels = importlib.import_module("triton_kernels.optim")
+    start = 0
+    for entry in plan.prepared:
+        count = len(entry.params)
+        entry.launch.table.update(
+            entry.params,
+            _local(grads[start : start + count]),
+            entry.state_rows,
+            entry.steps,
+            entry.group_rows,
+            entry.tensor_flags,
+        )
+        start += count
+    _launch_all(optimizer, kernels, spec, state, plan.prepared, None, None)
+    return True
+
+
+def _launch_all(
+    optimizer: torch.optim.Optimizer,
+    kernels: Any,
+    spec: KernelSpec,
+    state: FusedState,
+    prepared: list[_Prepared],
+    parts: list[Part] | None,
+    total_norm: Tensor | None,
+) -> None:
+    """Upload changed hyperparameters, compute the gradient norm if clipping, launch the steps.
+
+    ``optimizer.grad_scale`` / ``optimizer.found_inf``, set by ``GradScaler.step``, are unscaled
+    and checked inside the kernels.
+    """
+    max_grad_norm = optimizer.max_grad_norm
+    grad_scale = getattr(optimizer, "grad_scale", None)
+    found_inf = getattr(optimizer, "found_inf", None)
+    devices = {entry.key[0] for entry in prepared}
     square_norms: dict[torch.device, Tensor] = {}
     if max_grad_norm is not None:
         if total_norm is None and len(devices) > 1:
             # One global norm across devices: torch's (one small reduction per device).
-            total_norm = _total_norm([grad for part in parts for grad in part.tensors["grads"]])
+            grads = [p.grad for entry in prepared for p in entry.originals]
+            total_norm = _total_norm(grads)
         if total_norm is not None:
             for device in devices:
                 square_norms[device] = (total_norm.to(device, torch.float64) ** 2).reshape(1)
@@ -281,15 +412,16 @@ def fused_step(
             if norms is None or norms.numel() != slots:
                 norms = torch.zeros(slots, dtype=torch.float64, device=device)
                 state.square_norms[device] = norms
-            for slot, (_, launch, *_rest) in enumerate(prepared):
-                kernels.grad_square_norm(launch.table, norms, slot)
+            for slot, entry in enumerate(prepared):
+                kernels.grad_square_norm(entry.launch.table, norms, slot)
             square_norms[device] = norms
 
     state.norms.clear()
-    for key, launch, hyperparameters, flags, params in prepared:
-        device = key[0]
+    for entry in prepared:
+        device = entry.key[0]
+        hyperparameters = _hyperparameters(entry.launch, spec, entry.groups, device)
         skipped = None
-        if skip_nonfinite and max_grad_norm is not None:
+        if optimizer.skip_nonfinite and max_grad_norm is not None:
             if device not in state.skipped_steps:  # allocated once: a step launches nothing else
                 state.skipped_steps[device] = torch.zeros(1, dtype=torch.int32, device=device)
             skipped = state.skipped_steps[device]
@@ -300,9 +432,11 @@ def fused_step(
             max_grad_norm=max_grad_norm,
             skip_nonfinite=skipped is not None,
             skipped_steps=skipped,
-            record_norms=record_norms,
+            record_norms=optimizer.record_norms,
         )
-        getattr(kernels, spec.launcher)(launch.table, hyperparameters, controls=controls, **flags)
-        if record_norms:
-            for row, param in enumerate(params):
-                state.norms[id(param)] = (launch.table.diagnostics, row)
+        getattr(kernels, spec.launcher)(
+            entry.launch.table, hyperparameters, controls=controls, **dict(entry.key[2])
+        )
+        if optimizer.record_norms:
+            for row, param in enumerate(entry.originals):
+                state.norms[id(param)] = (entry.launch.table.diagnostics, row)
