@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from optim_kernel_oracle import Run, options_of
 
 from triton_kernels.optim import (
@@ -32,8 +34,8 @@ TOLERANCES = {
     torch.bfloat16: {"rtol": 2**-7, "atol": 1e-5},
     torch.float16: {"rtol": 2**-10, "atol": 1e-5},
 }
-# 0-dim, one element, odd sizes, a tensor spanning several 32-element blocks with a tail.
-SHAPES = [(), (1,), (7,), (3, 5), (130,)]
+# 0-dim, empty, one element, odd sizes, a tensor spanning several 32-element blocks with a tail.
+SHAPES = [(), (0,), (1,), (7,), (3, 5), (130,)]
 STEPS = 3
 
 CASES = [
@@ -370,3 +372,29 @@ def test_launchers_refuse_bad_controls_and_hyperparameters():
             nesterov=True,
             maximize=False,
         )
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    algorithm=st.sampled_from(["sgd", "adagrad", "rmsprop", "adam"]),
+    sizes=st.lists(st.integers(0, 200), min_size=1, max_size=4),
+    lr=st.floats(1e-4, 0.5),
+    weight_decay=st.sampled_from([0.0, 0.01, 0.3]),
+    maximize=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_matches_torch_optim_for_random_shapes_and_hyperparameters(
+    algorithm, sizes, lr, weight_decay, maximize, seed
+):
+    shapes = [() if size == 0 else (size,) for size in sizes]
+    overrides = {"lr": lr, "weight_decay": weight_decay, "maximize": maximize}
+    if algorithm == "sgd":
+        overrides["momentum"] = 0.9
+    options = options_of(algorithm, overrides)
+    params = _params(torch.float64, shapes, seed=seed)
+    run = Run(algorithm, options, params, groups=[0] * len(params), group_lrs=[lr])
+    for step in range(2):
+        grads = _grads(params, seed + step)
+        run.kernel_step(grads)
+        run.reference_step(grads)
+        _assert_run_matches(run, torch.float64)

@@ -208,7 +208,8 @@ def _finish_block(
     # Every thread of this program has read the old step and issued its atomics before the count.
     tl.debug_barrier()
     finished = tl.atomic_add(block_counters + tensor, 1)
-    if finished == tl.cdiv(numel, BLOCK) - 1:
+    # Empty tensors get one block too (see MultiTensorTable), hence the maximum.
+    if finished == tl.maximum(tl.cdiv(numel, BLOCK), 1) - 1:
         if WRITE_STEP:
             step_pointer = _address(tensor_table, STEP_ROW, tensor, tensor_count, tl.float32, False)
             tl.store(step_pointer, step.to(tl.float32))

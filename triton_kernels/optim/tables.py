@@ -216,7 +216,8 @@ class MultiTensorTable:
         block_tensor: list[int] = []
         block_start: list[int] = []
         for index, numel in enumerate(key.numels):
-            for start in range(0, numel, block):
+            # An empty tensor still gets one (fully masked) block: its step counter must advance.
+            for start in range(0, max(numel, 1), block):
                 block_tensor.append(index)
                 block_start.append(start)
         rows = [[0] * count for _ in range(TABLE_ROWS)]
