@@ -57,7 +57,7 @@ NORM_SIGNATURE = {
     "slot": "i32",
 }
 # Per-kernel flags: all off ("plain": float32), all on ("full": bfloat16 params with float32
-# state; "float64").
+# state; "float16" params and state; "float64").
 KERNEL_FLAGS = {
     "_sgd_kernel": ("MAXIMIZE", "USE_MOMENTUM", "USE_NESTEROV"),
     "_adagrad_kernel": ("MAXIMIZE",),
@@ -133,6 +133,7 @@ def main() -> None:
                 ("full", (tl.bfloat16, tl.float32, tl.float32)),
             ]
             if capability == 90:
+                variants.append(("float16", (tl.float16, tl.float16, tl.float32)))
                 variants.append(("float64", (tl.float64, tl.float64, tl.float64)))
             for variant, (param_dtype, state_dtype, compute_dtype) in variants:
                 on = variant != "plain"

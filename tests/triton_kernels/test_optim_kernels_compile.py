@@ -45,7 +45,7 @@ def test_kernel_compiles_for_sm80_and_sm90_in_every_variant(kernel):
     variants = _variants(kernel)
     expected = {(80, "plain"), (90, "plain")}
     if kernel != "_grad_square_norm_kernel":
-        expected |= {(80, "full"), (90, "full"), (90, "float64")}
+        expected |= {(80, "full"), (90, "full"), (90, "float16"), (90, "float64")}
     assert {(row["capability"], row["variant"]) for row in variants} == expected
 
 
