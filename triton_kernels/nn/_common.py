@@ -17,6 +17,12 @@ def compute_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def warps(elements: int) -> int:
+    """Warps for a program that holds ``elements`` values per tensor: 8 values per thread, as
+    Triton's layer-norm tutorial picks them, between 1 and 8 warps."""
+    return max(1, min(8, elements // 256))
+
+
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of saved per-row or per-channel statistics: the compute dtype, as a torch dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -38,12 +38,13 @@ from triton_kernels.nn._common import (
     compute_dtype,
     statistics_dtype,
     tanh,
+    warps,
 )
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh")
 # Activations whose derivative is a function of the output y (the rest need z = h + b).
 OUTPUT_DERIVATIVE = ("identity", "relu", "sigmoid", "tanh")
-_TILE = 4096
+_TILE = 2048
 _MAX_BLOCK_COLUMNS = 1024
 
 
@@ -226,6 +227,7 @@ def bias_activation_forward(
         COMPUTE_DTYPE=compute_dtype(input.dtype),
         BLOCK_ROWS=block_rows,
         BLOCK_COLUMNS=block_columns,
+        num_warps=warps(block_rows * block_columns),
     )
     return out
 
@@ -276,6 +278,7 @@ def bias_activation_backward(
         COMPUTE_DTYPE=compute_dtype(saved.dtype),
         BLOCK_ROWS=block_rows,
         BLOCK_COLUMNS=block_columns,
+        num_warps=warps(block_rows * block_columns),
     )
     grad_bias = partial.sum(0).to(saved.dtype) if compute_grad_bias else None
     return grad_input, grad_bias

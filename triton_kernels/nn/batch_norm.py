@@ -30,6 +30,7 @@ from triton_kernels.nn._common import (
     check_shape,
     compute_dtype,
     statistics_dtype,
+    warps,
 )
 
 _BLOCK = 1024
@@ -172,6 +173,7 @@ def batch_norm_statistics(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
             f"{name}: no values per channel in an input of shape {list(input.shape)}"
         )
     splits = _splits(batch, channels)
+    block = min(_BLOCK, triton.next_power_of_2(spatial))
     dtype = statistics_dtype(input.dtype)
     count, mean, m2 = (
         torch.empty(channels, splits, dtype=dtype, device=input.device) for _ in range(3)
@@ -185,7 +187,8 @@ def batch_norm_statistics(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         channels,
         spatial,
         COMPUTE_DTYPE=compute_dtype(input.dtype),
-        BLOCK=min(_BLOCK, triton.next_power_of_2(spatial)),
+        BLOCK=block,
+        num_warps=warps(block),
     )
     # Chan's merge of the slices: μ = Σ n_j μ_j / n, M₂ = Σ M₂_j + n_j (μ_j - μ)²
     total = count.sum(1)
@@ -207,6 +210,7 @@ def batch_norm_gradient_sums(
     check_shape(name, "mean", mean, (channels,))
     splits = _splits(batch, channels)
     total, dot = (torch.zeros(channels, splits, dtype=dtype, device=input.device) for _ in range(2))
+    block = min(_BLOCK, triton.next_power_of_2(max(spatial, 1)))
     if input.numel():
         _batch_norm_gradient_sums_kernel[(channels, splits)](
             grad_output,
@@ -218,7 +222,8 @@ def batch_norm_gradient_sums(
             channels,
             spatial,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
-            BLOCK=min(_BLOCK, triton.next_power_of_2(spatial)),
+            BLOCK=block,
+            num_warps=warps(block),
         )
     return total.sum(1), dot.sum(1)
 
@@ -260,5 +265,6 @@ def channel_affine(
             add_second=second is not None,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK=block,
+            num_warps=warps(block),
         )
     return output

@@ -30,6 +30,7 @@ from triton_kernels.nn._common import (
     check_shape,
     compute_dtype,
     statistics_dtype,
+    warps,
 )
 from triton_kernels.nn.softmax import block_size
 
@@ -223,6 +224,7 @@ def cross_entropy_forward(
             has_weight=weight is not None,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK=block_size(classes, input.element_size()),
+            num_warps=warps(block_size(classes, input.element_size())),
         )
     return loss, lse
 
@@ -260,5 +262,6 @@ def cross_entropy_backward(
             has_weight=weight is not None,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK=block_size(classes, input.element_size()),
+            num_warps=warps(block_size(classes, input.element_size())),
         )
     return grad_input

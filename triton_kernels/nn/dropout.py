@@ -20,6 +20,7 @@ from triton_kernels.nn._common import (
     check_same,
     check_shape,
     compute_dtype,
+    warps,
 )
 
 _BLOCK = 1024
@@ -71,6 +72,7 @@ def _launch(input: torch.Tensor, output: torch.Tensor, p: float, seed: int) -> N
             P=float(p),
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK=_BLOCK,
+            num_warps=warps(_BLOCK),
         )
 
 

@@ -29,6 +29,7 @@ from triton_kernels.nn._common import (
     check_shape,
     compute_dtype,
     statistics_dtype,
+    warps,
 )
 
 _MAX_ROW_BYTES = 65536
@@ -203,6 +204,7 @@ def layer_norm_forward(
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK_ROWS=block_rows,
             BLOCK_COLUMNS=block_columns,
+            num_warps=warps(block_rows * block_columns),
         )
     return output, mean, rstd
 
@@ -258,6 +260,7 @@ def layer_norm_backward(
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK_ROWS=block_rows,
             BLOCK_COLUMNS=block_columns,
+            num_warps=warps(block_rows * block_columns),
         )
     if not compute_parameter_grads:
         return grad_input, None, None

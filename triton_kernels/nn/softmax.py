@@ -24,6 +24,7 @@ from triton_kernels.nn._common import (
     check_shape,
     compute_dtype,
     statistics_dtype,
+    warps,
 )
 
 _MAX_BLOCK = 4096
@@ -147,6 +148,7 @@ def softmax_forward(
         rows_input.shape[:-1], dtype=statistics_dtype(input.dtype), device=input.device
     )
     rows = lse.numel()
+    block = block_size(columns, input.element_size())
     if rows_input.numel():
         _softmax_forward_kernel[(rows,)](
             rows_input,
@@ -155,7 +157,8 @@ def softmax_forward(
             columns,
             take_log=log,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
-            BLOCK=block_size(columns, input.element_size()),
+            BLOCK=block,
+            num_warps=warps(block),
         )
     return _back(output, input, dim), lse.reshape(()) if input.dim() == 0 else lse
 
@@ -174,6 +177,7 @@ def softmax_backward(
     rows_grad = _last(grad_output, dim)
     columns = rows_output.shape[-1]
     grad_input = torch.empty_like(rows_output)
+    block = block_size(columns, output.element_size())
     if rows_output.numel():
         _softmax_backward_kernel[(rows_output.numel() // columns,)](
             rows_grad,
@@ -182,6 +186,7 @@ def softmax_backward(
             columns,
             take_log=log,
             COMPUTE_DTYPE=compute_dtype(output.dtype),
-            BLOCK=block_size(columns, output.element_size()),
+            BLOCK=block,
+            num_warps=warps(block),
         )
     return _back(grad_input, output, dim)
