@@ -81,8 +81,8 @@ def _cross_entropy_forward_kernel(
         target_weight = tl.load(weight_pointer + safe_target).to(COMPUTE_DTYPE)
     else:
         target_weight = tl.full((), 1.0, COMPUTE_DTYPE)
-    # (1 - ε) w_t (lse - x_t)
-    loss = (1.0 - LABEL_SMOOTHING) * target_weight * (lse - target_logit)
+    # (1 - ε) w_t (lse - x_t), as log s + (m - x_t): exact where lse - x_t would cancel
+    loss = (1.0 - LABEL_SMOOTHING) * target_weight * (tl.log(total) + (maximum - target_logit))
     if LABEL_SMOOTHING > 0:
         weight_total = tl.load(weight_total_pointer).to(COMPUTE_DTYPE)
         # + (ε / C) (W lse - Σ_c w_c x_c)

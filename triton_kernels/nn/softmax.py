@@ -32,8 +32,9 @@ _MAX_BLOCK = 4096
 
 @triton.jit
 def row_log_sum_exp(row_pointer, columns, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """``log Σ_j exp(x_j)`` of the ``columns`` contiguous values at ``row_pointer``, in one pass:
-    ``(m, s) ← (max(m, max(block)), s exp(m - m') + Σ exp(block - m'))``."""
+    """``(m, log Σ_j exp(x_j - m))`` of the ``columns`` contiguous values at ``row_pointer``, in
+    one pass: ``(m, s) ← (max(m, max(block)), s exp(m - m') + Σ exp(block - m'))``. Kept apart,
+    as ``x - m - log s`` is exact where ``x - lse`` would round ``lse`` to ``x``'s magnitude."""
     maximum = tl.full((), float("-inf"), COMPUTE_DTYPE)
     total = tl.full((), 0.0, COMPUTE_DTYPE)
     for start in range(0, columns, BLOCK):
@@ -45,7 +46,7 @@ def row_log_sum_exp(row_pointer, columns, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl
         shift = tl.where(new_maximum == float("-inf"), 0.0, new_maximum)
         total = total * tl.exp(maximum - shift) + tl.sum(tl.exp(x - shift), axis=0)
         maximum = new_maximum
-    return maximum + tl.log(total)
+    return maximum, tl.log(total)
 
 
 @triton.jit
@@ -62,13 +63,15 @@ def _softmax_forward_kernel(
     row = tl.program_id(0).to(tl.int64)
     input_row = input_pointer + row * columns
     output_row = output_pointer + row * columns
-    lse = row_log_sum_exp(input_row, columns, COMPUTE_DTYPE, BLOCK)
-    tl.store(log_sum_exp_pointer + row, lse)
+    maximum, log_total = row_log_sum_exp(input_row, columns, COMPUTE_DTYPE, BLOCK)
+    tl.store(log_sum_exp_pointer + row, maximum + log_total)
     for start in range(0, columns, BLOCK):
         column = start + tl.arange(0, BLOCK)
         mask = column < columns
         x = tl.load(input_row + column, mask=mask).to(COMPUTE_DTYPE)
-        y = x - lse if take_log else tl.exp(x - lse)
+        # x - lse, as (x - m) - log s
+        shifted = (x - maximum) - log_total
+        y = shifted if take_log else tl.exp(shifted)
         tl.store(output_row + column, y.to(output_pointer.dtype.element_ty), mask=mask)
 
 
