@@ -122,9 +122,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         label_smoothing: float,
     ) -> torch.Tensor:
         log_probs = torch.log_softmax(input, class_dim)
-        valid = target != ignore_index
-        safe_target = target.masked_fill(~valid, 0).unsqueeze(class_dim)
-        target_weight = valid.to(log_probs.dtype)
+        ignored = target == ignore_index
+        safe_target = target.masked_fill(ignored, 0).unsqueeze(class_dim)
+        # v_i as a float of the input's dtype (a bool times a Python float would be float32)
+        valid = (~ignored).to(log_probs.dtype)
+        target_weight = valid
         if weight is not None:
             target_weight = target_weight * weight[safe_target.squeeze(class_dim)]
         loss = (
