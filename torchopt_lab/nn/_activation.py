@@ -40,7 +40,8 @@ class ReLUFunction(torch.autograd.Function):
 class LeakyReLUFunction(torch.autograd.Function):
     r"""``y = x if x > 0 else a * x`` with ``a = negative_slope``; ``dy/dx = 1 if x > 0 else a``.
 
-    ``inplace=True`` reads the sign of ``x`` back from ``y``, which needs ``a >= 0``.
+    ``inplace=True`` reads the sign of ``x`` back from ``y``, which needs ``a >= 0`` when the
+    result is differentiated.
     """
 
     @staticmethod
@@ -54,14 +55,15 @@ class LeakyReLUFunction(torch.autograd.Function):
             ctx.mark_dirty(output)
         else:
             output = torch.where(input > 0, input, input * negative_slope)
-        ctx.save_for_backward(output)
+        # In place, x survives only as y, whose sign is x's when a >= 0 (functional checks a).
+        ctx.save_for_backward(output if inplace else input)
         return output
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        (output,) = ctx.saved_tensors
-        # dL/dx = g * (1 if x > 0 else a), with x > 0 exactly where y > 0 (a >= 0 or y = x)
-        grad_input = torch.where(output > 0, grad_output, grad_output * ctx.negative_slope)
+        (signed,) = ctx.saved_tensors
+        # dL/dx = g * (1 if x > 0 else a)
+        grad_input = torch.where(signed > 0, grad_output, grad_output * ctx.negative_slope)
         return grad_input, None, None
 
 

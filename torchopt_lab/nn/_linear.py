@@ -6,6 +6,7 @@ computes is written out here.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -40,12 +41,14 @@ class LinearFunction(torch.autograd.Function):
             grad_input = grad_output.matmul(weight)
         if ctx.needs_input_grad[1]:
             # dL/dW = gᵀ x, summed over every batch dimension
-            grad_weight = (
-                grad_output.reshape(-1, weight.shape[0])
-                .t()
-                .matmul(input.reshape(-1, weight.shape[1]))
-            )
+            grad_weight = _rows(grad_output).t().matmul(_rows(input))
         if bias is not None and ctx.needs_input_grad[2]:
             # dL/db = g summed over the dimensions b was broadcast along
             grad_bias = grad_output.sum_to_size(bias.shape)
         return grad_input, grad_weight, grad_bias
+
+
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a matrix with its last dimension as columns (every other dimension flattened
+    into rows, also when some have size 0)."""
+    return tensor.reshape(math.prod(tensor.shape[:-1]), tensor.shape[-1])

@@ -20,11 +20,21 @@ from typing import Any
 import torch
 
 
+def _variance_mean(input: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(σ², μ)`` over ``dims``, kept as size-1 dimensions; NaN for an empty input (without
+    torch's degrees-of-freedom warning: there is nothing to normalise)."""
+    if input.numel() == 0:
+        shape = [1 if dim in dims else size for dim, size in enumerate(input.shape)]
+        nan = input.new_full(shape, float("nan"))
+        return nan, nan
+    return torch.var_mean(input, dims, correction=0, keepdim=True)
+
+
 def _statistics(
     input: torch.Tensor, dims: tuple[int, ...], eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(μ, r)`` over ``dims``, kept as size-1 dimensions."""
-    variance, mean = torch.var_mean(input, dims, correction=0, keepdim=True)
+    variance, mean = _variance_mean(input, dims)
     return mean, torch.rsqrt(variance + eps)
 
 
@@ -108,7 +118,7 @@ class BatchNormFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         dims = (0, *range(2, input.dim()))
         if training:
-            variance, mean = torch.var_mean(input, dims, correction=0, keepdim=True)
+            variance, mean = _variance_mean(input, dims)
             rstd = torch.rsqrt(variance + eps)
             count = input.numel() // input.shape[1]
             if running_mean is not None and count > 0:

@@ -71,6 +71,20 @@ def _check_floating(name: str, *tensors: torch.Tensor | None) -> None:
             )
 
 
+def _check_dtype(name: str, input: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """Parameters and statistics share the input's dtype (float32 ones may go with a float16 or
+    bfloat16 input, as torch allows for mixed precision)."""
+    for argument, tensor in tensors.items():
+        if tensor is None or tensor.dtype == input.dtype:
+            continue
+        if tensor.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16):
+            continue
+        raise RuntimeError(
+            f"{name}: expected {argument} to have the input's dtype {input.dtype}, got "
+            f"{tensor.dtype}"
+        )
+
+
 def linear(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -78,7 +92,12 @@ def linear(
     if use_triton("linear", input, weight, bias):
         return triton_function("linear")(input, weight, bias)
     if weight.dim() == 1:
-        return LinearFunction.apply(input, weight.unsqueeze(0), bias).squeeze(-1)
+        if bias is not None:
+            raise RuntimeError(
+                "linear with a 1-D weight takes no bias (as in torch), got a bias of shape "
+                f"{list(bias.shape)}"
+            )
+        return LinearFunction.apply(input, weight.unsqueeze(0), None).squeeze(-1)
     return LinearFunction.apply(input, weight, bias)
 
 
@@ -249,6 +268,7 @@ def cross_entropy(
             f"weight tensor should be defined either for all {classes} classes or no classes but "
             f"got weight tensor of shape: {list(weight.shape)}"
         )
+    _check_dtype("cross_entropy", input, weight=weight)
     probabilities = target.shape == input.shape
     if probabilities:
         if not target.is_floating_point():
@@ -331,6 +351,7 @@ def layer_norm(
                 f"shape {list(tensor.shape)} and normalized_shape = {normalized_shape}"
             )
     _check_floating("layer_norm", input)
+    _check_dtype("layer_norm", input, weight=weight, bias=bias)
     if use_triton("layer_norm", input, weight, bias):
         return triton_function("layer_norm")(input, normalized_shape, weight, bias, eps)
     return LayerNormFunction.apply(input, count, weight, bias, eps)
@@ -374,6 +395,14 @@ def batch_norm(
         missing = "running_mean" if running_mean is None else "running_var"
         raise RuntimeError(f"{missing} must be defined in evaluation mode")
     _check_floating("batch_norm", input)
+    _check_dtype(
+        "batch_norm",
+        input,
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
+    )
     if use_triton("batch_norm", input, weight, bias):
         return triton_function("batch_norm")(
             input, running_mean, running_var, weight, bias, training, momentum, eps
