@@ -104,6 +104,7 @@ def _torch_error(call: Callable[[ModuleType], Any]) -> type[BaseException]:
     raise AssertionError("torch accepts this call: the table entry tests nothing")
 
 
+@pytest.mark.filterwarnings("ignore:Using a target size")
 @pytest.mark.parametrize("call", BAD_CALLS.values(), ids=BAD_CALLS.keys())
 def test_bad_input_raises_the_error_type_torch_raises(call: Callable[[ModuleType], Any]) -> None:
     with pytest.raises(_torch_error(call)):
@@ -125,3 +126,8 @@ def test_leaky_relu_inplace_negative_slope_refuses_to_be_differentiated() -> Non
     input = torch.randn(3, requires_grad=True) * 1
     with pytest.raises(RuntimeError, match=r"negative_slope=-0\.1"):
         F.leaky_relu(input, -0.1, inplace=True)
+
+
+def test_mse_loss_warns_when_target_broadcasts_like_torch() -> None:
+    with pytest.warns(UserWarning, match="different to the input size"):
+        F.mse_loss(x, torch.randn(4))

@@ -98,10 +98,16 @@ def _channel_view(tensor: torch.Tensor, ndim: int) -> torch.Tensor:
 class BatchNormFunction(torch.autograd.Function):
     r"""Batch normalisation (Ioffe & Szegedy, 2015) of ``x`` of shape ``[N, C, *]`` per channel.
 
-    Training: ``μ``, ``σ²`` over the ``n = N · Π *`` elements of a channel; the running statistics
-    (when given) are updated in place as torch does, ``running_mean ← (1 - m) running_mean + m μ``,
+    Training: ``μ``, ``σ²`` over the ``n = N · Π *`` elements of a channel, and the running
+    statistics (when given) updated in place, ``running_mean ← (1 - m) running_mean + m μ``,
     ``running_var ← (1 - m) running_var + m σ² n / (n - 1)`` (unbiased). Evaluation: ``μ`` and
-    ``σ²`` are the running statistics, constants, so ``dL/dx = r w g``.
+    ``σ²`` are the running statistics, constants, so ``dL/dx = r w g``. The forward is torch's
+    fused ``native_batch_norm`` kernel (one pass, torch's exact running-statistics update).
+
+    The backward reads the per-channel sums ``S_g = Σ g`` and ``S_gx = Σ g x`` once:
+    ``dL/db = S_g``, ``dL/dw = Σ g x̂ = r (S_gx - μ S_g)``, ``c_1 = w dL/dw / n``,
+    ``c_2 = w dL/db / n``, and ``dL/dx = r (w g - x̂ c_1 - c_2)`` is evaluated as the two fused
+    multiply-adds ``(w r) g - (r² c_1) x + r (r c_1 μ - c_2)``.
     """
 
     @staticmethod
@@ -117,55 +123,63 @@ class BatchNormFunction(torch.autograd.Function):
         eps: float,
     ) -> torch.Tensor:
         dims = (0, *range(2, input.dim()))
-        if training:
-            variance, mean = _variance_mean(input, dims)
-            rstd = torch.rsqrt(variance + eps)
-            count = input.numel() // input.shape[1]
-            if running_mean is not None and count > 0:
-                running_mean.mul_(1 - momentum).add_(mean.reshape(-1), alpha=momentum)
-            if running_var is not None and count > 0:
-                unbiased = variance.reshape(-1) * (count / max(count - 1, 1))
-                running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+        if input.numel() == 0:
+            # Nothing to normalise, no statistics to update (as in torch).
+            output, mean, rstd = input.clone(), input.new_zeros(0), input.new_zeros(0)
         else:
-            mean = _channel_view(running_mean, input.dim())
-            rstd = _channel_view(torch.rsqrt(running_var + eps), input.dim())
-        output = (input - mean) * rstd
-        if weight is not None:
-            output = output * _channel_view(weight, input.dim())
-        if bias is not None:
-            output = output + _channel_view(bias, input.dim())
+            output, mean, rstd = torch.native_batch_norm(
+                input, weight, bias, running_mean, running_var, training, momentum, eps
+            )
+        if not training:
+            # Copies: the running statistics may change before the backward runs.
+            mean, rstd = running_mean.clone(), torch.rsqrt(running_var + eps)
         ctx.dims, ctx.training, ctx.eps = dims, training, eps
-        ctx.save_for_backward(input, weight, bias, mean, rstd)
+        ctx.save_for_backward(input, weight, mean, rstd)
         return output
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        input, weight, bias, mean, rstd = ctx.saved_tensors
-        dims = ctx.dims
+        input, weight, mean, rstd = ctx.saved_tensors
+        dims, ndim = ctx.dims, input.dim()
+        count = input.numel() // input.shape[1]
+        if input.numel() == 0:
+            grad_input = torch.zeros_like(input) if ctx.needs_input_grad[0] else None
+            grad_weight = weight.new_zeros(weight.shape) if ctx.needs_input_grad[3] else None
+            grad_bias = weight.new_zeros(weight.shape) if ctx.needs_input_grad[4] else None
+            return grad_input, None, None, grad_weight, grad_bias, None, None, None
         if ctx.training and torch.is_grad_enabled():
-            mean, rstd = _statistics(input, dims, ctx.eps)
-        # x̂ = (x - μ) r
-        normalized = (input - mean) * rstd
-        # w g, the gradient with respect to x̂
-        grad_normalized = (
-            grad_output if weight is None else grad_output * _channel_view(weight, input.dim())
-        )
-        grad_input = grad_weight = grad_bias = None
+            mean, rstd = (t.reshape(-1) for t in _statistics(input, dims, ctx.eps))
+        # S_g = Σ g, which is dL/db
+        grad_bias = grad_output.sum(dims)
+        # dL/dw = Σ g x̂ = r (S_gx - μ S_g)
+        grad_weight = rstd * ((grad_output * input).sum(dims) - mean * grad_bias)
+        grad_input = None
         if ctx.needs_input_grad[0]:
+            affine = torch.ones_like(rstd) if weight is None else weight
+            scale = affine * rstd
             if ctx.training:
-                # c_1 = mean(x̂ ⊙ w g), over the elements of a channel
-                c1 = (normalized * grad_normalized).mean(dims, keepdim=True)
-                # c_2 = mean(w g)
-                c2 = grad_normalized.mean(dims, keepdim=True)
-                # dL/dx = r (w g - x̂ c_1 - c_2)
-                grad_input = rstd * (grad_normalized - normalized * c1 - c2)
+                # c_1 = w dL/dw / n
+                c1 = affine * grad_weight / count
+                # c_2 = w dL/db / n
+                c2 = affine * grad_bias / count
+                # r (r c_1 μ - c_2) - (r² c_1) x, the terms of dL/dx without g
+                grad_input = torch.addcmul(
+                    _channel_view(rstd * (rstd * c1 * mean - c2), ndim),
+                    _channel_view(-rstd * rstd * c1, ndim),
+                    input,
+                )
+                # dL/dx = (w r) g - (r² c_1) x + r (r c_1 μ - c_2)
+                grad_input = torch.addcmul(grad_input, _channel_view(scale, ndim), grad_output)
             else:
                 # dL/dx = r w g (μ and r are the running statistics, constants)
-                grad_input = rstd * grad_normalized
-        if weight is not None and ctx.needs_input_grad[3]:
-            # dL/dw = Σ g x̂ over the elements of a channel
-            grad_weight = (grad_output * normalized).sum(dims)
-        if bias is not None and ctx.needs_input_grad[4]:
-            # dL/db = Σ g over the elements of a channel
-            grad_bias = grad_output.sum(dims)
-        return grad_input, None, None, grad_weight, grad_bias, None, None, None
+                grad_input = grad_output * _channel_view(scale, ndim)
+        return (
+            grad_input,
+            None,
+            None,
+            grad_weight if ctx.needs_input_grad[3] else None,
+            grad_bias if ctx.needs_input_grad[4] else None,
+            None,
+            None,
+            None,
+        )
