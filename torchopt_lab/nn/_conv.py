@@ -87,6 +87,7 @@ class Conv2dFunction(torch.autograd.Function):
         input, weight, bias = ctx.saved_tensors
         stride, padding, extra_padding, dilation, groups = ctx.conv
         unbatched = input.dim() == 3
+        # x as the convolution saw it (zero rows/columns added for an odd "same" padding)
         padded = _pad_bottom_right(input, extra_padding)
         if unbatched:
             padded, grad_output = padded.unsqueeze(0), grad_output.unsqueeze(0)

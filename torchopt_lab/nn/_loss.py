@@ -63,6 +63,7 @@ class MSELossFunction(torch.autograd.Function):
         ctx: Any, grad_output: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
         input, target, weight, loss = ctx.saved_tensors
+        # d = x - t
         difference = input - target
         # Σ w recomputed from w, so a second derivative sees its w-dependence
         denominator = ctx.denominator if weight is None else weight.sum()
@@ -152,21 +153,21 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         input, log_probs, valid, safe_target, target_weight, weight, denominator = ctx.saved_tensors
         class_dim, reduction, label_smoothing = ctx.options
-        if ctx.needs_input_grad[2]:
-            raise RuntimeError("the derivative for 'weight' is not implemented.")
         if torch.is_grad_enabled():
             # log p recomputed by our own Function: a second derivative sees its x-dependence
             log_probs = LogSoftmaxFunction.apply(input, class_dim, None)
-        classes = input.shape[class_dim]
-        smoothing = label_smoothing / classes
+        # ε / C
+        smoothing = label_smoothing / input.shape[class_dim]
         # γ_i = dL/dℓ_i
         gamma = _per_element(grad_output, reduction, denominator)
-        weight_total = float(classes) if weight is None else weight.sum()
+        # Σ_c w_c
+        weight_total = float(input.shape[class_dim]) if weight is None else weight.sum()
         # γ_i s_i, with s_i = (1 - ε) w_{t_i} v_i + (ε / C) Σ_c w_c v_i
         scaled = gamma * ((1 - label_smoothing) * target_weight + smoothing * weight_total * valid)
         # dL/dx_{i,c} = γ_i (p_{i,c} s_i - q_{i,c}): first the p s term
         grad_input = log_probs.exp() * scaled.unsqueeze(class_dim)
         if label_smoothing > 0:
+            # w_c along the class dimension
             class_weight = 1.0 if weight is None else _class_view(weight, input.dim(), class_dim)
             # dL/dx_{i,c} -= γ_i v_i (ε / C) w_c
             grad_input = (
@@ -221,15 +222,16 @@ class CrossEntropyProbabilitiesFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             # log p recomputed by our own Function: a second derivative sees its x-dependence
             log_probs = LogSoftmaxFunction.apply(input, class_dim, None)
-        classes = input.shape[class_dim]
+        # w_c along the class dimension
         class_weight = 1.0 if weight is None else _class_view(weight, input.dim(), class_dim)
         # t' = (1 - ε) t + ε / C
-        smoothed = target * (1 - label_smoothing) + label_smoothing / classes
+        smoothed = target * (1 - label_smoothing) + label_smoothing / input.shape[class_dim]
         # γ_i = dL/dℓ_i, broadcast along the classes
         gamma = _per_element(grad_output, reduction, denominator)
         gamma = gamma.unsqueeze(class_dim) if reduction == "none" else gamma
         grad_input = grad_target = grad_weight = None
         if ctx.needs_input_grad[0]:
+            # q = w t'
             q = smoothed * class_weight
             # dL/dx_{i,c} = γ_i (p_{i,c} Σ_c q_{i,c} - q_{i,c})
             grad_input = gamma * (log_probs.exp() * q.sum(class_dim, keepdim=True) - q)

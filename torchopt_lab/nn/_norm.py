@@ -143,9 +143,11 @@ class BatchNormFunction(torch.autograd.Function):
         dims, ndim = ctx.dims, input.dim()
         count = input.numel() // input.shape[1]
         if input.numel() == 0:
+            # dL/dx: empty like x
             grad_input = torch.zeros_like(input) if ctx.needs_input_grad[0] else None
-            grad_weight = weight.new_zeros(weight.shape) if ctx.needs_input_grad[3] else None
-            grad_bias = weight.new_zeros(weight.shape) if ctx.needs_input_grad[4] else None
+            # dL/dw = dL/db = 0: sums over no elements
+            grad_weight = input.new_zeros(input.shape[1]) if ctx.needs_input_grad[3] else None
+            grad_bias = input.new_zeros(input.shape[1]) if ctx.needs_input_grad[4] else None
             return grad_input, None, None, grad_weight, grad_bias, None, None, None
         if ctx.training and torch.is_grad_enabled():
             mean, rstd = (t.reshape(-1) for t in _statistics(input, dims, ctx.eps))

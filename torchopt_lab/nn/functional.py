@@ -282,6 +282,11 @@ def cross_entropy(
                 f"ignore_index={ignore_index}"
             )
     else:
+        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                "cross_entropy with class-index targets is not differentiable with respect to "
+                "weight (as in torch): weight cannot have requires_grad=True"
+            )
         _check_class_target(input, target, class_dim, classes, ignore_index)
         target = target.long()
     if use_triton("cross_entropy", input, target, weight):

@@ -51,6 +51,67 @@ def test_module_initialises_like_torch_nn(name: str, args: tuple, kwargs: dict) 
         torch.testing.assert_close(ours.state_dict()[key], value, rtol=0, atol=0)
 
 
+def _inputs(*shape: int) -> Callable[[], tuple[torch.Tensor, ...]]:
+    return lambda: (torch.randn(shape, requires_grad=True),)
+
+
+# (name, constructor arguments, example inputs) for every module's forward and backward
+CALLS: list[tuple[str, tuple, dict, Callable[[], tuple[torch.Tensor, ...]]]] = [
+    ("Linear", (4, 3), {}, _inputs(2, 5, 4)),
+    ("Conv2d", (2, 4, 3), {"stride": 2, "padding": 1}, _inputs(2, 2, 6, 6)),
+    ("Conv2d", (4, 4, (3, 2)), {"padding": "same", "groups": 2}, _inputs(1, 4, 5, 5)),
+    ("Conv2d", (2, 3, 3), {"padding": 1, "padding_mode": "reflect"}, _inputs(1, 2, 5, 5)),
+    ("Conv2d", (2, 3, 3), {"padding": (1, 2), "padding_mode": "circular"}, _inputs(2, 5, 5)),
+    ("LeakyReLU", (0.2,), {}, _inputs(3, 4)),
+    ("Sigmoid", (), {}, _inputs(3, 4)),
+    ("Tanh", (), {}, _inputs(3, 4)),
+    ("GELU", (), {"approximate": "tanh"}, _inputs(3, 4)),
+    ("Softmax", (), {"dim": 1}, _inputs(3, 4)),
+    ("LogSoftmax", (), {"dim": -1}, _inputs(3, 4)),
+    (
+        "MSELoss",
+        (),
+        {"reduction": "sum"},
+        lambda: (torch.randn(3, 4, requires_grad=True), torch.randn(3, 4)),
+    ),
+    (
+        "CrossEntropyLoss",
+        (),
+        {"label_smoothing": 0.1, "ignore_index": 2, "weight": torch.rand(4) + 0.5},
+        lambda: (torch.randn(5, 4, requires_grad=True), torch.tensor([0, 1, 2, 3, 2])),
+    ),
+    ("LayerNorm", ((3, 4),), {"eps": 1e-3}, _inputs(2, 3, 4)),
+    ("BatchNorm1d", (3,), {"momentum": None}, _inputs(4, 3, 2)),
+    ("BatchNorm2d", (3,), {"affine": False, "track_running_stats": False}, _inputs(2, 3, 2, 2)),
+    ("Dropout", (0.2,), {}, _inputs(4, 5)),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "kwargs", "inputs"), CALLS, ids=[f"{c[0]}-{i}" for i, c in enumerate(CALLS)]
+)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_module_forward_and_backward_match_torch_nn(
+    name: str, args: tuple, kwargs: dict, inputs: Callable, training: bool
+) -> None:
+    torch.manual_seed(0)
+    ours = getattr(onn, name)(*args, **kwargs).train(training)
+    theirs = getattr(tnn, name)(*args, **kwargs).train(training)
+    theirs.load_state_dict(ours.state_dict())
+    results = []
+    for module in (ours, theirs):
+        torch.manual_seed(1)
+        arguments = inputs()
+        torch.manual_seed(2)
+        output = module(*arguments)
+        grads = torch.autograd.grad(
+            (output * torch.linspace(-1, 1, output.numel()).view(output.shape)).sum(),
+            [arguments[0], *module.parameters()],
+        )
+        results.append((output, grads, module.state_dict()))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
 def mlp(nn) -> tnn.Module:
     return nn.Sequential(
         nn.Linear(6, 16),

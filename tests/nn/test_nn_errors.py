@@ -52,6 +52,9 @@ BAD_CALLS: dict[str, Callable[[ModuleType], Any]] = {
     "cross_entropy_weight_dtype": lambda f: f.cross_entropy(
         x, labels, weight=torch.ones(4, dtype=torch.float64)
     ),
+    "cross_entropy_weight_requires_grad": lambda f: f.cross_entropy(
+        x, labels, weight=torch.ones(4, requires_grad=True)
+    ),
     "cross_entropy_float_target_other_shape": lambda f: f.cross_entropy(x, torch.rand(3, 5)),
     "layer_norm_weight_dtype": lambda f: f.layer_norm(x, [4], torch.ones(4, dtype=torch.float64)),
     "batch_norm_weight_dtype": lambda f: f.batch_norm(
