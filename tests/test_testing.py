@@ -189,3 +189,30 @@ def test_harness_rejects_unknown_checks_and_inputs_without_gradients() -> None:
         check_function(Sin.apply, torch.randn(3, requires_grad=True), checks=["gradchek"])
     with pytest.raises(ValueError, match="requires_grad=True"):
         check_function(Sin.apply, torch.randn(3))
+
+
+class MarkedOnceDifferentiable(Sin):
+    """A once-differentiable path done right: a second derivative raises."""
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * x.cos()
+
+
+@pytest.mark.parametrize(
+    ("fn", "passes"),
+    [(MarkedOnceDifferentiable.apply, True), (OnceDifferentiable.apply, False)],
+    ids=["raises_when_differentiated_twice", "silently_wrong_second_derivative"],
+)
+def test_once_differentiable_path_must_raise_when_differentiated_twice(fn, passes) -> None:
+    report = check_function(
+        fn,
+        torch.randn(3, requires_grad=True),
+        reference=torch.sin,
+        double_backward=False,
+        raise_on_failure=False,
+    )
+    assert report["gradgradcheck"].passed is passes
+    assert report.passed is passes

@@ -13,7 +13,9 @@ The checks, in order (see :data:`CHECKS`):
     :func:`torch.autograd.gradcheck` in float64: the analytic Jacobian matches finite differences.
 ``gradgradcheck``
     :func:`torch.autograd.gradgradcheck` in float64: the backward is itself differentiable and
-    right (double backward, Hessian-vector products).
+    right (double backward, Hessian-vector products). With ``double_backward=False`` (a path
+    differentiable once, e.g. ``@once_differentiable``) it checks instead that differentiating
+    twice raises, never returning a silently wrong second derivative.
 ``reference_float64``, ``reference_float32``
     Output and input gradients (for one random ``grad_output``) match ``reference`` in that dtype,
     within :data:`DEFAULT_TOLERANCES`; output dtype and shape must match too.
@@ -137,6 +139,7 @@ def check_function(
     gradcheck_atol: float = 1e-6,
     gradcheck_rtol: float = 1e-5,
     seed: int = 0,
+    double_backward: bool = True,
     raise_on_failure: bool = True,
 ) -> CheckReport:
     """Run the checks named in ``checks`` (default: all of :data:`CHECKS`) on ``fn(*inputs)``.
@@ -157,6 +160,8 @@ def check_function(
             tighter than torch's defaults (atol 1e-5, rtol 1e-3), which let a backward that is
             0.1% off pass: central differences in float64 with eps 1e-6 are good to ~1e-9.
         seed: the RNG seed set before every call of ``fn`` and ``reference``.
+        double_backward: whether ``fn`` claims a correct second derivative (gradgradcheck), or
+            must raise when differentiated twice.
         raise_on_failure: raise :class:`CheckFailed` listing every failure after all checks ran;
             with False, only return the report.
 
@@ -186,6 +191,7 @@ def check_function(
             "rtol": gradcheck_rtol,
         },
         seed=seed,
+        double_backward=double_backward,
     )
     report = CheckReport(_name(fn))
     with torch.random.fork_rng(devices=[]):
@@ -213,6 +219,7 @@ class _Context:
     tolerances: dict[torch.dtype, tuple[float, float]]
     gradcheck_options: dict[str, float]
     seed: int
+    double_backward: bool
 
     def call(self, fn: Callable[..., Any], inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
         torch.manual_seed(self.seed)
@@ -329,7 +336,33 @@ def _check_gradcheck(context: _Context) -> tuple[bool | None, str]:
 
 
 def _check_gradgradcheck(context: _Context) -> tuple[bool | None, str]:
-    return _run_gradcheck(context, second_order=True)
+    if context.double_backward:
+        return _run_gradcheck(context, second_order=True)
+    inputs = _copies(context.inputs, torch.float64)
+    outputs = _floating(context.call(context.fn, inputs))
+    # grad_output requiring grad, as it does inside a larger graph being differentiated twice
+    grad_outputs = [grad.requires_grad_() for grad in _grad_outputs(outputs, context.seed)]
+    grads = torch.autograd.grad(
+        outputs, _differentiable(inputs), grad_outputs, create_graph=True, allow_unused=True
+    )
+    detached = [i for i, grad in enumerate(grads) if grad is not None and not grad.requires_grad]
+    if detached:
+        return False, (
+            f"gradients {detached} are detached under create_graph=True: inside a larger graph "
+            "their second derivative would silently be zero (mark the backward "
+            "@once_differentiable so differentiating it twice raises)"
+        )
+    try:
+        total = sum(grad.sum() for grad in grads if grad is not None)
+        # The whole graph: @once_differentiable hangs its error on a node of its own, which
+        # autograd.grad would prune when it lies on no path to the inputs.
+        total.backward()
+    except RuntimeError as error:
+        return True, f"differentiating twice raised, as double_backward=False requires: {error}"
+    return False, (
+        "double_backward=False, but differentiating twice returned a value (None counts: a "
+        "silent zero) instead of raising"
+    )
 
 
 def _against_reference(
