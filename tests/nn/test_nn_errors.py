@@ -134,3 +134,16 @@ def test_leaky_relu_inplace_negative_slope_refuses_to_be_differentiated() -> Non
 def test_mse_loss_warns_when_target_broadcasts_like_torch() -> None:
     with pytest.warns(UserWarning, match="different to the input size"):
         F.mse_loss(x, torch.randn(4))
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape", [(4,), (2, 3), (2, 3, 4), (2, 3, 4, 5)])
+def test_softmax_without_dim_warns_and_picks_torchs_dimension(
+    name: str, shape: tuple[int, ...]
+) -> None:
+    input = torch.randn(shape)
+    with pytest.warns(UserWarning, match="Implicit dimension choice"):
+        ours = getattr(F, name)(input)
+    with pytest.warns(UserWarning, match="Implicit dimension choice"):
+        theirs = getattr(TF, name)(input)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

@@ -110,10 +110,8 @@ class LogSoftmax(nn.LogSoftmax):
 class MSELoss(nn.MSELoss):
     """:class:`torch.nn.MSELoss` running :func:`torchopt_lab.nn.functional.mse_loss`."""
 
-    def forward(
-        self, input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return F.mse_loss(input, target, reduction=self.reduction, weight=weight)
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(input, target, reduction=self.reduction)
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
