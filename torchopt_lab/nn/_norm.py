@@ -106,8 +106,8 @@ class BatchNormFunction(torch.autograd.Function):
 
     The backward reads the per-channel sums ``S_g = Σ g`` and ``S_gx = Σ g x`` once:
     ``dL/db = S_g``, ``dL/dw = Σ g x̂ = r (S_gx - μ S_g)``, ``c_1 = w dL/dw / n``,
-    ``c_2 = w dL/db / n``, and ``dL/dx = r (w g - x̂ c_1 - c_2)`` is evaluated as the two fused
-    multiply-adds ``(w r) g - (r² c_1) x + r (r c_1 μ - c_2)``.
+    ``c_2 = w dL/db / n``, and ``dL/dx = r (w g - x̂ c_1 - c_2)`` is evaluated in three passes as
+    ``(w r) g - (r² c_1) x + r (r c_1 μ - c_2)``.
     """
 
     @staticmethod
@@ -164,14 +164,12 @@ class BatchNormFunction(torch.autograd.Function):
                 c1 = affine * grad_weight / count
                 # c_2 = w dL/db / n
                 c2 = affine * grad_bias / count
-                # r (r c_1 μ - c_2) - (r² c_1) x, the terms of dL/dx without g
-                grad_input = torch.addcmul(
-                    _channel_view(rstd * (rstd * c1 * mean - c2), ndim),
-                    _channel_view(-rstd * rstd * c1, ndim),
-                    input,
-                )
+                # -(r² c_1) x, the x term of dL/dx (a fresh tensor, updated in place below)
+                grad_input = input * _channel_view(-rstd * rstd * c1, ndim)
                 # dL/dx = (w r) g - (r² c_1) x + r (r c_1 μ - c_2)
-                grad_input = torch.addcmul(grad_input, _channel_view(scale, ndim), grad_output)
+                grad_input.addcmul_(grad_output, _channel_view(scale, ndim)).add_(
+                    _channel_view(rstd * (rstd * c1 * mean - c2), ndim)
+                )
             else:
                 # dL/dx = r w g (μ and r are the running statistics, constants)
                 grad_input = grad_output * _channel_view(scale, ndim)
