@@ -167,6 +167,13 @@ CASES = [
         for reduction in ("mean", "sum", "none")
     ],
     case("broadcast", "mse_loss", lambda: (leaf(3, 4), leaf(4)), reduction="none"),
+    case("legacy_reduce", "mse_loss", lambda: (leaf(3, 4), leaf(3, 4)), reduce=False),
+    case(
+        "legacy_size_average",
+        "cross_entropy",
+        lambda: (leaf(3, 4), labels(4, 3)),
+        size_average=False,
+    ),
     *[
         case(
             f"weight_{reduction}",
@@ -277,7 +284,9 @@ CASES = [
 
 
 # torch's own warnings for what these cases test on purpose
-@pytest.mark.filterwarnings("ignore:Using a target size", "ignore:Using padding='same'")
+@pytest.mark.filterwarnings(
+    "ignore:Using a target size", "ignore:Using padding='same'", "ignore:size_average and reduce"
+)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.name}-{c.id}")
 def test_functional_matches_torch_and_passes_gradcheck(case: Case) -> None:
     torch.manual_seed(0)
