@@ -11,6 +11,15 @@ import torch
 from torchopt_lab.testing import CHECKS, CheckFailed, check_function
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscribing two cores under pytest -n 2."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Sin(torch.autograd.Function):
     """A correct Function: ``y = sin(x)``, ``dL/dx = g cos(x)``."""
 

@@ -86,8 +86,8 @@ CASES = [
     case(
         "basic",
         "conv2d",
-        lambda: (leaf(2, 2, 4, 4), leaf(3, 2, 2, 2), leaf(3)),
-        lambda: (leaf(0, 2, 4, 4), leaf(3, 2, 2, 2), leaf(3)),
+        lambda: (leaf(2, 2, 3, 3), leaf(2, 2, 2, 2), leaf(2)),
+        lambda: (leaf(0, 2, 3, 3), leaf(2, 2, 2, 2), leaf(2)),
     ),
     case(
         "stride_padding",
