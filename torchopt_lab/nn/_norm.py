@@ -40,7 +40,8 @@ def _statistics(
 
 class LayerNormFunction(torch.autograd.Function):
     r"""Layer normalisation (Ba et al., 2016) over the trailing dimensions ``normalized_shape``;
-    ``w`` and ``b`` have that shape and are shared along the leading (batch) dimensions."""
+    ``w`` and ``b`` have that shape and are shared along the leading (batch) dimensions. The
+    forward is torch's fused ``native_layer_norm`` kernel, which also returns ``μ`` and ``r``."""
 
     @staticmethod
     def forward(
@@ -52,12 +53,9 @@ class LayerNormFunction(torch.autograd.Function):
         eps: float,
     ) -> torch.Tensor:
         dims = tuple(range(input.dim() - normalized_dims, input.dim()))
-        mean, rstd = _statistics(input, dims, eps)
-        output = (input - mean) * rstd
-        if weight is not None:
-            output = output * weight
-        if bias is not None:
-            output = output + bias
+        output, mean, rstd = torch.native_layer_norm(
+            input, input.shape[input.dim() - normalized_dims :], weight, bias, eps
+        )
         ctx.dims, ctx.eps = dims, eps
         ctx.save_for_backward(input, weight, bias, mean, rstd)
         return output
