@@ -67,8 +67,8 @@ class LayerNormFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             mean, rstd = _statistics(input, dims, ctx.eps)
         batch_dims = tuple(range(input.dim() - len(dims)))
-        # x̂ = (x - μ) r
-        normalized = (input - mean) * rstd
+        # x̂ = (x - μ) r (the subtraction's fresh result scaled in place)
+        normalized = (input - mean).mul_(rstd)
         # w g, the gradient with respect to x̂
         grad_normalized = grad_output if weight is None else grad_output * weight
         grad_input = grad_weight = grad_bias = None
@@ -77,8 +77,9 @@ class LayerNormFunction(torch.autograd.Function):
             c1 = (normalized * grad_normalized).mean(dims, keepdim=True)
             # c_2 = mean(w g)
             c2 = grad_normalized.mean(dims, keepdim=True)
-            # dL/dx = r (w g - x̂ c_1 - c_2)
-            grad_input = rstd * (grad_normalized - normalized * c1 - c2)
+            # dL/dx = r (w g - x̂ c_1 - c_2) = (r w g - r c_2) - (r c_1) x̂, in place
+            grad_input = normalized * (-rstd * c1)
+            grad_input.addcmul_(grad_normalized, rstd).sub_(rstd * c2)
         if weight is not None and ctx.needs_input_grad[2]:
             # dL/dw = Σ_batch g x̂
             grad_weight = (grad_output * normalized).sum(batch_dims)
