@@ -234,6 +234,18 @@ CASES = [
         for smoothing in (0.0, 0.3)
         for weighted in (False, True)
     ],
+    case(
+        "probabilities_1d_weighted",
+        "cross_entropy",
+        lambda: (leaf(4), probabilities(4, requires_grad=True), positive(4).detach()),
+        label_smoothing=0.1,
+    ),
+    case(
+        "index_1d_weighted",
+        "cross_entropy",
+        lambda: (leaf(4), torch.tensor(1), positive(4).detach()),
+        label_smoothing=0.1,
+    ),
     case("probabilities_spatial", "cross_entropy", lambda: (leaf(2, 3, 2), probabilities(2, 3, 2))),
     # layer_norm: one and two normalised dimensions, with/without affine, zero-size batch
     case(
