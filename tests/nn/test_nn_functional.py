@@ -246,6 +246,12 @@ CASES = [
         lambda: (leaf(4), torch.tensor(1), positive(4).detach()),
         label_smoothing=0.1,
     ),
+    case(
+        "probabilities_weight_gradient",
+        "cross_entropy",
+        lambda: (leaf(3, 4, 2), probabilities(3, 4, 2), positive(4)),
+        label_smoothing=0.2,
+    ),
     case("probabilities_spatial", "cross_entropy", lambda: (leaf(2, 3, 2), probabilities(2, 3, 2))),
     # layer_norm: one and two normalised dimensions, with/without affine, zero-size batch
     case(
