@@ -194,7 +194,8 @@ def check_function(
         double_backward=double_backward,
     )
     report = CheckReport(_name(fn))
-    with torch.random.fork_rng(devices=[]):
+    # Every device's RNG: the reseeding before each call (torch.manual_seed) touches them all.
+    with torch.random.fork_rng():
         for name in selected:
             try:
                 passed, message = _CHECK_FUNCTIONS[name](context)
