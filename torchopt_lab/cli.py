@@ -8,7 +8,12 @@ import importlib
 import sys
 
 # name -> (module, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "bench-nn": (
+        "torchopt_lab.bench.nn",
+        "Time a training step of an MLP and a CNN from torchopt_lab.nn against torch.nn.",
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

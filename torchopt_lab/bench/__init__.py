@@ -1,0 +1,1 @@
+"""Benchmarks, each against PyTorch in the same run."""
