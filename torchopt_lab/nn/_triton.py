@@ -4,10 +4,13 @@ call the launchers of ``triton_kernels.nn`` (the kernels' docstrings hold the fo
 :mod:`torchopt_lab.nn._dispatch` looks up :data:`FUNCTIONS` when the backend resolves to Triton
 and calls the entry with the functional's own (already validated) arguments.
 
-Differentiable once: each backward is decorated ``@once_differentiable``, so differentiating it
-again raises a RuntimeError instead of returning a wrong second derivative (the kernels keep the
-log-sum-exp, ``μ`` and ``r``, or a dropout seed, not a graph). Use the torch path
-(``TORCHOPT_LAB_BACKEND=torch``) for Hessian-vector products.
+Differentiable once: the kernels keep the log-sum-exp, ``μ`` and ``r``, or a dropout seed, not a
+graph, so a second derivative through them is refused, never silently wrong. Each backward is
+``@once_differentiable`` (differentiating its result raises) and, first, :func:`_first_order_only`
+raises in a backward run with ``create_graph=True``: ``once_differentiable`` alone returns a
+constant when the incoming gradient needs no grad (``loss.backward(create_graph=True)``), and the
+layers before this one would then compute a Hessian-vector product without this op's curvature.
+Use the torch path (``TORCHOPT_LAB_BACKEND=torch``) for double backward.
 
 What runs on Triton, and what does not (recorded with :func:`torchopt_lab.backend.resolve` under a
 sub-component, so :func:`torchopt_lab.backend_info` shows it):
@@ -27,6 +30,7 @@ sub-component, so :func:`torchopt_lab.backend_info` shows it):
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from collections.abc import Callable
@@ -42,6 +46,23 @@ from torchopt_lab.nn._loss import CrossEntropyProbabilitiesFunction, MSELossFunc
 
 # backend.kernels() raises clearly when triton_kernels is missing or another package shadows it.
 kernels = importlib.import_module(f"{backend.kernels().__name__}.nn")
+
+
+def _first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Make ``backward`` raise RuntimeError when run with ``create_graph=True`` (grad mode on)."""
+
+    @functools.wraps(backward)
+    def checked(ctx: Any, *grad_outputs: torch.Tensor) -> Any:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{type(ctx).__name__.removesuffix('Backward')}: the Triton path is differentiable "
+                "once, so backward with create_graph=True (double backward, Hessian-vector "
+                f"products) would give a wrong second derivative; set {backend.ENV_VAR}=torch "
+                "for the twice-differentiable torch path"
+            )
+        return backward(ctx, *grad_outputs)
+
+    return checked
 
 
 def _record_torch(component: str, device: torch.device) -> None:
@@ -76,6 +97,7 @@ class ActivationFunction(torch.autograd.Function):
         return output
 
     @staticmethod
+    @_first_order_only
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (saved,) = ctx.saved_tensors
@@ -110,6 +132,7 @@ class LinearActivationFunction(torch.autograd.Function):
         return output
 
     @staticmethod
+    @_first_order_only
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         input, weight, bias, saved = ctx.saved_tensors
@@ -150,6 +173,7 @@ class SoftmaxFunction(torch.autograd.Function):
         return output
 
     @staticmethod
+    @_first_order_only
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (output,) = ctx.saved_tensors
@@ -199,6 +223,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return (loss.sum() / denominator).to(input.dtype)
 
     @staticmethod
+    @_first_order_only
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         logits, target, weight, lse, denominator = ctx.saved_tensors
@@ -241,6 +266,7 @@ class LayerNormFunction(torch.autograd.Function):
         return output.reshape(input.shape)
 
     @staticmethod
+    @_first_order_only
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         rows, weight, mean, rstd = ctx.saved_tensors
@@ -310,6 +336,7 @@ class BatchNormFunction(torch.autograd.Function):
         return output
 
     @staticmethod
+    @_first_order_only
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if ctx.empty:
@@ -373,6 +400,7 @@ class DropoutFunction(torch.autograd.Function):
         return output
 
     @staticmethod
+    @_first_order_only
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if ctx.p == 1:
