@@ -16,8 +16,14 @@ import torch.nn.functional as TF
 
 import torchopt_lab.nn.functional as F
 from torchopt_lab import backend, backend_info
+from torchopt_lab import nn as our_nn
 from torchopt_lab.nn import _triton
+from torchopt_lab.nn.fused import ACTIVATIONS, linear_activation
 from torchopt_lab.testing import CHECKS, check_function
+
+# σ(z) = 1 / (1 + exp(-z)) overflows exp to inf (and σ correctly to 0) for very negative z; the
+# interpreter's numpy warns where a GPU would not.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
 TOLERANCES = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-6},
@@ -265,3 +271,115 @@ def test_triton_path_passes_the_harness_against_torch_nn_functional(
         # test_triton_path_raises_when_differentiated_twice holds it to.
         checks=[check for check in CHECKS if check != "gradgradcheck"],
     )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_linear_activation_triton_matches_torch_path(
+    activation: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    inputs = (leaf(dtype, 2, 3, 5), leaf(dtype, 7, 5), leaf(dtype, 7))
+    results = {}
+    for name in ("torch", "triton"):
+        _use(monkeypatch, name)
+        copies = [_copy(t) for t in inputs]
+        output = linear_activation(*copies, activation=activation, negative_slope=0.2)
+        torch.manual_seed(1)
+        results[name] = (output, *torch.autograd.grad(output, copies, torch.randn_like(output)))
+    assert results["triton"][0].grad_fn._forward_cls is _triton.LinearActivationFunction
+    assert backend_info()["decisions"]["nn.linear_activation.gemm"]["backend"] == "torch"
+    for ours, expected in zip(results["triton"], results["torch"], strict=True):
+        torch.testing.assert_close(ours, expected, **TOLERANCES[dtype])
+
+
+def test_linear_activation_refuses_an_unknown_activation() -> None:
+    with pytest.raises(ValueError, match="'swish'"):
+        linear_activation(torch.ones(2, 3), torch.ones(4, 3), activation="swish")
+
+
+@pytest.mark.parametrize("name", ["relu", "leaky_relu"])
+def test_inplace_activation_on_the_triton_path_matches_torch(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _use(monkeypatch, "triton")
+    x = torch.randn(4, 6, requires_grad=True)
+    # A non-contiguous view, written back in place.
+    ours = (x * 1).t()
+    result = getattr(F, name)(ours, inplace=True)
+    assert result is ours
+    expected = getattr(TF, name)(x.t())
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    grad_output = torch.randn(6, 4)
+    (grad,) = torch.autograd.grad(result, x, grad_output)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad_output)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_triton_dropout_scales_kept_values_and_backward_reuses_the_mask(
+    inplace: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _use(monkeypatch, "triton")
+    x = (torch.rand(50, 40, dtype=torch.float64) + 0.5).requires_grad_()
+    source = x * 1 if inplace else x
+    output = F.dropout(source, 0.25, inplace=inplace)
+    assert output.grad_fn._forward_cls is _triton.DropoutFunction
+    kept = output != 0
+    # Binomial(2000, 0.75) within 5 standard deviations.
+    assert abs(kept.sum().item() - 2000 * 0.75) <= 5 * (2000 * 0.25 * 0.75) ** 0.5
+    torch.testing.assert_close(output[kept], x.detach()[kept] / 0.75, rtol=1e-15, atol=0)
+    grad_output = torch.rand_like(x) + 0.5
+    (grad,) = torch.autograd.grad(output, x, grad_output)
+    torch.testing.assert_close(grad, grad_output * kept / 0.75, rtol=1e-15, atol=0)
+
+
+def test_triton_dropout_repeats_under_torch_manual_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    _use(monkeypatch, "triton")
+    x = torch.randn(30, 30)
+    torch.manual_seed(5)
+    first = F.dropout(x, 0.5)
+    torch.manual_seed(5)
+    assert torch.equal(F.dropout(x, 0.5), first)
+    assert not torch.equal(F.dropout(x, 0.5), first)
+
+
+def test_triton_dropout_with_p_one_zeroes_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    _use(monkeypatch, "triton")
+    x = torch.randn(5, requires_grad=True)
+    output = F.dropout(x, 1.0)
+    assert torch.equal(output, torch.zeros(5))
+    (grad,) = torch.autograd.grad(output, x, torch.ones(5))
+    assert torch.equal(grad, torch.zeros(5))
+
+
+def test_training_step_of_a_model_on_the_triton_path_matches_the_torch_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return our_nn.Sequential(
+            our_nn.Linear(6, 8),
+            our_nn.LayerNorm(8),
+            our_nn.GELU(),
+            our_nn.Linear(8, 8),
+            our_nn.BatchNorm1d(8),
+            our_nn.Tanh(),
+            our_nn.Linear(8, 5),
+        ).double()
+
+    images, labels = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 5, (7,))
+    models = {}
+    for name in ("torch", "triton"):
+        _use(monkeypatch, name)
+        model = build()
+        loss_function = our_nn.CrossEntropyLoss(label_smoothing=0.1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):
+            optimizer.zero_grad()
+            loss_function(model(images), labels).backward()
+            optimizer.step()
+        models[name] = model
+    ours, expected = models["triton"].state_dict(), models["torch"].state_dict()
+    for key in expected:
+        torch.testing.assert_close(ours[key], expected[key], **TOLERANCES[torch.float64])
