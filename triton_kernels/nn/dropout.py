@@ -58,8 +58,9 @@ def _check(name: str, input: torch.Tensor, p: float, seed: int) -> None:
 
 
 def new_seed(generator: torch.Generator | None = None) -> int:
-    """A seed drawn from torch's CPU generator, so ``torch.manual_seed`` makes dropout repeat."""
-    return int(torch.randint(0, _MAX_SEED, (), generator=generator))
+    """A seed drawn from torch's CPU generator (no device sync), so ``torch.manual_seed`` makes
+    dropout repeat."""
+    return int(torch.randint(0, _MAX_SEED, (), generator=generator, device="cpu"))
 
 
 def _launch(input: torch.Tensor, output: torch.Tensor, p: float, seed: int) -> None:

@@ -6,7 +6,7 @@ quoting the bad value."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -19,6 +19,18 @@ import triton_kernels.nn as K
 # σ(z) = 1 / (1 + exp(-z)) overflows exp to inf (and σ correctly to 0) for very negative z; the
 # interpreter's numpy warns where a GPU would not.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+
+# On a machine with CUDA the same tests run the compiled kernels on the GPU (tests/conftest.py
+# sets TRITON_INTERPRET=1 only without CUDA); every tensor a test makes lands there.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _on_the_kernel_device() -> Iterator[None]:
+    with DEVICE:
+        yield
+
 
 TOLERANCES = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-6},
