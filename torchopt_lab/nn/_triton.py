@@ -341,9 +341,11 @@ class BatchNormFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if ctx.empty:
             # dL/dx: empty like x; dL/dw = dL/db = 0, sums over no elements
-            channels = grad_output.shape[1]
-            zeros = grad_output.new_zeros(channels)
-            return torch.zeros_like(grad_output), None, None, zeros, zeros.clone(), None, None, None
+            zeros = grad_output.new_zeros(grad_output.shape[1])
+            grad_weight = zeros if ctx.needs_input_grad[3] else None
+            grad_bias = zeros.clone() if ctx.needs_input_grad[4] else None
+            grad_input = torch.zeros_like(grad_output)
+            return grad_input, None, None, grad_weight, grad_bias, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors
         training, count = ctx.options
         g = grad_output.contiguous()

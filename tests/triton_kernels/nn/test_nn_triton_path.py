@@ -395,3 +395,66 @@ def test_training_step_of_a_model_on_the_triton_path_matches_the_torch_path(
     ours, expected = models["triton"].state_dict(), models["torch"].state_dict()
     for key in expected:
         torch.testing.assert_close(ours[key], expected[key], **TOLERANCES[torch.float64])
+
+
+ZERO_SIZE = {
+    "relu": lambda x: F.relu(x),
+    "softmax": lambda x: F.softmax(x, -1),
+    "layer_norm": lambda x: F.layer_norm(x, [3], torch.ones(3, requires_grad=True)),
+    "cross_entropy_mean": lambda x: F.cross_entropy(x, torch.empty(0, dtype=torch.long)),
+    "cross_entropy_sum": lambda x: F.cross_entropy(
+        x, torch.empty(0, dtype=torch.long), reduction="sum"
+    ),
+    "batch_norm": lambda x: F.batch_norm(
+        x, None, None, torch.ones(3, requires_grad=True), None, training=True
+    ),
+}
+
+
+@pytest.mark.parametrize("name", ZERO_SIZE)
+def test_triton_path_handles_zero_size_input_like_torch(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = {}
+    for path in ("torch", "triton"):
+        _use(monkeypatch, path)
+        x = torch.empty(0, 3, requires_grad=True)
+        output = ZERO_SIZE[name](x)
+        (grad,) = torch.autograd.grad(output.sum(), x)
+        results[path] = (output, grad)
+    # NaN (the mean over no rows) compares equal to NaN here.
+    for ours, expected in zip(results["triton"], results["torch"], strict=True):
+        torch.testing.assert_close(ours, expected, equal_nan=True)
+
+
+# bfloat16 keeps 8 significant bits: both paths compute in float32 and round the result, but torch
+# rounds some intermediates too, so they may differ by one unit in the last place (2^-7 relative).
+HALF_TOLERANCES = {
+    torch.bfloat16: {"rtol": 2**-7, "atol": 2**-7},
+    torch.float16: {"rtol": 1e-3, "atol": 1e-3},
+}
+HALF_CALLS = {
+    "gelu": lambda x: F.gelu(x),
+    "softmax": lambda x: F.softmax(x, -1),
+    "layer_norm": lambda x: F.layer_norm(x, [33]),
+    "cross_entropy": lambda x: F.cross_entropy(x, torch.tensor([1, 2, 3, 4])),
+}
+
+
+@pytest.mark.parametrize("dtype", list(HALF_TOLERANCES))
+@pytest.mark.parametrize("name", HALF_CALLS)
+def test_triton_path_matches_torch_path_in_half_precision(
+    name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 33, dtype=dtype)
+    results = {}
+    for path in ("torch", "triton"):
+        _use(monkeypatch, path)
+        leaf_x = x.clone().requires_grad_()
+        output = HALF_CALLS[name](leaf_x)
+        (grad,) = torch.autograd.grad(output, leaf_x, torch.ones_like(output))
+        results[path] = (output, grad)
+    for ours, expected in zip(results["triton"], results["torch"], strict=True):
+        assert ours.dtype == dtype
+        torch.testing.assert_close(ours, expected, **HALF_TOLERANCES[dtype])
