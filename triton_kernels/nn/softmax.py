@@ -56,23 +56,47 @@ def _softmax_forward_kernel(
     log_sum_exp_pointer,
     columns,
     take_log: tl.constexpr,
+    whole_row: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One row of ``[rows, columns]``: its ``lse`` (saved) and ``exp(x - lse)`` or ``x - lse``."""
+    """One row of ``[rows, columns]``: its ``lse`` (saved) and ``exp(x - lse)`` or ``x - lse``.
+    With ``whole_row`` (``columns <= BLOCK``) the row is read once and kept in registers."""
     row = tl.program_id(0).to(tl.int64)
     input_row = input_pointer + row * columns
     output_row = output_pointer + row * columns
-    maximum, log_total = row_log_sum_exp(input_row, columns, COMPUTE_DTYPE, BLOCK)
-    tl.store(log_sum_exp_pointer + row, maximum + log_total)
-    for start in range(0, columns, BLOCK):
-        column = start + tl.arange(0, BLOCK)
+    if whole_row:
+        column = tl.arange(0, BLOCK)
         mask = column < columns
-        x = tl.load(input_row + column, mask=mask).to(COMPUTE_DTYPE)
+        x = tl.load(input_row + column, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
+        maximum = tl.max(x, axis=0)
+        log_total = tl.log(tl.sum(tl.exp(x - maximum), axis=0))
         # x - lse, as (x - m) - log s
         shifted = (x - maximum) - log_total
         y = shifted if take_log else tl.exp(shifted)
         tl.store(output_row + column, y.to(output_pointer.dtype.element_ty), mask=mask)
+    else:
+        maximum, log_total = row_log_sum_exp(input_row, columns, COMPUTE_DTYPE, BLOCK)
+        for start in range(0, columns, BLOCK):
+            column = start + tl.arange(0, BLOCK)
+            mask = column < columns
+            x = tl.load(input_row + column, mask=mask).to(COMPUTE_DTYPE)
+            # x - lse, as (x - m) - log s
+            shifted = (x - maximum) - log_total
+            y = shifted if take_log else tl.exp(shifted)
+            tl.store(output_row + column, y.to(output_pointer.dtype.element_ty), mask=mask)
+    tl.store(log_sum_exp_pointer + row, maximum + log_total)
+
+
+@triton.jit
+def _softmax_gradient(g, y, c, take_log: tl.constexpr):
+    if take_log:  # noqa: SIM108 (one derivative comment per branch)
+        # dL/dx = g - exp(y) Σ_j g_j
+        grad = g - tl.exp(y) * c
+    else:
+        # dL/dx = y (g - Σ_j g_j y_j)
+        grad = y * (g - c)
+    return grad
 
 
 @triton.jit
@@ -82,37 +106,44 @@ def _softmax_backward_kernel(
     grad_input_pointer,
     columns,
     take_log: tl.constexpr,
+    whole_row: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """One row: ``c = Σ_j g_j y_j`` (softmax) or ``c = Σ_j g_j`` (log_softmax), then
-    ``dL/dx = y (g - c)`` or ``g - exp(y) c``."""
+    ``dL/dx = y (g - c)`` or ``g - exp(y) c``. With ``whole_row`` both are read once."""
     row = tl.program_id(0).to(tl.int64)
     grad_output_row = grad_output_pointer + row * columns
     output_row = output_pointer + row * columns
     grad_input_row = grad_input_pointer + row * columns
-    c = tl.full((), 0.0, COMPUTE_DTYPE)
-    for start in range(0, columns, BLOCK):
-        column = start + tl.arange(0, BLOCK)
+    if whole_row:
+        column = tl.arange(0, BLOCK)
         mask = column < columns
         g = tl.load(grad_output_row + column, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        if take_log:
-            c += tl.sum(g, axis=0)
-        else:
-            y = tl.load(output_row + column, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-            c += tl.sum(g * y, axis=0)
-    for start in range(0, columns, BLOCK):
-        column = start + tl.arange(0, BLOCK)
-        mask = column < columns
-        g = tl.load(grad_output_row + column, mask=mask).to(COMPUTE_DTYPE)
-        y = tl.load(output_row + column, mask=mask).to(COMPUTE_DTYPE)
-        if take_log:  # noqa: SIM108 (one derivative comment per branch)
-            # dL/dx = g - exp(y) Σ_j g_j
-            grad = g - tl.exp(y) * c
-        else:
-            # dL/dx = y (g - Σ_j g_j y_j)
-            grad = y * (g - c)
+        y = tl.load(output_row + column, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        c = tl.sum(g, axis=0) if take_log else tl.sum(g * y, axis=0)
+        grad = _softmax_gradient(g, y, c, take_log)
         tl.store(grad_input_row + column, grad.to(grad_input_pointer.dtype.element_ty), mask=mask)
+    else:
+        c = tl.full((), 0.0, COMPUTE_DTYPE)
+        for start in range(0, columns, BLOCK):
+            column = start + tl.arange(0, BLOCK)
+            mask = column < columns
+            g = tl.load(grad_output_row + column, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+            if take_log:
+                c += tl.sum(g, axis=0)
+            else:
+                y = tl.load(output_row + column, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+                c += tl.sum(g * y, axis=0)
+        for start in range(0, columns, BLOCK):
+            column = start + tl.arange(0, BLOCK)
+            mask = column < columns
+            g = tl.load(grad_output_row + column, mask=mask).to(COMPUTE_DTYPE)
+            y = tl.load(output_row + column, mask=mask).to(COMPUTE_DTYPE)
+            grad = _softmax_gradient(g, y, c, take_log)
+            tl.store(
+                grad_input_row + column, grad.to(grad_input_pointer.dtype.element_ty), mask=mask
+            )
 
 
 def block_size(columns: int, element_size: int) -> int:
@@ -159,6 +190,7 @@ def softmax_forward(
             lse,
             columns,
             take_log=log,
+            whole_row=columns <= block,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK=block,
             num_warps=warps(block),
@@ -188,6 +220,7 @@ def softmax_backward(
             grad_input,
             columns,
             take_log=log,
+            whole_row=columns <= block,
             COMPUTE_DTYPE=compute_dtype(output.dtype),
             BLOCK=block,
             num_warps=warps(block),

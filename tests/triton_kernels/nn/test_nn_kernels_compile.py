@@ -60,7 +60,7 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "log_sum_exp_pointer": "*C",
             "columns": "i32",
         },
-        {"take_log": False, "BLOCK": 4096},
+        {"take_log": False, "whole_row": False, "BLOCK": 4096},
         ("columns",),
     ),
     "_softmax_backward_kernel": (
@@ -71,7 +71,7 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "grad_input_pointer": "*T",
             "columns": "i32",
         },
-        {"take_log": True, "BLOCK": 4096},
+        {"take_log": True, "whole_row": False, "BLOCK": 4096},
         ("columns",),
     ),
     "_cross_entropy_forward_kernel": (
@@ -190,6 +190,8 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
 }
 # Kernels that stream whole float32 rows or blocks: each must load 128 bits at a time.
 VECTORISED = (
+    "_softmax_forward_kernel",
+    "_softmax_backward_kernel",
     "_bias_activation_forward_kernel",
     "_bias_activation_backward_kernel",
     "_layer_norm_forward_kernel",
@@ -234,6 +236,9 @@ def _requests() -> list[dict[str, Any]]:
         for kernel in ("_bias_activation_forward_kernel", "_bias_activation_backward_kernel"):
             requests.append(_request(kernel, 90, "float32", ACTIVATION=activation))
             requests.append(_request(kernel, 90, "float64", ACTIVATION=activation))
+    for kernel in ("_softmax_forward_kernel", "_softmax_backward_kernel"):
+        for take_log in (False, True):
+            requests.append(_request(kernel, 90, "float32", take_log=take_log, whole_row=True))
     for kernel in ("_cross_entropy_forward_kernel", "_cross_entropy_backward_kernel"):
         requests.append(_request(kernel, 90, "float32", LABEL_SMOOTHING=0.0, has_weight=False))
     return requests
