@@ -182,9 +182,11 @@ def _check(
 def _weight_total(
     input: torch.Tensor, weight: torch.Tensor | None, label_smoothing: float
 ) -> torch.Tensor:
-    """``W = Σ_c w_c`` as a one-element tensor in the compute dtype (read by the kernels only when
-    smoothing)."""
+    """``W = Σ_c w_c`` as a one-element tensor in the compute dtype; the kernels read it only when
+    smoothing, so without smoothing it is left unset (no reduction launched)."""
     dtype = statistics_dtype(input.dtype)
+    if label_smoothing == 0:
+        return torch.empty(1, dtype=dtype, device=input.device)
     if weight is None:
         return torch.full((1,), float(input.shape[1]), dtype=dtype, device=input.device)
     return weight.to(dtype).sum().reshape(1)
