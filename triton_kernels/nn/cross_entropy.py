@@ -210,8 +210,9 @@ def cross_entropy_forward(
     _check(name, input, target, weight, ignore_index, label_smoothing, check_target)
     rows, classes = input.shape
     dtype = statistics_dtype(input.dtype)
-    loss = torch.empty(rows, dtype=dtype, device=input.device)
-    lse = torch.empty(rows, dtype=dtype, device=input.device)
+    # Without classes every row is ignored (any other target is out of range): ℓ = 0, lse = -inf.
+    loss = torch.zeros(rows, dtype=dtype, device=input.device)
+    lse = torch.full((rows,), float("-inf"), dtype=dtype, device=input.device)
     if rows and classes:
         _cross_entropy_forward_kernel[(rows,)](
             input,

@@ -178,8 +178,12 @@ def softmax_forward(
     rows_input = _last(input, dim)
     columns = rows_input.shape[-1]
     output = torch.empty_like(rows_input)
-    lse = torch.empty(
-        rows_input.shape[:-1], dtype=statistics_dtype(input.dtype), device=input.device
+    # log Σ over no columns is -inf; rows of width 0 launch nothing and keep it
+    lse = torch.full(
+        rows_input.shape[:-1],
+        float("-inf"),
+        dtype=statistics_dtype(input.dtype),
+        device=input.device,
     )
     rows = lse.numel()
     block = block_size(columns, input.element_size())

@@ -456,3 +456,12 @@ def test_launcher_refuses_bad_input_quoting_it(
 )
 def test_launcher_returns_empty_for_zero_size_input_without_launching(call: Callable) -> None:
     assert call().numel() == 0
+
+
+def test_launchers_give_torch_values_for_rows_without_columns() -> None:
+    _, lse = K.softmax_forward(torch.ones(3, 0))
+    assert torch.equal(lse, torch.logsumexp(torch.ones(3, 0), -1))
+    target = torch.full((2,), -100)
+    loss, lse = K.cross_entropy_forward(torch.ones(2, 0), target)
+    assert torch.equal(loss, torch.zeros(2))
+    assert torch.equal(lse, torch.full((2,), -torch.inf))
