@@ -1,6 +1,6 @@
 """Every layer kernel compiles for sm_80 and sm_90 (float32, float64 and bfloat16 variants,
-every activation), without register spills, and the streaming kernels issue 128-bit loads: a
-kernel the interpreter accepts but the compiler rejects cannot land."""
+every activation, every flag on and off), without register spills, and the streaming kernels issue
+128-bit loads: a kernel the interpreter accepts but the compiler rejects cannot land."""
 
 from __future__ import annotations
 
@@ -239,8 +239,13 @@ def _requests() -> list[dict[str, Any]]:
     for kernel in ("_softmax_forward_kernel", "_softmax_backward_kernel"):
         for take_log in (False, True):
             requests.append(_request(kernel, 90, "float32", take_log=take_log, whole_row=True))
-    for kernel in ("_cross_entropy_forward_kernel", "_cross_entropy_backward_kernel"):
-        requests.append(_request(kernel, 90, "float32", LABEL_SMOOTHING=0.0, has_weight=False))
+    for kernel, (_, _, defaults, _) in KERNELS.items():
+        # Every flag off as well: a branch the interpreter never takes must still compile.
+        flags = {name: False for name, value in defaults.items() if value is True}
+        if "LABEL_SMOOTHING" in defaults:
+            flags["LABEL_SMOOTHING"] = 0.0
+        if flags:
+            requests.append(_request(kernel, 80, "float32", **flags))
     return requests
 
 
