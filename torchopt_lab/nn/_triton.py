@@ -18,14 +18,14 @@ sub-component, so :func:`torchopt_lab.backend_info` shows it):
 - ``relu``, ``leaky_relu``, ``sigmoid``, ``tanh``, ``gelu``: the bias + activation kernels (no
   bias); :func:`torchopt_lab.nn.fused.linear_activation` uses them as the GEMM's epilogue (the
   product on torch's GEMM, recorded as ``nn.linear_activation.gemm``: torch).
-- ``softmax``, ``log_softmax``, ``cross_entropy`` (class indices), ``layer_norm``, ``dropout``,
-  ``batch_norm``: their kernels; the per-row or per-channel vectors in between (a reduction's
-  normalisation, running statistics, affine coefficients) are torch ops on ``[rows]`` or ``[C]``.
+- ``softmax``, ``log_softmax``, ``cross_entropy`` (class indices and class probabilities),
+  ``layer_norm``, ``dropout``, ``batch_norm``: their kernels; the per-row or per-channel vectors
+  in between (a reduction's normalisation, running statistics, affine coefficients) are torch ops
+  on ``[rows]`` or ``[C]``.
 - ``linear`` and ``conv2d``: torch's GEMM / convolution with the hand-written backward of the
   torch path (``nn.linear.gemm`` / ``nn.conv2d.convolution``: torch); a Triton kernel would not
   beat cuBLAS/cuDNN there.
-- ``mse_loss`` and ``cross_entropy`` with class-probability targets: no kernel; the torch path runs
-  (``nn.mse_loss.loss`` / ``nn.cross_entropy.probabilities``: torch).
+- ``mse_loss``: no kernel; the torch path runs (``nn.mse_loss.loss``: torch).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 from torchopt_lab import backend
 from torchopt_lab.nn._conv import Conv2dFunction, pair, resolve_padding
 from torchopt_lab.nn._linear import LinearFunction
-from torchopt_lab.nn._loss import CrossEntropyProbabilitiesFunction, MSELossFunction
+from torchopt_lab.nn._loss import MSELossFunction
 
 # backend.kernels() raises clearly when triton_kernels is missing or another package shadows it.
 kernels = importlib.import_module(f"{backend.kernels().__name__}.nn")
@@ -183,6 +183,19 @@ class SoftmaxFunction(torch.autograd.Function):
         return grad_input, None, None, None
 
 
+def _rows(tensor: torch.Tensor, classes: int) -> torch.Tensor:
+    """``[N, C, *]`` (or ``[C]``) as contiguous ``[rows, C]``, the class dimension moved last."""
+    moved = tensor.movedim(1, -1) if tensor.dim() > 2 else tensor
+    return moved.reshape(-1, classes).contiguous()
+
+
+def _unrows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The inverse of :func:`_rows`."""
+    if len(shape) > 2:
+        rows = rows.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+    return rows.reshape(shape)
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy against class indices on the LSE-only kernels: the forward keeps the logits
     (which the caller's graph holds anyway) and one log-sum-exp per row; the backward recomputes
@@ -199,8 +212,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         label_smoothing: float,
     ) -> torch.Tensor:
         classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
-        logits = (input.movedim(1, -1) if input.dim() > 2 else input).reshape(-1, classes)
-        logits = logits.contiguous()
+        logits = _rows(input, classes)
         rows_target = target.reshape(-1).contiguous()
         if weight is not None:
             # float32 weights of a float16/bfloat16 input are read in the input's dtype
@@ -236,10 +248,75 @@ class CrossEntropyFunction(torch.autograd.Function):
         grad = kernels.cross_entropy_backward(
             gamma, logits, target, lse, weight, ignore_index, label_smoothing
         )
-        if len(shape) > 2:
-            moved = (shape[0], *shape[2:], shape[1])
-            grad = grad.reshape(moved).movedim(-1, 1)
-        return grad.reshape(shape), None, None, None, None, None
+        return _unrows(grad, shape), None, None, None, None, None
+
+
+class CrossEntropyProbabilitiesFunction(torch.autograd.Function):
+    """Cross-entropy against class probabilities on the kernels, keeping per row only ``lse_i``
+    and the target mass ``Q_i``. ``"mean"`` divides by the number of rows (samples), as torch.
+    With ``log p = x - lse`` rebuilt only when asked for:
+    ``dL/dt_{i,c} = -γ_i (1 - ε) w_c log p_{i,c}``, ``dL/dw_c = -Σ_i γ_i t'_{i,c} log p_{i,c}``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor | None,
+        reduction: str,
+        label_smoothing: float,
+    ) -> torch.Tensor:
+        classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
+        logits = _rows(input, classes)
+        target_rows = _rows(target.to(input.dtype), classes)
+        kernel_weight = None if weight is None else weight.to(input.dtype).contiguous()
+        loss, lse, mass = kernels.cross_entropy_probabilities_forward(
+            logits, target_rows, kernel_weight, label_smoothing
+        )
+        ctx.options = (input.shape, target.dtype, reduction, label_smoothing)
+        ctx.save_for_backward(logits, target_rows, weight, kernel_weight, lse, mass)
+        if reduction == "none":
+            sample_shape = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else ()
+            return loss.reshape(sample_shape).to(input.dtype)
+        total = loss.sum()
+        if reduction == "mean":
+            total = total / logits.shape[0] if logits.shape[0] else total.new_tensor(float("nan"))
+        return total.to(input.dtype)
+
+    @staticmethod
+    @_first_order_only
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        logits, target, weight, kernel_weight, lse, mass = ctx.saved_tensors
+        shape, target_dtype, reduction, label_smoothing = ctx.options
+        # γ_i = dL/dℓ_i: g_i, g, or g / rows
+        gamma = grad_output.reshape(-1) if reduction == "none" else grad_output.reshape(1)
+        if reduction == "mean":
+            gamma = gamma / logits.shape[0]
+        grad_input = grad_target = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            # dL/dx = γ_i (p Q_i - q), p recomputed from the saved lse
+            grad_input = _unrows(
+                kernels.cross_entropy_probabilities_backward(
+                    gamma, logits, target, lse, mass, kernel_weight, label_smoothing
+                ),
+                shape,
+            )
+        if ctx.needs_input_grad[1] or (weight is not None and ctx.needs_input_grad[2]):
+            # log p = x - lse, rebuilt only for these rarely needed gradients
+            log_probs = logits - lse.to(logits.dtype)[:, None]
+            gamma_rows = gamma.to(logits.dtype).expand(logits.shape[0])[:, None]
+            class_weight = 1.0 if weight is None else weight.to(logits.dtype)
+            if ctx.needs_input_grad[1]:
+                # dL/dt = -γ (1 - ε) w log p
+                grad = -gamma_rows * (1 - label_smoothing) * class_weight * log_probs
+                grad_target = _unrows(grad, shape).to(target_dtype)
+            if weight is not None and ctx.needs_input_grad[2]:
+                # t' = (1 - ε) t + ε / C
+                smoothed = target * (1 - label_smoothing) + label_smoothing / logits.shape[1]
+                # dL/dw = -Σ_i γ_i t' log p
+                grad_weight = (-(gamma_rows * smoothed * log_probs).sum(0)).to(weight.dtype)
+        return grad_input, grad_target, grad_weight, None, None
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -458,13 +535,11 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """:func:`torchopt_lab.nn.functional.cross_entropy`: class indices on the LSE-only kernels;
-    class probabilities on the torch path (recorded as ``nn.cross_entropy.probabilities``)."""
+    """:func:`torchopt_lab.nn.functional.cross_entropy` on the LSE-only kernels, class indices or
+    class probabilities (``target`` of the input's shape)."""
     if target.shape == input.shape and target.is_floating_point():
-        _record_torch("nn.cross_entropy.probabilities", input.device)
-        class_dim = 1 if input.dim() >= 2 else 0
         return CrossEntropyProbabilitiesFunction.apply(
-            input, target, weight, class_dim, reduction, label_smoothing
+            input, target, weight, reduction, label_smoothing
         )
     return CrossEntropyFunction.apply(
         input, target, weight, ignore_index, reduction, label_smoothing

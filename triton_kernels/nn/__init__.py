@@ -12,7 +12,12 @@ from triton_kernels.nn.batch_norm import (
     batch_norm_statistics,
     channel_affine,
 )
-from triton_kernels.nn.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from triton_kernels.nn.cross_entropy import (
+    cross_entropy_backward,
+    cross_entropy_forward,
+    cross_entropy_probabilities_backward,
+    cross_entropy_probabilities_forward,
+)
 from triton_kernels.nn.dropout import dropout_backward, dropout_forward, new_seed
 from triton_kernels.nn.layer_norm import layer_norm_backward, layer_norm_forward
 from triton_kernels.nn.softmax import softmax_backward, softmax_forward
@@ -27,6 +32,8 @@ __all__ = [
     "channel_affine",
     "cross_entropy_backward",
     "cross_entropy_forward",
+    "cross_entropy_probabilities_backward",
+    "cross_entropy_probabilities_forward",
     "dropout_backward",
     "dropout_forward",
     "layer_norm_backward",

@@ -192,6 +192,39 @@ def test_cross_entropy_matches_torch_per_row_loss_and_gradient(
     close(grad_input, x.grad, dtype)
 
 
+# (rows, classes, weighted, label_smoothing): one class; odd widths; a row wider than one block.
+PROBABILITY_CASES = [
+    (1, 1, False, 0.0),
+    (5, 7, False, 0.0),
+    (5, 7, True, 0.2),
+    (2, 5001, True, 0.1),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "classes", "weighted", "label_smoothing"), PROBABILITY_CASES)
+def test_cross_entropy_with_probabilities_matches_torch_per_row_loss_and_gradient(
+    rows: int, classes: int, weighted: bool, label_smoothing: float, dtype: torch.dtype
+) -> None:
+    torch.manual_seed(0)
+    x = (3 * torch.randn(rows, classes, dtype=dtype)).requires_grad_()
+    target = torch.softmax(torch.randn(rows, classes, dtype=dtype), 1)
+    weight = torch.rand(classes, dtype=dtype) + 0.5 if weighted else None
+    expected = F.cross_entropy(x, target, weight, reduction="none", label_smoothing=label_smoothing)
+    grad_loss = torch.randn(rows, dtype=dtype)
+    expected.backward(grad_loss)
+    loss, lse, mass = K.cross_entropy_probabilities_forward(
+        x.detach(), target, weight, label_smoothing
+    )
+    assert loss.shape == lse.shape == mass.shape == (rows,)
+    close(loss, expected.detach(), dtype)
+    close(lse, torch.logsumexp(x.detach(), 1), dtype)
+    grad_input = K.cross_entropy_probabilities_backward(
+        grad_loss, x.detach(), target, lse, mass, weight, label_smoothing
+    )
+    close(grad_input, x.grad, dtype)
+
+
 def test_cross_entropy_backward_broadcasts_one_gradient_to_every_row() -> None:
     x = torch.randn(5, 4, requires_grad=True)
     target = torch.tensor([0, 1, 2, 3, 0])
@@ -394,6 +427,18 @@ ERRORS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         ),
         RuntimeError,
         "1.5",
+    ),
+    (
+        "probability target shape",
+        lambda: K.cross_entropy_probabilities_forward(torch.ones(2, 3), torch.ones(2, 4)),
+        RuntimeError,
+        r"\[2, 4\]",
+    ),
+    (
+        "probability target dtype",
+        lambda: K.cross_entropy_probabilities_forward(torch.ones(2, 3), torch.ones(2, 3).double()),
+        RuntimeError,
+        "torch.float64",
     ),
     (
         "weight shape",

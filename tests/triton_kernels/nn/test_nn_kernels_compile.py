@@ -105,6 +105,35 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
         {"LABEL_SMOOTHING": 0.1, "has_weight": True, "BLOCK": 4096},
         ("classes",),
     ),
+    "_cross_entropy_probabilities_forward_kernel": (
+        "triton_kernels.nn.cross_entropy",
+        {
+            "input_pointer": "*T",
+            "target_pointer": "*T",
+            "weight_pointer": "*T",
+            "loss_pointer": "*C",
+            "log_sum_exp_pointer": "*C",
+            "mass_pointer": "*C",
+            "classes": "i32",
+        },
+        {"LABEL_SMOOTHING": 0.1, "has_weight": True, "BLOCK": 4096},
+        ("classes",),
+    ),
+    "_cross_entropy_probabilities_backward_kernel": (
+        "triton_kernels.nn.cross_entropy",
+        {
+            "grad_loss_pointer": "*C",
+            "input_pointer": "*T",
+            "target_pointer": "*T",
+            "weight_pointer": "*T",
+            "log_sum_exp_pointer": "*C",
+            "mass_pointer": "*C",
+            "grad_input_pointer": "*T",
+            "classes": "i32",
+        },
+        {"LABEL_SMOOTHING": 0.1, "has_weight": True, "BLOCK": 4096},
+        ("classes",),
+    ),
     "_layer_norm_forward_kernel": (
         "triton_kernels.nn.layer_norm",
         {

@@ -117,8 +117,23 @@ CASES = [
         "cross_entropy_probabilities",
         "cross_entropy",
         lambda d: (leaf(d, 4, 5), torch.softmax(torch.randn(4, 5, dtype=d), 1)),
-        kernel=False,
-        torch_component="nn.cross_entropy.probabilities",
+    ),
+    case(
+        "cross_entropy_probabilities_weighted_smoothed_spatial",
+        "cross_entropy",
+        lambda d: (
+            leaf(d, 2, 5, 3),
+            torch.softmax(torch.randn(2, 5, 3, dtype=d), 1).requires_grad_(),
+            (torch.rand(5, dtype=d) + 0.5).requires_grad_(),
+        ),
+        label_smoothing=0.2,
+        reduction="none",
+    ),
+    case(
+        "cross_entropy_probabilities_sum",
+        "cross_entropy",
+        lambda d: (leaf(d, 5), torch.softmax(torch.randn(5, dtype=d), 0)),
+        reduction="sum",
     ),
     case(
         "layer_norm_affine",
