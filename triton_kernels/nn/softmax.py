@@ -28,6 +28,7 @@ from triton_kernels.nn._common import (
 )
 
 _MAX_BLOCK = 4096
+_ROW_TILE = 2048
 
 
 @triton.jit
@@ -54,28 +55,36 @@ def _softmax_forward_kernel(
     input_pointer,
     output_pointer,
     log_sum_exp_pointer,
+    rows,
     columns,
     take_log: tl.constexpr,
     whole_row: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One row of ``[rows, columns]``: its ``lse`` (saved) and ``exp(x - lse)`` or ``x - lse``.
-    With ``whole_row`` (``columns <= BLOCK``) the row is read once and kept in registers."""
-    row = tl.program_id(0).to(tl.int64)
-    input_row = input_pointer + row * columns
-    output_row = output_pointer + row * columns
+    """Rows of ``[rows, columns]``: each row's ``lse`` (saved) and ``exp(x - lse)`` or ``x - lse``.
+    With ``whole_row`` (``columns <= BLOCK``) a program holds ``BLOCK_ROWS`` whole rows, read once
+    and kept in registers; otherwise one row, read in ``BLOCK`` slices."""
     if whole_row:
+        row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         column = tl.arange(0, BLOCK)
-        mask = column < columns
-        x = tl.load(input_row + column, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
-        maximum = tl.max(x, axis=0)
-        log_total = tl.log(tl.sum(tl.exp(x - maximum), axis=0))
+        mask = (row[:, None] < rows) & (column[None, :] < columns)
+        offsets = row[:, None] * columns + column[None, :]
+        x = tl.load(input_pointer + offsets, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
+        # Rows past the end read as zeros, which keeps their (unstored) arithmetic finite.
+        x = tl.where(row[:, None] < rows, x, 0.0)
+        maximum = tl.max(x, axis=1)
+        log_total = tl.log(tl.sum(tl.exp(x - maximum[:, None]), axis=1))
         # x - lse, as (x - m) - log s
-        shifted = (x - maximum) - log_total
+        shifted = (x - maximum[:, None]) - log_total[:, None]
         y = shifted if take_log else tl.exp(shifted)
-        tl.store(output_row + column, y.to(output_pointer.dtype.element_ty), mask=mask)
+        tl.store(output_pointer + offsets, y.to(output_pointer.dtype.element_ty), mask=mask)
+        tl.store(log_sum_exp_pointer + row, maximum + log_total, mask=row < rows)
     else:
+        row = tl.program_id(0).to(tl.int64)
+        input_row = input_pointer + row * columns
+        output_row = output_pointer + row * columns
         maximum, log_total = row_log_sum_exp(input_row, columns, COMPUTE_DTYPE, BLOCK)
         for start in range(0, columns, BLOCK):
             column = start + tl.arange(0, BLOCK)
@@ -85,7 +94,7 @@ def _softmax_forward_kernel(
             shifted = (x - maximum) - log_total
             y = shifted if take_log else tl.exp(shifted)
             tl.store(output_row + column, y.to(output_pointer.dtype.element_ty), mask=mask)
-    tl.store(log_sum_exp_pointer + row, maximum + log_total)
+        tl.store(log_sum_exp_pointer + row, maximum + log_total)
 
 
 @triton.jit
@@ -104,27 +113,34 @@ def _softmax_backward_kernel(
     grad_output_pointer,
     output_pointer,
     grad_input_pointer,
+    rows,
     columns,
     take_log: tl.constexpr,
     whole_row: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One row: ``c = Σ_j g_j y_j`` (softmax) or ``c = Σ_j g_j`` (log_softmax), then
-    ``dL/dx = y (g - c)`` or ``g - exp(y) c``. With ``whole_row`` both are read once."""
-    row = tl.program_id(0).to(tl.int64)
-    grad_output_row = grad_output_pointer + row * columns
-    output_row = output_pointer + row * columns
-    grad_input_row = grad_input_pointer + row * columns
+    """Per row: ``c = Σ_j g_j y_j`` (softmax) or ``c = Σ_j g_j`` (log_softmax), then
+    ``dL/dx = y (g - c)`` or ``g - exp(y) c``. With ``whole_row``, ``BLOCK_ROWS`` rows per program,
+    each read once."""
     if whole_row:
+        row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         column = tl.arange(0, BLOCK)
-        mask = column < columns
-        g = tl.load(grad_output_row + column, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        y = tl.load(output_row + column, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        c = tl.sum(g, axis=0) if take_log else tl.sum(g * y, axis=0)
-        grad = _softmax_gradient(g, y, c, take_log)
-        tl.store(grad_input_row + column, grad.to(grad_input_pointer.dtype.element_ty), mask=mask)
+        mask = (row[:, None] < rows) & (column[None, :] < columns)
+        offsets = row[:, None] * columns + column[None, :]
+        g = tl.load(grad_output_pointer + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        y = tl.load(output_pointer + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        c = tl.sum(g, axis=1) if take_log else tl.sum(g * y, axis=1)
+        grad = _softmax_gradient(g, y, c[:, None], take_log)
+        tl.store(
+            grad_input_pointer + offsets, grad.to(grad_input_pointer.dtype.element_ty), mask=mask
+        )
     else:
+        row = tl.program_id(0).to(tl.int64)
+        grad_output_row = grad_output_pointer + row * columns
+        output_row = output_pointer + row * columns
+        grad_input_row = grad_input_pointer + row * columns
         c = tl.full((), 0.0, COMPUTE_DTYPE)
         for start in range(0, columns, BLOCK):
             column = start + tl.arange(0, BLOCK)
@@ -149,6 +165,17 @@ def _softmax_backward_kernel(
 def block_size(columns: int, element_size: int) -> int:
     """Columns per loop step: the whole row when it fits in 16 KB, else 16 KB slices."""
     return min(triton.next_power_of_2(max(columns, 1)), _MAX_BLOCK * 4 // element_size)
+
+
+def _launch_shape(rows: int, columns: int, element_size: int) -> tuple[int, int, bool, int]:
+    """``(programs, BLOCK_ROWS, whole_row, BLOCK)``: narrow rows several to a program (tiles of
+    about 2048 values), a row wider than one block alone in its program."""
+    block = block_size(columns, element_size)
+    whole_row = columns <= block
+    block_rows = 1
+    if whole_row:
+        block_rows = min(max(_ROW_TILE // block, 1), triton.next_power_of_2(max(rows, 1)))
+    return triton.cdiv(rows, block_rows), block_rows, whole_row, block
 
 
 def _last(input: torch.Tensor, dim: int) -> torch.Tensor:
@@ -186,18 +213,20 @@ def softmax_forward(
         device=input.device,
     )
     rows = lse.numel()
-    block = block_size(columns, input.element_size())
+    programs, block_rows, whole_row, block = _launch_shape(rows, columns, input.element_size())
     if rows_input.numel():
-        _softmax_forward_kernel[(rows,)](
+        _softmax_forward_kernel[(programs,)](
             rows_input,
             output,
             lse,
+            rows,
             columns,
             take_log=log,
-            whole_row=columns <= block,
+            whole_row=whole_row,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
+            BLOCK_ROWS=block_rows,
             BLOCK=block,
-            num_warps=warps(block),
+            num_warps=warps(block_rows * block),
         )
     return _back(output, input, dim), lse.reshape(()) if input.dim() == 0 else lse
 
@@ -216,17 +245,20 @@ def softmax_backward(
     rows_grad = _last(grad_output, dim)
     columns = rows_output.shape[-1]
     grad_input = torch.empty_like(rows_output)
-    block = block_size(columns, output.element_size())
+    rows = rows_output.numel() // columns if columns else 0
+    programs, block_rows, whole_row, block = _launch_shape(rows, columns, output.element_size())
     if rows_output.numel():
-        _softmax_backward_kernel[(rows_output.numel() // columns,)](
+        _softmax_backward_kernel[(programs,)](
             rows_grad,
             rows_output,
             grad_input,
+            rows,
             columns,
             take_log=log,
-            whole_row=columns <= block,
+            whole_row=whole_row,
             COMPUTE_DTYPE=compute_dtype(output.dtype),
+            BLOCK_ROWS=block_rows,
             BLOCK=block,
-            num_warps=warps(block),
+            num_warps=warps(block_rows * block),
         )
     return _back(grad_input, output, dim)

@@ -64,7 +64,12 @@ def _compile(request: dict[str, Any]) -> dict[str, Any]:
     module = importlib.import_module(request["module"])
     kernel = getattr(module, request["kernel"])
     constexprs = {name: _constexpr(value) for name, value in request["constexprs"].items()}
-    signature = dict(request["signature"], **dict.fromkeys(constexprs, "constexpr"))
+    # In the kernel's own argument order (ASTSource pairs the signature with it by position).
+    given = dict(request["signature"], **dict.fromkeys(constexprs, "constexpr"))
+    missing = set(kernel.arg_names) ^ set(given)
+    if missing:
+        raise ValueError(f"{request['kernel']}: signature and arguments differ in {missing}")
+    signature = {name: given[name] for name in kernel.arg_names}
     names = list(signature)
     divisible = [
         (names.index(name),)

@@ -58,9 +58,10 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "input_pointer": "*T",
             "output_pointer": "*T",
             "log_sum_exp_pointer": "*C",
+            "rows": "i32",
             "columns": "i32",
         },
-        {"take_log": False, "whole_row": False, "BLOCK": 4096},
+        {"take_log": False, "whole_row": False, "BLOCK_ROWS": 1, "BLOCK": 4096},
         ("columns",),
     ),
     "_softmax_backward_kernel": (
@@ -69,9 +70,10 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "grad_output_pointer": "*T",
             "output_pointer": "*T",
             "grad_input_pointer": "*T",
+            "rows": "i32",
             "columns": "i32",
         },
-        {"take_log": True, "whole_row": False, "BLOCK": 4096},
+        {"take_log": True, "whole_row": False, "BLOCK_ROWS": 1, "BLOCK": 4096},
         ("columns",),
     ),
     "_cross_entropy_forward_kernel": (
@@ -232,20 +234,22 @@ ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gel
 VARIANTS = {"float32": ("fp32", "fp32"), "float64": ("fp64", "fp64"), "bfloat16": ("bf16", "fp32")}
 
 
-def _request(kernel: str, capability: int, variant: str, **constexprs: Any) -> dict[str, Any]:
+def _request(kernel: str, capability: int, variant: str, **overrides: Any) -> dict[str, Any]:
     module, signature, defaults, divisible = KERNELS[kernel]
     element, compute = VARIANTS[variant]
     types = {"*T": f"*{element}", "*C": f"*{compute}"}
-    constexprs = {**defaults, "COMPUTE_DTYPE": {"dtype": compute}, **constexprs}
+    constexprs = {**defaults, "COMPUTE_DTYPE": {"dtype": compute}, **overrides}
     if "BLOCK" in constexprs and element == "fp64":
         # The row kernels' launchers halve the block for 8-byte elements (16 KB per row slice).
         constexprs["BLOCK"] = min(constexprs["BLOCK"], 2048)
-    elements = constexprs.get("BLOCK") or constexprs["BLOCK_ROWS"] * constexprs["BLOCK_COLUMNS"]
+    elements = constexprs.get("BLOCK_ROWS", 1) * (
+        constexprs.get("BLOCK") or constexprs["BLOCK_COLUMNS"]
+    )
     return {
         "module": module,
         "kernel": kernel,
         "capability": capability,
-        "variant": variant + "".join(f" {name}={value}" for name, value in constexprs.items()),
+        "variant": variant + "".join(f" {name}={value}" for name, value in overrides.items()),
         "signature": {name: types.get(kind, kind) for name, kind in signature.items()},
         "constexprs": constexprs,
         "divisible": list(divisible),
@@ -267,7 +271,17 @@ def _requests() -> list[dict[str, Any]]:
             requests.append(_request(kernel, 90, "float64", ACTIVATION=activation))
     for kernel in ("_softmax_forward_kernel", "_softmax_backward_kernel"):
         for take_log in (False, True):
-            requests.append(_request(kernel, 90, "float32", take_log=take_log, whole_row=True))
+            requests.append(
+                _request(
+                    kernel,
+                    90,
+                    "float32",
+                    take_log=take_log,
+                    whole_row=True,
+                    BLOCK_ROWS=16,
+                    BLOCK=128,
+                )
+            )
     for kernel, (_, _, defaults, _) in KERNELS.items():
         # Every flag off as well: a branch the interpreter never takes must still compile.
         flags = {name: False for name, value in defaults.items() if value is True}
@@ -293,6 +307,8 @@ def test_every_nn_kernel_compiles_for_sm80_and_sm90_without_spills_and_vectorise
         if r["spill_bytes"]
     ]
     assert not spilled, "register spills:\n" + "\n".join(spilled)
+    streaming = [r for r in results if r["kernel"] in VECTORISED and r["variant"] == "float32"]
+    assert len(streaming) == 2 * len(VECTORISED)
     scalar = [
         name
         for name, r in zip(described, results, strict=True)
