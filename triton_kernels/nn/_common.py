@@ -99,3 +99,15 @@ def tanh(x):
     )
     magnitude = tl.where(a < 0.1, small, large)
     return tl.where(x < 0, -magnitude, magnitude)
+
+
+@triton.jit
+def chan_merge(count, mean, m2, block_count, block_mean, block_m2):
+    """Merge ``(count, mean, M₂ = Σ (x - mean)²)`` with a block's (Chan, Golub & LeVeque):
+    ``δ = μ_b - μ``, ``μ ← μ + δ n_b / (n + n_b)``, ``M₂ ← M₂ + M₂_b + δ² n n_b / (n + n_b)``;
+    accurate where ``E[x²] - μ²`` would cancel. The block must not be empty."""
+    total = count + block_count
+    delta = block_mean - mean
+    mean += delta * (block_count / total)
+    m2 += block_m2 + delta * delta * (count * block_count / total)
+    return total, mean, m2

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels.nn._common import (
+    chan_merge,
     check_contiguous,
     check_floating,
     check_numel,
@@ -67,12 +68,7 @@ def _batch_norm_statistics_kernel(
             block_mean = tl.sum(x, axis=0) / block_count
             centered = tl.where(mask, x - block_mean, 0.0)
             block_m2 = tl.sum(centered * centered, axis=0)
-            # Chan's merge of (count, mean, M₂) with the block's
-            total = count + block_count
-            delta = block_mean - mean
-            mean += delta * (block_count / total)
-            m2 += block_m2 + delta * delta * (count * block_count / total)
-            count = total
+            count, mean, m2 = chan_merge(count, mean, m2, block_count, block_mean, block_m2)
     slot = channel * splits + split
     tl.store(count_pointer + slot, count)
     tl.store(mean_pointer + slot, mean)

@@ -243,6 +243,9 @@ LAYER_NORM_CASES = [
     ((1000, 3), True),
     ((2, 3, 40), True),
     ((2, 1500), True),
+    # Wider than 32 KB in the compute dtype: the wide kernels, a masked last slice, and more row
+    # tiles (4 rows each) than backward programs.
+    ((37, 8195), True),
 ]
 
 
@@ -270,8 +273,21 @@ def test_layer_norm_matches_torch_value_and_gradients(
     )
     close(grad_input, x.grad, dtype)
     if affine:
-        close(grad_weight, weight.grad, dtype)
-        close(grad_bias, bias.grad, dtype)
+        normalized = (x.detach() - expected_mean[..., None]) * rstd.reshape(x.shape[:-1])[..., None]
+        terms = {"weight": grad_output * normalized, "bias": grad_output}
+        for name, grad, expected_grad in (
+            ("weight", grad_weight, weight.grad),
+            ("bias", grad_bias, bias.grad),
+        ):
+            if dtype == torch.float64:
+                close(grad, expected_grad, dtype)
+                continue
+            # dL/dw and dL/db sum over every row: float32 summation (ours and torch's, in different
+            # orders) is good to a few eps times the sum of the terms' magnitudes, which is the
+            # bound here (the elementwise tolerance would fail a sum that cancels to near zero).
+            rows = terms[name].reshape(-1, width)
+            bound = 1e-5 * expected_grad.abs() + 8 * torch.finfo(dtype).eps * rows.abs().sum(0)
+            assert ((grad - expected_grad).abs() <= bound).all(), name
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -446,7 +462,6 @@ ERRORS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         RuntimeError,
         r"\[4\]",
     ),
-    ("row too wide", lambda: K.layer_norm_forward(torch.ones(1, 20000)), RuntimeError, "20000"),
     ("0-D layer norm", lambda: K.layer_norm_forward(torch.tensor(1.0)), RuntimeError, "0-D"),
     (
         "stat dtype",

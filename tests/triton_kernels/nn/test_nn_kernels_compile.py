@@ -168,6 +168,54 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
         {"has_weight": True, "reduce_parameters": True, "BLOCK_ROWS": 4, "BLOCK_COLUMNS": 1024},
         ("columns",),
     ),
+    "_layer_norm_wide_forward_kernel": (
+        "triton_kernels.nn.layer_norm",
+        {
+            "input_pointer": "*T",
+            "weight_pointer": "*T",
+            "bias_pointer": "*T",
+            "output_pointer": "*T",
+            "mean_pointer": "*C",
+            "rstd_pointer": "*C",
+            "columns": "i32",
+        },
+        {"EPS": 1e-5, "has_weight": True, "has_bias": True, "BLOCK": 2048},
+        ("columns",),
+    ),
+    "_layer_norm_wide_coefficients_kernel": (
+        "triton_kernels.nn.layer_norm",
+        {
+            "grad_output_pointer": "*T",
+            "input_pointer": "*T",
+            "weight_pointer": "*T",
+            "mean_pointer": "*C",
+            "rstd_pointer": "*C",
+            "c1_pointer": "*C",
+            "c2_pointer": "*C",
+            "columns": "i32",
+        },
+        {"has_weight": True, "BLOCK": 2048},
+        ("columns",),
+    ),
+    "_layer_norm_wide_backward_kernel": (
+        "triton_kernels.nn.layer_norm",
+        {
+            "grad_output_pointer": "*T",
+            "input_pointer": "*T",
+            "weight_pointer": "*T",
+            "mean_pointer": "*C",
+            "rstd_pointer": "*C",
+            "c1_pointer": "*C",
+            "c2_pointer": "*C",
+            "grad_input_pointer": "*T",
+            "grad_weight_partial_pointer": "*C",
+            "grad_bias_partial_pointer": "*C",
+            "rows": "i32",
+            "columns": "i32",
+        },
+        {"has_weight": True, "reduce_parameters": True, "BLOCK_ROWS": 4, "BLOCK_COLUMNS": 2048},
+        ("columns",),
+    ),
     "_dropout_kernel": (
         "triton_kernels.nn.dropout",
         {"input_pointer": "*T", "output_pointer": "*T", "numel": "i32", "seed": "i32"},
@@ -282,6 +330,10 @@ def _requests() -> list[dict[str, Any]]:
                     BLOCK=128,
                 )
             )
+    for kernel in ("_layer_norm_forward_kernel", "_layer_norm_backward_kernel"):
+        # The widest rows the launchers hold whole in registers (32 KB of the compute dtype).
+        requests.append(_request(kernel, 80, "float32", BLOCK_ROWS=1, BLOCK_COLUMNS=8192))
+        requests.append(_request(kernel, 90, "float64", BLOCK_ROWS=1, BLOCK_COLUMNS=4096))
     for kernel, (_, _, defaults, _) in KERNELS.items():
         # Every flag off as well: a branch the interpreter never takes must still compile.
         flags = {name: False for name, value in defaults.items() if value is True}
