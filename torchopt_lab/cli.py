@@ -13,6 +13,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "torchopt_lab.bench.optim",
         "time optimizer steps of ours against torch.optim foreach and fused",
     ),
+    "bench-nn": (
+        "torchopt_lab.bench.nn",
+        "Time a training step of an MLP and a CNN from torchopt_lab.nn against torch.nn.",
+    ),
+    "bench-nn-kernels": (
+        "torchopt_lab.bench.nn_kernels",
+        "Time each layer Triton kernel (GB/s) and cross-entropy's memory against torch on a GPU.",
+    ),
 }
 
 

@@ -1,0 +1,22 @@
+"""``torchopt-lab bench-nn --quick`` runs both models end to end and prints a ratio for each."""
+
+from __future__ import annotations
+
+import pytest
+
+from torchopt_lab import cli
+
+
+def test_bench_nn_quick_prints_a_ratio_per_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench-nn", "--quick"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["mlp", "cnn"]
+    for row in rows:
+        ours, theirs, ratio = map(float, row[2:5])
+        assert ours > 0 and theirs > 0
+        assert ratio == pytest.approx(ours / theirs, rel=0.01, abs=0.01)
+
+
+def test_bench_nn_rejects_zero_threads() -> None:
+    with pytest.raises(ValueError, match="--threads must be >= 1, got 0"):
+        cli.main(["bench-nn", "--quick", "--threads", "0"])

@@ -1,0 +1,61 @@
+"""``torchopt-lab bench-nn-kernels --quick`` runs every kernel benchmark end to end: on the CPU in
+the interpreter, saying it measured nothing; on a GPU with GB/s. A CPU run without ``--quick`` and
+a CUDA run without a GPU are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torchopt_lab import cli
+
+KERNELS = [
+    "bias+gelu forward",
+    "bias+gelu backward",
+    "softmax forward",
+    "softmax backward",
+    "layer_norm forward",
+    "layer_norm backward",
+    "dropout forward",
+    "batch_norm statistics+apply",
+    "cross_entropy forward",
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run; the gpu test runs CUDA")
+def test_bench_nn_kernels_cpu_quick_runs_every_kernel_without_claiming_a_measurement(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["bench-nn-kernels", "--device", "cpu", "--quick"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "NOT a GPU measurement" in lines[0]
+    rows = {line[:28].strip(): line[28:].split() for line in lines[2 : 2 + len(KERNELS)]}
+    assert list(rows) == KERNELS
+    for ours, theirs, *figures in rows.values():
+        assert float(ours) > 0 and float(theirs) > 0
+        assert figures == ["-", "-", "-"]
+    assert lines[-1] == "ours / torch: not measured (interpreter smoke run)"
+
+
+@pytest.mark.gpu
+def test_bench_nn_kernels_cuda_quick_reports_bandwidth_and_memory(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["bench-nn-kernels", "--quick"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line[:28].strip(): line[28:].split() for line in lines[2 : 2 + len(KERNELS)]}
+    assert list(rows) == KERNELS
+    for values in rows.values():
+        assert all(float(value) > 0 for value in values)
+    assert lines[-1].startswith("ours / torch: time ratio")
+
+
+def test_bench_nn_kernels_refuses_a_cpu_timing() -> None:
+    with pytest.raises(ValueError, match="only with --quick"):
+        cli.main(["bench-nn-kernels", "--device", "cpu"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_bench_nn_kernels_refuses_cuda_without_a_gpu() -> None:
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        cli.main(["bench-nn-kernels"])

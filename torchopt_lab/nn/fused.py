@@ -1,0 +1,69 @@
+"""Fused layers: ``linear`` followed by an activation, as one op.
+
+On the Triton path the product runs on torch's GEMM and the bias add and activation are one kernel
+pass over its output (and one pass backward for ``dL/dz`` and ``dL/db``), where
+``linear`` then ``relu`` would read and write the ``[*, out]`` tensor twice more; see
+:class:`torchopt_lab.nn._triton.LinearActivationFunction`. On the torch path it is
+:func:`~torchopt_lab.nn.functional.linear` followed by the activation, each with its hand-written
+(twice-differentiable) backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchopt_lab.nn._activation import (
+    GELUFunction,
+    LeakyReLUFunction,
+    ReLUFunction,
+    SigmoidFunction,
+    TanhFunction,
+)
+from torchopt_lab.nn._dispatch import triton_function, use_triton
+from torchopt_lab.nn._linear import LinearFunction
+
+__all__ = ["ACTIVATIONS", "linear_activation"]
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh")
+
+
+def _activate(output: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
+    if activation == "relu":
+        return ReLUFunction.apply(output, False)
+    if activation == "leaky_relu":
+        return LeakyReLUFunction.apply(output, negative_slope, False)
+    if activation == "sigmoid":
+        return SigmoidFunction.apply(output)
+    if activation == "tanh":
+        return TanhFunction.apply(output)
+    if activation in ("gelu", "gelu_tanh"):
+        return GELUFunction.apply(output, "tanh" if activation == "gelu_tanh" else "none")
+    return output
+
+
+def linear_activation(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """``f(input @ weight.T + bias)`` for ``input`` of shape ``[*, in]``, ``weight`` of shape
+    ``[out, in]``, ``bias`` of shape ``[out]`` or None; ``activation`` one of :data:`ACTIVATIONS`
+    (``"gelu_tanh"`` is ``gelu(approximate="tanh")``, ``negative_slope`` is leaky_relu's)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if weight.dim() != 2:
+        raise RuntimeError(f"linear_activation expects a 2-D weight, got {list(weight.shape)}")
+    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
+        raise RuntimeError(
+            f"mat1 and mat2 shapes cannot be multiplied (input {list(input.shape)} and weight.T "
+            f"{[weight.shape[1], weight.shape[0]]})"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise RuntimeError(
+            f"linear_activation expects a bias of shape [{weight.shape[0]}], got {list(bias.shape)}"
+        )
+    if use_triton("linear_activation", input, weight, bias):
+        return triton_function("linear_activation")(input, weight, bias, activation, negative_slope)
+    return _activate(LinearFunction.apply(input, weight, bias), activation, negative_slope)

@@ -1,0 +1,113 @@
+"""What every layer launcher shares: input checks that quote the bad value, the compute dtype, and
+the device functions the interpreter lacks (``tanh``: ``libdevice.tanh`` returns None there)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Offsets inside one kernel are int32: a tensor past this many elements is refused, not wrapped.
+MAX_NUMEL = 2**31 - 1
+
+
+def compute_dtype(dtype: torch.dtype) -> tl.dtype:
+    """float64 stays float64; float32, float16 and bfloat16 are computed in float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def warps(elements: int) -> int:
+    """Warps for a program that holds ``elements`` values per tensor: 8 values per thread, as
+    Triton's layer-norm tutorial picks them, between 1 and 8 warps."""
+    return max(1, min(8, elements // 256))
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of saved per-row or per-channel statistics: the compute dtype, as a torch dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_floating(name: str, argument: str, tensor: torch.Tensor) -> None:
+    """Raise RuntimeError (torch's type for an unsupported dtype) unless ``tensor`` is a float."""
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise RuntimeError(
+            f"{name}: expected {argument} of dtype float16, bfloat16, float32 or float64, got "
+            f"{tensor.dtype}"
+        )
+
+
+def check_same(name: str, reference: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """Raise RuntimeError unless every given tensor has ``reference``'s device and dtype."""
+    for argument, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if tensor.device != reference.device:
+            raise RuntimeError(
+                f"{name}: expected {argument} on {reference.device}, got {tensor.device}"
+            )
+        if tensor.dtype != reference.dtype:
+            raise RuntimeError(
+                f"{name}: expected {argument} of dtype {reference.dtype}, got {tensor.dtype}"
+            )
+
+
+def check_contiguous(name: str, **tensors: torch.Tensor | None) -> None:
+    """Raise RuntimeError unless every given tensor is contiguous (kernels index flat memory)."""
+    for argument, tensor in tensors.items():
+        if tensor is not None and not tensor.is_contiguous():
+            raise RuntimeError(
+                f"{name}: {argument} must be contiguous, got strides {tensor.stride()} for shape "
+                f"{list(tensor.shape)}; call .contiguous() first"
+            )
+
+
+def check_shape(name: str, argument: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Raise RuntimeError unless ``tensor`` has exactly ``shape``."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise RuntimeError(
+            f"{name}: expected {argument} of shape {list(shape)}, got {list(tensor.shape)}"
+        )
+
+
+def check_numel(name: str, tensor: torch.Tensor) -> None:
+    """Raise RuntimeError for a tensor too large for int32 offsets."""
+    if tensor.numel() > MAX_NUMEL:
+        raise RuntimeError(
+            f"{name}: at most {MAX_NUMEL} elements per launch, got {tensor.numel()} (shape "
+            f"{list(tensor.shape)})"
+        )
+
+
+@triton.jit
+def tanh(x):
+    """``tanh(x)`` from ``tl.exp``: ``sign(x) (1 - e) / (1 + e)`` with ``e = exp(-2|x|)``, and its
+    Taylor series below ``|x| < 0.1``, where ``1 - e`` would cancel (relative error ~1e-14)."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    large = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    # a - a³/3 + 2a⁵/15 - 17a⁷/315 + 62a⁹/2835 - 1382a¹¹/155925
+    small = a * (
+        1.0
+        + a2
+        * (
+            -1.0 / 3.0
+            + a2
+            * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0 + a2 * (-1382.0 / 155925.0))))
+        )
+    )
+    magnitude = tl.where(a < 0.1, small, large)
+    return tl.where(x < 0, -magnitude, magnitude)
+
+
+@triton.jit
+def chan_merge(count, mean, m2, block_count, block_mean, block_m2):
+    """Merge ``(count, mean, M₂ = Σ (x - mean)²)`` with a block's (Chan, Golub & LeVeque):
+    ``δ = μ_b - μ``, ``μ ← μ + δ n_b / (n + n_b)``, ``M₂ ← M₂ + M₂_b + δ² n n_b / (n + n_b)``;
+    accurate where ``E[x²] - μ²`` would cancel. The block must not be empty."""
+    total = count + block_count
+    delta = block_mean - mean
+    mean += delta * (block_count / total)
+    m2 += block_m2 + delta * delta * (count * block_count / total)
+    return total, mean, m2

@@ -1,0 +1,475 @@
+"""Layer normalisation over the last dimension, forward and backward, several rows per program.
+
+For a row ``x`` of ``n`` elements (the formulas and names of ``torchopt_lab/nn/_norm.py`` and
+Triton's layer-norm tutorial): ``μ = mean(x)``, ``σ² = mean((x - μ)²)``, ``r = 1 / √(σ² + eps)``,
+``x̂ = (x - μ) r``, ``y = w x̂ + b``. The forward keeps ``μ`` and ``r`` per row. With ``g = dL/dy``:
+
+``dL/dx = r (w g - x̂ c_1 - c_2)``, ``c_1 = mean(x̂ ⊙ w g)``, ``c_2 = mean(w g)``,
+``dL/dw = Σ_rows g x̂``, ``dL/db = Σ_rows g``.
+
+Design: a program holds a ``[BLOCK_ROWS, BLOCK_COLUMNS]`` tile, ``BLOCK_COLUMNS`` the whole row
+(so a row is read once, its statistics in registers) and ``BLOCK_ROWS`` as many rows as keep the
+tile near 4096 elements (narrow rows: many rows per program). The backward runs a fixed number of
+programs that stride over the row tiles, each accumulating its ``dL/dw`` and ``dL/db`` partial
+sums in registers and writing them once; the ``[programs, n]`` partials are added after.
+
+Rows wider than 32 KB in the compute dtype (8192 float32 values) would spill registers held
+whole, so they take the wide kernels: the forward reads a row twice in slices (``μ`` and ``σ²``
+merged slice by slice with Chan's update, then the output); the backward finds ``c_1`` and
+``c_2`` per row in one pass, then a grid of (programs, column slices) writes ``dL/dx`` and the
+partial parameter sums, each program striding over the rows of its column slice.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_kernels.nn._common import (
+    chan_merge,
+    check_contiguous,
+    check_floating,
+    check_numel,
+    check_same,
+    check_shape,
+    compute_dtype,
+    statistics_dtype,
+    warps,
+)
+
+# A whole row in registers up to this many bytes of the compute dtype (ptxas spills beyond it).
+_MAX_WHOLE_ROW_BYTES = 32768
+# Column slices of the wide kernels, in bytes of the compute dtype.
+_WIDE_BLOCK_BYTES = 8192
+_TILE = 4096
+_MAX_BLOCK_ROWS = 64
+_WIDE_BLOCK_ROWS = 4
+
+
+@triton.jit
+def _layer_norm_forward_kernel(
+    input_pointer,
+    weight_pointer,
+    bias_pointer,
+    output_pointer,
+    mean_pointer,
+    rstd_pointer,
+    rows,
+    columns,
+    EPS: tl.constexpr,
+    has_weight: tl.constexpr,
+    has_bias: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLUMNS: tl.constexpr,
+):
+    """``y = w (x - μ) r + b`` for ``BLOCK_ROWS`` rows of the ``[rows, columns]`` input; saves
+    ``μ`` and ``r`` per row."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    column = tl.arange(0, BLOCK_COLUMNS)
+    row_mask = row < rows
+    column_mask = column < columns
+    mask = row_mask[:, None] & column_mask[None, :]
+    offsets = row[:, None] * columns + column[None, :]
+    x = tl.load(input_pointer + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    # μ = mean(x)
+    mean = tl.sum(x, axis=1) / columns
+    centered = tl.where(mask, x - mean[:, None], 0.0)
+    # σ² = mean((x - μ)²), r = 1 / √(σ² + eps)
+    variance = tl.sum(centered * centered, axis=1) / columns
+    rstd = 1.0 / tl.sqrt(variance + EPS)
+    y = centered * rstd[:, None]
+    if has_weight:
+        y *= tl.load(weight_pointer + column, mask=column_mask).to(COMPUTE_DTYPE)[None, :]
+    if has_bias:
+        y += tl.load(bias_pointer + column, mask=column_mask).to(COMPUTE_DTYPE)[None, :]
+    tl.store(output_pointer + offsets, y.to(output_pointer.dtype.element_ty), mask=mask)
+    tl.store(mean_pointer + row, mean, mask=row_mask)
+    tl.store(rstd_pointer + row, rstd, mask=row_mask)
+
+
+@triton.jit
+def _layer_norm_backward_kernel(
+    grad_output_pointer,
+    input_pointer,
+    weight_pointer,
+    mean_pointer,
+    rstd_pointer,
+    grad_input_pointer,
+    grad_weight_partial_pointer,
+    grad_bias_partial_pointer,
+    rows,
+    columns,
+    has_weight: tl.constexpr,
+    reduce_parameters: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLUMNS: tl.constexpr,
+):
+    """``dL/dx`` for the row tiles ``program_id, program_id + programs, ...``; with
+    ``reduce_parameters``, this program's partial ``Σ g x̂`` and ``Σ g`` to its row of the
+    ``[programs, columns]`` partials."""
+    program = tl.program_id(0)
+    programs = tl.num_programs(0)
+    column = tl.arange(0, BLOCK_COLUMNS)
+    column_mask = column < columns
+    if has_weight:
+        weight = tl.load(weight_pointer + column, mask=column_mask).to(COMPUTE_DTYPE)
+    grad_weight = tl.zeros((BLOCK_COLUMNS,), COMPUTE_DTYPE)
+    grad_bias = tl.zeros((BLOCK_COLUMNS,), COMPUTE_DTYPE)
+    for tile in range(program, tl.cdiv(rows, BLOCK_ROWS), programs):
+        row = (tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+        row_mask = row < rows
+        mask = row_mask[:, None] & column_mask[None, :]
+        offsets = row[:, None] * columns + column[None, :]
+        x = tl.load(input_pointer + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        g = tl.load(grad_output_pointer + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        mean = tl.load(mean_pointer + row, mask=row_mask, other=0.0)
+        rstd = tl.load(rstd_pointer + row, mask=row_mask, other=0.0)
+        # x̂ = (x - μ) r
+        normalized = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        # w g
+        grad_normalized = g * weight[None, :] if has_weight else g
+        # c_1 = mean(x̂ ⊙ w g), c_2 = mean(w g)
+        c1 = tl.sum(normalized * grad_normalized, axis=1) / columns
+        c2 = tl.sum(grad_normalized, axis=1) / columns
+        # dL/dx = r (w g - x̂ c_1 - c_2)
+        grad_input = rstd[:, None] * (grad_normalized - normalized * c1[:, None] - c2[:, None])
+        tl.store(
+            grad_input_pointer + offsets,
+            grad_input.to(grad_input_pointer.dtype.element_ty),
+            mask=mask,
+        )
+        if reduce_parameters:
+            # dL/dw += Σ g x̂, dL/db += Σ g (this tile's rows)
+            grad_weight += tl.sum(g * normalized, axis=0)
+            grad_bias += tl.sum(g, axis=0)
+    if reduce_parameters:
+        partial = program * columns + column
+        tl.store(grad_weight_partial_pointer + partial, grad_weight, mask=column_mask)
+        tl.store(grad_bias_partial_pointer + partial, grad_bias, mask=column_mask)
+
+
+@triton.jit
+def _layer_norm_wide_forward_kernel(
+    input_pointer,
+    weight_pointer,
+    bias_pointer,
+    output_pointer,
+    mean_pointer,
+    rstd_pointer,
+    columns,
+    EPS: tl.constexpr,
+    has_weight: tl.constexpr,
+    has_bias: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One wide row in ``BLOCK`` slices: ``μ``, ``σ²`` merged slice by slice, then ``y``."""
+    row = tl.program_id(0).to(tl.int64)
+    input_row = input_pointer + row * columns
+    output_row = output_pointer + row * columns
+    count = tl.full((), 0.0, COMPUTE_DTYPE)
+    mean = tl.full((), 0.0, COMPUTE_DTYPE)
+    m2 = tl.full((), 0.0, COMPUTE_DTYPE)
+    for start in range(0, columns, BLOCK):
+        column = start + tl.arange(0, BLOCK)
+        mask = column < columns
+        x = tl.load(input_row + column, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        block_count = tl.sum(mask.to(COMPUTE_DTYPE), axis=0)
+        block_mean = tl.sum(x, axis=0) / block_count
+        centered = tl.where(mask, x - block_mean, 0.0)
+        count, mean, m2 = chan_merge(
+            count, mean, m2, block_count, block_mean, tl.sum(centered * centered, axis=0)
+        )
+    # r = 1 / √(σ² + eps), σ² = M₂ / n
+    rstd = 1.0 / tl.sqrt(m2 / columns + EPS)
+    tl.store(mean_pointer + row, mean)
+    tl.store(rstd_pointer + row, rstd)
+    for start in range(0, columns, BLOCK):
+        column = start + tl.arange(0, BLOCK)
+        mask = column < columns
+        x = tl.load(input_row + column, mask=mask).to(COMPUTE_DTYPE)
+        # y = w (x - μ) r + b
+        y = (x - mean) * rstd
+        if has_weight:
+            y *= tl.load(weight_pointer + column, mask=mask).to(COMPUTE_DTYPE)
+        if has_bias:
+            y += tl.load(bias_pointer + column, mask=mask).to(COMPUTE_DTYPE)
+        tl.store(output_row + column, y.to(output_pointer.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layer_norm_wide_coefficients_kernel(
+    grad_output_pointer,
+    input_pointer,
+    weight_pointer,
+    mean_pointer,
+    rstd_pointer,
+    c1_pointer,
+    c2_pointer,
+    columns,
+    has_weight: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One wide row in slices: ``c_1 = mean(x̂ ⊙ w g)`` and ``c_2 = mean(w g)``."""
+    row = tl.program_id(0).to(tl.int64)
+    mean = tl.load(mean_pointer + row)
+    rstd = tl.load(rstd_pointer + row)
+    c1 = tl.zeros((BLOCK,), COMPUTE_DTYPE)
+    c2 = tl.zeros((BLOCK,), COMPUTE_DTYPE)
+    for start in range(0, columns, BLOCK):
+        column = start + tl.arange(0, BLOCK)
+        mask = column < columns
+        x = tl.load(input_pointer + row * columns + column, mask=mask, other=0.0)
+        g = tl.load(grad_output_pointer + row * columns + column, mask=mask, other=0.0)
+        g = g.to(COMPUTE_DTYPE)
+        if has_weight:
+            g *= tl.load(weight_pointer + column, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        # x̂ ⊙ w g and w g
+        c1 += tl.where(mask, (x.to(COMPUTE_DTYPE) - mean) * rstd, 0.0) * g
+        c2 += g
+    tl.store(c1_pointer + row, tl.sum(c1, axis=0) / columns)
+    tl.store(c2_pointer + row, tl.sum(c2, axis=0) / columns)
+
+
+@triton.jit
+def _layer_norm_wide_backward_kernel(
+    grad_output_pointer,
+    input_pointer,
+    weight_pointer,
+    mean_pointer,
+    rstd_pointer,
+    c1_pointer,
+    c2_pointer,
+    grad_input_pointer,
+    grad_weight_partial_pointer,
+    grad_bias_partial_pointer,
+    rows,
+    columns,
+    has_weight: tl.constexpr,
+    reduce_parameters: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLUMNS: tl.constexpr,
+):
+    """Program ``(p, j)``: ``dL/dx`` on column slice ``j`` of the row tiles ``p, p + programs,
+    ...``, and this slice of its partial ``Σ g x̂`` and ``Σ g``."""
+    program = tl.program_id(0)
+    programs = tl.num_programs(0)
+    column = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+    column_mask = column < columns
+    if has_weight:
+        weight = tl.load(weight_pointer + column, mask=column_mask).to(COMPUTE_DTYPE)
+    grad_weight = tl.zeros((BLOCK_COLUMNS,), COMPUTE_DTYPE)
+    grad_bias = tl.zeros((BLOCK_COLUMNS,), COMPUTE_DTYPE)
+    for tile in range(program, tl.cdiv(rows, BLOCK_ROWS), programs):
+        row = (tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+        row_mask = row < rows
+        mask = row_mask[:, None] & column_mask[None, :]
+        offsets = row[:, None] * columns + column[None, :]
+        x = tl.load(input_pointer + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        g = tl.load(grad_output_pointer + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        mean = tl.load(mean_pointer + row, mask=row_mask, other=0.0)
+        rstd = tl.load(rstd_pointer + row, mask=row_mask, other=0.0)
+        c1 = tl.load(c1_pointer + row, mask=row_mask, other=0.0)
+        c2 = tl.load(c2_pointer + row, mask=row_mask, other=0.0)
+        # x̂ = (x - μ) r
+        normalized = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        # w g
+        grad_normalized = g * weight[None, :] if has_weight else g
+        # dL/dx = r (w g - x̂ c_1 - c_2)
+        grad_input = rstd[:, None] * (grad_normalized - normalized * c1[:, None] - c2[:, None])
+        tl.store(
+            grad_input_pointer + offsets,
+            grad_input.to(grad_input_pointer.dtype.element_ty),
+            mask=mask,
+        )
+        if reduce_parameters:
+            # dL/dw += Σ g x̂, dL/db += Σ g (this tile's rows)
+            grad_weight += tl.sum(g * normalized, axis=0)
+            grad_bias += tl.sum(g, axis=0)
+    if reduce_parameters:
+        partial = program * columns + column
+        tl.store(grad_weight_partial_pointer + partial, grad_weight, mask=column_mask)
+        tl.store(grad_bias_partial_pointer + partial, grad_bias, mask=column_mask)
+
+
+def _blocks(input: torch.Tensor) -> tuple[int, int, bool, int, int]:
+    """``(rows, columns, wide, BLOCK_ROWS, BLOCK_COLUMNS)``: whole rows in registers up to 32 KB
+    in the compute dtype, else the wide kernels with their column slices."""
+    columns = input.shape[-1] if input.dim() else 1
+    rows = input.numel() // columns if columns else 0
+    compute_size = 8 if input.dtype == torch.float64 else 4
+    wide = columns * compute_size > _MAX_WHOLE_ROW_BYTES
+    if wide:
+        return rows, columns, True, _WIDE_BLOCK_ROWS, _WIDE_BLOCK_BYTES // compute_size
+    block_columns = triton.next_power_of_2(max(columns, 1))
+    block_rows = max(1, min(_TILE // block_columns, _MAX_BLOCK_ROWS))
+    block_rows = min(block_rows, triton.next_power_of_2(max(rows, 1)))
+    return rows, columns, False, block_rows, block_columns
+
+
+def _check(
+    name: str, input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> None:
+    check_floating(name, "input", input)
+    if input.dim() == 0:
+        raise RuntimeError(f"{name}: expected an input of at least 1 dimension, got a 0-D input")
+    check_contiguous(name, input=input, weight=weight, bias=bias)
+    check_numel(name, input)
+    check_same(name, input, weight=weight, bias=bias)
+    for argument, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None:
+            check_shape(name, argument, tensor, (input.shape[-1],))
+
+
+def layer_norm_forward(
+    input: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, μ, r)`` normalising the last dimension of the contiguous ``input``; ``weight`` and
+    ``bias`` of shape ``[columns]`` or None; ``μ`` and ``r`` of shape ``[rows]`` in the compute
+    dtype."""
+    name = "layer_norm_forward"
+    _check(name, input, weight, bias)
+    if eps < 0:
+        raise ValueError(f"{name}: eps must be non-negative, got {eps}")
+    rows, columns, wide, block_rows, block_columns = _blocks(input)
+    output = torch.empty_like(input)
+    dtype = statistics_dtype(input.dtype)
+    mean = torch.empty(rows, dtype=dtype, device=input.device)
+    rstd = torch.empty(rows, dtype=dtype, device=input.device)
+    if input.numel() and wide:
+        _layer_norm_wide_forward_kernel[(rows,)](
+            input,
+            input if weight is None else weight,
+            input if bias is None else bias,
+            output,
+            mean,
+            rstd,
+            columns,
+            EPS=float(eps),
+            has_weight=weight is not None,
+            has_bias=bias is not None,
+            COMPUTE_DTYPE=compute_dtype(input.dtype),
+            BLOCK=block_columns,
+            num_warps=warps(block_columns),
+        )
+    elif input.numel():
+        _layer_norm_forward_kernel[(triton.cdiv(rows, block_rows),)](
+            input,
+            input if weight is None else weight,
+            input if bias is None else bias,
+            output,
+            mean,
+            rstd,
+            rows,
+            columns,
+            EPS=float(eps),
+            has_weight=weight is not None,
+            has_bias=bias is not None,
+            COMPUTE_DTYPE=compute_dtype(input.dtype),
+            BLOCK_ROWS=block_rows,
+            BLOCK_COLUMNS=block_columns,
+            num_warps=warps(block_rows * block_columns),
+        )
+    return output, mean, rstd
+
+
+def _programs(device: torch.device, tiles: int) -> int:
+    """Backward programs: two per streaming multiprocessor on a GPU, so the partials stay small."""
+    if device.type == "cuda":
+        limit = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        limit = 8
+    return max(1, min(tiles, limit))
+
+
+def layer_norm_backward(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    compute_parameter_grads: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(dL/dx, dL/dw, dL/db)`` from ``grad_output`` and the forward's ``input``, ``weight``,
+    ``μ`` and ``r``; the parameter gradients are None unless ``compute_parameter_grads``."""
+    name = "layer_norm_backward"
+    _check(name, input, weight, None)
+    check_same(name, input, grad_output=grad_output)
+    check_shape(name, "grad_output", grad_output, tuple(input.shape))
+    check_contiguous(name, grad_output=grad_output)
+    rows, columns, wide, block_rows, block_columns = _blocks(input)
+    dtype = statistics_dtype(input.dtype)
+    for argument, tensor in (("mean", mean), ("rstd", rstd)):
+        check_shape(name, argument, tensor, (rows,))
+        if tensor.dtype != dtype:
+            raise RuntimeError(f"{name}: expected {argument} of dtype {dtype}, got {tensor.dtype}")
+    grad_input = torch.empty_like(input)
+    programs = _programs(input.device, triton.cdiv(rows, block_rows))
+    partial_weight = torch.zeros(programs, columns, dtype=dtype, device=input.device)
+    partial_bias = torch.zeros(programs, columns, dtype=dtype, device=input.device)
+    if input.numel() and wide:
+        c1, c2 = (torch.empty(rows, dtype=dtype, device=input.device) for _ in range(2))
+        _layer_norm_wide_coefficients_kernel[(rows,)](
+            grad_output,
+            input,
+            input if weight is None else weight,
+            mean,
+            rstd,
+            c1,
+            c2,
+            columns,
+            has_weight=weight is not None,
+            COMPUTE_DTYPE=compute_dtype(input.dtype),
+            BLOCK=block_columns,
+            num_warps=warps(block_columns),
+        )
+        _layer_norm_wide_backward_kernel[(programs, triton.cdiv(columns, block_columns))](
+            grad_output,
+            input,
+            input if weight is None else weight,
+            mean,
+            rstd,
+            c1,
+            c2,
+            grad_input,
+            partial_weight,
+            partial_bias,
+            rows,
+            columns,
+            has_weight=weight is not None,
+            reduce_parameters=compute_parameter_grads,
+            COMPUTE_DTYPE=compute_dtype(input.dtype),
+            BLOCK_ROWS=block_rows,
+            BLOCK_COLUMNS=block_columns,
+            num_warps=warps(block_rows * block_columns),
+        )
+    elif input.numel():
+        _layer_norm_backward_kernel[(programs,)](
+            grad_output,
+            input,
+            input if weight is None else weight,
+            mean,
+            rstd,
+            grad_input,
+            partial_weight,
+            partial_bias,
+            rows,
+            columns,
+            has_weight=weight is not None,
+            reduce_parameters=compute_parameter_grads,
+            COMPUTE_DTYPE=compute_dtype(input.dtype),
+            BLOCK_ROWS=block_rows,
+            BLOCK_COLUMNS=block_columns,
+            num_warps=warps(block_rows * block_columns),
+        )
+    if not compute_parameter_grads:
+        return grad_input, None, None
+    return grad_input, partial_weight.sum(0).to(input.dtype), partial_bias.sum(0).to(input.dtype)
