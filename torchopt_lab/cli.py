@@ -8,7 +8,12 @@ import importlib
 import sys
 
 # name -> (module, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "compare": (
+        "torchopt_lab.compare",
+        "Train one network on the 8x8 digits with every optimizer and compare them.",
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
