@@ -56,8 +56,7 @@ SMOKE = {"steps": 150}
 
 def main(argv: list[str] | None = None) -> int:
     config = common.parse_config(Config, argv, SMOKE, __doc__)
-    out = common.output_dir(config.out, NAME)
-    common.announce(NAME, CLAIM, config, out)
+    out = common.start(NAME, CLAIM, config)
     common.seed_everything(config.seed)
 
     x = torch.rand(config.samples, 1, dtype=torch.float64) * 2 - 1

@@ -43,8 +43,7 @@ SMOKE = {"epochs": 1, "batch_size": 64}
 
 def main(argv: list[str] | None = None) -> int:
     config = common.parse_config(Config, argv, SMOKE, __doc__)
-    out = common.output_dir(config.out, NAME)
-    common.announce(NAME, CLAIM, config, out)
+    out = common.start(NAME, CLAIM, config)
     comparison = run_comparison(
         CompareConfig(
             epochs=config.epochs,

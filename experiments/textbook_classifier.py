@@ -64,8 +64,7 @@ def build(layers, hidden: int, softmax: bool = False):
 
 def main(argv: list[str] | None = None) -> int:
     config = common.parse_config(Config, argv, SMOKE, __doc__)
-    out = common.output_dir(config.out, NAME)
-    common.announce(NAME, CLAIM, config, out)
+    out = common.start(NAME, CLAIM, config)
     common.seed_everything(config.seed)
     dtype = getattr(torch, config.dtype)
     data = load_digits_split(seed=config.seed, dtype=dtype)
