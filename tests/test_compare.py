@@ -43,8 +43,10 @@ def comparison(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, Path
     argv += ["--eval-every", str(EVAL_EVERY), "--logdir", str(logdir), "--no-progress"]
     argv += ["--lr", "adam=0.002", "sgd=0.05"]
     printed = StringIO()
+    threads = torch.get_num_threads()
     with redirect_stdout(printed):
-        code = cli.main(argv)
+        code = cli.main([*argv, "--threads", "1"])
+    assert torch.get_num_threads() == threads, "compare restores the caller's thread count"
     (run_dir,) = logdir.iterdir()
     return code, printed.getvalue(), run_dir
 

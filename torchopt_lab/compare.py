@@ -77,6 +77,7 @@ class CompareConfig:
     eval_every: int = 10  # evaluate on the whole train and validation splits every k steps
     histogram_every: int = 100  # weight and gradient histograms every k steps (0: off)
     device: str = "cpu"  # where the model and data live ("cpu", "cuda", "cuda:1", ...)
+    threads: int = 1  # torch intra-op CPU threads while training (restored afterwards)
     logdir: str = "runs"  # parent of the timestamped directory this comparison writes
     progress: bool = True  # tqdm progress bar per optimizer, on stderr
 
@@ -90,7 +91,7 @@ class CompareConfig:
             lr = self.lr.get(name, DEFAULT_LR[name])
             if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
                 raise ValueError(f"Invalid learning rate for {name}: {lr!r}; expected > 0")
-        for knob in ("epochs", "batch_size", "eval_every"):
+        for knob in ("epochs", "batch_size", "eval_every", "threads"):
             value = getattr(self, knob)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid {knob}: {value!r}; expected an int >= 1")
@@ -352,9 +353,15 @@ def run_comparison(config: CompareConfig) -> Comparison:
     initial_model = build_model(data.train_inputs.shape[1], config.hidden, 10).to(device)
     run_dir = _new_run_dir(Path(config.logdir))
     started = time.perf_counter()
-    results = {
-        name: train_one(name, initial_model, data, config, run_dir) for name in config.optimizers
-    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        results = {
+            name: train_one(name, initial_model, data, config, run_dir)
+            for name in config.optimizers
+        }
+    finally:
+        torch.set_num_threads(threads)
     seconds = time.perf_counter() - started
     plot_path = run_dir / "compare.png"
     plot(results, plot_path, config.target_loss)
@@ -449,6 +456,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.logdir,
         help="parent of the timestamped output directory (default: %(default)s)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=defaults.threads,
+        help="torch CPU threads; this small MLP gains nothing from more, and on a busy machine "
+        "extra threads spin and slow it down (default: %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -464,6 +478,7 @@ def run(args: argparse.Namespace) -> int:
             target_loss=args.target_loss,
             eval_every=args.eval_every,
             device=args.device,
+            threads=args.threads,
             logdir=args.logdir,
             progress=not args.no_progress,
         )
