@@ -1,0 +1,122 @@
+"""2-D convolution with a hand-written backward pass.
+
+The convolutions run on torch's convolution primitives (the speed limit on every device); which
+convolutions the backward computes is written out here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def pair(value: int | tuple[int, ...] | list[int], name: str) -> tuple[int, int]:
+    """``value`` as one number per spatial dimension (height, width)."""
+    if isinstance(value, int):
+        return value, value
+    values = tuple(value)
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) != 2:
+        raise RuntimeError(
+            f"expected {name} to be a single integer value or a list of 2 values "
+            f"to match the convolution dimensions, but got {name}={list(values)}"
+        )
+    return values[0], values[1]
+
+
+def resolve_padding(
+    padding: str | int | tuple[int, ...] | list[int],
+    weight: torch.Tensor,
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(symmetric, extra)`` padding per spatial dimension: ``symmetric`` rows/columns on both
+    sides, then ``extra`` more on the bottom/right only (torch's rule for ``"same"`` when the total
+    ``dilation * (kernel - 1)`` is odd)."""
+    if not isinstance(padding, str):
+        return pair(padding, "padding"), (0, 0)
+    if padding == "valid":
+        return (0, 0), (0, 0)
+    if padding != "same":
+        raise RuntimeError(f"Invalid padding string: {padding!r}")
+    if stride != (1, 1):
+        raise RuntimeError("padding='same' is not supported for strided convolutions")
+    if weight.dim() != 4:
+        return (0, 0), (0, 0)
+    totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:], strict=True)]
+    symmetric = (totals[0] // 2, totals[1] // 2)
+    return symmetric, (totals[0] - 2 * symmetric[0], totals[1] - 2 * symmetric[1])
+
+
+class Conv2dFunction(torch.autograd.Function):
+    r"""2-D cross-correlation ``y = x ⋆ W + b`` for ``x`` of shape ``[N, C_in, H, W]`` (or
+    unbatched ``[C_in, H, W]``), ``W`` of shape ``[C_out, C_in / groups, kH, kW]``.
+
+    ``dL/dx`` is the transposed convolution of ``g`` with ``W``, ``dL/dW`` the correlation of ``x``
+    with ``g``, ``dL/db = Σ_{n,h,w} g``. ``padding="same"`` with an odd total padding puts the
+    extra row/column on the bottom/right, as torch does: ``x`` is zero-padded there first, and its
+    gradient is that of the padded input cropped back.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        extra_padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+    ) -> torch.Tensor:
+        ctx.conv = (stride, padding, extra_padding, dilation, groups)
+        ctx.save_for_backward(input, weight, bias)
+        return torch.conv2d(
+            _pad_bottom_right(input, extra_padding), weight, bias, stride, padding, dilation, groups
+        )
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_output: torch.Tensor
+    ) -> tuple[
+        torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None, None, None, None
+    ]:
+        input, weight, bias = ctx.saved_tensors
+        stride, padding, extra_padding, dilation, groups = ctx.conv
+        unbatched = input.dim() == 3
+        padded = _pad_bottom_right(input, extra_padding)
+        if unbatched:
+            padded, grad_output = padded.unsqueeze(0), grad_output.unsqueeze(0)
+        # dL/dx = g ⋆ᵀ W (transposed convolution), dL/dW = x ⋆ g (correlation over the batch)
+        grad_padded, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_output,
+            padded,
+            weight,
+            None,
+            list(stride),
+            list(padding),
+            list(dilation),
+            False,
+            [0, 0],
+            groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
+        )
+        grad_input = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            if unbatched:
+                grad_padded = grad_padded.squeeze(0)
+            # dL/dx = dL/dx_padded cropped to x (the zero rows/columns added carry no input)
+            grad_input = grad_padded[..., : input.shape[-2], : input.shape[-1]]
+        if bias is not None and ctx.needs_input_grad[2]:
+            # dL/db = Σ_{n,h,w} g
+            grad_bias = grad_output.sum((0, 2, 3))
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _pad_bottom_right(input: torch.Tensor, extra_padding: tuple[int, int]) -> torch.Tensor:
+    if extra_padding == (0, 0):
+        return input
+    return torch.constant_pad_nd(input, (0, extra_padding[1], 0, extra_padding[0]), 0.0)

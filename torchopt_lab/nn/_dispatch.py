@@ -1,0 +1,62 @@
+"""Where every ``torchopt_lab.nn.functional`` function chooses between the torch path and Triton.
+
+Each functional asks :func:`use_triton` with its name and its tensors; the choice itself is made
+by :func:`torchopt_lab.backend.resolve` (component ``"nn.<name>"``), so ``TORCHOPT_LAB_BACKEND``
+and :func:`torchopt_lab.backend_info` cover the layers too. When Triton is chosen, the functional
+calls :func:`triton_function` and hands it exactly its own arguments.
+
+The Triton implementations live in ``torchopt_lab.nn._triton``, a module that exposes
+``FUNCTIONS: dict[str, Callable]`` mapping a functional's name (``"relu"``, ``"cross_entropy"``,
+...) to a callable with that functional's signature, less the deprecated ``size_average`` and
+``reduce`` and softmax's ``_stacklevel``. It is called after the functional validated its
+arguments, with ``reduction`` resolved and a class-index target made ``long``. A name Triton is
+chosen for but which that table lacks raises NotImplementedError naming it: never a silent
+fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from functools import cache
+
+import torch
+
+from torchopt_lab import backend
+
+_TRITON_MODULE = "torchopt_lab.nn._triton"
+
+
+@cache
+def _triton_functions() -> dict[str, Callable[..., torch.Tensor]]:
+    try:
+        module = importlib.import_module(_TRITON_MODULE)
+    except ModuleNotFoundError as error:
+        if error.name != _TRITON_MODULE:
+            raise
+        return {}
+    return dict(module.FUNCTIONS)
+
+
+def use_triton(name: str, *tensors: torch.Tensor | None) -> bool:
+    """Whether ``nn.<name>`` runs as Triton kernels for these tensors (the first one's device).
+
+    Raises NotImplementedError when the backend choice is Triton but no kernel is wired for
+    ``name``, and RuntimeError (from :func:`torchopt_lab.backend.resolve`) when Triton was asked
+    for explicitly and cannot run.
+    """
+    device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
+    if backend.resolve(f"nn.{name}", "auto", device) != "triton":
+        return False
+    if name not in _triton_functions():
+        raise NotImplementedError(
+            f"nn.{name}: the Triton backend was chosen ({backend.ENV_VAR}="
+            f"{backend.default_backend()!r}, {device.type} tensors) but no Triton kernel is wired "
+            f"for {name!r}; set {backend.ENV_VAR}=torch to run the torch path"
+        )
+    return True
+
+
+def triton_function(name: str) -> Callable[..., torch.Tensor]:
+    """The Triton implementation of ``nn.<name>``; call only after :func:`use_triton` said yes."""
+    return _triton_functions()[name]

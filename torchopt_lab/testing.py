@@ -1,0 +1,492 @@
+"""A gradcheck harness for autograd Functions: point :func:`check_function` at a function and some
+example inputs (and, ideally, a reference implementation), and it runs every check a hand-written
+backward pass should pass, reporting each one by name.
+
+Inputs that are floating-point tensors with ``requires_grad=True`` are the ones differentiated;
+every other argument (integer targets, running statistics, Python numbers) is passed through as
+given. Random functions (dropout) are checked by reseeding the RNG before every call, inside a
+forked RNG state so the caller's is left alone.
+
+The checks, in order (see :data:`CHECKS`):
+
+``gradcheck``
+    :func:`torch.autograd.gradcheck` in float64: the analytic Jacobian matches finite differences.
+``gradgradcheck``
+    :func:`torch.autograd.gradgradcheck` in float64: the backward is itself differentiable and
+    right (double backward, Hessian-vector products).
+``reference_float64``, ``reference_float32``
+    Output and input gradients (for one random ``grad_output``) match ``reference`` in that dtype,
+    within :data:`DEFAULT_TOLERANCES`; output dtype and shape must match too.
+``non_contiguous``
+    Non-contiguous copies of the inputs give the same output and gradients as contiguous ones.
+``stride0_grad_output``
+    A ``grad_output`` of stride 0, ``torch.ones(()).expand(shape)`` (what ``out.sum().backward()``
+    sends), gives the same gradients as a contiguous tensor of ones.
+``zero_size``
+    ``zero_size_inputs`` (inputs with a zero-size dimension, given by the caller) run forward and
+    backward, give gradients of their inputs' shapes, and match ``reference`` when given.
+``inputs_unmodified``
+    Forward and backward leave every input (except ``modified_inputs``) and ``grad_output``
+    unchanged, bit for bit.
+``backward_twice``
+    Backward run twice with ``retain_graph=True`` gives the same gradients both times.
+
+Example::
+
+    from torchopt_lab.testing import check_function
+
+    x = torch.randn(4, 3, requires_grad=True)
+    report = check_function(MySoftplus.apply, x, reference=torch.nn.functional.softplus)
+    print(report)  # one line per check; raises CheckFailed listing every failure
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CHECKS",
+    "DEFAULT_TOLERANCES",
+    "CheckFailed",
+    "CheckReport",
+    "CheckResult",
+    "check_function",
+]
+
+CHECKS: tuple[str, ...] = (
+    "gradcheck",
+    "gradgradcheck",
+    "reference_float64",
+    "reference_float32",
+    "non_contiguous",
+    "stride0_grad_output",
+    "zero_size",
+    "inputs_unmodified",
+    "backward_twice",
+)
+
+#: (rtol, atol) for comparisons against the reference and between runs, per dtype.
+DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+}
+
+
+class CheckFailed(AssertionError):
+    """Raised by :func:`check_function` when a check fails; its message lists every failure."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of one check: ``passed`` is None when the check was skipped."""
+
+    name: str
+    passed: bool | None
+    message: str = ""
+
+    def __str__(self) -> str:
+        status = {True: "PASS", False: "FAIL", None: "SKIP"}[self.passed]
+        return f"{status} {self.name}" + (f": {self.message}" if self.message else "")
+
+
+@dataclass
+class CheckReport:
+    """Every check run on one function, in order."""
+
+    function: str
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True when no check failed (skipped checks do not count)."""
+        return all(result.passed is not False for result in self.results)
+
+    @property
+    def failures(self) -> list[CheckResult]:
+        return [result for result in self.results if result.passed is False]
+
+    def __getitem__(self, name: str) -> CheckResult:
+        for result in self.results:
+            if result.name == name:
+                return result
+        raise KeyError(f"no check named {name!r} in this report; checks run: {self.names()}")
+
+    def names(self) -> list[str]:
+        return [result.name for result in self.results]
+
+    def __str__(self) -> str:
+        lines = [f"check_function({self.function}): {'passed' if self.passed else 'FAILED'}"]
+        lines += [f"  {result}" for result in self.results]
+        return "\n".join(lines)
+
+
+def check_function(
+    fn: Callable[..., Any],
+    *inputs: Any,
+    reference: Callable[..., Any] | None = None,
+    zero_size_inputs: Sequence[Any] | None = None,
+    modified_inputs: Iterable[int] = (),
+    checks: Iterable[str] | None = None,
+    tolerances: dict[torch.dtype, tuple[float, float]] | None = None,
+    gradcheck_eps: float = 1e-6,
+    gradcheck_atol: float = 1e-6,
+    gradcheck_rtol: float = 1e-5,
+    seed: int = 0,
+    raise_on_failure: bool = True,
+) -> CheckReport:
+    """Run the checks named in ``checks`` (default: all of :data:`CHECKS`) on ``fn(*inputs)``.
+
+    Args:
+        fn: the function under test; returns a tensor or a tuple of tensors.
+        inputs: example arguments; floating-point tensors with ``requires_grad=True`` are
+            differentiated, at least one is required. They are copied, never modified.
+        reference: a trusted implementation with the same signature (e.g. torch's); without it
+            the reference checks are skipped, and ``zero_size`` checks only shapes.
+        zero_size_inputs: arguments with a zero-size dimension for the ``zero_size`` check
+            (skipped when None): which dimension may be empty depends on the function.
+        modified_inputs: positions of inputs ``fn`` is documented to modify (e.g. batch norm's
+            running statistics), left out of ``inputs_unmodified``.
+        checks: the names of the checks to run, from :data:`CHECKS`.
+        tolerances: ``{dtype: (rtol, atol)}`` overriding :data:`DEFAULT_TOLERANCES`.
+        gradcheck_eps, gradcheck_atol, gradcheck_rtol: passed to gradcheck and gradgradcheck;
+            tighter than torch's defaults (atol 1e-5, rtol 1e-3), which let a backward that is
+            0.1% off pass: central differences in float64 with eps 1e-6 are good to ~1e-9.
+        seed: the RNG seed set before every call of ``fn`` and ``reference``.
+        raise_on_failure: raise :class:`CheckFailed` listing every failure after all checks ran;
+            with False, only return the report.
+
+    Returns:
+        a :class:`CheckReport` with one :class:`CheckResult` per check.
+    """
+    selected = list(CHECKS if checks is None else checks)
+    unknown = [name for name in selected if name not in CHECKS]
+    if unknown:
+        raise ValueError(f"Unknown checks {unknown}; expected names from {CHECKS}")
+    differentiable = [i for i, value in enumerate(inputs) if _is_differentiable(value)]
+    if not differentiable:
+        raise ValueError(
+            "check_function needs at least one floating-point input tensor with "
+            "requires_grad=True (the inputs to differentiate)"
+        )
+    context = _Context(
+        fn=fn,
+        inputs=inputs,
+        reference=reference,
+        zero_size_inputs=zero_size_inputs,
+        modified=set(modified_inputs),
+        tolerances={**DEFAULT_TOLERANCES, **(tolerances or {})},
+        gradcheck_options={
+            "eps": gradcheck_eps,
+            "atol": gradcheck_atol,
+            "rtol": gradcheck_rtol,
+        },
+        seed=seed,
+    )
+    report = CheckReport(_name(fn))
+    with torch.random.fork_rng(devices=[]):
+        for name in selected:
+            try:
+                passed, message = _CHECK_FUNCTIONS[name](context)
+            except Exception as error:  # a crash inside fn is a failed check, reported by name
+                passed = False
+                message = f"raised {type(error).__name__}: {error}\n" + "".join(
+                    traceback.format_exception(error)[-3:]
+                )
+            report.results.append(CheckResult(name, passed, message))
+    if raise_on_failure and not report.passed:
+        raise CheckFailed(str(report))
+    return report
+
+
+@dataclass
+class _Context:
+    fn: Callable[..., Any]
+    inputs: Sequence[Any]
+    reference: Callable[..., Any] | None
+    zero_size_inputs: Sequence[Any] | None
+    modified: set[int]
+    tolerances: dict[torch.dtype, tuple[float, float]]
+    gradcheck_options: dict[str, float]
+    seed: int
+
+    def call(self, fn: Callable[..., Any], inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        torch.manual_seed(self.seed)
+        return _as_tuple(fn(*inputs))
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, type):
+        return f"{owner.__qualname__}.{fn.__name__}"
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _is_differentiable(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad
+
+
+def _as_tuple(output: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(output) if isinstance(output, (tuple, list)) else (output,)
+
+
+def _copy(value: Any, dtype: torch.dtype, contiguous: bool = True) -> Any:
+    """A fresh leaf copy of ``value`` in ``dtype`` (floating tensors only), optionally laid out
+    non-contiguously with the same values; non-tensors pass through."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    tensor = value.detach().to(dtype) if value.is_floating_point() else value.detach()
+    if contiguous or tensor.dim() == 0:
+        copy = tensor.clone(memory_format=torch.contiguous_format)
+    else:
+        # Every other element of a wider buffer: same values, strides twice the contiguous ones.
+        buffer = torch.zeros((*tensor.shape, 2), dtype=tensor.dtype, device=tensor.device)
+        buffer[..., 0] = tensor
+        copy = buffer[..., 0]
+    return copy.requires_grad_(_is_differentiable(value))
+
+
+def _copies(inputs: Sequence[Any], dtype: torch.dtype, contiguous: bool = True) -> list[Any]:
+    return [_copy(value, dtype, contiguous) for value in inputs]
+
+
+def _differentiable(inputs: Sequence[Any]) -> list[torch.Tensor]:
+    return [value for value in inputs if _is_differentiable(value)]
+
+
+def _floating(outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [output for output in outputs if output.is_floating_point() and output.requires_grad]
+
+
+def _grad_outputs(outputs: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator(device="cpu").manual_seed(seed + 1)
+    return [
+        torch.randn(output.shape, generator=generator, dtype=output.dtype).to(output.device)
+        for output in outputs
+    ]
+
+
+def _gradients(
+    outputs: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    grad_outputs: Sequence[torch.Tensor],
+    retain_graph: bool = False,
+) -> list[torch.Tensor | None]:
+    return list(
+        torch.autograd.grad(
+            outputs, inputs, grad_outputs, retain_graph=retain_graph, allow_unused=True
+        )
+    )
+
+
+def _compare(
+    what: str,
+    actual: Sequence[torch.Tensor | None],
+    expected: Sequence[torch.Tensor | None],
+    rtol: float,
+    atol: float,
+) -> str:
+    """An empty string when every pair is close, else what differs. A missing gradient (None)
+    equals an all-zero one."""
+    problems = []
+    for index, (mine, theirs) in enumerate(zip(actual, expected, strict=True)):
+        if mine is None and theirs is None:
+            continue
+        if mine is None or theirs is None:
+            present = theirs if mine is None else mine
+            if not bool((present == 0).all()):
+                side = "ours" if mine is None else "the reference's"
+                problems.append(f"{what}[{index}]: {side} is None, the other is not zero")
+            continue
+        try:
+            torch.testing.assert_close(mine, theirs, rtol=rtol, atol=atol, equal_nan=True)
+        except AssertionError as error:
+            problems.append(f"{what}[{index}]: {error}")
+    return "\n".join(problems)
+
+
+def _run_gradcheck(context: _Context, second_order: bool) -> tuple[bool, str]:
+    inputs = _copies(context.inputs, torch.float64)
+    positions = [i for i, value in enumerate(inputs) if _is_differentiable(value)]
+
+    def bound(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        arguments = list(inputs)
+        for position, tensor in zip(positions, tensors, strict=True):
+            arguments[position] = tensor
+        return context.call(context.fn, arguments)
+
+    check = torch.autograd.gradgradcheck if second_order else torch.autograd.gradcheck
+    check(bound, tuple(inputs[i] for i in positions), **context.gradcheck_options)
+    return True, ""
+
+
+def _check_gradcheck(context: _Context) -> tuple[bool | None, str]:
+    return _run_gradcheck(context, second_order=False)
+
+
+def _check_gradgradcheck(context: _Context) -> tuple[bool | None, str]:
+    return _run_gradcheck(context, second_order=True)
+
+
+def _against_reference(
+    context: _Context, inputs: Sequence[Any], rtol: float, atol: float
+) -> tuple[bool, str]:
+    assert context.reference is not None
+    theirs = _copies(inputs, _inputs_dtype(inputs))
+    outputs = context.call(context.fn, inputs)
+    expected = context.call(context.reference, theirs)
+    problems = [_compare("output", outputs, expected, rtol, atol)]
+    mine_float, theirs_float = _floating(outputs), _floating(expected)
+    if len(mine_float) != len(theirs_float):
+        problems.append(
+            f"{len(mine_float)} differentiable outputs, the reference has {len(theirs_float)}"
+        )
+    elif mine_float:
+        grad_outputs = _grad_outputs(mine_float, context.seed)
+        problems.append(
+            _compare(
+                "gradient",
+                _gradients(mine_float, _differentiable(inputs), grad_outputs),
+                _gradients(theirs_float, _differentiable(theirs), grad_outputs),
+                rtol,
+                atol,
+            )
+        )
+    message = "\n".join(problem for problem in problems if problem)
+    return not message, message or f"rtol={rtol:g}, atol={atol:g}"
+
+
+def _inputs_dtype(inputs: Sequence[Any]) -> torch.dtype:
+    return next(
+        value.dtype
+        for value in inputs
+        if isinstance(value, torch.Tensor) and value.is_floating_point()
+    )
+
+
+def _check_reference(dtype: torch.dtype) -> Callable[[_Context], tuple[bool | None, str]]:
+    def check(context: _Context) -> tuple[bool | None, str]:
+        if context.reference is None:
+            return None, "no reference given"
+        rtol, atol = context.tolerances[dtype]
+        return _against_reference(context, _copies(context.inputs, dtype), rtol, atol)
+
+    return check
+
+
+def _check_non_contiguous(context: _Context) -> tuple[bool | None, str]:
+    rtol, atol = context.tolerances[torch.float64]
+    contiguous = _copies(context.inputs, torch.float64)
+    strided = _copies(context.inputs, torch.float64, contiguous=False)
+    expected = context.call(context.fn, contiguous)
+    outputs = context.call(context.fn, strided)
+    problems = [_compare("output", outputs, expected, rtol, atol)]
+    grad_outputs = _grad_outputs(_floating(expected), context.seed)
+    problems.append(
+        _compare(
+            "gradient",
+            _gradients(_floating(outputs), _differentiable(strided), grad_outputs),
+            _gradients(_floating(expected), _differentiable(contiguous), grad_outputs),
+            rtol,
+            atol,
+        )
+    )
+    message = "\n".join(problem for problem in problems if problem)
+    return not message, message
+
+
+def _check_stride0_grad_output(context: _Context) -> tuple[bool | None, str]:
+    rtol, atol = context.tolerances[torch.float64]
+    expanded_inputs = _copies(context.inputs, torch.float64)
+    dense_inputs = _copies(context.inputs, torch.float64)
+    expanded_outputs = _floating(context.call(context.fn, expanded_inputs))
+    dense_outputs = _floating(context.call(context.fn, dense_inputs))
+    expanded = [
+        torch.ones((), dtype=output.dtype, device=output.device).expand(output.shape)
+        for output in expanded_outputs
+    ]
+    dense = [torch.ones_like(output) for output in dense_outputs]
+    message = _compare(
+        "gradient",
+        _gradients(expanded_outputs, _differentiable(expanded_inputs), expanded),
+        _gradients(dense_outputs, _differentiable(dense_inputs), dense),
+        rtol,
+        atol,
+    )
+    return not message, message
+
+
+def _check_zero_size(context: _Context) -> tuple[bool | None, str]:
+    if context.zero_size_inputs is None:
+        return None, "no zero_size_inputs given"
+    if not any(
+        isinstance(value, torch.Tensor) and value.numel() == 0 for value in context.zero_size_inputs
+    ):
+        raise ValueError("zero_size_inputs has no tensor with a zero-size dimension")
+    inputs = _copies(context.zero_size_inputs, torch.float64)
+    outputs = _floating(context.call(context.fn, inputs))
+    gradients = _gradients(outputs, _differentiable(inputs), [torch.ones_like(o) for o in outputs])
+    problems = [
+        f"gradient[{index}] has shape {list(gradient.shape)}, its input {list(tensor.shape)}"
+        for index, (gradient, tensor) in enumerate(
+            zip(gradients, _differentiable(inputs), strict=True)
+        )
+        if gradient is not None and gradient.shape != tensor.shape
+    ]
+    if context.reference is not None:
+        rtol, atol = context.tolerances[torch.float64]
+        fresh = _copies(context.zero_size_inputs, torch.float64)
+        passed, message = _against_reference(context, fresh, rtol, atol)
+        if not passed:
+            problems.append(message)
+    message = "\n".join(problems)
+    return not message, message
+
+
+def _check_inputs_unmodified(context: _Context) -> tuple[bool | None, str]:
+    inputs = _copies(context.inputs, torch.float64)
+    before = [
+        value.detach().clone() if isinstance(value, torch.Tensor) else None for value in inputs
+    ]
+    outputs = _floating(context.call(context.fn, inputs))
+    grad_outputs = _grad_outputs(outputs, context.seed)
+    grad_before = [grad.clone() for grad in grad_outputs]
+    _gradients(outputs, _differentiable(inputs), grad_outputs)
+    problems = []
+    for index, (value, saved) in enumerate(zip(inputs, before, strict=True)):
+        if saved is None or index in context.modified:
+            continue
+        if not torch.equal(value.detach().nan_to_num(), saved.nan_to_num()):
+            problems.append(f"input {index} was modified")
+    for index, (grad, saved) in enumerate(zip(grad_outputs, grad_before, strict=True)):
+        if not torch.equal(grad, saved):
+            problems.append(f"grad_output {index} was modified by backward")
+    message = "; ".join(problems)
+    return not message, message
+
+
+def _check_backward_twice(context: _Context) -> tuple[bool | None, str]:
+    inputs = _copies(context.inputs, torch.float64)
+    outputs = _floating(context.call(context.fn, inputs))
+    grad_outputs = _grad_outputs(outputs, context.seed)
+    first = _gradients(outputs, _differentiable(inputs), grad_outputs, retain_graph=True)
+    second = _gradients(outputs, _differentiable(inputs), grad_outputs)
+    message = _compare("gradient", second, first, 0.0, 0.0)
+    return not message, message
+
+
+_CHECK_FUNCTIONS: dict[str, Callable[[_Context], tuple[bool | None, str]]] = {
+    "gradcheck": _check_gradcheck,
+    "gradgradcheck": _check_gradgradcheck,
+    "reference_float64": _check_reference(torch.float64),
+    "reference_float32": _check_reference(torch.float32),
+    "non_contiguous": _check_non_contiguous,
+    "stride0_grad_output": _check_stride0_grad_output,
+    "zero_size": _check_zero_size,
+    "inputs_unmodified": _check_inputs_unmodified,
+    "backward_twice": _check_backward_twice,
+}
