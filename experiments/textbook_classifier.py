@@ -43,7 +43,7 @@ class Config:
     batch_size: int = 32  # minibatch size (the last, smaller batch of an epoch is dropped)
     lr: float = 0.01  # Adam's learning rate (betas, eps: torch's defaults)
     dtype: str = "float64"  # float64 makes any difference in the math visible above rounding
-    tolerance: float = 1e-9  # max relative difference of losses and final weights allowed
+    tolerance: float = 1e-12  # max relative difference of losses and final weights allowed
     min_accuracy: float = 0.9  # validation accuracy the classifier must reach
     seed: int = 0  # seeds the split, the initial weights and the minibatch order
     out: str = ""  # output directory (default: runs/experiments/textbook_classifier)
