@@ -217,9 +217,10 @@ class SGDWithDiagnostics(torch.optim.SGD):
     differ from the true ones (true squared norms times ``scale``), so a test can tell whose
     numbers the logger wrote."""
 
-    def __init__(self, params, lr: float, scale: float) -> None:
+    def __init__(self, params, lr: float, scale: float, total_norm: float | None = None) -> None:
         super().__init__(params, lr=lr)
         self.scale = scale
+        self.total_norm = total_norm
         self.report: dict[str, object] | None = None
 
     @torch.no_grad()
@@ -236,6 +237,8 @@ class SGDWithDiagnostics(torch.optim.SGD):
             ).flip(0),
             "param_sq_norm": torch.stack([b.square().sum() for b in before]).flip(0),
         }
+        if self.total_norm is not None:
+            self.report["total_norm"] = torch.tensor(self.total_norm)
 
     def diagnostics(self):
         return self.report
@@ -266,6 +269,15 @@ def test_norms_come_from_optimizer_diagnostics_when_it_has_them(tmp_path: Path) 
     own = [value for _, value in scalars(runs["logger"], "update_ratio/0.weight")]
     reported = [value for _, value in scalars(runs["optimizer"], "update_ratio/0.weight")]
     torch.testing.assert_close(reported, [2 * value for value in own], rtol=1e-5, atol=0)
+
+
+def test_optimizer_total_norm_is_the_logged_global_grad_norm(tmp_path: Path) -> None:
+    model = make_model()
+    optimizer = SGDWithDiagnostics(model.parameters(), lr=0.1, scale=1.0, total_norm=7.5)
+    logger = TrainingLogger(tmp_path, model, optimizer)
+    train(model, optimizer, logger, steps=3)
+    logger.close()
+    assert [value for _, value in scalars(read_run(tmp_path), "grad/global_norm")] == [7.5] * 3
 
 
 def test_diagnostics_missing_a_parameter_is_an_error(tmp_path: Path) -> None:

@@ -19,8 +19,10 @@ Tags written (``<name>`` is the parameter's name in ``model.named_parameters()``
 ``lr/group_<i>``               learning rate of param group ``i`` used by this step
 ``grad/global_norm``           :math:`\|g\|_2` over all parameters, measured when the context is
                                entered, so before any clipping inside it: it equals the total
-                               norm ``clip_grad_norm_`` returns
-``grad_norm/<name>``           :math:`\|g_i\|_2` of each parameter
+                               norm ``clip_grad_norm_`` returns (optimizer path: see
+                               :class:`SupportsDiagnostics`)
+``grad_norm/<name>``           :math:`\|g_i\|_2` of each parameter (optimizer path: of the
+                               gradient its update used)
 ``update/global_norm``         :math:`\|\Delta\theta\|_2` over all parameters, where
                                :math:`\Delta\theta_i = \theta_i^{after} - \theta_i^{before}`
 ``update_ratio/<name>``        :math:`\|\Delta\theta_i\|_2 / \|\theta_i^{before}\|_2` (skipped
@@ -70,10 +72,16 @@ class SupportsDiagnostics(Protocol):
     or a mapping with these entries, each row describing one parameter:
 
     - ``"params"``: the parameter tensors, in the order of the rows below;
-    - ``"grad_sq_norm"``: 1-D tensor, :math:`\|g_i\|_2^2` of the gradient as it was before any
-      clipping or unscaling (the norm ``clip_grad_norm_`` reports);
+    - ``"grad_sq_norm"``: 1-D tensor, :math:`\|g_i\|_2^2` of the gradient the update used (after
+      unscaling and any clipping);
     - ``"update_sq_norm"``: 1-D tensor, :math:`\|\theta_i^{after} - \theta_i^{before}\|_2^2`;
-    - ``"param_sq_norm"``: 1-D tensor, :math:`\|\theta_i^{before}\|_2^2`.
+    - ``"param_sq_norm"``: 1-D tensor, :math:`\|\theta_i^{before}\|_2^2`;
+    - ``"total_norm"`` (optional): when the optimizer clipped the gradients itself, the global
+      norm before clipping (what ``clip_grad_norm_`` returns), a 0-dim tensor or float.
+
+    ``grad/global_norm`` is then ``total_norm`` if given, else the root of the summed
+    ``grad_sq_norm``. Rows may come in any order and cover more parameters than the logger
+    tracks; the logger matches them to its parameters by identity.
     """
 
     def diagnostics(self) -> Mapping[str, Any] | None: ...
@@ -184,7 +192,7 @@ class TrainingLogger:
             use_diagnostics = self._diagnostics_seen and isinstance(
                 self.optimizer, SupportsDiagnostics
             )
-            grad_norms = None
+            grad_norms = global_grad_norm = None
             if logging and not use_diagnostics:
                 grad_norms = self._norms([p.grad for _, p in live])
             if histograms:
@@ -201,7 +209,7 @@ class TrainingLogger:
             diagnostics = self._read_diagnostics(live)
             if diagnostics is not None:
                 self.norm_source = "optimizer"
-                grad_norms, update_norms, param_norms = diagnostics
+                grad_norms, update_norms, param_norms, global_grad_norm = diagnostics
             else:
                 self.norm_source = "logger"
                 update_norms = param_norms = None
@@ -214,11 +222,15 @@ class TrainingLogger:
                 # Diagnostics were on before this step and are off now: this step's gradient
                 # norm was not measured on entry, and is not logged.
                 grad_norms = []
-        self._write_step(step, loss, lrs, live, grad_norms, update_norms, param_norms)
+            if global_grad_norm is None and grad_norms:
+                global_grad_norm = math.sqrt(sum(norm * norm for norm in grad_norms))
+        self._write_step(
+            step, loss, lrs, live, grad_norms, global_grad_norm, update_norms, param_norms
+        )
 
     def _read_diagnostics(
         self, live: list[tuple[str, torch.Tensor]]
-    ) -> tuple[list[float], list[float] | None, list[float] | None] | None:
+    ) -> tuple[list[float], list[float], list[float], float | None] | None:
         if not isinstance(self.optimizer, SupportsDiagnostics):
             return None
         report = self.optimizer.diagnostics()
@@ -238,7 +250,8 @@ class TrainingLogger:
             report[key].detach().to("cpu", torch.float64)[rows].sqrt().tolist()
             for key in ("grad_sq_norm", "update_sq_norm", "param_sq_norm")
         ]
-        return columns[0], columns[1], columns[2]
+        total = report.get("total_norm")
+        return columns[0], columns[1], columns[2], None if total is None else float(total)
 
     @staticmethod
     def _norms(tensors: list[torch.Tensor]) -> list[float]:
@@ -260,6 +273,7 @@ class TrainingLogger:
         lrs: list[float],
         live: list[tuple[str, torch.Tensor]],
         grad_norms: list[float],
+        global_grad_norm: float | None,
         update_norms: list[float] | None,
         param_norms: list[float] | None,
     ) -> None:
@@ -268,8 +282,9 @@ class TrainingLogger:
             add("train/loss", float(loss.detach() if torch.is_tensor(loss) else loss), step)
         for g, lr in enumerate(lrs):
             add(f"lr/group_{g}", lr, step)
+        if global_grad_norm is not None:
+            add("grad/global_norm", global_grad_norm, step)
         if grad_norms:
-            add("grad/global_norm", math.sqrt(sum(n * n for n in grad_norms)), step)
             for (name, _), norm in zip(live, grad_norms, strict=True):
                 add(f"grad_norm/{name}", norm, step)
         if update_norms is not None and param_norms is not None:
