@@ -1,0 +1,19 @@
+"""Drop-in replacements for ``torch.optim`` optimizers and ``torch.nn.utils`` gradient clipping.
+
+Same arguments, defaults, errors, param groups and state dicts as torch; each step runs on the
+backend :func:`torchopt_lab.backend.resolve` picks for its tensors.
+"""
+
+from torchopt_lab.optim.adagrad import Adagrad
+from torchopt_lab.optim.adam import Adam, AdamW
+from torchopt_lab.optim.rmsprop import RMSprop
+from torchopt_lab.optim.sgd import SGD, Momentum
+
+__all__ = [
+    "SGD",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Momentum",
+    "RMSprop",
+]

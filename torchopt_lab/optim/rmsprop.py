@@ -1,0 +1,188 @@
+"""RMSprop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchopt_lab.optim._base import (
+    TensorLists,
+    TorchoptOptimizer,
+    as_float,
+    increment_steps,
+    new_step,
+)
+
+__all__ = ["RMSprop", "rmsprop"]
+
+
+def rmsprop(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffer_list: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+) -> None:
+    """RMSprop's torch reference update over real tensors of one device and dtype (see
+    :class:`RMSprop`). ``grad_avgs`` is empty unless ``centered``, ``momentum_buffer_list`` unless
+    ``momentum > 0``."""
+    lr = as_float(lr)
+    increment_steps(state_steps)
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if weight_decay != 0:
+        # L2 penalty: g <- g + lambda * theta.
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    # Mean square: v <- alpha * v + (1 - alpha) * g^2.
+    torch._foreach_mul_(square_avgs, alpha)
+    torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - alpha)
+    if centered:
+        # Centered: mean gradient m <- alpha * m + (1 - alpha) * g, denominator sqrt(v - m^2) + eps.
+        torch._foreach_lerp_(grad_avgs, grads, 1 - alpha)
+        denominators = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1)
+        torch._foreach_sqrt_(denominators)
+    else:
+        denominators = torch._foreach_sqrt(square_avgs)
+    torch._foreach_add_(denominators, eps)
+    if momentum > 0:
+        # b <- momentum * b + g / denominator; theta <- theta - lr * b.
+        torch._foreach_mul_(momentum_buffer_list, momentum)
+        torch._foreach_addcdiv_(momentum_buffer_list, grads, denominators)
+        torch._foreach_add_(params, momentum_buffer_list, alpha=-lr)
+    else:
+        # theta <- theta - lr * g / denominator.
+        torch._foreach_addcdiv_(params, grads, denominators, value=-lr)
+
+
+class RMSprop(TorchoptOptimizer):
+    r"""RMSprop (Hinton, 2012, "Neural Networks for Machine Learning", lecture 6e), centered
+    variant after Graves (2013, "Generating Sequences With Recurrent Neural Networks").
+
+    .. math::
+        g_t &= \pm\nabla f(\theta_{t-1}) + \lambda\theta_{t-1}, \qquad
+        v_t = \alpha v_{t-1} + (1-\alpha) g_t^2 \\
+        \tilde v_t &= v_t - \bar g_t^2,\; \bar g_t = \alpha \bar g_{t-1} + (1-\alpha) g_t
+            \text{ (centered), else } v_t \\
+        b_t &= \mu b_{t-1} + g_t / (\sqrt{\tilde v_t} + \epsilon), \qquad
+        \theta_t = \theta_{t-1} - \gamma b_t
+
+    (:math:`\mu = 0` updates with :math:`g_t / (\sqrt{\tilde v_t} + \epsilon)` directly).
+    Arguments (all positional, as in torch), defaults, errors, param groups and state (``step``,
+    ``square_avg``, ``momentum_buffer``, ``grad_avg``) are torch.optim.RMSprop's. ``capturable``
+    needs the Triton backend; ``differentiable=True`` is refused.
+    """
+
+    _reference = staticmethod(rmsprop)
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        *,
+        backend: str = "auto",
+        max_grad_norm: float | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not eps >= 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not momentum >= 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not alpha >= 0.0:
+            raise ValueError(f"Invalid alpha value: {alpha}")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "alpha": alpha,
+            "eps": eps,
+            "centered": centered,
+            "weight_decay": weight_decay,
+            "capturable": capturable,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+        }
+        super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("momentum", 0)
+            group.setdefault("centered", False)
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("capturable", False)
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = new_step().fill_(float(p_state["step"]))
+
+    def _init_group(self, group: dict[str, Any]) -> TensorLists:
+        tensors: TensorLists = {
+            "params": [],
+            "grads": [],
+            "square_avgs": [],
+            "grad_avgs": [],
+            "momentum_buffer_list": [],
+            "state_steps": [],
+        }
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("RMSprop does not support sparse gradients")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = new_step()
+                state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["momentum"] > 0:
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+                if group["centered"]:
+                    state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            tensors["params"].append(p)
+            tensors["grads"].append(p.grad)
+            tensors["square_avgs"].append(state["square_avg"])
+            if group["momentum"] > 0:
+                tensors["momentum_buffer_list"].append(state["momentum_buffer"])
+            if group["centered"]:
+                tensors["grad_avgs"].append(state["grad_avg"])
+            tensors["state_steps"].append(state["step"])
+        return tensors
+
+    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "lr": group["lr"],
+            "alpha": group["alpha"],
+            "eps": group["eps"],
+            "weight_decay": group["weight_decay"],
+            "momentum": group["momentum"],
+            "centered": group["centered"],
+            "maximize": group["maximize"],
+        }
