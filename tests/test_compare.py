@@ -121,7 +121,9 @@ def test_compare_writes_results_json(comparison) -> None:
     report = json.loads((run_dir / "results.json").read_text())
     assert report["config"]["epochs"] == EPOCHS
     assert report["environment"]["train_samples"] == TRAIN_SAMPLES
-    assert "decisions" in report["environment"]["backends"]
+    decisions = report["environment"]["backends"]["decisions"]
+    assert any(name.startswith("optim.") for name in decisions), "our optimizers ran"
+    assert any(name.startswith("nn.") for name in decisions), "our layers ran"
     assert list(report["results"]) == list(OPTIMIZERS)
     for name, result in report["results"].items():
         assert result["steps"] == STEPS
