@@ -6,6 +6,7 @@ backend :func:`torchopt_lab.backend.resolve` picks for its tensors.
 
 from torchopt_lab.optim.adagrad import Adagrad
 from torchopt_lab.optim.adam import Adam, AdamW
+from torchopt_lab.optim.clip import clip_grad_norm_, clip_grad_value_
 from torchopt_lab.optim.rmsprop import RMSprop
 from torchopt_lab.optim.sgd import SGD, Momentum
 
@@ -16,4 +17,6 @@ __all__ = [
     "AdamW",
     "Momentum",
     "RMSprop",
+    "clip_grad_norm_",
+    "clip_grad_value_",
 ]
