@@ -214,33 +214,32 @@ def test_config_text_and_hparams_with_final_metrics_in_the_same_run(tmp_path: Pa
 
 class SGDWithDiagnostics(torch.optim.SGD):
     """Stands in for an optimizer whose kernel reports norms: reports, on purpose, numbers that
-    differ from the true ones (true squared norms times ``scale``), so a test can tell whose
-    numbers the logger wrote."""
+    differ from the true ones (true squared grad and update norms times ``scale``), so a test
+    can tell whose numbers the logger wrote. ``skip`` names parameters it leaves out."""
 
-    def __init__(self, params, lr: float, scale: float, total_norm: float | None = None) -> None:
+    def __init__(self, params, lr: float, scale: float, skip: int = 0) -> None:
         super().__init__(params, lr=lr)
         self.scale = scale
-        self.total_norm = total_norm
-        self.report: dict[str, object] | None = None
+        self.skip = skip
+        self.report: dict[torch.Tensor, torch.Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         before = [p.clone() for p in params]
-        grads = torch.stack([p.grad.square().sum() for p in params])
         super().step(closure)
         self.report = {
-            "params": params[::-1],  # any order: the logger matches rows by identity
-            "grad_sq_norm": (self.scale * grads).flip(0),
-            "update_sq_norm": torch.stack(
-                [self.scale * (p - b).square().sum() for p, b in zip(params, before, strict=True)]
-            ).flip(0),
-            "param_sq_norm": torch.stack([b.square().sum() for b in before]).flip(0),
+            p: torch.stack(
+                [
+                    self.scale * p.grad.square().sum(),
+                    self.scale * (p - b).square().sum(),
+                    b.square().sum(),
+                ]
+            )
+            for p, b in zip(params[self.skip :], before[self.skip :], strict=True)
         }
-        if self.total_norm is not None:
-            self.report["total_norm"] = torch.tensor(self.total_norm)
 
-    def diagnostics(self):
+    def norm_diagnostics(self) -> dict[torch.Tensor, torch.Tensor]:
         return self.report
 
 
@@ -260,41 +259,55 @@ def test_norms_come_from_optimizer_diagnostics_when_it_has_them(tmp_path: Path) 
         assert logger.norm_source == name
         runs[name] = read_run(tmp_path / name)
 
-    assert "optimizer.diagnostics()" in text(runs["optimizer"], "logger/norm_source")
+    assert "optimizer.norm_diagnostics()" in text(runs["optimizer"], "logger/norm_source")
     # sqrt(4) = 2: the optimizer's numbers were logged, not the logger's own measurements.
-    for tag in ("grad/global_norm", "update/global_norm", "grad_norm/2.weight"):
+    for tag in (
+        "grad/global_norm",
+        "update/global_norm",
+        "grad_norm/2.weight",
+        "update_ratio/0.weight",
+    ):
         own = [value for _, value in scalars(runs["logger"], tag)]
         reported = [value for _, value in scalars(runs["optimizer"], tag)]
+        assert len(own) == STEPS
         torch.testing.assert_close(reported, [2 * value for value in own], rtol=1e-5, atol=0)
-    own = [value for _, value in scalars(runs["logger"], "update_ratio/0.weight")]
-    reported = [value for _, value in scalars(runs["optimizer"], "update_ratio/0.weight")]
-    torch.testing.assert_close(reported, [2 * value for value in own], rtol=1e-5, atol=0)
 
 
-def test_optimizer_total_norm_is_the_logged_global_grad_norm(tmp_path: Path) -> None:
+def test_diagnostics_that_miss_a_parameter_fall_back_to_the_loggers_own_pass(
+    tmp_path: Path,
+) -> None:
     model = make_model()
-    optimizer = SGDWithDiagnostics(model.parameters(), lr=0.1, scale=1.0, total_norm=7.5)
+    optimizer = SGDWithDiagnostics(model.parameters(), lr=0.1, scale=4.0, skip=1)
     logger = TrainingLogger(tmp_path, model, optimizer)
-    train(model, optimizer, logger, steps=3)
+    reference = make_model()
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    reference_logger = TrainingLogger(tmp_path / "reference", reference, reference_optimizer)
+    train(model, optimizer, logger)
+    train(reference, reference_optimizer, reference_logger)
     logger.close()
-    assert [value for _, value in scalars(read_run(tmp_path), "grad/global_norm")] == [7.5] * 3
+    reference_logger.close()
+    assert logger.norm_source == "logger"
+    run, reference_run = read_run(tmp_path), read_run(tmp_path / "reference")
+    assert "logger" in text(run, "logger/norm_source")
+    for tag in ("grad/global_norm", "update/global_norm"):
+        torch.testing.assert_close(
+            [value for _, value in scalars(run, tag)],
+            [value for _, value in scalars(reference_run, tag)],
+            rtol=1e-6,
+            atol=0,
+        )
 
 
-def test_diagnostics_missing_a_parameter_is_an_error(tmp_path: Path) -> None:
+def test_torchopt_lab_optimizer_on_cpu_is_logged_by_the_loggers_own_pass(tmp_path: Path) -> None:
+    from torchopt_lab import optim
+
     model = make_model()
-    optimizer = SGDWithDiagnostics(model.parameters(), lr=0.1, scale=1.0)
-    original = optimizer.diagnostics
-
-    def partial():
-        report = dict(original())
-        report["params"] = report["params"][1:]
-        return report
-
-    optimizer.diagnostics = partial
+    optimizer = optim.Adam(model.parameters(), lr=0.01)
     logger = TrainingLogger(tmp_path, model, optimizer)
-    with pytest.raises(ValueError, match=r"no row for parameters \['2.bias'\]"):
-        train(model, optimizer, logger, steps=1)
+    train(model, optimizer, logger, steps=2)
     logger.close()
+    assert logger.norm_source == "logger", "no kernels ran on the CPU, so no kernel norms"
+    assert len(scalars(read_run(tmp_path), "update_ratio/0.weight")) == 2
 
 
 @pytest.mark.parametrize(

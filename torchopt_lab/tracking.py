@@ -19,8 +19,8 @@ Tags written (``<name>`` is the parameter's name in ``model.named_parameters()``
 ``lr/group_<i>``               learning rate of param group ``i`` used by this step
 ``grad/global_norm``           :math:`\|g\|_2` over all parameters, measured when the context is
                                entered, so before any clipping inside it: it equals the total
-                               norm ``clip_grad_norm_`` returns (optimizer path: see
-                               :class:`SupportsDiagnostics`)
+                               norm ``clip_grad_norm_`` returns (optimizer path: the norm of the
+                               gradients its update used, see :class:`SupportsDiagnostics`)
 ``grad_norm/<name>``           :math:`\|g_i\|_2` of each parameter (optimizer path: of the
                                gradient its update used)
 ``update/global_norm``         :math:`\|\Delta\theta\|_2` over all parameters, where
@@ -35,15 +35,17 @@ Tags written (``<name>`` is the parameter's name in ``model.named_parameters()``
 =============================  ==============================================================
 
 Where the norms come from. An optimizer that computes them during its own update may expose
-them through a method ``diagnostics()`` (the :class:`SupportsDiagnostics` protocol); when it
-returns data for the step just taken, the logger uses it and makes no pass over memory of its own
-(``norm_source == "optimizer"``). Otherwise (``norm_source == "logger"``) the logger computes the
-norms itself, at this cost per logged step, for ``P`` parameter elements: one read of the
-gradients for the gradient norms; a copy of the parameters before the step (``P`` elements of
-extra memory, one read and one write) and, after it, an in-place difference and its norm (two
-reads, one write, one read). ``log_every`` bounds that cost; ``update_ratios=False`` removes the
-copy. Until the optimizer has once returned diagnostics, the logger snapshots the parameters, so
-the first logged step always has its update norms.
+them through ``norm_diagnostics()`` (the :class:`SupportsDiagnostics` protocol; torchopt-lab's
+optimizers do on their fused Triton path with ``record_norms=True``). When it covers every
+parameter that had a gradient in the step just taken, the logger uses it and makes no pass over
+memory of its own (``norm_source == "optimizer"``). Otherwise (``norm_source == "logger"``) the
+logger computes the norms itself, at this cost per logged step, for ``P`` parameter elements: one
+read of the gradients for the gradient norms; a copy of the parameters before the step (``P``
+elements of extra memory, one read and one write) and, after it, an in-place difference and its
+norm (two reads, one write, one read). ``log_every`` bounds that cost; ``update_ratios=False``
+removes the copy. Until the optimizer has once covered every parameter, the logger snapshots the
+parameters, so every logged step has its update norms; the ``logger/norm_source`` text records
+each switch between the two paths.
 """
 
 from __future__ import annotations
@@ -68,23 +70,15 @@ NormSource = Literal["optimizer", "logger"]
 class SupportsDiagnostics(Protocol):
     r"""An optimizer that reports per-tensor squared norms computed during its last ``step()``.
 
-    ``diagnostics()`` returns ``None`` when it has nothing for the last step (diagnostics off),
-    or a mapping with these entries, each row describing one parameter:
-
-    - ``"params"``: the parameter tensors, in the order of the rows below;
-    - ``"grad_sq_norm"``: 1-D tensor, :math:`\|g_i\|_2^2` of the gradient the update used (after
-      unscaling and any clipping);
-    - ``"update_sq_norm"``: 1-D tensor, :math:`\|\theta_i^{after} - \theta_i^{before}\|_2^2`;
-    - ``"param_sq_norm"``: 1-D tensor, :math:`\|\theta_i^{before}\|_2^2`;
-    - ``"total_norm"`` (optional): when the optimizer clipped the gradients itself, the global
-      norm before clipping (what ``clip_grad_norm_`` returns), a 0-dim tensor or float.
-
-    ``grad/global_norm`` is then ``total_norm`` if given, else the root of the summed
-    ``grad_sq_norm``. Rows may come in any order and cover more parameters than the logger
-    tracks; the logger matches them to its parameters by identity.
+    ``norm_diagnostics()`` maps each parameter the last step updated with diagnostics on to a
+    tensor (on any device) holding ``[grad_sq_norm, update_sq_norm, param_sq_norm]``:
+    :math:`\|g_i\|_2^2` of the gradient the update used (after unscaling and any clipping the
+    optimizer fused in, so with ``max_grad_norm`` the logged gradient norms are the clipped
+    ones), :math:`\|\theta_i^{after} - \theta_i^{before}\|_2^2` and
+    :math:`\|\theta_i^{before}\|_2^2`. An empty mapping means no diagnostics for that step.
     """
 
-    def diagnostics(self) -> Mapping[str, Any] | None: ...
+    def norm_diagnostics(self) -> Mapping[torch.Tensor, torch.Tensor]: ...
 
 
 def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -192,7 +186,7 @@ class TrainingLogger:
             use_diagnostics = self._diagnostics_seen and isinstance(
                 self.optimizer, SupportsDiagnostics
             )
-            grad_norms = global_grad_norm = None
+            grad_norms = None
             if logging and not use_diagnostics:
                 grad_norms = self._norms([p.grad for _, p in live])
             if histograms:
@@ -209,7 +203,7 @@ class TrainingLogger:
             diagnostics = self._read_diagnostics(live)
             if diagnostics is not None:
                 self.norm_source = "optimizer"
-                grad_norms, update_norms, param_norms, global_grad_norm = diagnostics
+                grad_norms, update_norms, param_norms = diagnostics
             else:
                 self.norm_source = "logger"
                 update_norms = param_norms = None
@@ -222,36 +216,22 @@ class TrainingLogger:
                 # Diagnostics were on before this step and are off now: this step's gradient
                 # norm was not measured on entry, and is not logged.
                 grad_norms = []
-            if global_grad_norm is None and grad_norms:
-                global_grad_norm = math.sqrt(sum(norm * norm for norm in grad_norms))
-        self._write_step(
-            step, loss, lrs, live, grad_norms, global_grad_norm, update_norms, param_norms
-        )
+        self._write_step(step, loss, lrs, live, grad_norms, update_norms, param_norms)
 
     def _read_diagnostics(
         self, live: list[tuple[str, torch.Tensor]]
-    ) -> tuple[list[float], list[float], list[float], float | None] | None:
+    ) -> tuple[list[float], list[float], list[float]] | None:
+        """The optimizer's norms for ``live`` (one host transfer), or None if it has none for
+        some of them (diagnostics off, or a parameter it did not run through its kernels)."""
         if not isinstance(self.optimizer, SupportsDiagnostics):
             return None
-        report = self.optimizer.diagnostics()
-        if report is None:
-            self._diagnostics_seen = False
+        report = {id(p): norms for p, norms in self.optimizer.norm_diagnostics().items()}
+        self._diagnostics_seen = bool(live) and all(id(p) in report for _, p in live)
+        if not self._diagnostics_seen:
             return None
-        self._diagnostics_seen = True
-        row = {id(p): i for i, p in enumerate(report["params"])}
-        missing = [name for name, p in live if id(p) not in row]
-        if missing:
-            raise ValueError(
-                f"optimizer.diagnostics() has no row for parameters {missing}; it must cover "
-                "every parameter that had a gradient"
-            )
-        rows = torch.tensor([row[id(p)] for _, p in live], dtype=torch.long)
-        columns = [
-            report[key].detach().to("cpu", torch.float64)[rows].sqrt().tolist()
-            for key in ("grad_sq_norm", "update_sq_norm", "param_sq_norm")
-        ]
-        total = report.get("total_norm")
-        return columns[0], columns[1], columns[2], None if total is None else float(total)
+        rows = torch.stack([report[id(p)].detach().to("cpu", torch.float64) for _, p in live])
+        grad, update, param = rows.reshape(len(live), 3).sqrt().T.tolist()
+        return grad, update, param
 
     @staticmethod
     def _norms(tensors: list[torch.Tensor]) -> list[float]:
@@ -273,7 +253,6 @@ class TrainingLogger:
         lrs: list[float],
         live: list[tuple[str, torch.Tensor]],
         grad_norms: list[float],
-        global_grad_norm: float | None,
         update_norms: list[float] | None,
         param_norms: list[float] | None,
     ) -> None:
@@ -282,9 +261,8 @@ class TrainingLogger:
             add("train/loss", float(loss.detach() if torch.is_tensor(loss) else loss), step)
         for g, lr in enumerate(lrs):
             add(f"lr/group_{g}", lr, step)
-        if global_grad_norm is not None:
-            add("grad/global_norm", global_grad_norm, step)
         if grad_norms:
+            add("grad/global_norm", math.sqrt(sum(norm * norm for norm in grad_norms)), step)
             for (name, _), norm in zip(live, grad_norms, strict=True):
                 add(f"grad_norm/{name}", norm, step)
         if update_norms is not None and param_norms is not None:
@@ -295,7 +273,7 @@ class TrainingLogger:
         if self.norm_source != self._norm_source_written:
             self._norm_source_written = self.norm_source
             how = {
-                "optimizer": "optimizer.diagnostics(): norms computed inside the optimizer's step",
+                "optimizer": "optimizer.norm_diagnostics(): norms computed inside its step",
                 "logger": "logger: norms computed by the logger in extra passes over memory",
             }[self.norm_source]
             self.writer.add_text("logger/norm_source", how, step)
