@@ -102,6 +102,16 @@ def _hparam_value(value: Any) -> bool | int | float | str:
     return str(value)
 
 
+def _to_host(values: list[torch.Tensor]) -> torch.Tensor:
+    """Stack same-shape tensors into one float64 CPU tensor with one transfer (and so one host
+    synchronisation) per device, not one per tensor."""
+    host = torch.empty(len(values), *values[0].shape, dtype=torch.float64)
+    for device in {value.device for value in values}:
+        rows = [i for i, value in enumerate(values) if value.device == device]
+        host[rows] = torch.stack([values[i] for i in rows]).to("cpu", torch.float64)
+    return host
+
+
 def _config_table(config: Mapping[str, Any]) -> str:
     rows = [f"| {key} | {json.dumps(value, default=str)} |" for key, value in config.items()]
     return "\n".join(["| key | value |", "| --- | --- |", *rows])
@@ -229,17 +239,16 @@ class TrainingLogger:
         self._diagnostics_seen = bool(live) and all(id(p) in report for _, p in live)
         if not self._diagnostics_seen:
             return None
-        rows = torch.stack([report[id(p)].detach().to("cpu", torch.float64) for _, p in live])
-        grad, update, param = rows.reshape(len(live), 3).sqrt().T.tolist()
+        rows = _to_host([report[id(p)].detach().reshape(3) for _, p in live])
+        grad, update, param = rows.sqrt().T.tolist()
         return grad, update, param
 
     @staticmethod
     def _norms(tensors: list[torch.Tensor]) -> list[float]:
-        """Per-tensor L2 norms, with one host synchronisation for all of them."""
+        """Per-tensor L2 norms."""
         if not tensors:
             return []
-        norms = [torch.linalg.vector_norm(t.detach()).to("cpu", torch.float64) for t in tensors]
-        return torch.stack(norms).tolist()
+        return _to_host([torch.linalg.vector_norm(t.detach()) for t in tensors]).tolist()
 
     def _histograms(self, live: list[tuple[str, torch.Tensor]], step: int) -> None:
         for name, parameter in live:
