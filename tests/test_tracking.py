@@ -159,6 +159,31 @@ def test_zero_weights_get_no_update_ratio(tmp_path: Path) -> None:
     assert steps == [1], "step 0 starts from a zero bias: its ratio is undefined, not logged"
 
 
+def test_parameters_without_gradients_are_left_out(tmp_path: Path) -> None:
+    model = make_model()
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    logger = TrainingLogger(tmp_path, model, optimizer)
+    train(model, optimizer, logger, steps=2)
+    logger.close()
+    tags = set(read_run(tmp_path).Tags()["scalars"])
+    assert {"grad_norm/2.weight", "update_ratio/2.weight"} <= tags
+    assert not {tag for tag in tags if tag.endswith(("/0.weight", "/0.bias"))}
+
+
+def test_parameters_the_model_does_not_name_are_named_by_group_and_index(tmp_path: Path) -> None:
+    model = make_model()
+    extra = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([{"params": model.parameters()}, {"params": [extra]}], lr=0.1)
+    logger = TrainingLogger(tmp_path, model, optimizer)
+    optimizer.zero_grad()
+    (model(torch.ones(2, 5)).sum() + extra.square().sum()).backward()
+    with logger.step():
+        optimizer.step()
+    logger.close()
+    assert "grad_norm/group1.0" in read_run(tmp_path).Tags()["scalars"]
+
+
 def test_histograms_every_n_steps_and_scalars_every_k(tmp_path: Path) -> None:
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
