@@ -13,6 +13,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "torchopt_lab.compare",
         "Train one network on the 8x8 digits with every optimizer and compare them.",
     ),
+    "bench-optim": (
+        "torchopt_lab.bench.optim",
+        "time optimizer steps of ours against torch.optim foreach and fused",
+    ),
 }
 
 

@@ -45,15 +45,22 @@ def as_float(value: float | Tensor) -> float:
     return value.item() if isinstance(value, Tensor) else value
 
 
-def increment_steps(state_steps: list[Tensor]) -> list[float]:
-    """Add one to every ``state["step"]`` and return the new counts as Python numbers."""
+def increment_steps(state_steps: list[Tensor]) -> None:
+    """Add one to every ``state["step"]``."""
+    if state_steps:
+        # One wrapped scalar for the whole list: foreach on CPU scalars would wrap 1 per tensor.
+        torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
+
+
+def read_steps(state_steps: list[Tensor]) -> list[float]:
+    """The step counts as Python numbers."""
     if not state_steps:
         return []
-    # One wrapped scalar for the whole list: foreach on CPU scalars would wrap 1 per tensor.
-    torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
-    if len(state_steps) == 1:
-        return [state_steps[0].item()]
-    return torch.stack([step.to("cpu", torch.float64) for step in state_steps]).tolist()
+    try:
+        # One read for the whole list; steps loaded from elsewhere may differ in dtype or device.
+        return torch.stack(state_steps).tolist()
+    except RuntimeError:
+        return [step.item() for step in state_steps]
 
 
 def _real_view(tensor: Tensor) -> Tensor:
@@ -106,6 +113,14 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         if defaults.get("fused") and defaults.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim pickles only defaults, state and param groups; keep our two attributes too.
+        return {
+            **super().__getstate__(),
+            "backend": self.backend,
+            "max_grad_norm": self.max_grad_norm,
+        }
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
@@ -131,6 +146,12 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         clip_coefficient = None
         if self.max_grad_norm is not None:
             grads = [grad for _, tensors in groups for grad in tensors["grads"]]
+            if any(grad.is_sparse for grad in grads):
+                # NotImplementedError is what clip_grad_norm_ raises from deep inside torch here.
+                raise NotImplementedError(
+                    f"{type(self).__name__}: max_grad_norm cannot clip sparse gradients (torch has "
+                    "no norm for them); clip the dense gradients yourself or drop max_grad_norm"
+                )
             if grads:
                 clip_coefficient = _clip_coefficient(_total_norm(grads), self.max_grad_norm)
         for group, tensors in groups:
@@ -152,23 +173,58 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         )
         hyperparameters = self._hyperparameters(group)
         component = f"optim.{type(self).__name__}"
+        # With one (device, dtype), the update gets the group's own lists: no copies, and state it
+        # creates lands in them directly.
+        single = len(split) == 1
         for (device, dtype), (lists, indices) in split.items():
             chosen = _backend.resolve(component, self.backend, device)
-            part = {name: [] for name in names}
-            part.update(zip(full, lists, strict=True))
-            if clip_coefficient is not None:
-                part["grads"] = torch._foreach_mul(part["grads"], clip_coefficient.to(device))
+            if single:
+                part = dict(tensors)
+            else:
+                part = {name: [] for name in names}
+                part.update(zip(full, lists, strict=True))
             if self._views_complex_as_real and dtype.is_complex:
                 for name in names:
                     part[name] = [_real_view(t) for t in part[name]]
             if chosen == "triton":
-                raise NotImplementedError(f"{component}: {TRITON_NOT_AVAILABLE}")
-            self._check_torch_path(group, device)
-            type(self)._reference(*part.values(), **hyperparameters)
-            if self._creates_state:
+                self._triton_update(group, part, hyperparameters, clip_coefficient)
+            else:
+                self._torch_update(group, part, hyperparameters, clip_coefficient)
+            if self._creates_state and not single:
                 for name in full:
                     for position, index in enumerate(indices):
                         tensors[name][index] = part[name][position]
+
+    def _triton_update(
+        self,
+        group: dict[str, Any],
+        tensors: TensorLists,
+        hyperparameters: dict[str, Any],
+        clip_coefficient: Tensor | None,
+    ) -> None:
+        """The update as Triton kernels: same arguments and contract as :meth:`_torch_update`."""
+        raise NotImplementedError(f"optim.{type(self).__name__}: {TRITON_NOT_AVAILABLE}")
+
+    def _torch_update(
+        self,
+        group: dict[str, Any],
+        tensors: TensorLists,
+        hyperparameters: dict[str, Any],
+        clip_coefficient: Tensor | None,
+    ) -> None:
+        """The update through the reference function.
+
+        ``tensors`` are the lists of one (device, dtype) group, complex ones as real views, in the
+        order of ``_reference``'s positional arguments; ``hyperparameters`` its keyword arguments;
+        ``clip_coefficient`` a 0-dim tensor min(max_grad_norm / (norm + 1e-6), 1) or None. The
+        gradients themselves are never modified; new state goes into the lists (SGD's buffers).
+        """
+        device = tensors["params"][0].device
+        self._check_torch_path(group, device)
+        if clip_coefficient is not None:
+            scaled = torch._foreach_mul(tensors["grads"], clip_coefficient.to(device))
+            tensors = {**tensors, "grads": scaled}
+        type(self)._reference(*tensors.values(), **hyperparameters)
 
     def _check_torch_path(self, group: dict[str, Any], device: torch.device) -> None:
         """Refuse what the torch reference path cannot honour, instead of ignoring it."""

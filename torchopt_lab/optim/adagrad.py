@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torchopt_lab.optim._base import (
     as_float,
     increment_steps,
     new_step,
+    read_steps,
 )
 
 __all__ = ["Adagrad", "adagrad"]
@@ -27,7 +29,8 @@ def _sparse_adagrad_update(
     indices, values = grad._indices(), grad._values()
 
     def sparse_like(new_values: Tensor) -> Tensor:
-        return torch.sparse_coo_tensor(indices, new_values, grad.size())
+        # The indices come from a coalesced tensor: valid, so the invariant check can be skipped.
+        return torch.sparse_coo_tensor(indices, new_values, grad.size(), check_invariants=False)
 
     state_sum.add_(sparse_like(values.pow(2)))
     std_values = state_sum.sparse_mask(grad)._values().sqrt_().add_(eps)
@@ -49,12 +52,13 @@ def adagrad(
     """Adagrad's torch reference update over real tensors of one device and dtype (see
     :class:`Adagrad`). Sparse gradients update only the rows they touch."""
     lr = as_float(lr)
-    steps = increment_steps(state_steps)
+    increment_steps(state_steps)
+    steps = read_steps(state_steps)
     # Decayed step size: lr_t = lr / (1 + (t - 1) * lr_decay).
     step_sizes = [-lr / (1 + (t - 1) * lr_decay) for t in steps]
     if maximize:
         grads = torch._foreach_neg(grads)
-    if any(grad.is_sparse for grad in grads):
+    if any(map(attrgetter("is_sparse"), grads)):
         if weight_decay != 0:
             raise RuntimeError("weight_decay option is not compatible with sparse gradients")
         dense = []

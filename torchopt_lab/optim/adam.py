@@ -13,6 +13,7 @@ from torchopt_lab.optim._base import (
     as_float,
     increment_steps,
     new_step,
+    read_steps,
 )
 
 __all__ = ["Adam", "AdamW", "adam"]
@@ -40,7 +41,8 @@ def adam(
     ``state_steps`` are incremented here; ``max_exp_avg_sqs`` is empty unless ``amsgrad``.
     """
     lr, beta1, beta2 = as_float(lr), as_float(beta1), as_float(beta2)
-    steps = increment_steps(state_steps)
+    increment_steps(state_steps)
+    steps = read_steps(state_steps)
     if maximize:
         grads = torch._foreach_neg(grads)
     if weight_decay != 0:

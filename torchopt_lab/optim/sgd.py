@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -53,7 +54,7 @@ def sgd(
         else:
             grads = momentum_buffer_list
     # p <- p - lr * d.
-    if any(grad.is_sparse for grad in grads):
+    if any(map(attrgetter("is_sparse"), grads)):
         for param, grad in zip(params, grads, strict=True):
             param.add_(grad, alpha=-lr)
     else:

@@ -1,0 +1,204 @@
+"""``torchopt-lab bench-optim``: optimizer step time of ours against torch.optim, in one run.
+
+For each optimizer and parameter set it times ``step()`` of ours, torch.optim with
+``foreach=True``, and torch.optim with ``fused=True`` where torch has a fused kernel for the device
+(tried, not assumed), and prints the ratios ours/torch (below 1 means ours is faster). Variants are
+timed in turns, repeat after repeat, and each reports its best turn (as ``timeit`` advises: on a
+shared machine, slower turns measure the neighbours' load, not the code). Parameters and gradients
+are shared by the variants; each keeps its own optimizer state.
+
+Everything is in tables: add a parameter set to ``PARAM_SETS`` or an optimizer to ``OPTIMIZERS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+import torchopt_lab.optim as ours
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Ours and torch's class for one optimizer, with the options both get."""
+
+    ours: type[torch.optim.Optimizer]
+    theirs: type[torch.optim.Optimizer]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "SGD": OptimizerSpec(ours.SGD, torch.optim.SGD, {"lr": 1e-3}),
+    "Momentum": OptimizerSpec(ours.Momentum, torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9}),
+    "Adagrad": OptimizerSpec(ours.Adagrad, torch.optim.Adagrad, {"lr": 1e-3}),
+    "RMSprop": OptimizerSpec(ours.RMSprop, torch.optim.RMSprop, {"lr": 1e-4}),
+    "Adam": OptimizerSpec(ours.Adam, torch.optim.Adam, {"lr": 1e-4}),
+    "AdamW": OptimizerSpec(ours.AdamW, torch.optim.AdamW, {"lr": 1e-4}),
+}
+
+
+def transformer_shapes(layers: int, width: int, vocab: int) -> list[tuple[int, ...]]:
+    """A GPT-like stack: embeddings, then per layer two norms, attention and MLP with biases."""
+    shapes: list[tuple[int, ...]] = [(vocab, width), (1024, width)]
+    for _ in range(layers):
+        shapes += [(width,), (width,)]  # attention norm
+        shapes += [(width, 3 * width), (3 * width,), (width, width), (width,)]
+        shapes += [(width,), (width,)]  # MLP norm
+        shapes += [(width, 4 * width), (4 * width,), (4 * width, width), (width,)]
+    return [*shapes, (width,), (width,)]
+
+
+def small_shapes(count: int) -> list[tuple[int, ...]]:
+    """Many small tensors: biases, norms and small matrices, as in a wide shallow model."""
+    cycle = [(256,), (64, 16), (128,), (32, 32), (512,)]
+    return [cycle[i % len(cycle)] for i in range(count)]
+
+
+# name -> (full-size shapes, --quick shapes)
+PARAM_SETS: dict[str, tuple[Callable[[], list], Callable[[], list]]] = {
+    "transformer": (
+        lambda: transformer_shapes(layers=16, width=360, vocab=4096),
+        lambda: transformer_shapes(layers=2, width=32, vocab=64),
+    ),
+    "small-tensors": (lambda: small_shapes(2000), lambda: small_shapes(50)),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--optimizers",
+        default=",".join(OPTIMIZERS),
+        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default: all)",
+    )
+    parser.add_argument(
+        "--sets",
+        default=",".join(PARAM_SETS),
+        help=f"comma-separated parameter sets, from {', '.join(PARAM_SETS)} (default: all)",
+    )
+    parser.add_argument("--repeats", type=int, default=7, help="timed turns per variant")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per timed turn")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sets, 2 repeats of 1 step: a smoke run"
+    )
+
+
+def _choices(text: str, table: dict[str, Any], what: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in table]
+    if unknown:
+        raise SystemExit(f"unknown {what}: {', '.join(unknown)}; choose from {', '.join(table)}")
+    return names
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _variants(
+    spec: OptimizerSpec, params: list[torch.Tensor]
+) -> dict[str, torch.optim.Optimizer | None]:
+    """Ours, torch foreach and torch fused (None where torch has no fused kernel here)."""
+    variants: dict[str, torch.optim.Optimizer | None] = {
+        "ours": spec.ours(params, **spec.options, backend="torch"),
+        "foreach": spec.theirs(params, **spec.options, foreach=True),
+    }
+    try:
+        fused = spec.theirs(params, **spec.options, fused=True)
+        fused.step()  # torch checks the device and dtype lazily, at the first step
+        variants["fused"] = fused
+    except (TypeError, RuntimeError):
+        variants["fused"] = None
+    return variants
+
+
+def _time_turn(optimizer: torch.optim.Optimizer, steps: int, device: torch.device) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        optimizer.step()
+    _synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def measure(
+    spec: OptimizerSpec,
+    shapes: list[tuple[int, ...]],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int,
+    steps: int,
+) -> dict[str, float | None]:
+    """Best seconds per step of each variant, timed in turns."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    params = []
+    for shape in shapes:
+        p = torch.randn(shape, generator=generator).to(device, dtype).requires_grad_()
+        p.grad = 1e-3 * torch.randn(shape, generator=generator).to(device, dtype)
+        params.append(p)
+    variants = _variants(spec, params)
+    times: dict[str, list[float]] = {name: [] for name, opt in variants.items() if opt}
+    for optimizer in variants.values():
+        if optimizer is not None:
+            optimizer.step()  # warm-up: state allocation happens here, not in the timings
+    for _ in range(repeats):
+        for name in times:
+            times[name].append(_time_turn(variants[name], steps, device))
+    return {name: min(times[name]) if name in times else None for name in variants}
+
+
+def _format_ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def _format_ratio(mine: float, theirs: float | None) -> str:
+    return "n/a" if theirs is None else f"{mine / theirs:.2f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    optimizer_names = _choices(args.optimizers, OPTIMIZERS, "optimizer")
+    set_names = _choices(args.sets, PARAM_SETS, "parameter set")
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    repeats, steps = (2, 1) if args.quick else (args.repeats, args.steps)
+    if repeats < 1 or steps < 1:
+        raise SystemExit(f"--repeats and --steps must be positive, got {repeats} and {steps}")
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(
+        f"# bench-optim {when}: torch {torch.__version__}, device {device}, {args.dtype}, "
+        f"{torch.get_num_threads()} threads, best of {repeats} turns x {steps} steps"
+    )
+    header = (
+        "| optimizer | set | tensors | params | ours ms | foreach ms | fused ms "
+        "| ours/foreach | ours/fused |"
+    )
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for set_name in set_names:
+        full, quick = PARAM_SETS[set_name]
+        shapes = quick() if args.quick else full()
+        count = sum(torch.Size(shape).numel() for shape in shapes)
+        for name in optimizer_names:
+            result = measure(
+                OPTIMIZERS[name], shapes, device=device, dtype=dtype, repeats=repeats, steps=steps
+            )
+            mine = result["ours"]
+            print(
+                f"| {name} | {set_name} | {len(shapes)} | {count / 1e6:.2f}M "
+                f"| {_format_ms(mine)} | {_format_ms(result['foreach'])} "
+                f"| {_format_ms(result['fused'])} | {_format_ratio(mine, result['foreach'])} "
+                f"| {_format_ratio(mine, result['fused'])} |",
+                flush=True,
+            )
+    return 0
