@@ -157,6 +157,7 @@ def test_compare_rejects_bad_arguments(argv, message, capsys) -> None:
         (["--epochs", "0"], "Invalid epochs: 0"),
         (["--batch-size", "5000"], "Invalid batch_size: 5000"),
         (["--hidden", "0"], "Invalid hidden widths: (0,)"),
+        (["--device", "gpu0"], "Invalid device: 'gpu0'"),
     ],
 )
 def test_compare_reports_bad_budgets_without_a_traceback(argv, message, tmp_path, capsys) -> None:

@@ -342,7 +342,11 @@ def _new_run_dir(logdir: Path) -> Path:
 
 def run_comparison(config: CompareConfig) -> Comparison:
     """Train every optimizer of ``config``; write the runs, the plot and the JSON; return all."""
-    device = torch.device(config.device)
+    try:
+        device = torch.device(config.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # torch's errors for bad or absent devices
+        raise ValueError(f"Invalid device: {config.device!r}: {error}") from None
     data = load_digits_split(config.val_fraction, config.seed, device)
     if config.batch_size > data.train_inputs.shape[0]:
         raise ValueError(
