@@ -9,6 +9,10 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "compare": (
+        "torchopt_lab.compare",
+        "Train one network on the 8x8 digits with every optimizer and compare them.",
+    ),
     "bench-optim": (
         "torchopt_lab.bench.optim",
         "time optimizer steps of ours against torch.optim foreach and fused",

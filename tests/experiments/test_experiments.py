@@ -1,0 +1,99 @@
+"""Every experiment runs end to end on its small budget (``--smoke``): it states its claim,
+prints a verdict, exits 0, and writes its configuration, a valid PNG and TensorBoard runs."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+from contextlib import redirect_stdout
+from io import StringIO
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+
+# module -> TensorBoard runs it must write (relative to its output directory; "*" globs)
+CASES = {
+    "linear_regression": ["tensorboard"],
+    "textbook_classifier": ["ours", "torch"],
+    "optimizer_comparison": ["compare-*/sgd", "compare-*/adam"],
+    "vanishing_gradients": ["sigmoid-plain", "relu-residual", "tanh-layernorm"],
+    "exploding_gradients": ["none", "clip_grad_norm_", "clip_grad_value_"],
+    "optimizer_paths": ["rosenbrock/sgd", "beale/adam", "quadratic/momentum"],
+    "sparse_features": ["sgd", "adagrad", "rmsprop"],
+}
+
+
+@pytest.fixture
+def experiment_module(monkeypatch):
+    """Import experiments by name as scripts do (their directory first on sys.path), and keep
+    the caller's torch thread count, which experiments set to 1."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    threads = torch.get_num_threads()
+    yield importlib.import_module
+    torch.set_num_threads(threads)
+    sys.modules.pop("common", None)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_experiment_runs_on_its_smoke_budget_and_prints_a_verdict(
+    name: str, experiment_module, tmp_path: Path
+) -> None:
+    module = experiment_module(name)
+    printed = StringIO()
+    with redirect_stdout(printed):
+        code = module.main(["--smoke", "--out", str(tmp_path)])
+    output = printed.getvalue()
+    assert code == 0
+    assert f"CLAIM: {module.CLAIM}" in output
+    verdicts = [line for line in output.splitlines() if line.startswith("VERDICT: ")]
+    assert verdicts in (["VERDICT: SUPPORTED"], ["VERDICT: NOT SUPPORTED"]), output
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    for knob, value in module.SMOKE.items():
+        assert config[knob] == value
+
+    (figure,) = [path for path in tmp_path.rglob("*.png")]
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib import image
+
+    pixels = image.imread(figure)
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 400 and pixels.std() > 0.01
+
+    for pattern in CASES[name]:
+        (run,) = tmp_path.glob(pattern)
+        accumulator = EventAccumulator(str(run), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        tags = accumulator.Tags()["scalars"]
+        assert "train/loss" in tags and "lr/group_0" in tags, (pattern, tags)
+        assert any(tag.startswith("hparam/") for tag in tags), (pattern, tags)
+
+
+def test_experiment_help_shows_each_knobs_comment(experiment_module, capsys) -> None:
+    module = experiment_module("exploding_gradients")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--clip-value CLIP_VALUE clip_grad_value_'s clip_value (default: 0.1)" in text
+    assert "--smoke small budget for tests: {'steps': 40}" in text
+
+
+def test_experiment_options_override_the_smoke_budget(experiment_module, tmp_path) -> None:
+    module = experiment_module("linear_regression")
+    with redirect_stdout(StringIO()):
+        module.main(["--smoke", "--steps", "3", "--lr", "0.2", "--out", str(tmp_path)])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["steps"], config["lr"], config["samples"]) == (3, 0.2, 200)
+
+
+def test_the_package_never_imports_experiments() -> None:
+    package = Path(__file__).resolve().parents[2] / "torchopt_lab"
+    imports = re.compile(r"^\s*(from|import)\s+(experiments|common)\b", re.MULTILINE)
+    for source in package.rglob("*.py"):
+        assert not imports.search(source.read_text()), source
