@@ -29,7 +29,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="torchopt-lab", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="torchopt-lab",
+        description="torchopt-lab: optimizer experiments and benchmarks against PyTorch.",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
