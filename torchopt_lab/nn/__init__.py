@@ -1,7 +1,7 @@
 """Layers with hand-written backward passes, mirroring ``torch.nn``: :mod:`.functional` holds the
 functions, this package the modules."""
 
-from torchopt_lab.nn import functional
+from torchopt_lab.nn import functional, fused
 from torchopt_lab.nn.modules import (
     GELU,
     BatchNorm1d,
@@ -39,4 +39,5 @@ __all__ = [
     "Softmax",
     "Tanh",
     "functional",
+    "fused",
 ]
