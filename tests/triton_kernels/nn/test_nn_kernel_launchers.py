@@ -370,8 +370,10 @@ def test_batch_norm_variance_survives_a_large_mean_in_float32() -> None:
     # E[x²] - μ² would lose every digit here (μ² ~ 1e8 against σ² ~ 1 in float32).
     x = 1e4 + torch.randn(64, 2, 33, dtype=torch.float64)
     _, variance = K.batch_norm_statistics(x.float())
-    expected = x.var((0, 2), correction=0)
-    torch.testing.assert_close(variance.double(), expected, rtol=1e-3, atol=0)
+    # Oracle: the exact variance of the float32 inputs the kernel saw; float32 accumulation of
+    # 2112 centred squares is good to a few 1e-6, measured 1.7e-5 worst case with this seed.
+    expected = x.float().double().var((0, 2), correction=0)
+    torch.testing.assert_close(variance.double(), expected, rtol=5e-5, atol=0)
 
 
 ERRORS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
