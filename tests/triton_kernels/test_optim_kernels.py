@@ -27,6 +27,7 @@ from triton_kernels.optim import (
     grad_square_norm,
     sgd_step,
 )
+from triton_kernels.optim.tables import numel_multiple
 
 TOLERANCES = {
     torch.float64: {"rtol": 1e-12, "atol": 1e-14},
@@ -113,6 +114,14 @@ def test_kernel_matches_torch_optim_step_for_step(algorithm, overrides, dtype):
     _run(algorithm, overrides, dtype)
 
 
+@pytest.mark.parametrize(("algorithm", "overrides"), FULLEST, ids=lambda value: str(value))
+def test_kernel_with_sizes_that_are_multiples_of_16_matches_torch_optim(algorithm, overrides):
+    # Every size a multiple of 16, so the launch takes NUMEL_MULTIPLE = 16 (the variant whose
+    # tails are vectorised on a GPU); 48 and 80 end in partial 32-element blocks.
+    run = _run(algorithm, overrides, torch.float32, shapes=[(16,), (48,), (4, 20), (0,)])
+    assert run.table.numel_multiple == 16
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("algorithm", "overrides"), FULLEST, ids=lambda value: str(value))
 def test_low_precision_kernel_matches_float32_oracle_rounded_each_step(algorithm, overrides, dtype):
@@ -155,6 +164,24 @@ def test_table_is_built_once_and_survives_new_wrappers_of_the_same_storage():
     assert run.table.builds == 1 and run.table.grad_uploads == 1
     run.kernel_step(_grads(params, 1))  # autograd-style fresh gradients: only their row moves
     assert run.table.builds == 1 and run.table.grad_uploads == 2
+
+
+@pytest.mark.parametrize(
+    ("numels", "expected"),
+    [
+        ([2048, 768, 32], 16),
+        ([0, 16], 16),  # an empty tensor has no tail to mask
+        ([64, 8], 8),
+        ([4, 12], 4),
+        ([768, 10], 2),
+        ([130, 7], 1),
+    ],
+)
+def test_numel_multiple_is_the_largest_power_of_two_up_to_16_dividing_every_size(numels, expected):
+    # The kernels promise the compiler this divides every size: a wrong answer would make masked
+    # tails read and write out of bounds on a GPU.
+    assert numel_multiple(numels) == expected
+    assert all(numel % expected == 0 for numel in numels)
 
 
 def test_transposed_and_unaligned_params_are_updated_in_place():

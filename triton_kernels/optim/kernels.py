@@ -1,9 +1,12 @@
 """Multi-tensor optimizer-step kernels: one launch updates every tensor of a (device, dtype) group.
 
 The update rules are documented once, next to the torch reference path, in
-``torchopt_lab/optim/{sgd,adagrad,rmsprop,adam}.py``; each kernel here follows those lines in the
-same order. These kernels are private: call them through :mod:`triton_kernels.optim.launchers`,
-which checks the inputs and builds the tables described below.
+``torchopt_lab/optim/{sgd,adagrad,rmsprop,adam}.py``; each ``_*_update`` helper here follows those
+lines in the same order. One kernel, :func:`_optimizer_step_kernel`, runs every algorithm: it
+loads the parameter and gradient, unscales and clips the gradient, hands both to the algorithm's
+update helper (chosen by the ``ALGORITHM`` constexpr, so each compiled variant holds one), stores
+the new parameter and counts the block done. These kernels are private: call them through
+:mod:`triton_kernels.optim.launchers`, which checks the inputs and builds the tables below.
 
 **Tables.** A launch covers ``tensor_count`` tensors cut into blocks of ``BLOCK`` elements:
 
@@ -13,8 +16,14 @@ which checks the inputs and builds the tables described below.
   (SGD: "initialise the momentum buffer from this gradient").
 - ``block_table``: int64, shape ``[2, block_count]``: for each program, its tensor and the offset
   of its first element in that tensor.
-- ``hyperparameters``: float64, shape ``[group_count, field_count]``, read on the device, so a
+- ``hyperparameters``: float64, shape ``[group_count, FIELD_COUNT]``, read on the device, so a
   scheduler's new lr costs no recompilation and no host synchronisation.
+
+**Full and partial blocks.** A block that lies inside its tensor loads and stores without a mask;
+the last block of a tensor masks its tail. ``NUMEL_MULTIPLE`` (a power of two the launcher found
+to divide every element count) tells the compiler that the tail's mask changes only every
+``NUMEL_MULTIPLE`` elements, so the tails of aligned tensors also move 128 bits per access: with
+thousands of small tensors most blocks are tails.
 
 **Per-tensor completion.** Each program increments ``block_counters[tensor]`` after its stores; the
 last program of a tensor writes the incremented ``step`` (every program read the old one before
@@ -43,6 +52,9 @@ TABLE_ROWS = 9
 # ``[tensor_count, 3]``) that ``RECORD_NORMS`` fills.
 DIAGNOSTIC_FIELDS = ("grad_sq_norm", "update_sq_norm", "param_sq_norm")
 
+# ``ALGORITHM`` values of :func:`_optimizer_step_kernel`.
+ALGORITHMS = ("sgd", "adagrad", "rmsprop", "adam")
+
 
 @triton.jit
 def _address(
@@ -58,11 +70,32 @@ def _address(
 
 
 @triton.jit
-def _load(pointer, offsets, numel, COMPUTE_DTYPE: tl.constexpr, MASKED: tl.constexpr):
-    if MASKED:
-        values = tl.load(pointer + offsets, mask=offsets < numel, other=0.0)
-    else:
+def _locate_block(
+    tensor_table,
+    block_table,
+    tensor_count,
+    block_count,
+    BLOCK: tl.constexpr,
+    NUMEL_MULTIPLE: tl.constexpr,
+):
+    """This program's tensor, the offsets of its ``BLOCK`` elements in that tensor, whether they
+    all lie inside it (a full block), and the tensor's element count."""
+    program = tl.program_id(0)
+    tensor = tl.load(block_table + program)
+    start = tl.multiple_of(tl.load(block_table + block_count + program), BLOCK)
+    numel = tl.load(tensor_table + NUMEL_ROW * tensor_count + tensor)
+    if NUMEL_MULTIPLE > 1:
+        numel = tl.multiple_of(numel, NUMEL_MULTIPLE)
+    return tensor, start + tl.arange(0, BLOCK), start + BLOCK <= numel, numel
+
+
+@triton.jit
+def _load(pointer, offsets, numel, full, COMPUTE_DTYPE: tl.constexpr):
+    """The block's elements in ``COMPUTE_DTYPE``; zero past the end of the tensor."""
+    if full:
         values = tl.load(pointer + offsets)
+    else:
+        values = tl.load(pointer + offsets, mask=offsets < numel, other=0.0)
     return values.to(COMPUTE_DTYPE)
 
 
@@ -80,25 +113,17 @@ def _round_to_bfloat16(values):
 
 
 @triton.jit
-def _store(pointer, offsets, numel, values, MASKED: tl.constexpr):
+def _store(pointer, offsets, numel, full, values):
+    """Store the block's ``values`` in the pointer's dtype, none past the end of the tensor."""
     target = pointer.dtype.element_ty
     if target == tl.bfloat16 and values.dtype == tl.float32:
         values = _round_to_bfloat16(values)
     else:
         values = values.to(target)
-    if MASKED:
-        tl.store(pointer + offsets, values, mask=offsets < numel)
-    else:
+    if full:
         tl.store(pointer + offsets, values)
-
-
-@triton.jit
-def _locate_block(block_table, block_count, BLOCK: tl.constexpr):
-    """This program's tensor and the offsets of its ``BLOCK`` elements in that tensor."""
-    program = tl.program_id(0)
-    tensor = tl.load(block_table + program)
-    start = tl.multiple_of(tl.load(block_table + block_count + program), BLOCK)
-    return tensor, start + tl.arange(0, BLOCK), start
+    else:
+        tl.store(pointer + offsets, values, mask=offsets < numel)
 
 
 @triton.jit
@@ -176,15 +201,12 @@ def _lerp(start, end, weight):
 
 
 @triton.jit
-def _record_norms(
-    diagnostic_sums, tensor, grad, update, param, offsets, numel, MASKED: tl.constexpr
-):
+def _record_norms(diagnostic_sums, tensor, grad, update, param, offsets, numel):
     """Add this block's squared norms of grad, update and parameter to the tensor's accumulators."""
-    if MASKED:
-        inside = offsets < numel
-        grad = tl.where(inside, grad, 0.0)
-        update = tl.where(inside, update, 0.0)
-        param = tl.where(inside, param, 0.0)
+    inside = offsets < numel
+    grad = tl.where(inside, grad, 0.0)
+    update = tl.where(inside, update, 0.0)
+    param = tl.where(inside, param, 0.0)
     tl.atomic_add(diagnostic_sums + tensor * 3 + 0, tl.sum(grad * grad, axis=0).to(tl.float32))
     tl.atomic_add(diagnostic_sums + tensor * 3 + 1, tl.sum(update * update, axis=0).to(tl.float32))
     tl.atomic_add(diagnostic_sums + tensor * 3 + 2, tl.sum(param * param, axis=0).to(tl.float32))
@@ -234,6 +256,7 @@ def _grad_square_norm_kernel(
     GRAD_DTYPE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
+    NUMEL_MULTIPLE: tl.constexpr,
     ASSUME_ALIGNED: tl.constexpr,
     REDUCE_BLOCK: tl.constexpr,
 ):
@@ -243,15 +266,13 @@ def _grad_square_norm_kernel(
     program to finish adds the partial sums in a fixed order (no float atomics), so the norm is
     the same bits on every run.
     """
-    tensor, offsets, start = _locate_block(block_table, block_count, BLOCK)
-    numel = tl.load(tensor_table + NUMEL_ROW * tensor_count + tensor)
+    tensor, offsets, full, numel = _locate_block(
+        tensor_table, block_table, tensor_count, block_count, BLOCK, NUMEL_MULTIPLE
+    )
     grad_pointer = _address(
         tensor_table, GRAD_ROW, tensor, tensor_count, GRAD_DTYPE, ASSUME_ALIGNED
     )
-    if start + BLOCK <= numel:
-        grad = _load(grad_pointer, offsets, numel, COMPUTE_DTYPE, False)
-    else:
-        grad = _load(grad_pointer, offsets, numel, COMPUTE_DTYPE, True)
+    grad = _load(grad_pointer, offsets, numel, full, COMPUTE_DTYPE)
     tl.store(partial_sums + tl.program_id(0), tl.sum(grad * grad, axis=0).to(tl.float64))
     tl.debug_barrier()
     finished = tl.atomic_add(done_counter, 1)
@@ -267,473 +288,81 @@ def _grad_square_norm_kernel(
 
 
 @triton.jit
-def _tensor_of_block(tensor_table, block_table, tensor_count, block_count, BLOCK: tl.constexpr):
-    """This program's tensor, its element offsets, whether the block is full, and the tensor's
-    element count, hyperparameter row and flag."""
-    tensor, offsets, start = _locate_block(block_table, block_count, BLOCK)
-    numel = tl.load(tensor_table + NUMEL_ROW * tensor_count + tensor)
-    group = tl.load(tensor_table + GROUP_ROW * tensor_count + tensor)
-    flag = tl.load(tensor_table + FLAG_ROW * tensor_count + tensor)
-    return tensor, offsets, start + BLOCK <= numel, numel, group, flag
-
-
-@triton.jit
-def _sgd_block(
-    param_pointer,
-    grad_pointer,
+def _sgd_update(
+    param,
+    grad,
+    row,
+    fresh,
     buffer_pointer,
     offsets,
     numel,
-    fresh,
-    lr,
-    momentum,
-    one_minus_dampening,
-    weight_decay,
-    inverse_scale,
-    clip_coefficient,
-    diagnostic_sums,
-    tensor,
+    full,
     COMPUTE_DTYPE: tl.constexpr,
-    MASKED: tl.constexpr,
-    UNSCALE_GRADS: tl.constexpr,
-    CLIP_GRADS: tl.constexpr,
-    RECORD_NORMS: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
     USE_MOMENTUM: tl.constexpr,
     USE_NESTEROV: tl.constexpr,
 ):
-    param = _load(param_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
-    grad = _load(grad_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
-    grad = _scaled_grad(grad, inverse_scale, clip_coefficient, UNSCALE_GRADS, CLIP_GRADS)
-    used_grad = grad
-    if MAXIMIZE:
-        grad = -grad
+    """SGD; see torchopt_lab/optim/sgd.py. Fields: lr, momentum, dampening, weight_decay. State:
+    momentum_buffer, which starts as this step's gradient where the tensor's flag (``fresh``) is
+    set (torch's first step)."""
+    lr = tl.load(row + 0).to(COMPUTE_DTYPE)
+    momentum = tl.load(row + 1).to(COMPUTE_DTYPE)
+    one_minus_dampening = (1.0 - tl.load(row + 2)).to(COMPUTE_DTYPE)
+    weight_decay = tl.load(row + 3).to(COMPUTE_DTYPE)
     grad = grad + param * weight_decay
     if USE_MOMENTUM:
         if fresh != 0:
             buffer = grad
         else:
-            buffer = _load(buffer_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
+            buffer = _load(buffer_pointer, offsets, numel, full, COMPUTE_DTYPE)
             buffer = buffer * momentum + grad * one_minus_dampening
-        _store(buffer_pointer, offsets, numel, buffer, MASKED)
+        _store(buffer_pointer, offsets, numel, full, buffer)
         grad = grad + buffer * momentum if USE_NESTEROV else buffer
-    new_param = param + grad * -lr
-    _store(param_pointer, offsets, numel, new_param, MASKED)
-    if RECORD_NORMS:
-        _record_norms(
-            diagnostic_sums, tensor, used_grad, new_param - param, param, offsets, numel, MASKED
-        )
+    return param + grad * -lr
 
 
 @triton.jit
-def _sgd_kernel(
-    tensor_table,
-    block_table,
-    tensor_count,
-    block_count,
-    hyperparameters,
-    grad_scale,
-    found_inf,
-    square_norms,
-    max_grad_norm,
-    skipped_steps,
-    block_counters,
-    diagnostic_sums,
-    diagnostics,
-    PARAM_DTYPE: tl.constexpr,
-    STATE_DTYPE: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ASSUME_ALIGNED: tl.constexpr,
-    NORM_SLOTS: tl.constexpr,
-    UNSCALE_GRADS: tl.constexpr,
-    CHECK_FOUND_INF: tl.constexpr,
-    CLIP_GRADS: tl.constexpr,
-    SKIP_NONFINITE: tl.constexpr,
-    RECORD_NORMS: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    USE_MOMENTUM: tl.constexpr,
-    USE_NESTEROV: tl.constexpr,
-):
-    """SGD (momentum, dampening, Nesterov, weight decay, maximize); see torchopt_lab/optim/sgd.py.
-
-    Hyperparameter fields: lr, momentum, dampening, weight_decay. State row 0: momentum_buffer;
-    a tensor's flag says its buffer starts as this step's gradient (torch's first step).
-    """
-    skip, inverse_scale, clip_coefficient = _grad_multiplier(
-        grad_scale,
-        found_inf,
-        square_norms,
-        max_grad_norm,
-        skipped_steps,
-        UNSCALE_GRADS,
-        CHECK_FOUND_INF,
-        CLIP_GRADS,
-        NORM_SLOTS,
-        SKIP_NONFINITE,
-    )
-    if skip:
-        return
-    tensor, offsets, full, numel, group, fresh = _tensor_of_block(
-        tensor_table, block_table, tensor_count, block_count, BLOCK
-    )
-    row = hyperparameters + group * 4
-    lr = tl.load(row + 0).to(COMPUTE_DTYPE)
-    momentum = tl.load(row + 1).to(COMPUTE_DTYPE)
-    one_minus_dampening = (1.0 - tl.load(row + 2)).to(COMPUTE_DTYPE)
-    weight_decay = tl.load(row + 3).to(COMPUTE_DTYPE)
-    param_pointer = _address(
-        tensor_table, PARAM_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
-    )
-    grad_pointer = _address(
-        tensor_table, GRAD_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
-    )
-    buffer_pointer = _address(
-        tensor_table, STATE_ROW, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
-    )
-    if full:
-        _sgd_block(
-            param_pointer,
-            grad_pointer,
-            buffer_pointer,
-            offsets,
-            numel,
-            fresh,
-            lr,
-            momentum,
-            one_minus_dampening,
-            weight_decay,
-            inverse_scale,
-            clip_coefficient,
-            diagnostic_sums,
-            tensor,
-            COMPUTE_DTYPE,
-            False,
-            UNSCALE_GRADS,
-            CLIP_GRADS,
-            RECORD_NORMS,
-            MAXIMIZE,
-            USE_MOMENTUM,
-            USE_NESTEROV,
-        )
-    else:
-        _sgd_block(
-            param_pointer,
-            grad_pointer,
-            buffer_pointer,
-            offsets,
-            numel,
-            fresh,
-            lr,
-            momentum,
-            one_minus_dampening,
-            weight_decay,
-            inverse_scale,
-            clip_coefficient,
-            diagnostic_sums,
-            tensor,
-            COMPUTE_DTYPE,
-            True,
-            UNSCALE_GRADS,
-            CLIP_GRADS,
-            RECORD_NORMS,
-            MAXIMIZE,
-            USE_MOMENTUM,
-            USE_NESTEROV,
-        )
-    if RECORD_NORMS:
-        _finish_block(
-            tensor_table,
-            tensor,
-            tensor_count,
-            numel,
-            0.0,
-            block_counters,
-            diagnostic_sums,
-            diagnostics,
-            BLOCK,
-            False,
-            RECORD_NORMS,
-        )
-
-
-@triton.jit
-def _adagrad_block(
-    param_pointer,
-    grad_pointer,
+def _adagrad_update(
+    param,
+    grad,
+    row,
+    step,
     sum_pointer,
     offsets,
     numel,
-    clr,
-    weight_decay,
-    eps,
-    inverse_scale,
-    clip_coefficient,
-    diagnostic_sums,
-    tensor,
+    full,
     COMPUTE_DTYPE: tl.constexpr,
-    MASKED: tl.constexpr,
-    UNSCALE_GRADS: tl.constexpr,
-    CLIP_GRADS: tl.constexpr,
-    RECORD_NORMS: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
 ):
-    param = _load(param_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
-    grad = _load(grad_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
-    grad = _scaled_grad(grad, inverse_scale, clip_coefficient, UNSCALE_GRADS, CLIP_GRADS)
-    used_grad = grad
-    if MAXIMIZE:
-        grad = -grad
-    grad = grad + param * weight_decay
-    state_sum = _load(sum_pointer, offsets, numel, COMPUTE_DTYPE, MASKED) + grad * grad
-    _store(sum_pointer, offsets, numel, state_sum, MASKED)
-    std = tl.sqrt(state_sum) + eps
-    new_param = param + grad * -clr / std
-    _store(param_pointer, offsets, numel, new_param, MASKED)
-    if RECORD_NORMS:
-        _record_norms(
-            diagnostic_sums, tensor, used_grad, new_param - param, param, offsets, numel, MASKED
-        )
-
-
-@triton.jit
-def _adagrad_kernel(
-    tensor_table,
-    block_table,
-    tensor_count,
-    block_count,
-    hyperparameters,
-    grad_scale,
-    found_inf,
-    square_norms,
-    max_grad_norm,
-    skipped_steps,
-    block_counters,
-    diagnostic_sums,
-    diagnostics,
-    PARAM_DTYPE: tl.constexpr,
-    STATE_DTYPE: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ASSUME_ALIGNED: tl.constexpr,
-    NORM_SLOTS: tl.constexpr,
-    UNSCALE_GRADS: tl.constexpr,
-    CHECK_FOUND_INF: tl.constexpr,
-    CLIP_GRADS: tl.constexpr,
-    SKIP_NONFINITE: tl.constexpr,
-    RECORD_NORMS: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-):
-    """Adagrad (lr_decay, weight decay, maximize); see torchopt_lab/optim/adagrad.py.
-
-    Hyperparameter fields: lr, lr_decay, weight_decay, eps. State row 0: sum (initialised with
-    ``initial_accumulator_value`` by the optimizer).
-    """
-    skip, inverse_scale, clip_coefficient = _grad_multiplier(
-        grad_scale,
-        found_inf,
-        square_norms,
-        max_grad_norm,
-        skipped_steps,
-        UNSCALE_GRADS,
-        CHECK_FOUND_INF,
-        CLIP_GRADS,
-        NORM_SLOTS,
-        SKIP_NONFINITE,
-    )
-    if skip:
-        return
-    tensor, offsets, full, numel, group, _ = _tensor_of_block(
-        tensor_table, block_table, tensor_count, block_count, BLOCK
-    )
-    step_pointer = _address(tensor_table, STEP_ROW, tensor, tensor_count, tl.float32, False)
-    step = tl.load(step_pointer).to(tl.float64) + 1.0
-    row = hyperparameters + group * 4
+    """Adagrad; see torchopt_lab/optim/adagrad.py. Fields: lr, lr_decay, weight_decay, eps.
+    State: sum (initialised with ``initial_accumulator_value`` by the optimizer)."""
     lr = tl.load(row + 0)
     lr_decay = tl.load(row + 1)
     weight_decay = tl.load(row + 2).to(COMPUTE_DTYPE)
     eps = tl.load(row + 3).to(COMPUTE_DTYPE)
     clr = (lr / (1.0 + (step - 1.0) * lr_decay)).to(COMPUTE_DTYPE)
-    param_pointer = _address(
-        tensor_table, PARAM_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
-    )
-    grad_pointer = _address(
-        tensor_table, GRAD_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
-    )
-    sum_pointer = _address(
-        tensor_table, STATE_ROW, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
-    )
-    if full:
-        _adagrad_block(
-            param_pointer,
-            grad_pointer,
-            sum_pointer,
-            offsets,
-            numel,
-            clr,
-            weight_decay,
-            eps,
-            inverse_scale,
-            clip_coefficient,
-            diagnostic_sums,
-            tensor,
-            COMPUTE_DTYPE,
-            False,
-            UNSCALE_GRADS,
-            CLIP_GRADS,
-            RECORD_NORMS,
-            MAXIMIZE,
-        )
-    else:
-        _adagrad_block(
-            param_pointer,
-            grad_pointer,
-            sum_pointer,
-            offsets,
-            numel,
-            clr,
-            weight_decay,
-            eps,
-            inverse_scale,
-            clip_coefficient,
-            diagnostic_sums,
-            tensor,
-            COMPUTE_DTYPE,
-            True,
-            UNSCALE_GRADS,
-            CLIP_GRADS,
-            RECORD_NORMS,
-            MAXIMIZE,
-        )
-    _finish_block(
-        tensor_table,
-        tensor,
-        tensor_count,
-        numel,
-        step,
-        block_counters,
-        diagnostic_sums,
-        diagnostics,
-        BLOCK,
-        True,
-        RECORD_NORMS,
-    )
+    grad = grad + param * weight_decay
+    state_sum = _load(sum_pointer, offsets, numel, full, COMPUTE_DTYPE) + grad * grad
+    _store(sum_pointer, offsets, numel, full, state_sum)
+    std = tl.sqrt(state_sum) + eps
+    return param + grad * -clr / std
 
 
 @triton.jit
-def _rmsprop_block(
-    param_pointer,
-    grad_pointer,
+def _rmsprop_update(
+    param,
+    grad,
+    row,
     square_avg_pointer,
     grad_avg_pointer,
     buffer_pointer,
     offsets,
     numel,
-    lr,
-    alpha,
-    one_minus_alpha,
-    eps,
-    weight_decay,
-    momentum,
-    inverse_scale,
-    clip_coefficient,
-    diagnostic_sums,
-    tensor,
+    full,
     COMPUTE_DTYPE: tl.constexpr,
-    MASKED: tl.constexpr,
-    UNSCALE_GRADS: tl.constexpr,
-    CLIP_GRADS: tl.constexpr,
-    RECORD_NORMS: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
     CENTER: tl.constexpr,
     USE_MOMENTUM: tl.constexpr,
 ):
-    param = _load(param_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
-    grad = _load(grad_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
-    grad = _scaled_grad(grad, inverse_scale, clip_coefficient, UNSCALE_GRADS, CLIP_GRADS)
-    used_grad = grad
-    if MAXIMIZE:
-        grad = -grad
-    grad = grad + param * weight_decay
-    square_avg = _load(square_avg_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
-    square_avg = square_avg * alpha + one_minus_alpha * grad * grad
-    _store(square_avg_pointer, offsets, numel, square_avg, MASKED)
-    if CENTER:
-        grad_avg = _load(grad_avg_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
-        grad_avg = _lerp(grad_avg, grad, one_minus_alpha)
-        _store(grad_avg_pointer, offsets, numel, grad_avg, MASKED)
-        avg = tl.sqrt(square_avg - grad_avg * grad_avg) + eps
-    else:
-        avg = tl.sqrt(square_avg) + eps
-    if USE_MOMENTUM:
-        buffer = _load(buffer_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
-        buffer = buffer * momentum + grad / avg
-        _store(buffer_pointer, offsets, numel, buffer, MASKED)
-        new_param = param + buffer * -lr
-    else:
-        new_param = param + grad * -lr / avg
-    _store(param_pointer, offsets, numel, new_param, MASKED)
-    if RECORD_NORMS:
-        _record_norms(
-            diagnostic_sums, tensor, used_grad, new_param - param, param, offsets, numel, MASKED
-        )
-
-
-@triton.jit
-def _rmsprop_kernel(
-    tensor_table,
-    block_table,
-    tensor_count,
-    block_count,
-    hyperparameters,
-    grad_scale,
-    found_inf,
-    square_norms,
-    max_grad_norm,
-    skipped_steps,
-    block_counters,
-    diagnostic_sums,
-    diagnostics,
-    PARAM_DTYPE: tl.constexpr,
-    STATE_DTYPE: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ASSUME_ALIGNED: tl.constexpr,
-    NORM_SLOTS: tl.constexpr,
-    UNSCALE_GRADS: tl.constexpr,
-    CHECK_FOUND_INF: tl.constexpr,
-    CLIP_GRADS: tl.constexpr,
-    SKIP_NONFINITE: tl.constexpr,
-    RECORD_NORMS: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    CENTER: tl.constexpr,
-    USE_MOMENTUM: tl.constexpr,
-):
-    """RMSprop (centered, momentum, weight decay, maximize); see torchopt_lab/optim/rmsprop.py.
-
-    Hyperparameter fields: lr, alpha, eps, weight_decay, momentum. State rows: square_avg,
-    grad_avg (when centered), momentum_buffer (when momentum > 0).
-    """
-    skip, inverse_scale, clip_coefficient = _grad_multiplier(
-        grad_scale,
-        found_inf,
-        square_norms,
-        max_grad_norm,
-        skipped_steps,
-        UNSCALE_GRADS,
-        CHECK_FOUND_INF,
-        CLIP_GRADS,
-        NORM_SLOTS,
-        SKIP_NONFINITE,
-    )
-    if skip:
-        return
-    tensor, offsets, full, numel, group, _ = _tensor_of_block(
-        tensor_table, block_table, tensor_count, block_count, BLOCK
-    )
-    step_pointer = _address(tensor_table, STEP_ROW, tensor, tensor_count, tl.float32, False)
-    step = tl.load(step_pointer).to(tl.float64) + 1.0
-    row = hyperparameters + group * 5
+    """RMSprop; see torchopt_lab/optim/rmsprop.py. Fields: lr, alpha, eps, weight_decay,
+    momentum. State: square_avg, grad_avg (centered), momentum_buffer (momentum > 0)."""
     lr = tl.load(row + 0).to(COMPUTE_DTYPE)
     alpha = tl.load(row + 1)
     one_minus_alpha = (1.0 - alpha).to(COMPUTE_DTYPE)
@@ -741,156 +370,77 @@ def _rmsprop_kernel(
     eps = tl.load(row + 2).to(COMPUTE_DTYPE)
     weight_decay = tl.load(row + 3).to(COMPUTE_DTYPE)
     momentum = tl.load(row + 4).to(COMPUTE_DTYPE)
-    param_pointer = _address(
-        tensor_table, PARAM_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
-    )
-    grad_pointer = _address(
-        tensor_table, GRAD_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
-    )
-    square_avg_pointer = _address(
-        tensor_table, STATE_ROW, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
-    )
-    grad_avg_pointer = _address(
-        tensor_table, STATE_ROW + 1, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
-    )
-    buffer_pointer = _address(
-        tensor_table, STATE_ROW + 2, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
-    )
-    if full:
-        _rmsprop_block(
-            param_pointer,
-            grad_pointer,
-            square_avg_pointer,
-            grad_avg_pointer,
-            buffer_pointer,
-            offsets,
-            numel,
-            lr,
-            alpha,
-            one_minus_alpha,
-            eps,
-            weight_decay,
-            momentum,
-            inverse_scale,
-            clip_coefficient,
-            diagnostic_sums,
-            tensor,
-            COMPUTE_DTYPE,
-            False,
-            UNSCALE_GRADS,
-            CLIP_GRADS,
-            RECORD_NORMS,
-            MAXIMIZE,
-            CENTER,
-            USE_MOMENTUM,
-        )
+    grad = grad + param * weight_decay
+    square_avg = _load(square_avg_pointer, offsets, numel, full, COMPUTE_DTYPE)
+    square_avg = square_avg * alpha + one_minus_alpha * grad * grad
+    _store(square_avg_pointer, offsets, numel, full, square_avg)
+    if CENTER:
+        grad_avg = _load(grad_avg_pointer, offsets, numel, full, COMPUTE_DTYPE)
+        grad_avg = _lerp(grad_avg, grad, one_minus_alpha)
+        _store(grad_avg_pointer, offsets, numel, full, grad_avg)
+        avg = tl.sqrt(square_avg - grad_avg * grad_avg) + eps
     else:
-        _rmsprop_block(
-            param_pointer,
-            grad_pointer,
-            square_avg_pointer,
-            grad_avg_pointer,
-            buffer_pointer,
-            offsets,
-            numel,
-            lr,
-            alpha,
-            one_minus_alpha,
-            eps,
-            weight_decay,
-            momentum,
-            inverse_scale,
-            clip_coefficient,
-            diagnostic_sums,
-            tensor,
-            COMPUTE_DTYPE,
-            True,
-            UNSCALE_GRADS,
-            CLIP_GRADS,
-            RECORD_NORMS,
-            MAXIMIZE,
-            CENTER,
-            USE_MOMENTUM,
-        )
-    _finish_block(
-        tensor_table,
-        tensor,
-        tensor_count,
-        numel,
-        step,
-        block_counters,
-        diagnostic_sums,
-        diagnostics,
-        BLOCK,
-        True,
-        RECORD_NORMS,
-    )
+        avg = tl.sqrt(square_avg) + eps
+    if USE_MOMENTUM:
+        buffer = _load(buffer_pointer, offsets, numel, full, COMPUTE_DTYPE)
+        buffer = buffer * momentum + grad / avg
+        _store(buffer_pointer, offsets, numel, full, buffer)
+        new_param = param + buffer * -lr
+    else:
+        new_param = param + grad * -lr / avg
+    return new_param
 
 
 @triton.jit
-def _adam_block(
-    param_pointer,
-    grad_pointer,
+def _adam_update(
+    param,
+    grad,
+    row,
+    step,
     exp_avg_pointer,
     exp_avg_sq_pointer,
     max_exp_avg_sq_pointer,
     offsets,
     numel,
-    decay_factor,
-    one_minus_beta1,
-    beta2,
-    one_minus_beta2,
-    eps,
-    weight_decay,
-    step_size,
-    bias_correction2_sqrt,
-    inverse_scale,
-    clip_coefficient,
-    diagnostic_sums,
-    tensor,
+    full,
     COMPUTE_DTYPE: tl.constexpr,
-    MASKED: tl.constexpr,
-    UNSCALE_GRADS: tl.constexpr,
-    CLIP_GRADS: tl.constexpr,
-    RECORD_NORMS: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
     USE_AMSGRAD: tl.constexpr,
     DECOUPLE_WEIGHT_DECAY: tl.constexpr,
 ):
-    param = _load(param_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
-    grad = _load(grad_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
-    grad = _scaled_grad(grad, inverse_scale, clip_coefficient, UNSCALE_GRADS, CLIP_GRADS)
-    used_grad = grad
-    if MAXIMIZE:
-        grad = -grad
+    """Adam and AdamW; see torchopt_lab/optim/adam.py. Fields: lr, beta1, beta2, eps,
+    weight_decay. State: exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad)."""
+    lr = tl.load(row + 0)
+    beta1 = tl.load(row + 1)
+    beta2 = tl.load(row + 2)
+    eps = tl.load(row + 3).to(COMPUTE_DTYPE)
+    weight_decay = tl.load(row + 4)
+    step_size = (lr / (1.0 - _power(beta1, step))).to(COMPUTE_DTYPE)
+    bias_correction2_sqrt = tl.sqrt(1.0 - _power(beta2, step)).to(COMPUTE_DTYPE)
     if DECOUPLE_WEIGHT_DECAY:
-        decayed = param * decay_factor
+        decayed = param * (1.0 - lr * weight_decay).to(COMPUTE_DTYPE)
     else:
         decayed = param
-        grad = grad + param * weight_decay
-    exp_avg = _load(exp_avg_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
-    exp_avg = _lerp(exp_avg, grad, one_minus_beta1)
-    _store(exp_avg_pointer, offsets, numel, exp_avg, MASKED)
-    exp_avg_sq = _load(exp_avg_sq_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
-    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
-    _store(exp_avg_sq_pointer, offsets, numel, exp_avg_sq, MASKED)
+        grad = grad + param * weight_decay.to(COMPUTE_DTYPE)
+    exp_avg = _load(exp_avg_pointer, offsets, numel, full, COMPUTE_DTYPE)
+    exp_avg = _lerp(exp_avg, grad, (1.0 - beta1).to(COMPUTE_DTYPE))
+    _store(exp_avg_pointer, offsets, numel, full, exp_avg)
+    exp_avg_sq = _load(exp_avg_sq_pointer, offsets, numel, full, COMPUTE_DTYPE)
+    exp_avg_sq = (
+        exp_avg_sq * beta2.to(COMPUTE_DTYPE) + (1.0 - beta2).to(COMPUTE_DTYPE) * grad * grad
+    )
+    _store(exp_avg_sq_pointer, offsets, numel, full, exp_avg_sq)
     if USE_AMSGRAD:
-        max_exp_avg_sq = _load(max_exp_avg_sq_pointer, offsets, numel, COMPUTE_DTYPE, MASKED)
+        max_exp_avg_sq = _load(max_exp_avg_sq_pointer, offsets, numel, full, COMPUTE_DTYPE)
         max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
-        _store(max_exp_avg_sq_pointer, offsets, numel, max_exp_avg_sq, MASKED)
+        _store(max_exp_avg_sq_pointer, offsets, numel, full, max_exp_avg_sq)
         denom = tl.sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
     else:
         denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
-    new_param = decayed + exp_avg * -step_size / denom
-    _store(param_pointer, offsets, numel, new_param, MASKED)
-    if RECORD_NORMS:
-        _record_norms(
-            diagnostic_sums, tensor, used_grad, new_param - param, param, offsets, numel, MASKED
-        )
+    return decayed + exp_avg * -step_size / denom
 
 
 @triton.jit
-def _adam_kernel(
+def _optimizer_step_kernel(
     tensor_table,
     block_table,
     tensor_count,
@@ -904,10 +454,13 @@ def _adam_kernel(
     block_counters,
     diagnostic_sums,
     diagnostics,
+    ALGORITHM: tl.constexpr,
+    FIELD_COUNT: tl.constexpr,
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
+    NUMEL_MULTIPLE: tl.constexpr,
     ASSUME_ALIGNED: tl.constexpr,
     NORM_SLOTS: tl.constexpr,
     UNSCALE_GRADS: tl.constexpr,
@@ -916,14 +469,16 @@ def _adam_kernel(
     SKIP_NONFINITE: tl.constexpr,
     RECORD_NORMS: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    USE_MOMENTUM: tl.constexpr,
+    USE_NESTEROV: tl.constexpr,
+    CENTER: tl.constexpr,
     USE_AMSGRAD: tl.constexpr,
     DECOUPLE_WEIGHT_DECAY: tl.constexpr,
 ):
-    """Adam and AdamW (amsgrad, maximize, L2 or decoupled weight decay); see
-    torchopt_lab/optim/adam.py.
+    """One step of ``ALGORITHM`` (one of :data:`ALGORITHMS`) on one block of one tensor.
 
-    Hyperparameter fields: lr, beta1, beta2, eps, weight_decay. State rows: exp_avg, exp_avg_sq,
-    max_exp_avg_sq (amsgrad).
+    ``FIELD_COUNT`` hyperparameters per param group, in the order the ``_*_update`` helper reads
+    them. Options that do not belong to ``ALGORITHM`` are ignored (the launcher passes False).
     """
     skip, inverse_scale, clip_coefficient = _grad_multiplier(
         grad_scale,
@@ -939,107 +494,99 @@ def _adam_kernel(
     )
     if skip:
         return
-    tensor, offsets, full, numel, group, _ = _tensor_of_block(
-        tensor_table, block_table, tensor_count, block_count, BLOCK
+    tensor, offsets, full, numel = _locate_block(
+        tensor_table, block_table, tensor_count, block_count, BLOCK, NUMEL_MULTIPLE
     )
-    step_pointer = _address(tensor_table, STEP_ROW, tensor, tensor_count, tl.float32, False)
-    step = tl.load(step_pointer).to(tl.float64) + 1.0
-    row = hyperparameters + group * 5
-    lr = tl.load(row + 0)
-    beta1 = tl.load(row + 1)
-    beta2 = tl.load(row + 2)
-    eps = tl.load(row + 3).to(COMPUTE_DTYPE)
-    weight_decay = tl.load(row + 4)
-    bias_correction1 = 1.0 - _power(beta1, step)
-    bias_correction2 = 1.0 - _power(beta2, step)
-    step_size = (lr / bias_correction1).to(COMPUTE_DTYPE)
-    bias_correction2_sqrt = tl.sqrt(bias_correction2).to(COMPUTE_DTYPE)
-    decay_factor = (1.0 - lr * weight_decay).to(COMPUTE_DTYPE)
+    group = tl.load(tensor_table + GROUP_ROW * tensor_count + tensor)
+    row = hyperparameters + group * FIELD_COUNT
+    step = 0.0
+    if ALGORITHM != "sgd":
+        step_pointer = _address(tensor_table, STEP_ROW, tensor, tensor_count, tl.float32, False)
+        step = tl.load(step_pointer).to(tl.float64) + 1.0
     param_pointer = _address(
         tensor_table, PARAM_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
     )
     grad_pointer = _address(
         tensor_table, GRAD_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
     )
-    exp_avg_pointer = _address(
-        tensor_table, STATE_ROW, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
-    )
-    exp_avg_sq_pointer = _address(
+    state_0 = _address(tensor_table, STATE_ROW, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED)
+    state_1 = _address(
         tensor_table, STATE_ROW + 1, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
     )
-    max_exp_avg_sq_pointer = _address(
+    state_2 = _address(
         tensor_table, STATE_ROW + 2, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
     )
-    if full:
-        _adam_block(
-            param_pointer,
-            grad_pointer,
-            exp_avg_pointer,
-            exp_avg_sq_pointer,
-            max_exp_avg_sq_pointer,
+    param = _load(param_pointer, offsets, numel, full, COMPUTE_DTYPE)
+    grad = _load(grad_pointer, offsets, numel, full, COMPUTE_DTYPE)
+    grad = _scaled_grad(grad, inverse_scale, clip_coefficient, UNSCALE_GRADS, CLIP_GRADS)
+    used_grad = grad
+    if MAXIMIZE:
+        grad = -grad
+    if ALGORITHM == "sgd":
+        fresh = tl.load(tensor_table + FLAG_ROW * tensor_count + tensor)
+        new_param = _sgd_update(
+            param,
+            grad,
+            row,
+            fresh,
+            state_0,
             offsets,
             numel,
-            decay_factor,
-            (1.0 - beta1).to(COMPUTE_DTYPE),
-            beta2.to(COMPUTE_DTYPE),
-            (1.0 - beta2).to(COMPUTE_DTYPE),
-            eps,
-            weight_decay.to(COMPUTE_DTYPE),
-            step_size,
-            bias_correction2_sqrt,
-            inverse_scale,
-            clip_coefficient,
-            diagnostic_sums,
-            tensor,
+            full,
             COMPUTE_DTYPE,
-            False,
-            UNSCALE_GRADS,
-            CLIP_GRADS,
-            RECORD_NORMS,
-            MAXIMIZE,
-            USE_AMSGRAD,
-            DECOUPLE_WEIGHT_DECAY,
+            USE_MOMENTUM,
+            USE_NESTEROV,
+        )
+    elif ALGORITHM == "adagrad":
+        new_param = _adagrad_update(
+            param, grad, row, step, state_0, offsets, numel, full, COMPUTE_DTYPE
+        )
+    elif ALGORITHM == "rmsprop":
+        new_param = _rmsprop_update(
+            param,
+            grad,
+            row,
+            state_0,
+            state_1,
+            state_2,
+            offsets,
+            numel,
+            full,
+            COMPUTE_DTYPE,
+            CENTER,
+            USE_MOMENTUM,
         )
     else:
-        _adam_block(
-            param_pointer,
-            grad_pointer,
-            exp_avg_pointer,
-            exp_avg_sq_pointer,
-            max_exp_avg_sq_pointer,
+        tl.static_assert(ALGORITHM == "adam", "ALGORITHM must be one of ALGORITHMS")
+        new_param = _adam_update(
+            param,
+            grad,
+            row,
+            step,
+            state_0,
+            state_1,
+            state_2,
             offsets,
             numel,
-            decay_factor,
-            (1.0 - beta1).to(COMPUTE_DTYPE),
-            beta2.to(COMPUTE_DTYPE),
-            (1.0 - beta2).to(COMPUTE_DTYPE),
-            eps,
-            weight_decay.to(COMPUTE_DTYPE),
-            step_size,
-            bias_correction2_sqrt,
-            inverse_scale,
-            clip_coefficient,
-            diagnostic_sums,
-            tensor,
+            full,
             COMPUTE_DTYPE,
-            True,
-            UNSCALE_GRADS,
-            CLIP_GRADS,
-            RECORD_NORMS,
-            MAXIMIZE,
             USE_AMSGRAD,
             DECOUPLE_WEIGHT_DECAY,
         )
-    _finish_block(
-        tensor_table,
-        tensor,
-        tensor_count,
-        numel,
-        step,
-        block_counters,
-        diagnostic_sums,
-        diagnostics,
-        BLOCK,
-        True,
-        RECORD_NORMS,
-    )
+    _store(param_pointer, offsets, numel, full, new_param)
+    if RECORD_NORMS:
+        _record_norms(diagnostic_sums, tensor, used_grad, new_param - param, param, offsets, numel)
+    if ALGORITHM != "sgd" or RECORD_NORMS:
+        _finish_block(
+            tensor_table,
+            tensor,
+            tensor_count,
+            numel,
+            step,
+            block_counters,
+            diagnostic_sums,
+            diagnostics,
+            BLOCK,
+            ALGORITHM != "sgd",
+            RECORD_NORMS,
+        )

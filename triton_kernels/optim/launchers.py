@@ -160,6 +160,7 @@ def _control_arguments(table: MultiTensorTable, controls: StepControls) -> tuple
         "STATE_DTYPE": _TRITON_DTYPES[table.state_dtype],
         "COMPUTE_DTYPE": compute,
         "BLOCK": table.block_size,
+        "NUMEL_MULTIPLE": table.numel_multiple,
         "ASSUME_ALIGNED": table.aligned,
         "NORM_SLOTS": controls.square_norms.numel() if clip else 1,
         "UNSCALE_GRADS": controls.grad_scale is not None,
@@ -172,19 +173,30 @@ def _control_arguments(table: MultiTensorTable, controls: StepControls) -> tuple
     return arguments, constexprs
 
 
+# Options of ``_optimizer_step_kernel``; each launcher sets its algorithm's and leaves the rest off.
+_OPTION_FLAGS = (
+    "MAXIMIZE",
+    "USE_MOMENTUM",
+    "USE_NESTEROV",
+    "CENTER",
+    "USE_AMSGRAD",
+    "DECOUPLE_WEIGHT_DECAY",
+)
+
+
 def _step(
-    kernel: Any,
+    algorithm: str,
     fields: tuple[str, ...],
     table: MultiTensorTable,
     hyperparameters: Tensor,
     controls: StepControls | None,
-    **flags: bool,
+    **options: bool,
 ) -> None:
     _check_table(table)
     _check_hyperparameters(table, hyperparameters, fields)
     arguments, constexprs = _control_arguments(table, controls or StepControls())
     _launch(
-        kernel,
+        kernels._optimizer_step_kernel,
         (table.block_count,),
         table.tensor_table,
         table.block_table,
@@ -192,8 +204,10 @@ def _step(
         table.block_count,
         hyperparameters,
         *arguments,
+        ALGORITHM=algorithm,
+        FIELD_COUNT=len(fields),
         **constexprs,
-        **flags,
+        **dict(dict.fromkeys(_OPTION_FLAGS, False), **options),
     )
 
 
@@ -226,6 +240,7 @@ def grad_square_norm(table: MultiTensorTable, square_norms: Tensor, slot: int = 
         GRAD_DTYPE=_TRITON_DTYPES[table.param_dtype],
         COMPUTE_DTYPE=tl.float64 if table.param_dtype == torch.float64 else tl.float32,
         BLOCK=table.block_size,
+        NUMEL_MULTIPLE=table.numel_multiple,
         ASSUME_ALIGNED=table.aligned,
         REDUCE_BLOCK=_REDUCE_BLOCK,
         num_warps=_num_warps(table.param_dtype),
@@ -249,7 +264,7 @@ def sgd_step(
     if nesterov and not momentum:
         raise ValueError("Nesterov momentum requires a momentum")
     _step(
-        kernels._sgd_kernel,
+        "sgd",
         SGD_FIELDS,
         table,
         hyperparameters,
@@ -269,9 +284,7 @@ def adagrad_step(
 ) -> None:
     """One Adagrad step for every tensor of ``table`` (fields :data:`ADAGRAD_FIELDS`; state row
     0: ``sum``; every tensor needs a step)."""
-    _step(
-        kernels._adagrad_kernel, ADAGRAD_FIELDS, table, hyperparameters, controls, MAXIMIZE=maximize
-    )
+    _step("adagrad", ADAGRAD_FIELDS, table, hyperparameters, controls, MAXIMIZE=maximize)
 
 
 def rmsprop_step(
@@ -286,7 +299,7 @@ def rmsprop_step(
     """One RMSprop step for every tensor of ``table`` (fields :data:`RMSPROP_FIELDS`; state rows:
     ``square_avg``, ``grad_avg`` when centered, ``momentum_buffer`` when momentum > 0)."""
     _step(
-        kernels._rmsprop_kernel,
+        "rmsprop",
         RMSPROP_FIELDS,
         table,
         hyperparameters,
@@ -310,7 +323,7 @@ def adam_step(
     (fields :data:`ADAM_FIELDS`; state rows: ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` when
     amsgrad)."""
     _step(
-        kernels._adam_kernel,
+        "adam",
         ADAM_FIELDS,
         table,
         hyperparameters,

@@ -23,6 +23,19 @@ from triton_kernels.optim.kernels import TABLE_ROWS
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 DEFAULT_BLOCK_SIZE = 2048
 _ALIGNMENT = 16  # bytes: what a 128-bit vector load needs
+_MAX_NUMEL_MULTIPLE = 16
+
+
+def numel_multiple(numels: Sequence[int]) -> int:
+    """The largest power of two up to 16 that divides every element count.
+
+    The kernels tell the compiler so (``NUMEL_MULTIPLE``), which lets the masked tail of each
+    tensor move 128 bits per access when the counts allow it.
+    """
+    multiple = _MAX_NUMEL_MULTIPLE
+    while multiple > 1 and any(numel % multiple for numel in numels):
+        multiple //= 2
+    return multiple
 
 
 def _is_dense(tensor: Tensor) -> bool:
@@ -240,6 +253,7 @@ class MultiTensorTable:
         self.diagnostics = torch.zeros(count, 3, dtype=torch.float32, device=device)
         self.partial_sums = torch.zeros(self.block_count, dtype=torch.float64, device=device)
         self.done_counter = torch.zeros(1, dtype=torch.int32, device=device)
+        self.numel_multiple = numel_multiple(key.numels)
         self.static_aligned = all(address % _ALIGNMENT == 0 for row in rows[:5] for address in row)
         # The tables hold raw addresses: keep the tensors alive as long as the table points at
         # them. Gradients are not held (that would keep last step's gradients in memory); the

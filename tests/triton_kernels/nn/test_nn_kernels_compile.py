@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nn_kernel_compilation import compile_kernels
+from kernel_compilation import compile_kernels
 
 from triton_kernels.nn._common import warps
 

@@ -6,7 +6,8 @@ objects (their ``@triton.jit`` helpers too) that ``triton.compile`` cannot take.
 kernels anew, and returns one result per request:
 
 ``{"module", "kernel", "capability", "variant", "ok", "error", "ptx_v4_loads", "ptx_v4_stores",
-"spill_bytes"}``, the spills as the ``ptxas`` bundled with Triton reports them (``ptxas -v``).
+"spill_bytes", "registers"}``, the spills and registers per thread as the ``ptxas`` bundled with
+Triton reports them (``ptxas -v``). The optimizer and the layer kernel tests both use it.
 
 A request names the kernel's module and name, a target capability (80, 90), the signature (Triton
 type strings, ``"*fp32"`` for a pointer), the constexprs (a dtype written ``{"dtype": "fp64"}``),
@@ -25,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-_ROOT = Path(__file__).resolve().parents[3]
+_ROOT = Path(__file__).resolve().parents[1]
 
 
 def compile_kernels(requests: list[dict[str, Any]], timeout: float = 600) -> list[dict[str, Any]]:
@@ -98,12 +99,13 @@ def _compile(request: dict[str, Any]) -> dict[str, Any]:
         error=None,
         ptx_v4_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.", ptx)),
         ptx_v4_stores=len(re.findall(r"st\.global(?:\.\w+)*\.v4\.", ptx)),
-        spill_bytes=_spill_bytes(ptx, request["capability"]),
+        **_ptxas_report(ptx, request["capability"]),
     )
 
 
-def _spill_bytes(ptx: str, capability: int) -> int:
-    """Spill store + load bytes reported by ``ptxas -v`` for the PTX's own target."""
+def _ptxas_report(ptx: str, capability: int) -> dict[str, int]:
+    """Spill store + load bytes and registers per thread reported by ``ptxas -v`` for the PTX's
+    own target (Triton emits ``sm_90a`` for capability 90)."""
     import tempfile
 
     from triton.backends.nvidia.compiler import get_ptxas
@@ -125,7 +127,14 @@ def _spill_bytes(ptx: str, capability: int) -> int:
             text=True,
             check=True,
         ).stderr
-    return sum(int(value) for value in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", report)
+    registers = re.search(r"Used (\d+) registers", report)
+    if not spills or registers is None:
+        raise RuntimeError(f"ptxas -v reported no spill or register counts:\n{report}")
+    return {
+        "spill_bytes": sum(int(value) for value in spills),
+        "registers": int(registers.group(1)),
+    }
 
 
 def main() -> None:
