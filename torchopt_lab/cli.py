@@ -17,6 +17,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "torchopt_lab.bench.optim",
         "time optimizer steps of ours against torch.optim foreach and fused",
     ),
+    "bench-optim-host": (
+        "torchopt_lab.bench.optim_host",
+        "time the host work of a fused step over 4096 small tensors against torch.optim's",
+    ),
     "bench-nn": (
         "torchopt_lab.bench.nn",
         "Time a training step of an MLP and a CNN from torchopt_lab.nn against torch.nn.",

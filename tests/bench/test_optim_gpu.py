@@ -39,3 +39,37 @@ def test_adam_moves_28_bytes_per_float32_param_and_clipping_adds_a_gradient_read
 def test_gpu_report_runs_on_the_small_tensor_set():
     report = optim_gpu.report(torch.device("cuda"), ["4096 small tensors"])
     assert "copy bandwidth" in report and "torch fused" in report
+
+
+def test_every_case_builds_and_steps_on_the_cpu_with_a_stand_in_timer(monkeypatch):
+    # The timings need a GPU, but every case's optimizers, clipping and gradient swaps run here
+    # (ours through the Triton interpreter), so a GPU session does not start with a broken script.
+    calls = []
+
+    def run_once(function, warmup=3, repeats=10, untimed=None):
+        if untimed is not None:
+            untimed()
+        function()
+        calls.append(untimed is not None)
+        return 1.0
+
+    monkeypatch.setattr(optim_gpu, "time_cuda", run_once)
+    params_seen = []
+    original_params = optim_gpu._params
+
+    def keeping_params(shapes, device):
+        params_seen.append(original_params(shapes, device))
+        return params_seen[-1]
+
+    monkeypatch.setattr(optim_gpu, "_params", keeping_params)
+    rows = optim_gpu.run_cases([(3, 5), (7,), ()], torch.device("cpu"))
+    assert [case for case, _ in rows] == [
+        "Adam",
+        "Adam, new gradient tensors every step",
+        "Adam, max_grad_norm=1",
+        "RMSprop",
+        "Adagrad",
+    ]
+    assert all(timing.milliseconds == 1.0 for _, timings in rows for timing in timings)
+    assert calls.count(True) == 2  # the two new-gradient timings swapped gradients
+    assert all(torch.isfinite(p).all() for p in params_seen[0])

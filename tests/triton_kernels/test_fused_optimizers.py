@@ -358,6 +358,16 @@ CHANGES = {
         ),
         True,
     ),
+    "a replaced state tensor": (
+        lambda optimizer, params: optimizer.state[params[1]].__setitem__(
+            "exp_avg", optimizer.state[params[1]]["exp_avg"].clone()
+        ),
+        True,
+    ),
+    "a parameter moved to new storage": (
+        lambda optimizer, params: setattr(params[0], "data", params[0].data.clone()),
+        False,  # the plan holds; the table sees the new address and rebuilds
+    ),
     "an added param group": (
         lambda optimizer, params: optimizer.add_param_group(
             {"params": [torch.zeros(2, requires_grad=True)]}
@@ -403,3 +413,29 @@ def test_repeated_steps_skip_collecting_tensors_until_something_changes(monkeypa
         theirs.step()
         for a, b in zip(params, reference, strict=True):
             torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
+
+
+# Changes a user may make between steps that torch.optim honours: the fused step must too.
+HONOURED = {
+    "zeroed moments in a new tensor": lambda optimizer, params: optimizer.state[
+        params[1]
+    ].__setitem__("exp_avg", torch.zeros_like(params[1])),
+    "a parameter moved to new storage": lambda optimizer, params: setattr(
+        params[0], "data", params[0].data.clone() * 0.5
+    ),
+}
+
+
+@pytest.mark.parametrize("change", list(HONOURED))
+def test_repeated_steps_honour_what_torch_honours(change):
+    params = make_params(torch.float64)
+    reference = clone_params(params)
+    optimizer = torch_lab_optim().Adam(params, lr=0.01, backend="triton")
+    theirs = torch.optim.Adam(reference, lr=0.01)
+    for step in range(4):
+        for opt, ps in ((optimizer, params), (theirs, reference)):
+            if step == 2:
+                HONOURED[change](opt, ps)
+            _step(opt, ps)
+    for a, b in zip(params, reference, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)

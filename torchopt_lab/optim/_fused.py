@@ -27,6 +27,7 @@ from torchopt_lab import backend as _backend
 from torchopt_lab.optim.clip import _total_norm
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_GRAD = operator.attrgetter("grad")
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,10 @@ class _Prepared:
 @dataclass
 class _Plan:
     """A step that can repeat without re-collecting tensors: valid while the optimizer's param
-    groups, their launch-level options, and every parameter's state dict are the same objects
-    and every parameter has a dense gradient. Only the gradients are fetched anew."""
+    groups, their launch-level options, every parameter's state dict and the state tensors in it
+    are the same objects and every parameter has a dense gradient. Only the gradients are fetched
+    anew. Every check is an identity comparison run by C loops (``map``), so that a step over
+    thousands of small tensors costs little host time."""
 
     options: tuple
     state: Any
@@ -146,7 +149,11 @@ class _Plan:
     group_params: list[list[Tensor]]
     group_lengths: list[int]
     group_flags: list[dict[str, bool]]
-    state_dicts: list[dict[str, Any]]
+    originals: list[Tensor]  # every parameter, in launch order
+    state_keys: list[Tensor]  # optimizer.state's keys and values, in order
+    state_values: list[dict[str, Any]]
+    state_dicts: list[dict[str, Any] | None]  # optimizer.state.get(p) of every parameter
+    state_tensors: list[tuple[str, list[Any]]]  # (key, state_dicts[i][key] for every i)
     prepared: list[_Prepared]
 
 
@@ -313,6 +320,9 @@ def fused_step(
     _launch_all(optimizer, kernels, spec, state, prepared, parts, total_norm)
     if complete and not any(flag for entry in prepared for flag in entry.tensor_flags):
         originals = [p for entry in prepared for p in entry.originals]
+        # .get: optimizer.state is a defaultdict, and SGD without momentum keeps no state.
+        state_dicts = [optimizer.state.get(p) for p in originals]
+        keys = [*spec.state_keys, "step"] if spec.has_step else list(spec.state_keys)
         state.plan = _Plan(
             options=_options(optimizer),
             state=optimizer.state,
@@ -320,9 +330,21 @@ def fused_step(
             group_params=[group["params"] for group in optimizer.param_groups],
             group_lengths=[len(group["params"]) for group in optimizer.param_groups],
             group_flags=[spec.flags(group) for group in optimizer.param_groups],
-            state_dicts=[optimizer.state.get(p) for p in originals],
+            originals=originals,
+            state_keys=list(optimizer.state.keys()),
+            state_values=list(optimizer.state.values()),
+            state_dicts=state_dicts,
+            state_tensors=[
+                (key, [values[key] for values in state_dicts])
+                for key in keys
+                if all(values is not None and key in values for values in state_dicts)
+            ],
             prepared=prepared,
         )
+
+
+def _same_objects(values: Any, expected: list) -> bool:
+    return len(values) == len(expected) and all(map(operator.is_, values, expected))
 
 
 def repeat_step(optimizer: torch.optim.Optimizer, algorithm: str) -> bool:
@@ -354,26 +376,29 @@ def repeat_step(optimizer: torch.optim.Optimizer, algorithm: str) -> bool:
     for device in {entry.key[0] for entry in plan.prepared}:
         if _backend.resolve(component, optimizer.backend, device) != "triton":
             return False
-    parameter_states = optimizer.state
-    originals = [p for entry in plan.prepared for p in entry.originals]
-    if not all(map(operator.is_, map(parameter_states.get, originals), plan.state_dicts)):
+    # No parameter's state dict replaced, added or removed, and no state tensor replaced in one.
+    if not (
+        _same_objects(optimizer.state.keys(), plan.state_keys)
+        and _same_objects(optimizer.state.values(), plan.state_values)
+    ):
         return False
-    grads = [p.grad for p in originals]
-    if any(grad is None or grad.is_sparse for grad in grads):
+    try:
+        for key, tensors in plan.state_tensors:
+            if not all(map(operator.is_, map(operator.itemgetter(key), plan.state_dicts), tensors)):
+                return False
+    except KeyError:  # a state entry was deleted
+        return False
+    grads = _local(list(map(_GRAD, plan.originals)))
+    try:
+        addresses = list(map(Tensor.data_ptr, grads))
+    except (TypeError, RuntimeError):  # a missing (None) or sparse gradient
         return False
     kernels = importlib.import_module("triton_kernels.optim")
     start = 0
     for entry in plan.prepared:
-        count = len(entry.params)
-        entry.launch.table.update(
-            entry.params,
-            _local(grads[start : start + count]),
-            entry.state_rows,
-            entry.steps,
-            entry.group_rows,
-            entry.tensor_flags,
-        )
-        start += count
+        end = start + len(entry.params)
+        entry.launch.table.refresh(entry.params, grads[start:end], addresses[start:end])
+        start = end
     _launch_all(optimizer, kernels, spec, state, plan.prepared, None, None)
     return True
 

@@ -101,7 +101,7 @@ def _check_table(table: MultiTensorTable) -> None:
 def _check_hyperparameters(
     table: MultiTensorTable, hyperparameters: Tensor, fields: tuple[str, ...]
 ) -> None:
-    groups = max(table.key.groups) + 1
+    groups = table.group_count
     if (
         hyperparameters.device != table.device
         or hyperparameters.dtype != torch.float64

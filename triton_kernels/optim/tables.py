@@ -11,6 +11,8 @@ their addresses move.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 DEFAULT_BLOCK_SIZE = 2048
 _ALIGNMENT = 16  # bytes: what a 128-bit vector load needs
 _MAX_NUMEL_MULTIPLE = 16
+_DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
 
 
 def numel_multiple(numels: Sequence[int]) -> int:
@@ -148,7 +152,7 @@ class MultiTensorTable:
         # Tracked by address, so new wrappers of the same storage keep the table. State and step
         # tensors, which the optimizer owns, are first compared by identity (cheap); only new
         # objects (a loaded state dict, FSDP2's fresh to_local() views) have their addresses read.
-        param_addresses = [p.data_ptr() for p in params]
+        param_addresses = list(map(Tensor.data_ptr, params))
         same_state = _same_objects(step_row, self.step_row) and all(
             map(_same_objects, state_rows, self.state_rows)
         )
@@ -172,9 +176,38 @@ class MultiTensorTable:
             self.state_addresses = state_addresses
         # Keep the objects compared next time (and alive while the table points at them).
         self.state_rows, self.step_row = state_rows, step_row
-        grad_addresses = [g.data_ptr() for g in grads]
-        if grad_addresses != self.grad_addresses:
-            self._upload_grads(params, grads, grad_addresses)
+        return self._refresh_grads(params, grads, list(map(Tensor.data_ptr, grads)))
+
+    def refresh(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        grad_addresses: list[int] | None = None,
+    ) -> MultiTensorTable:
+        """:meth:`update` for a caller that knows the states, steps, groups and flags are those of
+        the last :meth:`update` (the same tensor objects): only the addresses of the parameters
+        and gradients are read again (``grad_addresses``, when given, are ``data_ptr()`` of
+        ``grads``). A parameter whose storage moved (``p.data = ...``) rebuilds the table."""
+        if self.key is None:
+            raise ValueError("the table describes no tensors yet: call update(...) first")
+        if len(params) != self.tensor_count or len(grads) != self.tensor_count:
+            raise ValueError(
+                f"{self.tensor_count} tensors in the table, got {len(params)} params and "
+                f"{len(grads)} grads"
+            )
+        if list(map(Tensor.data_ptr, params)) != self.param_addresses:
+            return self.update(
+                params, grads, self.state_rows, self.step_row, self.groups, self.flags
+            )
+        if grad_addresses is None:
+            grad_addresses = list(map(Tensor.data_ptr, grads))
+        return self._refresh_grads(params, grads, grad_addresses)
+
+    def _refresh_grads(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], addresses: list[int]
+    ) -> MultiTensorTable:
+        if addresses != self.grad_addresses:
+            self._upload_grads(params, grads, addresses)
         return self
 
     def _build(
@@ -254,6 +287,10 @@ class MultiTensorTable:
         self.partial_sums = torch.zeros(self.block_count, dtype=torch.float64, device=device)
         self.done_counter = torch.zeros(1, dtype=torch.int32, device=device)
         self.numel_multiple = numel_multiple(key.numels)
+        self.shapes = [param.shape for param in params]
+        self.group_count = max(key.groups) + 1
+        self.device_index = params[0].get_device()
+        self.strided = {index for index, param in enumerate(params) if not param.is_contiguous()}
         self.static_aligned = all(address % _ALIGNMENT == 0 for row in rows[:5] for address in row)
         # The tables hold raw addresses: keep the tensors alive as long as the table points at
         # them. Gradients are not held (that would keep last step's gradients in memory); the
@@ -266,21 +303,40 @@ class MultiTensorTable:
     def _upload_grads(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], addresses: list[int]
     ) -> None:
-        for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
-            if grad.device != param.device or grad.dtype != param.dtype:
-                raise ValueError(
-                    f"grad of params[{index}] is {grad.dtype} on {grad.device}, the parameter "
-                    f"{param.dtype} on {param.device}"
-                )
-            if not _same_layout(grad, param):
-                raise ValueError(
-                    f"grad of params[{index}] has shape {tuple(grad.shape)} and strides "
-                    f"{grad.stride()}, the parameter {tuple(param.shape)} and {param.stride()}"
-                )
-        self.tensor_table[1].copy_(_host_tensor(list(addresses), self.device), non_blocking=True)
+        if not self._grads_match(grads):
+            for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
+                if grad.device != param.device or grad.dtype != param.dtype:
+                    raise ValueError(
+                        f"grad of params[{index}] is {grad.dtype} on {grad.device}, the parameter "
+                        f"{param.dtype} on {param.device}"
+                    )
+                if not _same_layout(grad, param):
+                    raise ValueError(
+                        f"grad of params[{index}] has shape {tuple(grad.shape)} and strides "
+                        f"{grad.stride()}, the parameter {tuple(param.shape)} and {param.stride()}"
+                    )
+        self.tensor_table[1].copy_(_host_tensor(addresses, self.device), non_blocking=True)
         self.grad_addresses = addresses
-        self.grads_aligned = all(address % _ALIGNMENT == 0 for address in addresses)
+        self.grads_aligned = functools.reduce(operator.or_, addresses, 0) % _ALIGNMENT == 0
         self.grad_uploads += 1
+
+    def _grads_match(self, grads: Sequence[Tensor]) -> bool:
+        """Whether every gradient has its parameter's dtype, device, shape and layout, checked in
+        C loops (``map``): with thousands of small tensors, per-tensor Python checks would cost
+        more host time than the kernel takes on the device."""
+        params, _, _ = self.tensors
+        if not (
+            all(map(operator.is_, map(_DTYPE, grads), itertools.repeat(self.param_dtype)))
+            and set(map(Tensor.get_device, grads)) == {self.device_index}
+            and list(map(_SHAPE, grads)) == self.shapes
+        ):
+            return False
+        if not self.strided:
+            return all(map(Tensor.is_contiguous, grads))
+        return all(
+            grad.is_contiguous() if index not in self.strided else _same_layout(grad, params[index])
+            for index, grad in enumerate(grads)
+        )
 
     @property
     def aligned(self) -> bool:
