@@ -112,6 +112,23 @@ def test_loading_an_old_state_dict_fills_in_defaults_like_torch(cls, key, defaul
             assert torch.is_tensor(entry["step"]) and entry["step"].item() == 2
 
 
+@pytest.mark.parametrize("name", ["SGD", "Momentum", "Adagrad", "RMSprop", "Adam", "AdamW"])
+def test_every_group_default_filled_in_on_load_is_the_one_torch_fills_in(name) -> None:
+    cls = getattr(ours, name)
+    theirs_cls = torch.optim.SGD if name == "Momentum" else getattr(torch.optim, name)
+    params = make_params(torch.float64)
+    optimizer = train(lambda ps: cls(ps, lr=0.01), params, steps=1)
+    state = copy.deepcopy(optimizer.state_dict())
+    for key in cls._group_defaults:
+        del state["param_groups"][0][key]
+    mine, theirs = cls(clone_params(params), lr=0.01), theirs_cls(clone_params(params), lr=0.01)
+    mine.load_state_dict(copy.deepcopy(state))
+    theirs.load_state_dict(state)
+    assert cls._group_defaults  # the table is not empty
+    for key in cls._group_defaults:
+        assert mine.param_groups[0][key] == theirs.param_groups[0][key], key
+
+
 def test_adamw_forces_decoupled_weight_decay_on_load_like_torch() -> None:
     params = make_params(torch.float64)
     adam = train(lambda ps: ours.Adam(ps, lr=0.01), params, steps=2)

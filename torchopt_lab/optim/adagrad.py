@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -100,6 +100,12 @@ class Adagrad(TorchoptOptimizer):
     """
 
     _reference = staticmethod(adagrad)
+    _group_defaults: ClassVar[dict[str, Any]] = {
+        "foreach": None,
+        "maximize": False,
+        "differentiable": False,
+        "fused": None,
+    }
 
     def __init__(
         self,
@@ -171,18 +177,6 @@ class Adagrad(TorchoptOptimizer):
                 memory_format=torch.preserve_format,
             )
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
-            for p in group["params"]:
-                p_state = self.state.get(p, {})
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = new_step().fill_(float(p_state["step"]))
 
     def _init_group(self, group: dict[str, Any]) -> TensorLists:
         tensors: TensorLists = {"params": [], "grads": [], "state_sums": [], "state_steps": []}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -78,6 +78,14 @@ class SGD(TorchoptOptimizer):
     """
 
     _reference = staticmethod(sgd)
+    _group_defaults: ClassVar[dict[str, Any]] = {
+        "nesterov": False,
+        "maximize": False,
+        "foreach": None,
+        "differentiable": False,
+        "fused": False,
+    }
+    _has_step = False
     _views_complex_as_real = False
     _creates_state = True
 
@@ -132,15 +140,6 @@ class SGD(TorchoptOptimizer):
             float32_state=float32_state,
             record_norms=record_norms,
         )
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", False)
 
     def _init_group(self, group: dict[str, Any]) -> TensorLists:
         params, grads, buffers = [], [], []
