@@ -17,10 +17,12 @@ def compute_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def warps(elements: int) -> int:
-    """Warps for a program that holds ``elements`` values per tensor: 8 values per thread, as
-    Triton's layer-norm tutorial picks them, between 1 and 8 warps."""
-    return max(1, min(8, elements // 256))
+def warps(elements: int, dtype: torch.dtype) -> int:
+    """Warps for a program that holds ``elements`` values per tensor of ``dtype``: 32 bytes of
+    compute values per thread (8 float32 values, as Triton's layer-norm tutorial picks them; 4
+    float64 ones, which need twice the registers each), between 1 and 8 warps."""
+    values_per_thread = 4 if dtype == torch.float64 else 8
+    return max(1, min(8, elements // (32 * values_per_thread)))
 
 
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:

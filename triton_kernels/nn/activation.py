@@ -227,7 +227,7 @@ def bias_activation_forward(
         COMPUTE_DTYPE=compute_dtype(input.dtype),
         BLOCK_ROWS=block_rows,
         BLOCK_COLUMNS=block_columns,
-        num_warps=warps(block_rows * block_columns),
+        num_warps=warps(block_rows * block_columns, input.dtype),
     )
     return out
 
@@ -278,7 +278,7 @@ def bias_activation_backward(
         COMPUTE_DTYPE=compute_dtype(saved.dtype),
         BLOCK_ROWS=block_rows,
         BLOCK_COLUMNS=block_columns,
-        num_warps=warps(block_rows * block_columns),
+        num_warps=warps(block_rows * block_columns, saved.dtype),
     )
     grad_bias = partial.sum(0).to(saved.dtype) if compute_grad_bias else None
     return grad_input, grad_bias

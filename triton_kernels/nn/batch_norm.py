@@ -184,7 +184,7 @@ def batch_norm_statistics(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         spatial,
         COMPUTE_DTYPE=compute_dtype(input.dtype),
         BLOCK=block,
-        num_warps=warps(block),
+        num_warps=warps(block, input.dtype),
     )
     # Chan's merge of the slices: μ = Σ n_j μ_j / n, M₂ = Σ M₂_j + n_j (μ_j - μ)²
     total = count.sum(1)
@@ -219,7 +219,7 @@ def batch_norm_gradient_sums(
             spatial,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK=block,
-            num_warps=warps(block),
+            num_warps=warps(block, input.dtype),
         )
     return total.sum(1), dot.sum(1)
 
@@ -261,6 +261,6 @@ def channel_affine(
             add_second=second is not None,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK=block,
-            num_warps=warps(block),
+            num_warps=warps(block, input.dtype),
         )
     return output

@@ -320,7 +320,7 @@ def cross_entropy_forward(
             has_weight=weight is not None,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK=block_size(classes, input.element_size()),
-            num_warps=warps(block_size(classes, input.element_size())),
+            num_warps=warps(block_size(classes, input.element_size()), input.dtype),
         )
     return loss, lse
 
@@ -358,7 +358,7 @@ def cross_entropy_backward(
             has_weight=weight is not None,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK=block_size(classes, input.element_size()),
-            num_warps=warps(block_size(classes, input.element_size())),
+            num_warps=warps(block_size(classes, input.element_size()), input.dtype),
         )
     return grad_input
 
@@ -415,7 +415,7 @@ def cross_entropy_probabilities_forward(
             has_weight=weight is not None,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK=block,
-            num_warps=warps(block),
+            num_warps=warps(block, input.dtype),
         )
     return loss, lse, mass
 
@@ -453,6 +453,6 @@ def cross_entropy_probabilities_backward(
             has_weight=weight is not None,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK=block,
-            num_warps=warps(block),
+            num_warps=warps(block, input.dtype),
         )
     return grad_input

@@ -73,7 +73,7 @@ def _launch(input: torch.Tensor, output: torch.Tensor, p: float, seed: int) -> N
             P=float(p),
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK=_BLOCK,
-            num_warps=warps(_BLOCK),
+            num_warps=warps(_BLOCK, input.dtype),
         )
 
 

@@ -358,7 +358,7 @@ def layer_norm_forward(
             has_bias=bias is not None,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK=block_columns,
-            num_warps=warps(block_columns),
+            num_warps=warps(block_columns, input.dtype),
         )
     elif input.numel():
         _layer_norm_forward_kernel[(triton.cdiv(rows, block_rows),)](
@@ -376,7 +376,7 @@ def layer_norm_forward(
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK_ROWS=block_rows,
             BLOCK_COLUMNS=block_columns,
-            num_warps=warps(block_rows * block_columns),
+            num_warps=warps(block_rows * block_columns, input.dtype),
         )
     return output, mean, rstd
 
@@ -429,7 +429,7 @@ def layer_norm_backward(
             has_weight=weight is not None,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK=block_columns,
-            num_warps=warps(block_columns),
+            num_warps=warps(block_columns, input.dtype),
         )
         _layer_norm_wide_backward_kernel[(programs, triton.cdiv(columns, block_columns))](
             grad_output,
@@ -449,7 +449,7 @@ def layer_norm_backward(
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK_ROWS=block_rows,
             BLOCK_COLUMNS=block_columns,
-            num_warps=warps(block_rows * block_columns),
+            num_warps=warps(block_rows * block_columns, input.dtype),
         )
     elif input.numel():
         _layer_norm_backward_kernel[(programs,)](
@@ -468,7 +468,7 @@ def layer_norm_backward(
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK_ROWS=block_rows,
             BLOCK_COLUMNS=block_columns,
-            num_warps=warps(block_rows * block_columns),
+            num_warps=warps(block_rows * block_columns, input.dtype),
         )
     if not compute_parameter_grads:
         return grad_input, None, None

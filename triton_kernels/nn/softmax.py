@@ -226,7 +226,7 @@ def softmax_forward(
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK_ROWS=block_rows,
             BLOCK=block,
-            num_warps=warps(block_rows * block),
+            num_warps=warps(block_rows * block, input.dtype),
         )
     return _back(output, input, dim), lse.reshape(()) if input.dim() == 0 else lse
 
@@ -259,6 +259,6 @@ def softmax_backward(
             COMPUTE_DTYPE=compute_dtype(output.dtype),
             BLOCK_ROWS=block_rows,
             BLOCK=block,
-            num_warps=warps(block_rows * block),
+            num_warps=warps(block_rows * block, output.dtype),
         )
     return _back(grad_input, output, dim)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from kernel_compilation import compile_kernels
 
 from triton_kernels.nn._common import warps
@@ -301,7 +302,7 @@ def _request(kernel: str, capability: int, variant: str, **overrides: Any) -> di
         "signature": {name: types.get(kind, kind) for name, kind in signature.items()},
         "constexprs": constexprs,
         "divisible": list(divisible),
-        "num_warps": warps(elements),
+        "num_warps": warps(elements, torch.float64 if compute == "fp64" else torch.float32),
     }
 
 
