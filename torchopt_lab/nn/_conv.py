@@ -117,6 +117,21 @@ class Conv2dFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
+def conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int | tuple[int, int],
+    padding: str | int | tuple[int, int],
+    dilation: int | tuple[int, int],
+    groups: int,
+) -> torch.Tensor:
+    """The torch path of ``F.conv2d``: :class:`Conv2dFunction` with the arguments resolved."""
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    symmetric, extra = resolve_padding(padding, weight, stride, dilation)
+    return Conv2dFunction.apply(input, weight, bias, stride, symmetric, extra, dilation, groups)
+
+
 def _pad_bottom_right(input: torch.Tensor, extra_padding: tuple[int, int]) -> torch.Tensor:
     if extra_padding == (0, 0):
         return input

@@ -48,6 +48,20 @@ class LinearFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias
 
 
+def linear(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The torch path of ``F.linear``: :class:`LinearFunction`, a 1-D ``weight`` as one row."""
+    if weight.dim() == 1:
+        if bias is not None:
+            raise RuntimeError(
+                "linear with a 1-D weight takes no bias (as in torch), got a bias of shape "
+                f"{list(bias.shape)}"
+            )
+        return LinearFunction.apply(input, weight.unsqueeze(0), None).squeeze(-1)
+    return LinearFunction.apply(input, weight, bias)
+
+
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` as a matrix with its last dimension as columns (every other dimension flattened
     into rows, also when some have size 0)."""

@@ -40,8 +40,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from torchopt_lab import backend
-from torchopt_lab.nn._conv import Conv2dFunction, pair, resolve_padding
-from torchopt_lab.nn._linear import LinearFunction
+from torchopt_lab.nn import _conv, _linear
 from torchopt_lab.nn._loss import MSELossFunction
 
 # backend.kernels() raises clearly when triton_kernels is missing or another package shadows it.
@@ -598,14 +597,7 @@ def linear(
     """:func:`torchopt_lab.nn.functional.linear`: torch's GEMM with the torch path's backward
     (recorded as ``nn.linear.gemm``)."""
     _record_torch("nn.linear.gemm", input.device)
-    if weight.dim() == 1:
-        if bias is not None:
-            raise RuntimeError(
-                "linear with a 1-D weight takes no bias (as in torch), got a bias of shape "
-                f"{list(bias.shape)}"
-            )
-        return LinearFunction.apply(input, weight.unsqueeze(0), None).squeeze(-1)
-    return LinearFunction.apply(input, weight, bias)
+    return _linear.linear(input, weight, bias)
 
 
 def conv2d(
@@ -620,9 +612,7 @@ def conv2d(
     """:func:`torchopt_lab.nn.functional.conv2d`: torch's convolution with the torch path's
     backward (recorded as ``nn.conv2d.convolution``)."""
     _record_torch("nn.conv2d.convolution", input.device)
-    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
-    symmetric, extra = resolve_padding(padding, weight, stride, dilation)
-    return Conv2dFunction.apply(input, weight, bias, stride, symmetric, extra, dilation, groups)
+    return _conv.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
 
 def mse_loss(

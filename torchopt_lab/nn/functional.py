@@ -15,6 +15,7 @@ import warnings
 import torch
 from torch.nn import _reduction
 
+from torchopt_lab.nn import _conv, _linear
 from torchopt_lab.nn._activation import (
     GELUFunction,
     LeakyReLUFunction,
@@ -22,10 +23,8 @@ from torchopt_lab.nn._activation import (
     SigmoidFunction,
     TanhFunction,
 )
-from torchopt_lab.nn._conv import Conv2dFunction, pair, resolve_padding
 from torchopt_lab.nn._dispatch import triton_function, use_triton
 from torchopt_lab.nn._dropout import DropoutFunction
-from torchopt_lab.nn._linear import LinearFunction
 from torchopt_lab.nn._loss import (
     CrossEntropyFunction,
     CrossEntropyProbabilitiesFunction,
@@ -91,14 +90,7 @@ def linear(
     """``input @ weight.T + bias``; see :class:`~torchopt_lab.nn._linear.LinearFunction`."""
     if use_triton("linear", input, weight, bias):
         return triton_function("linear")(input, weight, bias)
-    if weight.dim() == 1:
-        if bias is not None:
-            raise RuntimeError(
-                "linear with a 1-D weight takes no bias (as in torch), got a bias of shape "
-                f"{list(bias.shape)}"
-            )
-        return LinearFunction.apply(input, weight.unsqueeze(0), None).squeeze(-1)
-    return LinearFunction.apply(input, weight, bias)
+    return _linear.linear(input, weight, bias)
 
 
 def conv2d(
@@ -114,9 +106,7 @@ def conv2d(
     :class:`~torchopt_lab.nn._conv.Conv2dFunction`."""
     if use_triton("conv2d", input, weight, bias):
         return triton_function("conv2d")(input, weight, bias, stride, padding, dilation, groups)
-    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
-    symmetric, extra = resolve_padding(padding, weight, stride, dilation)
-    return Conv2dFunction.apply(input, weight, bias, stride, symmetric, extra, dilation, groups)
+    return _conv.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
 
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
