@@ -95,8 +95,9 @@ def make_params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
     """Odd shapes, a 0-dim tensor, a non-contiguous one (a transposed view's copy kept strided)."""
     generator = torch.Generator().manual_seed(seed)
     shapes = [(4, 3), (5,), (), (2, 3, 2)]
-    params = [torch.randn(shape, generator=generator, dtype=dtype) for shape in shapes]
-    params.append(torch.randn(3, 4, generator=generator, dtype=dtype).t())
+    draw = {"generator": generator, "dtype": dtype, "device": "cpu"}
+    params = [torch.randn(shape, **draw) for shape in shapes]
+    params.append(torch.randn(3, 4, **draw).t())
     return [p.requires_grad_() for p in params]
 
 

@@ -1,9 +1,9 @@
 """Drive the optimizer kernels and torch.optim's functional API (the oracle) side by side.
 
 ``Run`` holds one optimizer's tensors twice: ``kernel_*`` updated by our launchers, ``reference_*``
-by ``torch.optim.{sgd,adagrad,rmsprop,adam}`` with ``foreach=False`` on the CPU. Low-precision
-parameters are stepped by the reference in float32 and rounded back after each step, which is the
-arithmetic the kernels promise (load, compute in float32, store).
+by ``torch.optim.{sgd,adagrad,rmsprop,adam}`` with ``foreach=False`` on the same device.
+Low-precision parameters are stepped by the reference in float32 and rounded back after each step,
+which is the arithmetic the kernels promise (load, compute in float32, store).
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ from triton_kernels.optim import (
     rmsprop_step,
     sgd_step,
 )
+
+# Where the kernel tests put their tensors: the GPU when there is one (the kernels compiled; the
+# interpreter is off there, see tests/conftest.py), else the CPU (the kernels interpreted).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 DEFAULTS = {
     "sgd": {"lr": 0.1, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False},

@@ -1,17 +1,35 @@
-"""Every optimizer with backend="triton" (the fused kernels, under TRITON_INTERPRET=1) matches
-backend="torch" step for step, for every option of the optimizer parity table."""
+"""Every optimizer with backend="triton" (the fused kernels: under TRITON_INTERPRET=1 on the CPU,
+compiled on a GPU when there is one) matches backend="torch" step for step, for every option of
+the optimizer parity table."""
 
 from __future__ import annotations
 
 import copy
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "optim"))
-from optim_cases import CASES, Case, clone_params, make_params, train, two_groups
+from optim_cases import CASES, Case, clone_params, train, two_groups
+from optim_cases import make_params as make_cpu_params
+from optim_kernel_oracle import DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _on_the_kernel_device() -> Iterator[None]:
+    # Tensors a test makes land on DEVICE: on a machine with CUDA these tests run the compiled
+    # kernels on the GPU.
+    with DEVICE:
+        yield
+
+
+def make_params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """The optimizer tests' parameters (drawn on the CPU, the same on every device), on DEVICE."""
+    return [p.detach().to(DEVICE).requires_grad_() for p in make_cpu_params(dtype, seed)]
+
 
 # Few steps: the interpreter is slow, and four steps already exercise first-step state creation,
 # the in-kernel step counter, bias corrections and momentum.
@@ -156,7 +174,7 @@ def test_grad_scaler_step_works_unchanged_with_in_kernel_unscaling(overflow):
     theirs = torch.optim.AdamW(reference, lr=0.01)
     assert ours._step_supports_amp_scaling
     for optimizer, tensors in ((ours, params), (theirs, reference)):
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10)
         for step in range(3):
             optimizer.zero_grad()
             scaler.scale(_loss(tensors)).backward()

@@ -13,11 +13,13 @@ unit in the last place, 2**-7 relative for bfloat16, 2**-10 for float16.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from optim_kernel_oracle import Run, options_of
+from optim_kernel_oracle import DEVICE, Run, options_of
 
 from triton_kernels.optim import (
     ADAM_FIELDS,
@@ -63,18 +65,28 @@ CASE_IDS = [f"{algorithm}-{'-'.join(options) or 'defaults'}" for algorithm, opti
 FULLEST = [CASES[2], CASES[3], CASES[8], CASES[13]]
 
 
+@pytest.fixture(autouse=True)
+def _on_the_kernel_device() -> Iterator[None]:
+    # Tensors a test makes land on DEVICE: on a machine with CUDA these tests run the compiled
+    # kernels on the GPU.
+    with DEVICE:
+        yield
+
+
+def _random(shape, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    # Drawn on the CPU, so that every device gets the same values.
+    values = torch.randn(shape, generator=generator, dtype=torch.float64, device="cpu")
+    return values.to(DEVICE, dtype)
+
+
 def _params(dtype: torch.dtype, shapes=SHAPES, seed: int = 0) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return [
-        torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) for shape in shapes
-    ]
+    return [_random(shape, generator, dtype) for shape in shapes]
 
 
 def _grads(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(1000 + step)
-    return [
-        torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype) for p in params
-    ]
+    return [_random(p.shape, generator, p.dtype) for p in params]
 
 
 def _assert_run_matches(run: Run, dtype: torch.dtype) -> None:
