@@ -10,6 +10,7 @@ are against torch measured in the same run; nothing here asserts a speed.
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,8 +51,9 @@ PARAMETER_SETS: dict[str, Callable[[], list[tuple]]] = {
 @dataclass
 class Timing:
     name: str
-    milliseconds: float
+    milliseconds: float  # on the device, from the first launch's start to the last one's end
     bytes_moved: int
+    host_milliseconds: float = float("nan")  # the host's time in step(), launches queued
 
     @property
     def gigabytes_per_second(self) -> float:
@@ -63,32 +65,35 @@ def time_cuda(
     warmup: int = 3,
     repeats: int = 10,
     untimed: Callable[[], object] | None = None,
-) -> float:
-    """Median milliseconds of ``function`` over ``repeats`` runs, timed with CUDA events;
-    ``untimed`` runs before each run, outside the timed window."""
+) -> tuple[float, float]:
+    """Median milliseconds of ``function`` over ``repeats`` runs: between CUDA events recorded
+    before and after it (which include any time the device waits for the host), and on the host
+    (the call alone, not waiting for the device). ``untimed`` runs before each run, outside both."""
     for _ in range(warmup):
         if untimed is not None:
             untimed()
         function()
-    times = []
+    device_times, host_times = [], []
     for _ in range(repeats):
         if untimed is not None:
             untimed()
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        host_start = time.perf_counter()
         function()
+        host_times.append((time.perf_counter() - host_start) * 1e3)
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        device_times.append(start.elapsed_time(end))
+    return statistics.median(device_times), statistics.median(host_times)
 
 
 def copy_bandwidth(device: torch.device, gigabytes: float = 1.0) -> float:
     """GB/s of a large device-to-device copy (bytes read + written)."""
     source = torch.empty(int(gigabytes * 1e9) // 4, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
-    milliseconds = time_cuda(lambda: target.copy_(source))
+    milliseconds, _ = time_cuda(lambda: target.copy_(source))
     return 2 * source.numel() * 4 / (milliseconds * 1e-3) / 1e9
 
 
@@ -137,10 +142,10 @@ def run_cases(shapes: list[tuple], device: torch.device) -> list[tuple[str, list
                 before()
             optimizers[0].step()
 
-        milliseconds = time_cuda(step, untimed=untimed)
+        milliseconds, host_milliseconds = time_cuda(step, untimed=untimed)
         optimizers.clear()  # free its state before the next optimizer allocates its own
         torch.cuda.empty_cache()
-        return Timing(name, milliseconds, BYTES_PER_PARAM[case] * numel)
+        return Timing(name, milliseconds, BYTES_PER_PARAM[case] * numel, host_milliseconds)
 
     rows = [
         (
@@ -213,8 +218,11 @@ def report(device: torch.device, set_names: list[str] | None = None) -> str:
         "(1 GB device-to-device copy, bytes read + written)",
         "# float32 bytes each algorithm must move per parameter: "
         + ", ".join(f"{case} {size}" for case, size in BYTES_PER_PARAM.items()),
-        "| set | case | implementation | ms | GB/s | of copy bandwidth | ours faster by |",
-        "|---|---|---|---|---|---|---|",
+        "# ms: on the device, between events around step() (includes waiting for the host); "
+        "host ms: the host's time in step()",
+        "| set | case | implementation | ms | host ms | GB/s | of copy bandwidth "
+        "| ours faster by |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for set_name, make_shapes in PARAMETER_SETS.items():
         if set_names and set_name not in set_names:
@@ -224,7 +232,7 @@ def report(device: torch.device, set_names: list[str] | None = None) -> str:
             for timing in timings:
                 lines.append(
                     f"| {set_name} | {case} | {timing.name} | {timing.milliseconds:.3f} "
-                    f"| {timing.gigabytes_per_second:.0f} "
+                    f"| {timing.host_milliseconds:.3f} | {timing.gigabytes_per_second:.0f} "
                     f"| {timing.gigabytes_per_second / bandwidth:.0%} "
                     f"| {timing.milliseconds / ours_ms:.2f}x |"
                 )
