@@ -25,15 +25,19 @@ pytestmark = pytest.mark.gpu
 TOLERANCES = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-6, 1e-5)}
 
 
-def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+def _sized(shapes: list, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Parameters of these shapes (or sizes) on the GPU, each with a random gradient."""
     generator = torch.Generator(device="cuda").manual_seed(seed)
-    shapes = [(1000, 37), (4096,), (), (3, 5), (129,)]
     params = []
     for shape in shapes:
         param = torch.nn.Parameter(torch.randn(shape, device="cuda", generator=generator))
         param.grad = torch.randn(shape, device="cuda", generator=generator)
         params.append(param)
     return params
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    return _sized([(1000, 37), (4096,), (), (3, 5), (129,)], seed)
 
 
 def test_fused_adam_matches_torch_fused_adam_on_cuda():
@@ -91,16 +95,6 @@ def test_every_parity_case_compiled_matches_the_torch_path_on_cuda(case: Case, d
     rtol, atol = TOLERANCES[dtype]
     for a, b in zip(params, reference, strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol, atol=atol)
-
-
-def _sized(sizes: list[int], seed: int = 0) -> list[torch.nn.Parameter]:
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    params = []
-    for size in sizes:
-        param = torch.nn.Parameter(torch.randn(size, device="cuda", generator=generator))
-        param.grad = torch.randn(size, device="cuda", generator=generator)
-        params.append(param)
-    return params
 
 
 SIZE_SETS = {

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 import torchopt_lab.optim as ours
-from torchopt_lab.bench import optim_gpu
+from torchopt_lab.bench import optim_gpu, table_header
 
 
 @dataclass(frozen=True)
@@ -192,12 +192,8 @@ def run(args: argparse.Namespace) -> int:
         f"# bench-optim {when}: torch {torch.__version__}, device {device}, {args.dtype}, "
         f"{torch.get_num_threads()} threads, best of {repeats} turns x {steps} steps"
     )
-    header = (
-        "| optimizer | set | tensors | params | ours ms | foreach ms | fused ms "
-        "| ours/foreach | ours/fused |"
-    )
-    print(header)
-    print("|---" * (header.count("|") - 1) + "|")
+    columns = ["optimizer", "set", "tensors", "params", "ours ms", "foreach ms", "fused ms"]
+    print(table_header([*columns, "ours/foreach", "ours/fused"]))
     for set_name in set_names:
         full, quick = PARAM_SETS[set_name]
         shapes = quick() if args.quick else full()

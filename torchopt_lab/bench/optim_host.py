@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from torchopt_lab.bench import table_header
 from torchopt_lab.bench.optim_gpu import PARAMETER_SETS
 
 SMALL_TENSORS = "4096 small tensors"
@@ -136,12 +137,17 @@ def run(args: argparse.Namespace) -> int:
         f"# bench-optim-host {when}: torch {torch.__version__}, {args.tensors} small tensors, "
         f"median of {args.repeats} steps, kernel launches not run"
     )
-    header = (
-        "| optimizer | ours ms, same grads | ours ms, new grads | torch ms before its kernels "
-        "| torch / ours (new grads) |"
+    print(
+        table_header(
+            [
+                "optimizer",
+                "ours ms, same grads",
+                "ours ms, new grads",
+                "torch ms before its kernels",
+                "torch / ours (new grads)",
+            ]
+        )
     )
-    print(header)
-    print("|---" * (header.count("|") - 1) + "|")
     for name in names:
         times = measure(name, args.tensors, args.repeats)
         mine, theirs = times["ours, new grads"], times["torch, before its kernels"]
