@@ -386,6 +386,10 @@ CHANGES = {
         lambda optimizer, params: setattr(params[0], "data", params[0].data.clone()),
         False,  # the plan holds; the table sees the new address and rebuilds
     ),
+    "a gradient for a parameter that had none": (
+        lambda optimizer, params: setattr(params[-1], "grad", torch.ones_like(params[-1])),
+        True,
+    ),
     "an added param group": (
         lambda optimizer, params: optimizer.add_param_group(
             {"params": [torch.zeros(2, requires_grad=True)]}
@@ -407,10 +411,13 @@ CHANGES = {
 def test_repeated_steps_skip_collecting_tensors_until_something_changes(monkeypatch, change):
     params = make_params(torch.float64)
     reference = clone_params(params)
+    # A frozen parameter (no gradient, ever) in the optimizer, as when a whole model's
+    # parameters are handed over: the other parameters' steps still repeat.
+    params.append(torch.zeros(3, dtype=torch.float64))
     optimizer = torch_lab_optim().Adam(params, lr=0.01, backend="triton")
     theirs = torch_lab_optim().Adam(reference, lr=0.01, backend="torch")
     for _ in range(2):
-        _step(optimizer, params)
+        _step(optimizer, params[:-1])
         _step(theirs, reference)
     collected = []
     original = type(optimizer)._init_group
@@ -420,7 +427,7 @@ def test_repeated_steps_skip_collecting_tensors_until_something_changes(monkeypa
         lambda self, group: collected.append(1) or original(self, group),
     )
     optimizer.zero_grad()
-    _loss(params).backward()
+    _loss(params[:-1]).backward()
     apply, recollects = CHANGES[change]
     apply(optimizer, params)
     optimizer.step()
@@ -429,8 +436,9 @@ def test_repeated_steps_skip_collecting_tensors_until_something_changes(monkeypa
         theirs.zero_grad()
         _loss(reference).backward()
         theirs.step()
-        for a, b in zip(params, reference, strict=True):
+        for a, b in zip(params[:-1], reference, strict=True):
             torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
+        assert not params[-1].any() and params[-1] not in optimizer.state
 
 
 # Changes a user may make between steps that torch.optim honours: the fused step must too.

@@ -239,14 +239,14 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         for part in reference:
             self._reference_step(part, clip_coefficient)
         if fused:
-            every_param = sum(len(group["params"]) for group in self.param_groups)
+            with_grads = sum(len(tensors["params"]) for _, tensors in groups)
             fused_step(
                 self,
                 type(self)._reference.__name__,
                 fused,
                 total_norm=total_norm,
                 complete=not reference
-                and sum(len(part.tensors["params"]) for part in fused) == every_param,
+                and sum(len(part.tensors["params"]) for part in fused) == with_grads,
             )
         for part in parts:
             if self._creates_state:

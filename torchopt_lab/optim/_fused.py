@@ -15,6 +15,7 @@ options onto its kernel.
 from __future__ import annotations
 
 import importlib
+import itertools
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,8 +140,8 @@ class _Prepared:
 class _Plan:
     """A step that can repeat without re-collecting tensors: valid while the optimizer's param
     groups, their launch-level options, every parameter's state dict and the state tensors in it
-    are the same objects and every parameter has a dense gradient. Only the gradients are fetched
-    anew. Every check is an identity comparison run by C loops (``map``), so that a step over
+    are the same objects, the parameters updated last time have dense gradients and the others
+    (frozen or unused) still have none. Only the gradients are fetched anew. Every check is an identity comparison run by C loops (``map``), so that a step over
     thousands of small tensors costs little host time."""
 
     options: tuple
@@ -149,7 +150,8 @@ class _Plan:
     group_params: list[list[Tensor]]
     group_lengths: list[int]
     group_flags: list[dict[str, bool]]
-    originals: list[Tensor]  # every parameter, in launch order
+    originals: list[Tensor]  # every parameter with a gradient, in launch order
+    gradless: list[Tensor]  # the others (frozen, unused): they must still have no gradient
     state_keys: list[Tensor]  # optimizer.state's keys and values, in order
     state_values: list[dict[str, Any]]
     state_dicts: list[dict[str, Any] | None]  # optimizer.state.get(p) of every parameter
@@ -271,8 +273,8 @@ def fused_step(
 
     ``total_norm``: the global gradient norm when some tensors ran on the torch path (it already
     covers them); otherwise the kernels compute it (one reduction launch per launch group).
-    ``complete``: the parts hold every parameter of the optimizer, so the step may be replayed by
-    :func:`repeat_step` while nothing changes.
+    ``complete``: the parts hold every parameter of the optimizer that has a gradient, so the step
+    may be replayed by :func:`repeat_step` while nothing changes (the others keep no gradient).
     """
     _backend.kernels()  # raises clearly if the triton_kernels found is not ours
     kernels = importlib.import_module("triton_kernels.optim")
@@ -320,6 +322,7 @@ def fused_step(
     _launch_all(optimizer, kernels, spec, state, prepared, parts, total_norm)
     if complete and not any(flag for entry in prepared for flag in entry.tensor_flags):
         originals = [p for entry in prepared for p in entry.originals]
+        updated = set(map(id, originals))
         # .get: optimizer.state is a defaultdict, and SGD without momentum keeps no state.
         state_dicts = [optimizer.state.get(p) for p in originals]
         keys = [*spec.state_keys, "step"] if spec.has_step else list(spec.state_keys)
@@ -331,6 +334,12 @@ def fused_step(
             group_lengths=[len(group["params"]) for group in optimizer.param_groups],
             group_flags=[spec.flags(group) for group in optimizer.param_groups],
             originals=originals,
+            gradless=[
+                p
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if id(p) not in updated
+            ],
             state_keys=list(optimizer.state.keys()),
             state_values=list(optimizer.state.values()),
             state_dicts=state_dicts,
@@ -354,7 +363,8 @@ def repeat_step(optimizer: torch.optim.Optimizer, algorithm: str) -> bool:
     This skips collecting tensors and state group by group (``_init_group``), which dominates the
     host time of a step over thousands of small tensors. Any change (a param group added or its
     list edited, an option flipped, a state dict loaded or a parameter's state replaced, a missing
-    or sparse gradient, a different backend decision) falls back to the full step.
+    or sparse gradient, a gradient where there was none, a different backend decision) falls back
+    to the full step.
     """
     state: FusedState | None = optimizer.__dict__.get("_fused_state")
     plan = state.plan if state is not None else None
@@ -387,6 +397,8 @@ def repeat_step(optimizer: torch.optim.Optimizer, algorithm: str) -> bool:
             if not all(map(operator.is_, map(operator.itemgetter(key), plan.state_dicts), tensors)):
                 return False
     except KeyError:  # a state entry was deleted
+        return False
+    if not all(map(operator.is_, map(_GRAD, plan.gradless), itertools.repeat(None))):
         return False
     grads = _local(list(map(_GRAD, plan.originals)))
     try:
