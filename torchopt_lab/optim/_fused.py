@@ -141,8 +141,9 @@ class _Plan:
     """A step that can repeat without re-collecting tensors: valid while the optimizer's param
     groups, their launch-level options, every parameter's state dict and the state tensors in it
     are the same objects, the parameters updated last time have dense gradients and the others
-    (frozen or unused) still have none. Only the gradients are fetched anew. Every check is an identity comparison run by C loops (``map``), so that a step over
-    thousands of small tensors costs little host time."""
+    (frozen or unused) still have none. Only the gradients are fetched anew. Every check is an
+    identity comparison run by C loops (``map``), so that a step over thousands of small tensors
+    costs little host time."""
 
     options: tuple
     state: Any

@@ -96,6 +96,8 @@ def _layer_norm_backward_kernel(
     weight_pointer,
     mean_pointer,
     rstd_pointer,
+    c1_pointer,
+    c2_pointer,
     grad_input_pointer,
     grad_weight_partial_pointer,
     grad_bias_partial_pointer,
@@ -103,16 +105,22 @@ def _layer_norm_backward_kernel(
     columns,
     has_weight: tl.constexpr,
     reduce_parameters: tl.constexpr,
+    coefficients_given: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLUMNS: tl.constexpr,
 ):
-    """``dL/dx`` for the row tiles ``program_id, program_id + programs, ...``; with
-    ``reduce_parameters``, this program's partial ``Σ g x̂`` and ``Σ g`` to its row of the
-    ``[programs, columns]`` partials."""
+    """Program ``(p, j)``: ``dL/dx`` on column slice ``j`` of the row tiles ``p, p + programs,
+    ...``; with ``reduce_parameters``, this slice of the program's partial ``Σ g x̂`` and ``Σ g``
+    to its row of the ``[programs, columns]`` partials.
+
+    Whole rows (one column slice): ``c_1`` and ``c_2`` are computed here. Wide rows
+    (``coefficients_given``): they are read from ``c1_pointer`` and ``c2_pointer``, which
+    :func:`_layer_norm_wide_coefficients_kernel` filled.
+    """
     program = tl.program_id(0)
     programs = tl.num_programs(0)
-    column = tl.arange(0, BLOCK_COLUMNS)
+    column = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
     column_mask = column < columns
     if has_weight:
         weight = tl.load(weight_pointer + column, mask=column_mask).to(COMPUTE_DTYPE)
@@ -131,9 +139,13 @@ def _layer_norm_backward_kernel(
         normalized = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         # w g
         grad_normalized = g * weight[None, :] if has_weight else g
-        # c_1 = mean(x̂ ⊙ w g), c_2 = mean(w g)
-        c1 = tl.sum(normalized * grad_normalized, axis=1) / columns
-        c2 = tl.sum(grad_normalized, axis=1) / columns
+        if coefficients_given:
+            c1 = tl.load(c1_pointer + row, mask=row_mask, other=0.0)
+            c2 = tl.load(c2_pointer + row, mask=row_mask, other=0.0)
+        else:
+            # c_1 = mean(x̂ ⊙ w g), c_2 = mean(w g)
+            c1 = tl.sum(normalized * grad_normalized, axis=1) / columns
+            c2 = tl.sum(grad_normalized, axis=1) / columns
         # dL/dx = r (w g - x̂ c_1 - c_2)
         grad_input = rstd[:, None] * (grad_normalized - normalized * c1[:, None] - c2[:, None])
         tl.store(
@@ -233,68 +245,6 @@ def _layer_norm_wide_coefficients_kernel(
         c2 += g
     tl.store(c1_pointer + row, tl.sum(c1, axis=0) / columns)
     tl.store(c2_pointer + row, tl.sum(c2, axis=0) / columns)
-
-
-@triton.jit
-def _layer_norm_wide_backward_kernel(
-    grad_output_pointer,
-    input_pointer,
-    weight_pointer,
-    mean_pointer,
-    rstd_pointer,
-    c1_pointer,
-    c2_pointer,
-    grad_input_pointer,
-    grad_weight_partial_pointer,
-    grad_bias_partial_pointer,
-    rows,
-    columns,
-    has_weight: tl.constexpr,
-    reduce_parameters: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_COLUMNS: tl.constexpr,
-):
-    """Program ``(p, j)``: ``dL/dx`` on column slice ``j`` of the row tiles ``p, p + programs,
-    ...``, and this slice of its partial ``Σ g x̂`` and ``Σ g``."""
-    program = tl.program_id(0)
-    programs = tl.num_programs(0)
-    column = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
-    column_mask = column < columns
-    if has_weight:
-        weight = tl.load(weight_pointer + column, mask=column_mask).to(COMPUTE_DTYPE)
-    grad_weight = tl.zeros((BLOCK_COLUMNS,), COMPUTE_DTYPE)
-    grad_bias = tl.zeros((BLOCK_COLUMNS,), COMPUTE_DTYPE)
-    for tile in range(program, tl.cdiv(rows, BLOCK_ROWS), programs):
-        row = (tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
-        row_mask = row < rows
-        mask = row_mask[:, None] & column_mask[None, :]
-        offsets = row[:, None] * columns + column[None, :]
-        x = tl.load(input_pointer + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        g = tl.load(grad_output_pointer + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        mean = tl.load(mean_pointer + row, mask=row_mask, other=0.0)
-        rstd = tl.load(rstd_pointer + row, mask=row_mask, other=0.0)
-        c1 = tl.load(c1_pointer + row, mask=row_mask, other=0.0)
-        c2 = tl.load(c2_pointer + row, mask=row_mask, other=0.0)
-        # x̂ = (x - μ) r
-        normalized = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        # w g
-        grad_normalized = g * weight[None, :] if has_weight else g
-        # dL/dx = r (w g - x̂ c_1 - c_2)
-        grad_input = rstd[:, None] * (grad_normalized - normalized * c1[:, None] - c2[:, None])
-        tl.store(
-            grad_input_pointer + offsets,
-            grad_input.to(grad_input_pointer.dtype.element_ty),
-            mask=mask,
-        )
-        if reduce_parameters:
-            # dL/dw += Σ g x̂, dL/db += Σ g (this tile's rows)
-            grad_weight += tl.sum(g * normalized, axis=0)
-            grad_bias += tl.sum(g, axis=0)
-    if reduce_parameters:
-        partial = program * columns + column
-        tl.store(grad_weight_partial_pointer + partial, grad_weight, mask=column_mask)
-        tl.store(grad_bias_partial_pointer + partial, grad_bias, mask=column_mask)
 
 
 def _blocks(input: torch.Tensor) -> tuple[int, int, bool, int, int]:
@@ -431,7 +381,10 @@ def layer_norm_backward(
             BLOCK=block_columns,
             num_warps=warps(block_columns, input.dtype),
         )
-        _layer_norm_wide_backward_kernel[(programs, triton.cdiv(columns, block_columns))](
+    else:
+        c1 = c2 = mean  # not read: whole rows compute their coefficients in the kernel
+    if input.numel():
+        _layer_norm_backward_kernel[(programs, triton.cdiv(columns, block_columns))](
             grad_output,
             input,
             input if weight is None else weight,
@@ -446,25 +399,7 @@ def layer_norm_backward(
             columns,
             has_weight=weight is not None,
             reduce_parameters=compute_parameter_grads,
-            COMPUTE_DTYPE=compute_dtype(input.dtype),
-            BLOCK_ROWS=block_rows,
-            BLOCK_COLUMNS=block_columns,
-            num_warps=warps(block_rows * block_columns, input.dtype),
-        )
-    elif input.numel():
-        _layer_norm_backward_kernel[(programs,)](
-            grad_output,
-            input,
-            input if weight is None else weight,
-            mean,
-            rstd,
-            grad_input,
-            partial_weight,
-            partial_bias,
-            rows,
-            columns,
-            has_weight=weight is not None,
-            reduce_parameters=compute_parameter_grads,
+            coefficients_given=wide,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK_ROWS=block_rows,
             BLOCK_COLUMNS=block_columns,

@@ -160,13 +160,21 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "weight_pointer": "*T",
             "mean_pointer": "*C",
             "rstd_pointer": "*C",
+            "c1_pointer": "*C",
+            "c2_pointer": "*C",
             "grad_input_pointer": "*T",
             "grad_weight_partial_pointer": "*C",
             "grad_bias_partial_pointer": "*C",
             "rows": "i32",
             "columns": "i32",
         },
-        {"has_weight": True, "reduce_parameters": True, "BLOCK_ROWS": 4, "BLOCK_COLUMNS": 1024},
+        {
+            "has_weight": True,
+            "reduce_parameters": True,
+            "coefficients_given": False,
+            "BLOCK_ROWS": 4,
+            "BLOCK_COLUMNS": 1024,
+        },
         ("columns",),
     ),
     "_layer_norm_wide_forward_kernel": (
@@ -196,25 +204,6 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "columns": "i32",
         },
         {"has_weight": True, "BLOCK": 2048},
-        ("columns",),
-    ),
-    "_layer_norm_wide_backward_kernel": (
-        "triton_kernels.nn.layer_norm",
-        {
-            "grad_output_pointer": "*T",
-            "input_pointer": "*T",
-            "weight_pointer": "*T",
-            "mean_pointer": "*C",
-            "rstd_pointer": "*C",
-            "c1_pointer": "*C",
-            "c2_pointer": "*C",
-            "grad_input_pointer": "*T",
-            "grad_weight_partial_pointer": "*C",
-            "grad_bias_partial_pointer": "*C",
-            "rows": "i32",
-            "columns": "i32",
-        },
-        {"has_weight": True, "reduce_parameters": True, "BLOCK_ROWS": 4, "BLOCK_COLUMNS": 2048},
         ("columns",),
     ),
     "_dropout_kernel": (
@@ -335,6 +324,18 @@ def _requests() -> list[dict[str, Any]]:
         # The widest rows the launchers hold whole in registers (32 KB of the compute dtype).
         requests.append(_request(kernel, 80, "float32", BLOCK_ROWS=1, BLOCK_COLUMNS=8192))
         requests.append(_request(kernel, 90, "float64", BLOCK_ROWS=1, BLOCK_COLUMNS=4096))
+    for capability in (80, 90):
+        for variant in ("float32", "float64"):
+            # Wider rows: column slices, with c_1 and c_2 from the coefficients kernel.
+            requests.append(
+                _request(
+                    "_layer_norm_backward_kernel",
+                    capability,
+                    variant,
+                    coefficients_given=True,
+                    BLOCK_COLUMNS=2048,
+                )
+            )
     for kernel, (_, _, defaults, _) in KERNELS.items():
         # Every flag off as well: a branch the interpreter never takes must still compile.
         flags = {name: False for name, value in defaults.items() if value is True}
