@@ -42,6 +42,27 @@ from triton_kernels.nn.softmax import block_size
 
 
 @triton.jit
+def _row_target(
+    target_pointer,
+    weight_pointer,
+    row,
+    ignore_index,
+    has_weight: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    """Row ``i``'s target ``t``: whether it counts (``t != ignore_index``), ``t`` or 0 when it does
+    not (an index safe to load), and its class weight ``w_t`` (1 without weights)."""
+    target = tl.load(target_pointer + row)
+    valid = target != ignore_index
+    safe_target = tl.where(valid, target, 0)
+    if has_weight:
+        target_weight = tl.load(weight_pointer + safe_target).to(COMPUTE_DTYPE)
+    else:
+        target_weight = tl.full((), 1.0, COMPUTE_DTYPE)
+    return valid, safe_target, target_weight
+
+
+@triton.jit
 def _cross_entropy_forward_kernel(
     input_pointer,
     target_pointer,
@@ -59,9 +80,9 @@ def _cross_entropy_forward_kernel(
     """One row: ``lse_i`` (saved) and ``ℓ_i`` in one pass over the classes."""
     row = tl.program_id(0).to(tl.int64)
     input_row = input_pointer + row * classes
-    target = tl.load(target_pointer + row)
-    valid = target != ignore_index
-    safe_target = tl.where(valid, target, 0)
+    valid, safe_target, target_weight = _row_target(
+        target_pointer, weight_pointer, row, ignore_index, has_weight, COMPUTE_DTYPE
+    )
     maximum = tl.full((), float("-inf"), COMPUTE_DTYPE)
     total = tl.full((), 0.0, COMPUTE_DTYPE)
     weighted_sum = tl.full((), 0.0, COMPUTE_DTYPE)
@@ -83,10 +104,6 @@ def _cross_entropy_forward_kernel(
     lse = maximum + tl.log(total)
     tl.store(log_sum_exp_pointer + row, lse)
     target_logit = tl.load(input_row + safe_target).to(COMPUTE_DTYPE)
-    if has_weight:
-        target_weight = tl.load(weight_pointer + safe_target).to(COMPUTE_DTYPE)
-    else:
-        target_weight = tl.full((), 1.0, COMPUTE_DTYPE)
     # (1 - ε) w_t (lse - x_t), as log s + (m - x_t): exact where lse - x_t would cancel
     loss = (1.0 - LABEL_SMOOTHING) * target_weight * (tl.log(total) + (maximum - target_logit))
     if LABEL_SMOOTHING > 0:
@@ -117,16 +134,12 @@ def _cross_entropy_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     input_row = input_pointer + row * classes
     grad_input_row = grad_input_pointer + row * classes
-    target = tl.load(target_pointer + row)
-    valid = target != ignore_index
-    safe_target = tl.where(valid, target, 0)
+    valid, safe_target, target_weight = _row_target(
+        target_pointer, weight_pointer, row, ignore_index, has_weight, COMPUTE_DTYPE
+    )
     lse = tl.load(log_sum_exp_pointer + row).to(COMPUTE_DTYPE)
     # γ_i v_i
     gamma = tl.where(valid, tl.load(grad_loss_pointer + row).to(COMPUTE_DTYPE), 0.0)
-    if has_weight:
-        target_weight = tl.load(weight_pointer + safe_target).to(COMPUTE_DTYPE)
-    else:
-        target_weight = tl.full((), 1.0, COMPUTE_DTYPE)
     # γ_i v_i (1 - ε) w_t
     hard = gamma * (1.0 - LABEL_SMOOTHING) * target_weight
     if LABEL_SMOOTHING > 0:
