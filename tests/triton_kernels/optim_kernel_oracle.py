@@ -29,10 +29,6 @@ from triton_kernels.optim import (
     sgd_step,
 )
 
-# Where the kernel tests put their tensors: the GPU when there is one (the kernels compiled; the
-# interpreter is off there, see tests/conftest.py), else the CPU (the kernels interpreted).
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 DEFAULTS = {
     "sgd": {"lr": 0.1, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False},
     "adagrad": {"lr": 0.1, "lr_decay": 0.0, "weight_decay": 0.0, "eps": 1e-10},

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,20 +14,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "optim"))
 from optim_cases import CASES, Case, clone_params, train, two_groups
 from optim_cases import make_params as make_cpu_params
-from optim_kernel_oracle import DEVICE
-
-
-@pytest.fixture(autouse=True)
-def _on_the_kernel_device() -> Iterator[None]:
-    # Tensors a test makes land on DEVICE: on a machine with CUDA these tests run the compiled
-    # kernels on the GPU.
-    with DEVICE:
-        yield
 
 
 def make_params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
-    """The optimizer tests' parameters (drawn on the CPU, the same on every device), on DEVICE."""
-    return [p.detach().to(DEVICE).requires_grad_() for p in make_cpu_params(dtype, seed)]
+    """The optimizer tests' parameters (drawn on the CPU, the same on every device), on the
+    kernel device (tests/triton_kernels/conftest.py)."""
+    device = torch.get_default_device()
+    return [p.detach().to(device).requires_grad_() for p in make_cpu_params(dtype, seed)]
 
 
 # Few steps: the interpreter is slow, and four steps already exercise first-step state creation,
@@ -174,7 +166,7 @@ def test_grad_scaler_step_works_unchanged_with_in_kernel_unscaling(overflow):
     theirs = torch.optim.AdamW(reference, lr=0.01)
     assert ours._step_supports_amp_scaling
     for optimizer, tensors in ((ours, params), (theirs, reference)):
-        scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10)
+        scaler = torch.amp.GradScaler(torch.get_default_device().type, init_scale=2.0**10)
         for step in range(3):
             optimizer.zero_grad()
             scaler.scale(_loss(tensors)).backward()

@@ -13,13 +13,11 @@ unit in the last place, 2**-7 relative for bfloat16, 2**-10 for float16.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from optim_kernel_oracle import DEVICE, Run, options_of
+from optim_kernel_oracle import Run, options_of
 
 from triton_kernels.optim import (
     ADAM_FIELDS,
@@ -65,18 +63,10 @@ CASE_IDS = [f"{algorithm}-{'-'.join(options) or 'defaults'}" for algorithm, opti
 FULLEST = [CASES[2], CASES[3], CASES[8], CASES[13]]
 
 
-@pytest.fixture(autouse=True)
-def _on_the_kernel_device() -> Iterator[None]:
-    # Tensors a test makes land on DEVICE: on a machine with CUDA these tests run the compiled
-    # kernels on the GPU.
-    with DEVICE:
-        yield
-
-
 def _random(shape, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    # Drawn on the CPU, so that every device gets the same values.
+    # Drawn on the CPU, so that every device gets the same values, then moved to the kernel device.
     values = torch.randn(shape, generator=generator, dtype=torch.float64, device="cpu")
-    return values.to(DEVICE, dtype)
+    return values.to(torch.get_default_device(), dtype)
 
 
 def _params(dtype: torch.dtype, shapes=SHAPES, seed: int = 0) -> list[torch.Tensor]:

@@ -6,7 +6,7 @@ quoting the bad value."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,16 +21,8 @@ import triton_kernels.nn as K
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
 
-# On a machine with CUDA the same tests run the compiled kernels on the GPU (tests/conftest.py
-# sets TRITON_INTERPRET=1 only without CUDA); every tensor a test makes lands there.
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@pytest.fixture(autouse=True)
-def _on_the_kernel_device() -> Iterator[None]:
-    with DEVICE:
-        yield
-
+# On a machine with CUDA the same tests run the compiled kernels on the GPU: every tensor a test
+# makes lands there (tests/triton_kernels/conftest.py).
 
 TOLERANCES = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-6},

@@ -26,16 +26,8 @@ from torchopt_lab.testing import CHECKS, check_function
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
 
-# On a machine with CUDA the same tests run the compiled kernels on the GPU (tests/conftest.py
-# sets TRITON_INTERPRET=1 only without CUDA); every tensor a test makes lands there.
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@pytest.fixture(autouse=True)
-def _on_the_kernel_device() -> Iterator[None]:
-    with DEVICE:
-        yield
-
+# On a machine with CUDA the same tests run the compiled kernels on the GPU: every tensor a test
+# makes lands there (tests/triton_kernels/conftest.py).
 
 TOLERANCES = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-6},
