@@ -93,9 +93,8 @@ class TorchoptOptimizer(torch.optim.Optimizer):
     # Whether ``_reference`` fills in state lists (SGD creates momentum buffers on the first step).
     _creates_state: ClassVar[bool] = False
     # Param-group keys that state dicts of older torch versions may lack, with the value torch's
-    # ``__setstate__`` gives them; whether the state holds a ``step`` (a tensor since torch 1.12).
+    # ``__setstate__`` gives them.
     _group_defaults: ClassVar[dict[str, Any]] = {}
-    _has_step: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -145,11 +144,10 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in self._group_defaults.items():
                 group.setdefault(key, value)
-            if not self._has_step:
-                continue
             for p in group["params"]:
+                # Older torch stored ``step`` as a Python number; it is a tensor since torch 1.12.
                 p_state = self.state.get(p, {})
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
+                if "step" in p_state and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = new_step().fill_(float(p_state["step"]))
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("max_grad_norm", None)

@@ -85,7 +85,6 @@ class SGD(TorchoptOptimizer):
         "differentiable": False,
         "fused": False,
     }
-    _has_step = False
     _views_complex_as_real = False
     _creates_state = True
 
