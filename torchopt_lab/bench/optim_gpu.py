@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from torchopt_lab.bench import table_header
+
 # float32 bytes each algorithm must read + write per parameter in one step:
 # Adam: read param, grad, exp_avg, exp_avg_sq (16), write param, exp_avg, exp_avg_sq (12).
 # Clipping fused in: one more read of the gradient for the norm (4).
@@ -220,9 +222,18 @@ def report(device: torch.device, set_names: list[str] | None = None) -> str:
         + ", ".join(f"{case} {size}" for case, size in BYTES_PER_PARAM.items()),
         "# ms: on the device, between events around step() (includes waiting for the host); "
         "host ms: the host's time in step()",
-        "| set | case | implementation | ms | host ms | GB/s | of copy bandwidth "
-        "| ours faster by |",
-        "|---|---|---|---|---|---|---|---|",
+        table_header(
+            [
+                "set",
+                "case",
+                "implementation",
+                "ms",
+                "host ms",
+                "GB/s",
+                "of copy bandwidth",
+                "ours faster by",
+            ]
+        ),
     ]
     for set_name, make_shapes in PARAMETER_SETS.items():
         if set_names and set_name not in set_names:
