@@ -115,6 +115,16 @@ def case_zero(backend: str) -> dict[str, list[torch.Tensor]]:
         )
         _train(model, optimizer, range(STEPS))
         results[name] = _full(model.module)
+    # Each rank's optimizer holds only its partition: a fused clip would use that partition's
+    # norm, so max_grad_norm is refused there with a pointer to clip_grad_norm_.
+    try:
+        ZeroRedundancyOptimizer(
+            _model().parameters(), optimizer_class=topt.Adam, max_grad_norm=1.0, backend=backend
+        )
+    except ValueError as error:
+        results["refused"] = "ZeroRedundancyOptimizer" in str(error)
+    else:
+        results["refused"] = False
     return results
 
 

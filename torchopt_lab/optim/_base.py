@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -77,6 +78,19 @@ def check_max_grad_norm(max_grad_norm: float | None) -> float | None:
     return float(max_grad_norm)
 
 
+def _built_by_zero_redundancy_optimizer() -> bool:
+    """Whether a ZeroRedundancyOptimizer is constructing this optimizer for its partition."""
+    zero_module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    if zero_module is None:
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if isinstance(frame.f_locals.get("self"), zero_module.ZeroRedundancyOptimizer):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class TorchoptOptimizer(torch.optim.Optimizer):
     """Base of every torchopt_lab optimizer (private: use the optimizers themselves).
 
@@ -109,6 +123,13 @@ class TorchoptOptimizer(torch.optim.Optimizer):
     ) -> None:
         self.backend = _backend.check_backend(backend)
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        if self.max_grad_norm is not None and _built_by_zero_redundancy_optimizer():
+            raise ValueError(
+                f"{type(self).__name__}: max_grad_norm={max_grad_norm} cannot be used inside "
+                "ZeroRedundancyOptimizer: each rank holds only its partition of the parameters, "
+                "so the clip would use that partition's norm, not the global one. Clip with "
+                "torch.nn.utils.clip_grad_norm_(model.parameters(), ...) before step() instead"
+            )
         if skip_nonfinite and self.max_grad_norm is None:
             raise ValueError(
                 "skip_nonfinite=True needs max_grad_norm: the step is skipped when the gradient "
