@@ -366,7 +366,7 @@ def repeat_step(optimizer: torch.optim.Optimizer, algorithm: str) -> bool:
     """Run the step planned by the last :func:`fused_step` again with the current gradients, if
     nothing it depends on changed; return whether it ran.
 
-    This skips collecting tensors and state group by group (``_init_group``), which dominates the
+    This skips collecting tensors and state group by group (``_group_tensors``), which dominates the
     host time of a step over thousands of small tensors. Any change (a param group added or its
     list edited, an option flipped, a state dict loaded or a parameter's state replaced, a missing
     or sparse gradient, a gradient where there was none, a different backend decision) falls back
