@@ -114,6 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+QUICK_NOTE = (
+    "# quick run: timings are not measurements (tiny batches, 3 steps); its ratios only show that "
+    "both models ran"
+)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.warmup < 0:
         raise UsageError(
@@ -128,7 +134,10 @@ def run(args: argparse.Namespace) -> int:
         f"training step (forward + backward + SGD), median of {steps}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    print(f"{'model':<6} {'batch':>6} {'torchopt_lab ms':>16} {'torch.nn ms':>12} {'ratio':>6}")
+    if args.quick:
+        print(QUICK_NOTE)
+    ratio = "ratio (not measured)" if args.quick else "ratio"
+    print(f"{'model':<6} {'batch':>6} {'torchopt_lab ms':>16} {'torch.nn ms':>12} {ratio:>6}")
     for workload in workloads(args.quick):
         ours, theirs = time_pair(workload, steps, warmup)
         print(

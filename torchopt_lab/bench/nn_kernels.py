@@ -232,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
         if measured
         else "CPU smoke run in the Triton interpreter: NOT a GPU measurement, no GB/s"
     )
+    if measured and args.quick:
+        title += " (quick run: timings are not measurements, tiny shapes)"
     print(f"layer kernels, float32 [{rows}, {columns}], median of {repeats}; {title}")
     print(
         f"{'kernel':<28} {'ours ms':>9} {'torch ms':>9} {'ours GB/s':>10} {'torch GB/s':>10} "

@@ -43,6 +43,7 @@ def test_bench_nn_kernels_cuda_quick_reports_bandwidth_and_memory(
 ) -> None:
     assert cli.main(["bench-nn-kernels", "--quick"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("(quick run: timings are not measurements, tiny shapes)")
     rows = {line[:28].strip(): line[28:].split() for line in lines[2 : 2 + len(KERNELS)]}
     assert list(rows) == KERNELS
     for values in rows.values():
