@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _get_capturable_supported_devices as _capturable_supported_devices
 
 __all__ = [
     "REGISTRY",
@@ -270,7 +271,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         return state
 
     def _check_capturable(self, p: Tensor, state: Mapping[str, Any]) -> None:
-        supported = torch.optim.optimizer._get_capturable_supported_devices()
+        supported = _capturable_supported_devices()
         devices = {p.device.type, state["step"].device.type}
         if len(devices) != 1 or p.device.type not in supported:
             # What torch.optim raises for capturable=True on an unsupported device.
