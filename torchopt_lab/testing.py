@@ -564,7 +564,8 @@ def check_optimizer(
 
     Args:
         optimizer_class: the optimizer under test (e.g. one declared with
-            :mod:`torchopt_lab.optim.rules`), constructed as ``optimizer_class(params, **opts)``.
+            :mod:`torchopt_lab.optim.rules`), constructed as ``optimizer_class(params, **opts)``;
+            ``functools.partial(cls, backend="triton")`` holds its fused path to the reference.
         reference: a trusted ``torch.optim.Optimizer`` class taking the same arguments, or a
             plain-torch function ``reference(params, grads, states, step, **opts)`` that updates
             ``params`` in place: ``states`` holds one dict per parameter, kept across calls, and
@@ -600,7 +601,7 @@ def check_optimizer(
         {**DEFAULT_TOLERANCES, **(tolerances or {})},
         seed,
     )
-    report = CheckReport(optimizer_class.__name__, harness="check_optimizer")
+    report = CheckReport(_optimizer_name(optimizer_class), harness="check_optimizer")
     runs = {
         "matches_reference": lambda: context.matches_reference(dtypes),
         "complex_params": lambda: context.matches_reference(complex_dtypes),
@@ -794,6 +795,15 @@ class _OptimizerContext:
             if problem:
                 problems.append(f"[{_show_options(opts)}] {problem}")
         return not problems, "\n".join(problems)
+
+
+def _optimizer_name(optimizer_class: Callable[..., Any]) -> str:
+    """A class's name; for a ``functools.partial`` of one, its name and bound options."""
+    function = getattr(optimizer_class, "func", None)
+    if function is not None:
+        options = ", ".join(f"{key}={value!r}" for key, value in optimizer_class.keywords.items())
+        return f"{getattr(function, '__name__', repr(function))}({options})"
+    return getattr(optimizer_class, "__name__", repr(optimizer_class))
 
 
 def _roundtrip_copy(state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from torchopt_lab.optim.rules import (
     State,
     lr_checks,
     register,
+    tl,
+    triton_jit,
 )
 
 
@@ -43,6 +45,20 @@ def _update(
     acc_delta = acc_delta * rho + (1 - rho) * delta * delta
     param = param - lr * delta
     return param, square_avg, acc_delta
+
+
+@triton_jit
+def _triton_update(param, grad, states, scalars):
+    """``_update`` for the fused rule kernel, line for line."""
+    square_avg, acc_delta = states
+    lr, rho, eps, weight_decay = scalars
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    square_avg = square_avg * rho + (1 - rho) * grad * grad
+    delta = tl.sqrt(acc_delta + eps) / tl.sqrt(square_avg + eps) * grad
+    acc_delta = acc_delta * rho + (1 - rho) * delta * delta
+    param = param - lr * delta
+    return param, (square_avg, acc_delta)
 
 
 @register
@@ -80,4 +96,5 @@ class Adadelta(RuleOptimizer):
         state=(State("square_avg"), State("acc_delta")),
         scalars=_scalars,
         update=_update,
+        triton_update=_triton_update,
     )

@@ -16,6 +16,8 @@ from torchopt_lab.optim.rules import (
     State,
     lr_checks,
     register,
+    tl,
+    triton_jit,
 )
 
 
@@ -50,6 +52,19 @@ def _update(
     exp_inf = torch.maximum(exp_inf * beta2, grad.abs() + eps)
     param = param - clr * exp_avg / exp_inf
     return param, exp_avg, exp_inf
+
+
+@triton_jit
+def _triton_update(param, grad, states, scalars):
+    """``_update`` for the fused rule kernel, line for line."""
+    exp_avg, exp_inf = states
+    beta1, beta2, eps, weight_decay, clr = scalars
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    exp_avg = exp_avg + (1 - beta1) * (grad - exp_avg)
+    exp_inf = tl.maximum(exp_inf * beta2, tl.abs(grad) + eps, propagate_nan=tl.PropagateNan.ALL)
+    param = param - clr * exp_avg / exp_inf
+    return param, (exp_avg, exp_inf)
 
 
 @register
@@ -95,4 +110,5 @@ class Adamax(RuleOptimizer):
         state=(State("exp_avg"), State("exp_inf")),
         scalars=_scalars,
         update=_update,
+        triton_update=_triton_update,
     )

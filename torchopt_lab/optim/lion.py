@@ -16,6 +16,8 @@ from torchopt_lab.optim.rules import (
     State,
     lr_checks,
     register,
+    tl,
+    triton_jit,
 )
 
 
@@ -46,6 +48,19 @@ def _update(
     # m_t = beta2 m + (1 - beta2) g.
     exp_avg = exp_avg + (1 - beta2) * (grad - exp_avg)
     return param, exp_avg
+
+
+@triton_jit
+def _triton_update(param, grad, states, scalars):
+    """``_update`` for the fused rule kernel, line for line."""
+    (exp_avg,) = states
+    lr, beta1, beta2, weight_decay = scalars
+    direction = exp_avg + (1 - beta1) * (grad - exp_avg)
+    # sign(c), 0 at 0 as torch.sign.
+    sign = tl.where(direction > 0, 1.0, tl.where(direction < 0, -1.0, 0.0)).to(param.dtype)
+    param = param - lr * (sign + weight_decay * param)
+    exp_avg = exp_avg + (1 - beta2) * (grad - exp_avg)
+    return param, (exp_avg,)
 
 
 @register
@@ -89,4 +104,5 @@ class Lion(RuleOptimizer):
         state=(State("exp_avg"),),
         scalars=_scalars,
         update=_update,
+        triton_update=_triton_update,
     )

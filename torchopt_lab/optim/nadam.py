@@ -16,6 +16,8 @@ from torchopt_lab.optim.rules import (
     State,
     lr_checks,
     register,
+    tl,
+    triton_jit,
 )
 
 
@@ -71,6 +73,25 @@ def _update(
     return param, exp_avg, exp_avg_sq
 
 
+@triton_jit
+def _triton_update(param, grad, states, scalars):
+    """``_update`` for the fused rule kernel, line for line."""
+    exp_avg, exp_avg_sq = states
+    lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay = scalars[:6]
+    bias_correction2, grad_coefficient, exp_avg_coefficient = scalars[6:]
+    if weight_decay != 0:
+        if decoupled_weight_decay != 0:
+            param = param * (1 - lr * weight_decay)
+        else:
+            grad = grad + weight_decay * param
+    exp_avg = exp_avg + (1 - beta1) * (grad - exp_avg)
+    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    denom = tl.sqrt(exp_avg_sq / bias_correction2) + eps
+    param = param + grad_coefficient * grad / denom
+    param = param + exp_avg_coefficient * exp_avg / denom
+    return param, (exp_avg, exp_avg_sq)
+
+
 @register
 class NAdam(RuleOptimizer):
     r"""NAdam (Dozat, 2016, "Incorporating Nesterov Momentum into Adam"), as ``torch.optim.NAdam``.
@@ -119,4 +140,5 @@ class NAdam(RuleOptimizer):
         state=(State("mu_product", init=1.0, scalar=True), State("exp_avg"), State("exp_avg_sq")),
         scalars=_scalars,
         update=_update,
+        triton_update=_triton_update,
     )

@@ -17,6 +17,8 @@ from torchopt_lab.optim.rules import (
     State,
     lr_checks,
     register,
+    tl,
+    triton_jit,
 )
 
 
@@ -82,6 +84,28 @@ def _update(
     return param, exp_avg, exp_avg_sq
 
 
+@triton_jit
+def _triton_update(param, grad, states, scalars):
+    """``_update`` for the fused rule kernel, line for line."""
+    exp_avg, exp_avg_sq = states
+    lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay = scalars[:6]
+    bias_correction1, sqrt_bias_correction2, rectified, rect = scalars[6:]
+    if weight_decay != 0:
+        if decoupled_weight_decay != 0:
+            param = param * (1 - lr * weight_decay)
+        else:
+            grad = grad + weight_decay * param
+    exp_avg = exp_avg + (1 - beta1) * (grad - exp_avg)
+    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    bias_corrected_exp_avg = exp_avg / bias_correction1
+    if rectified != 0:
+        adaptive_lr = sqrt_bias_correction2 / (tl.sqrt(exp_avg_sq) + eps)
+        param = param - bias_corrected_exp_avg * lr * adaptive_lr * rect
+    else:
+        param = param - bias_corrected_exp_avg * lr
+    return param, (exp_avg, exp_avg_sq)
+
+
 @register
 class RAdam(RuleOptimizer):
     r"""RAdam (Liu et al., 2020, "On the Variance of the Adaptive Learning Rate and Beyond"), as
@@ -129,4 +153,5 @@ class RAdam(RuleOptimizer):
         state=(State("exp_avg"), State("exp_avg_sq")),
         scalars=_scalars,
         update=_update,
+        triton_update=_triton_update,
     )

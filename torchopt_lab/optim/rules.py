@@ -13,7 +13,12 @@ A :class:`Rule` states everything an element-wise optimizer is:
   float64 from the param group's hyperparameters and the step count (bias corrections), once per
   step value; it may update the rule's scalar state (NAdam's ``mu_product``) in place;
 - its **element-wise update**, ``update(param, grad, *state, **scalars) -> (param, *state)``,
-  written once, out of place, over tensors of one parameter (complex ones as real views).
+  written once, out of place, over tensors of one parameter (complex ones as real views);
+- optionally the same update for the fused Triton kernel, ``triton_update(param, grad, states,
+  scalars) -> (param, states)`` (a ``@triton_jit`` function over blocks, ``scalars`` the values of
+  ``scalars()`` in its dict's order): Triton cannot run the torch update, so the two stand side by
+  side in the declaration and a test binds them (:func:`torchopt_lab.testing.check_optimizer` with
+  ``backend="triton"`` against ``backend="torch"``).
 
 Subclassing :class:`RuleOptimizer` with a ``rule`` turns a declaration into a
 ``torch.optim.Optimizer``: the constructor and its signature, param groups, lazily created state
@@ -31,6 +36,7 @@ preconditioners, LAMB/LARS trust ratios), or one that needs a reduction across t
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +45,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_capturable_supported_devices as _capturable_supported_devices
+
+from torchopt_lab import backend as _backend
+
+try:  # Triton is optional (Linux only): without it, rules run their torch update.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where Triton is absent
+    triton = tl = None
 
 __all__ = [
     "REGISTRY",
@@ -50,6 +64,8 @@ __all__ = [
     "State",
     "lr_checks",
     "register",
+    "tl",
+    "triton_jit",
 ]
 
 
@@ -105,6 +121,8 @@ class Rule:
     state: tuple[State, ...]
     scalars: Callable[[Mapping[str, Any], float, dict[str, Tensor]], dict[str, Any]]
     update: Callable[..., tuple[Tensor, ...]]
+    # The update as a @triton_jit function for the fused kernel, or None (torch path only).
+    triton_update: Any = None
     # Whether complex parameters are updated as real views (torch.view_as_real), as torch.optim
     # does for rules that are not linear in the gradient.
     complex_as_real: bool = True
@@ -120,6 +138,13 @@ class Rule:
     @property
     def scalar_state(self) -> tuple[str, ...]:
         return tuple(entry.name for entry in self.state if entry.scalar)
+
+
+def triton_jit(fn: Callable[..., Any]) -> Any:
+    """``triton.jit`` where Triton is installed, else None (the rule then runs its torch update
+    everywhere): decorate a rule's ``triton_update`` with it to keep the rule importable
+    without Triton. Inside the function, use :data:`tl` (``triton.language``)."""
+    return triton.jit(fn) if triton is not None else None
 
 
 #: torch's flags, as most torch.optim optimizers declare them (keyword-only).
@@ -212,6 +237,11 @@ class RuleOptimizer(torch.optim.Optimizer):
             )
             for h in rule.hyperparameters
         ]
+        # Beside torch's arguments, as every torchopt_lab optimizer: which backend runs the step
+        # (an attribute of the optimizer, not of its param groups, so state dicts stay torch's).
+        parameters.append(
+            inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto")
+        )
         cls._signature = inspect.Signature(parameters)
 
         def __init__(self: RuleOptimizer, params: Any, *args: Any, **kwargs: Any) -> None:
@@ -232,12 +262,17 @@ class RuleOptimizer(torch.optim.Optimizer):
         bound.apply_defaults()
         values = dict(bound.arguments)
         params = values.pop("params")
+        self.backend = _backend.check_backend(values.pop("backend"))
         for check in self.rule.checks:
             check(values[check.name])
         super().__init__(params, values)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "backend": self.backend}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
         defaults = {h.name: h.default for h in self.rule.hyperparameters}
         defaults.update(self.rule.setstate_defaults)
         for group in self.param_groups:
@@ -309,11 +344,12 @@ class RuleOptimizer(torch.optim.Optimizer):
             if key != "params"
         }
         by_step: dict[float, dict[str, Any]] = {}
+        # (device, dtype) -> [(param, its state, its scalars)], in the group's order.
+        parts: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, dict, dict]]] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
-            grad = p.grad
-            if grad.is_sparse:
+            if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             state = self._init_state(p, group)
             if group.get("capturable"):
@@ -329,17 +365,86 @@ class RuleOptimizer(torch.optim.Optimizer):
                 scalars = by_step.get(step)
                 if scalars is None:
                     scalars = by_step[step] = rule.scalars(hyperparameters, step, {})
-            if maximize:
-                grad = -grad
-            targets = [p, *(state[name] for name in rule.tensor_state)]
-            if rule.complex_as_real:
-                targets = [_real(t) for t in targets]
-                grad = _real(grad)
-            results = rule.update(targets[0], grad, *targets[1:], **scalars)
-            if len(results) != len(targets):
-                raise RuntimeError(
-                    f"{type(self).__name__}: rule.update returned {len(results)} tensors; "
-                    f"expected the parameter and {list(rule.tensor_state)}"
-                )
-            for target, result in zip(targets, results, strict=True):
-                target.copy_(result)
+            parts.setdefault((p.device, p.dtype), []).append((p, state, scalars))
+        for (device, dtype), members in parts.items():
+            fused = self._kernel_members(device, dtype, members, differentiable)
+            if fused:
+                self._kernel_update(fused, maximize)
+            for p, state, scalars in members:
+                if not any(p is q for q, _, _ in fused):
+                    self._torch_update(p, state, scalars, maximize)
+
+    def _kernel_members(
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        members: list[tuple[Tensor, dict, dict]],
+        differentiable: bool,
+    ) -> list[tuple[Tensor, dict, dict]]:
+        """The members of one (device, dtype) part that the fused rule kernel updates: all of
+        them when the backend is Triton and the kernel can, else none, with the reason recorded
+        (an explicit ``backend="triton"`` raises instead of falling back)."""
+        component = f"optim.{type(self).__name__}"
+        if _backend.resolve(component, self.backend, device) != "triton":
+            return []
+        kernels = importlib.import_module("triton_kernels.optim.rule_kernels")
+        real = dtype.to_real() if dtype.is_complex else dtype
+        why = None
+        if self.rule.triton_update is None:
+            why = "the rule declares no triton_update"
+        elif differentiable:
+            why = "differentiable=True needs autograd, which the torch update records"
+        elif real not in kernels.RULE_DTYPES:
+            why = f"the rule kernel updates {list(kernels.RULE_DTYPES)}, not {dtype}"
+        elif len(self.rule.tensor_state) > kernels.MAX_STATE:
+            why = f"the rule kernel takes at most {kernels.MAX_STATE} state tensors"
+        elif not all(
+            t.is_contiguous()
+            for p, state, _ in members
+            for t in (p, p.grad, *(state[name] for name in self.rule.tensor_state))
+        ):
+            why = "a parameter, gradient or state tensor is not contiguous"
+        if why is None:
+            return members
+        if self.backend == "triton":
+            raise RuntimeError(f"{component}: backend='triton' cannot run the rule kernel: {why}")
+        _backend.record(component, self.backend, "torch", device, why)
+        return []
+
+    def _kernel_update(self, members: list[tuple[Tensor, dict, dict]], maximize: bool) -> None:
+        """One launch of the fused rule kernel over ``members`` (one device and dtype)."""
+        kernels = importlib.import_module("triton_kernels.optim.rule_kernels")
+        rows: dict[tuple[float, ...], int] = {}
+        row_of = []
+        for _, _, scalars in members:
+            row = tuple(float(value) for value in scalars.values())
+            row_of.append(rows.setdefault(row, len(rows)))
+        names = self.rule.tensor_state
+        kernels.rule_step(
+            self.rule.triton_update,
+            [_real(p.detach()) for p, _, _ in members],
+            [_real(p.grad) for p, _, _ in members],
+            [[_real(state[name]) for _, state, _ in members] for name in names],
+            list(rows),
+            row_of,
+            maximize=maximize,
+        )
+
+    def _torch_update(
+        self, p: Tensor, state: dict, scalars: dict[str, Any], maximize: bool
+    ) -> None:
+        """The rule's torch update of one parameter, its results copied into place."""
+        rule = self.rule
+        grad = -p.grad if maximize else p.grad
+        targets = [p, *(state[name] for name in rule.tensor_state)]
+        if rule.complex_as_real:
+            targets = [_real(t) for t in targets]
+            grad = _real(grad)
+        results = rule.update(targets[0], grad, *targets[1:], **scalars)
+        if len(results) != len(targets):
+            raise RuntimeError(
+                f"{type(self).__name__}: rule.update returned {len(results)} tensors; "
+                f"expected the parameter and {list(rule.tensor_state)}"
+            )
+        for target, result in zip(targets, results, strict=True):
+            target.copy_(result)
