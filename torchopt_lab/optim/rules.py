@@ -202,9 +202,12 @@ class RuleOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` derived from the class attribute ``rule`` (a :class:`Rule`).
 
     Subclasses set ``rule`` and a docstring; the constructor, its signature, ``step`` and
-    ``__setstate__`` come from here. The update runs per parameter through ``rule.update`` (the
-    torch reference path); ``foreach`` is accepted and stored as torch does, and gives the same
-    numbers.
+    ``__setstate__`` come from here. The constructor takes torch's arguments plus ``backend``
+    (``"auto"``, ``"torch"`` or ``"triton"``, as every torchopt_lab optimizer; an attribute, not a
+    param-group key). Each (device, dtype) part of a param group runs either the fused rule kernel
+    (one launch, :mod:`triton_kernels.optim.rule_kernels`) or ``rule.update`` per parameter (the
+    torch reference path), as :func:`torchopt_lab.backend.resolve` decides; ``foreach`` is
+    accepted and stored as torch does, and gives the same numbers.
     """
 
     rule: ClassVar[Rule]
