@@ -319,7 +319,13 @@ def _check_class_target(
             f"size mismatch (got input: {list(input.shape)}, target: {list(target.shape)})"
         )
     out_of_range = ((target < 0) | (target >= classes)) & (target != ignore_index)
-    if out_of_range.any():
+    if target.device.type != "cpu" or torch.compiler.is_compiling():
+        # No host synchronisation (and no graph break under torch.compile): the device checks and
+        # raises RuntimeError when it gets there, as torch's CUDA kernel asserts on the device.
+        torch._assert_async(
+            ~out_of_range.any(), f"cross_entropy: a target is out of bounds [0, {classes})"
+        )
+    elif out_of_range.any():
         raise IndexError(f"Target {target[out_of_range][0].item()} is out of bounds.")
 
 
