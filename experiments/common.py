@@ -10,7 +10,8 @@ the claim).
 
 Bad values end the command with exit status 2 and one line naming the value, never a traceback:
 numbers must be finite and within their knob's bounds (by default > 0 when the default is > 0,
-else >= 0; see :func:`parse_config`), and a ``device`` knob must name a device this machine has.
+else >= 0; see :func:`parse_config`), a ``device`` knob must name a device this machine has, and
+``out`` must be (or be creatable as) a directory.
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ def _check_bounds(config: Any, defaults: Any, bounds: Mapping[str, str]) -> None
             raise UsageError(f"invalid {option} {value!r}: must be {expected}")
     if hasattr(config, "device"):
         check_device(config.device)
+    if getattr(config, "out", ""):
+        # The nearest existing path must be a directory, or start() could not create out.
+        existing = next(
+            path for path in (Path(config.out), *Path(config.out).parents) if path.exists()
+        )
+        if not existing.is_dir():
+            raise UsageError(f"invalid --out {config.out!r}: {str(existing)!r} is not a directory")
 
 
 def parse_config(

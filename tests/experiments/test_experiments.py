@@ -132,6 +132,20 @@ def test_bad_options_exit_2_with_one_line_naming_the_value(
     assert not list(tmp_path.iterdir())
 
 
+def test_an_out_that_is_a_file_exits_2_naming_it(experiment_module, tmp_path, capsys) -> None:
+    module = experiment_module("linear_regression")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for out in (a_file, a_file / "below"):
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(["--smoke", "--out", str(out)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == (
+            f"linear_regression.py: error: invalid --out {str(out)!r}: {str(a_file)!r} is not a "
+            "directory\n"
+        )
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
 def test_device_cuda_without_cuda_exits_2_with_one_line(experiment_module, capsys) -> None:
     module = experiment_module("optimizer_comparison")
