@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from torchopt_lab._arguments import UsageError, check_device
-from torchopt_lab._files import write_text_atomically
+from torchopt_lab._files import write_atomically, write_text_atomically
 
 Config = TypeVar("Config")
 
@@ -146,11 +146,17 @@ def seed_everything(seed: int) -> None:
 
 
 def save_figure(figure: Any, path: Path) -> None:
+    """Write ``figure`` to ``path`` atomically (a temporary file, then a rename), then close it."""
     from matplotlib import pyplot
 
     figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    pyplot.close(figure)
+    file_format = path.suffix.lstrip(".") or "png"
+    try:
+        write_atomically(
+            path, lambda temporary: figure.savefig(temporary, dpi=90, format=file_format)
+        )
+    finally:
+        pyplot.close(figure)
 
 
 def pyplot() -> Any:

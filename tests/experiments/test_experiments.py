@@ -172,6 +172,19 @@ def test_config_json_is_written_atomically(experiment_module, tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_figure_is_written_atomically(experiment_module, tmp_path) -> None:
+    """A figure whose writing fails halfway leaves the previous file and no temporary one."""
+    common = experiment_module("common")
+    pyplot = common.pyplot()
+    path = tmp_path / "figure.png"
+    path.write_bytes(b"previous")
+    figure = pyplot.figure()
+    figure.savefig = lambda target, **options: Path(target).write_bytes(b"\x89PNG") and 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        common.save_figure(figure, path)
+    assert path.read_bytes() == b"previous" and list(tmp_path.iterdir()) == [path]
+
+
 def test_experiment_options_override_the_smoke_budget(experiment_module, tmp_path) -> None:
     module = experiment_module("linear_regression")
     with redirect_stdout(StringIO()):
