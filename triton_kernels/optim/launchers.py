@@ -54,8 +54,9 @@ class StepControls:
     - ``square_norms`` (float64, a power-of-two number of slots) and ``max_grad_norm``: clip with
       ``min(1, max_grad_norm / (norm + 1e-6))``, ``norm`` the square root of the slots' sum
       (filled by :func:`grad_square_norm`), unscaled by ``grad_scale``.
-    - ``skip_nonfinite`` with ``skipped_steps`` (int32, one element): skip the step when that norm
-      is NaN or infinite, and add one to ``skipped_steps``.
+    - ``skip_nonfinite``: skip the step when that norm is NaN or infinite, and add one to
+      ``skipped_steps`` (int32, one element) if given: of several launches making one step, only
+      one passes the counter, so a skipped step counts once.
     - ``record_norms``: write per-tensor squared norms of the gradient (after unscaling and
       clipping), the update and the parameter (before the update) into ``table.diagnostics``.
     """
@@ -141,15 +142,15 @@ def _control_arguments(table: MultiTensorTable, controls: StepControls) -> tuple
     if controls.skip_nonfinite:
         if not clip:
             raise ValueError("skip_nonfinite needs max_grad_norm: the norm decides the skip")
-        if controls.skipped_steps is None:
-            raise ValueError("skip_nonfinite needs a skipped_steps counter")
-        _check_scalar("skipped_steps", controls.skipped_steps, torch.int32, device)
+        if controls.skipped_steps is not None:
+            _check_scalar("skipped_steps", controls.skipped_steps, torch.int32, device)
+    count_skipped = controls.skip_nonfinite and controls.skipped_steps is not None
     arguments = [
         controls.grad_scale if controls.grad_scale is not None else float32,
         controls.found_inf if controls.found_inf is not None else float32,
         controls.square_norms if clip else _dummy(device, torch.float64),
         float(controls.max_grad_norm) if clip else 1.0,
-        controls.skipped_steps if controls.skip_nonfinite else _dummy(device, torch.int32),
+        controls.skipped_steps if count_skipped else _dummy(device, torch.int32),
         table.block_counters,
         table.diagnostic_sums,
         table.diagnostics,
@@ -167,6 +168,7 @@ def _control_arguments(table: MultiTensorTable, controls: StepControls) -> tuple
         "CHECK_FOUND_INF": controls.found_inf is not None,
         "CLIP_GRADS": clip,
         "SKIP_NONFINITE": controls.skip_nonfinite,
+        "COUNT_SKIPPED": count_skipped,
         "RECORD_NORMS": controls.record_norms,
         "num_warps": _num_warps(table.param_dtype),
     }
