@@ -295,6 +295,69 @@ def _record_skipped_norms(
 
 
 @triton.jit
+def _skipped_step_norms_kernel(
+    tensor_table,
+    block_table,
+    tensor_count,
+    block_count,
+    grad_scale,
+    found_inf,
+    square_norms,
+    max_grad_norm,
+    block_counters,
+    diagnostic_sums,
+    diagnostics,
+    PARAM_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NUMEL_MULTIPLE: tl.constexpr,
+    ASSUME_ALIGNED: tl.constexpr,
+    NORM_SLOTS: tl.constexpr,
+    UNSCALE_GRADS: tl.constexpr,
+    CHECK_FOUND_INF: tl.constexpr,
+    CLIP_GRADS: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+):
+    """After a step launch with ``RECORD_NORMS``: if that step was skipped (the same decision,
+    from the same inputs), write its diagnostics, which the step kernel left alone. A separate
+    launch, so that the step kernel keeps its registers; a step that ran returns at once."""
+    skip, inverse_scale, _ = _grad_multiplier(
+        grad_scale,
+        found_inf,
+        square_norms,
+        max_grad_norm,
+        block_counters,  # not written: COUNT_SKIPPED is off
+        UNSCALE_GRADS,
+        CHECK_FOUND_INF,
+        CLIP_GRADS,
+        NORM_SLOTS,
+        SKIP_NONFINITE,
+        False,
+    )
+    if skip:
+        tensor, offsets, full, numel = _locate_block(
+            tensor_table, block_table, tensor_count, block_count, BLOCK, NUMEL_MULTIPLE
+        )
+        _record_skipped_norms(
+            tensor_table,
+            tensor,
+            tensor_count,
+            offsets,
+            numel,
+            full,
+            inverse_scale,
+            block_counters,
+            diagnostic_sums,
+            diagnostics,
+            PARAM_DTYPE,
+            COMPUTE_DTYPE,
+            BLOCK,
+            ASSUME_ALIGNED,
+            UNSCALE_GRADS,
+        )
+
+
+@triton.jit
 def _grad_square_norm_kernel(
     tensor_table,
     block_table,
@@ -553,31 +616,11 @@ def _optimizer_step_kernel(
         SKIP_NONFINITE,
         COUNT_SKIPPED,
     )
+    if skip:
+        return
     tensor, offsets, full, numel = _locate_block(
         tensor_table, block_table, tensor_count, block_count, BLOCK, NUMEL_MULTIPLE
     )
-    if skip:
-        if RECORD_NORMS:
-            # The diagnostics of a skipped step: the unscaled gradient (not finite, or found_inf
-            # would not have fired), no update, the parameter as it stays.
-            _record_skipped_norms(
-                tensor_table,
-                tensor,
-                tensor_count,
-                offsets,
-                numel,
-                full,
-                inverse_scale,
-                block_counters,
-                diagnostic_sums,
-                diagnostics,
-                PARAM_DTYPE,
-                COMPUTE_DTYPE,
-                BLOCK,
-                ASSUME_ALIGNED,
-                UNSCALE_GRADS,
-            )
-        return
     group = tl.load(tensor_table + GROUP_ROW * tensor_count + tensor)
     row = hyperparameters + group * FIELD_COUNT
     step = 0.0

@@ -197,13 +197,11 @@ def _step(
     _check_table(table)
     _check_hyperparameters(table, hyperparameters, fields)
     arguments, constexprs = _control_arguments(table, controls or StepControls())
+    step_arguments = (table.tensor_table, table.block_table, table.tensor_count, table.block_count)
     _launch(
         kernels._optimizer_step_kernel,
         (table.block_count,),
-        table.tensor_table,
-        table.block_table,
-        table.tensor_count,
-        table.block_count,
+        *step_arguments,
         hyperparameters,
         *arguments,
         ALGORITHM=algorithm,
@@ -211,6 +209,33 @@ def _step(
         **constexprs,
         **dict(dict.fromkeys(_OPTION_FLAGS, False), **options),
     )
+    if constexprs["RECORD_NORMS"] and (
+        constexprs["CHECK_FOUND_INF"] or constexprs["SKIP_NONFINITE"]
+    ):
+        # The step may have been skipped on the device: its diagnostics must say so.
+        _launch(
+            kernels._skipped_step_norms_kernel,
+            (table.block_count,),
+            *step_arguments,
+            *arguments[:4],
+            *arguments[5:],
+            **{
+                name: constexprs[name]
+                for name in (
+                    "COMPUTE_DTYPE",
+                    "BLOCK",
+                    "NUMEL_MULTIPLE",
+                    "ASSUME_ALIGNED",
+                    "NORM_SLOTS",
+                    "UNSCALE_GRADS",
+                    "CHECK_FOUND_INF",
+                    "CLIP_GRADS",
+                    "SKIP_NONFINITE",
+                    "num_warps",
+                )
+            },
+            PARAM_DTYPE=constexprs["PARAM_DTYPE"],
+        )
 
 
 def grad_square_norm(table: MultiTensorTable, square_norms: Tensor, slot: int = 0) -> None:
