@@ -12,10 +12,12 @@ A subclass provides three things, the rest is here:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from itertools import chain
 from typing import Any, ClassVar
 
 import torch
@@ -26,6 +28,9 @@ from torchopt_lab.optim._fused import Part, fused_step, repeat_step
 from torchopt_lab.optim.clip import _clip_coefficient, _total_norm
 
 TensorLists = dict[str, list[Any]]
+
+# Parameter dtypes whose state ``float32_state=True`` keeps in float32.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -83,6 +88,38 @@ def _sharing_memory(params: list[Tensor]) -> set[int]:
 
 def _real_view(tensor: Tensor) -> Tensor:
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+def _as_float_step(step: Any) -> Tensor:
+    """``state["step"]`` as a floating tensor: a Python number (older torch) or an integer tensor
+    (torch on the CPU counts in whatever dtype it was given, int64 included) keeps its value."""
+    if torch.is_tensor(step) and step.is_floating_point():
+        return step
+    return new_step().fill_(float(step))
+
+
+def _without_repeats(tensors: TensorLists) -> Iterator[TensorLists]:
+    """One group's tensor lists cut into consecutive runs in which no parameter repeats.
+
+    torch.optim (``foreach=False``, its default on the CPU) warns about a parameter listed twice
+    in a group and then updates it once per occurrence, in turn; a multi-tensor update over the
+    whole list would instead apply both occurrences' state updates before either parameter
+    update. Updating the runs one after another gives torch's result."""
+    params = tensors["params"]
+    if len(set(map(id, params))) == len(params):
+        yield tensors
+        return
+    count = len(params)
+    start, seen = 0, set()
+    for end, param in enumerate([*params, None]):
+        if param is not None and id(param) not in seen:
+            seen.add(id(param))
+            continue
+        yield {
+            name: values[start:end] if len(values) == count else values
+            for name, values in tensors.items()
+        }
+        start, seen = end, {id(param)}
 
 
 def check_max_grad_norm(max_grad_norm: float | None) -> float | None:
@@ -203,10 +240,11 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             for key, value in self._group_defaults.items():
                 group.setdefault(key, value)
             for p in group["params"]:
-                # Older torch stored ``step`` as a Python number; it is a tensor since torch 1.12.
+                # Older torch stored ``step`` as a Python number (a tensor since torch 1.12), and
+                # torch on the CPU also steps an integer tensor: both become a float step.
                 p_state = self.state.get(p, {})
-                if "step" in p_state and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = new_step().fill_(float(p_state["step"]))
+                if "step" in p_state:
+                    p_state["step"] = _as_float_step(p_state["step"])
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("skip_nonfinite", False)
@@ -215,21 +253,25 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_skipped_on_host", 0)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch.optim's ``load_state_dict``, keeping float32 state of low-precision parameters
-        float32 under ``float32_state=True`` (torch casts every state tensor to its parameter's
-        dtype, which would round the saved float32 state to bfloat16 or float16)."""
-        saved_state = state_dict.get("state", {})
-        saved_groups = state_dict.get("param_groups", [])
+        """torch.optim's ``load_state_dict``; with ``float32_state``, the state of low-precision
+        parameters stays float32 (torch casts every floating state tensor to its parameter's
+        dtype, which would round a float32 checkpoint to bfloat16)."""
         super().load_state_dict(state_dict)
-        if not self.float32_state:
-            return
-        for group, saved_group in zip(self.param_groups, saved_groups, strict=False):
-            for p, saved_id in zip(group["params"], saved_group["params"], strict=False):
-                if p.dtype not in (torch.float16, torch.bfloat16) or saved_id not in saved_state:
-                    continue
-                for key, value in saved_state[saved_id].items():
-                    if key != "step" and torch.is_tensor(value) and value.dtype == torch.float32:
-                        self.state[p][key] = value.to(device=p.device)
+        if self.float32_state:
+            self._load_float32_state(state_dict)
+
+    def _load_float32_state(self, state_dict: dict[str, Any]) -> None:
+        saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
+        params = chain.from_iterable(group["params"] for group in self.param_groups)
+        for saved_id, param in zip(saved_ids, params, strict=True):
+            saved = state_dict["state"].get(saved_id)
+            if param.dtype not in _LOW_PRECISION or not saved:
+                continue
+            for key, value in saved.items():
+                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                    self.state[param][key] = value.to(
+                        device=param.device, dtype=torch.float32, copy=True
+                    )
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -334,6 +376,8 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                 )
             clip_coefficient = _clip_coefficient(unscaled, self.max_grad_norm)
         for part in reference:
+            # State the update creates is stored as soon as its part ran (as torch.optim stores
+            # a group's buffers right after the group's update): an interrupted step keeps it.
             self._reference_step(part, clip_coefficient, inverse_scale)
         dropped: list[Tensor] = []
         if fused:
@@ -346,17 +390,8 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                 complete=not reference
                 and sum(len(part.tensors["params"]) for part in fused) == with_grads,
             )
-        for part in parts:
-            if self._creates_state:
-                # Hand state the update created (SGD's first momentum buffers) to _finish_group.
-                tensors = groups[part.group_index][1]
-                for name, values in part.tensors.items():
-                    if values is not tensors[name] and len(tensors[name]) == len(tensors["params"]):
-                        for position, index in enumerate(part.indices):
-                            tensors[name][index] = values[position]
-        for group, tensors in groups:
-            if tensors["params"]:
-                self._finish_group(group, tensors)
+            for part in fused:
+                self._finish_group(part.group, part.tensors)
         for p in dropped:
             # State created for a step the kernels skipped: the next step is the first again.
             p_state = self.state[p]
@@ -416,14 +451,7 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                     for name, values in tensors.items()
                 }
                 part = Part(group, group_index, indices, part_tensors, device, dtype, "torch")
-                self._reference_step(part, clip_coefficient)
-                if self._creates_state:
-                    for name, values in part_tensors.items():
-                        if len(tensors[name]) == count:
-                            for position, index in enumerate(indices):
-                                tensors[name][index] = values[position]
-            if tensors["params"]:
-                self._finish_group(group, tensors)
+                self._reference_step(part, clip_coefficient)  # stores the state it creates
         return loss
 
     def _dispatch(self, groups: list[tuple[dict[str, Any], TensorLists]]) -> list[Part]:
@@ -440,6 +468,7 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         for group_index, (group, tensors) in enumerate(groups):
             if not tensors["params"]:
                 continue
+            self._float_steps(tensors)
             names = list(tensors)
             count = len(tensors["params"])
             # Lists not kept for this group (max_exp_avg_sqs without amsgrad) stay empty.
@@ -545,18 +574,87 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             eligible["torch"].append(position)
         return eligible
 
+    def _float_steps(self, tensors: TensorLists) -> None:
+        """Make every ``state["step"]`` of a group's lists a float tensor (an int64 step set by
+        hand; loaded ones are converted by ``__setstate__``), stored back into the state."""
+        steps = tensors.get("state_steps", [])
+        if all(step.is_floating_point() for step in steps):
+            return
+        for index, param in enumerate(tensors["params"]):
+            state = self.state[param]
+            state["step"] = _as_float_step(state["step"])
+            steps[index] = state["step"]
+
     def _reference_step(
         self, part: Part, clip_coefficient: Tensor | None, inverse_scale: Tensor | None = None
     ) -> None:
-        """Run the torch reference update on one part (complex tensors as real views), with its
-        gradients first multiplied by GradScaler's ``inverse_scale`` when given."""
-        tensors = part.tensors
+        """Run the torch reference update on one part (complex tensors as real views), one run of
+        distinct parameters at a time, storing the state it creates after each run; its
+        gradients are first multiplied by GradScaler's ``inverse_scale`` when given."""
+        hyperparameters = self._hyperparameters(part.group)
         if inverse_scale is not None:
             factor = inverse_scale.to(part.device)
-            tensors = {**tensors, "grads": [grad * factor for grad in tensors["grads"]]}
-        if self._views_complex_as_real and part.dtype.is_complex:
-            tensors = {name: [_real_view(t) for t in values] for name, values in tensors.items()}
-        self._torch_update(part.group, tensors, self._hyperparameters(part.group), clip_coefficient)
+            scaled = [grad * factor for grad in part.tensors["grads"]]
+            part = dataclasses.replace(part, tensors={**part.tensors, "grads": scaled})
+        float32 = self.float32_state and part.dtype in _LOW_PRECISION
+        if float32:
+            self._upcast_state(part.tensors)
+        for tensors in _without_repeats(part.tensors):
+            if float32:
+                self._float32_update(part.group, tensors, hyperparameters, clip_coefficient)
+            elif self._views_complex_as_real and part.dtype.is_complex:
+                viewed = {name: [_real_view(t) for t in values] for name, values in tensors.items()}
+                self._torch_update(part.group, viewed, hyperparameters, clip_coefficient)
+            else:
+                self._torch_update(part.group, tensors, hyperparameters, clip_coefficient)
+            self._finish_group(part.group, tensors)
+
+    def _state_lists(self, tensors: TensorLists) -> list[str]:
+        """The names of the per-parameter state lists kept for this group (not the steps)."""
+        count = len(tensors["params"])
+        return [
+            name
+            for name, values in tensors.items()
+            if name not in ("params", "grads", "state_steps") and len(values) == count
+        ]
+
+    def _upcast_state(self, tensors: TensorLists) -> None:
+        """``float32_state``: replace low-precision state tensors of the lists, and in
+        ``self.state``, by float32 copies (state created or loaded in the parameter's dtype)."""
+        upcast: dict[int, Tensor] = {}  # a parameter listed twice shares its state tensors
+        for name in self._state_lists(tensors):
+            values = tensors[name]
+            for index, (param, value) in enumerate(zip(tensors["params"], values, strict=True)):
+                if value is None or value.dtype == torch.float32:
+                    continue
+                if id(value) not in upcast:
+                    upcast[id(value)] = value.float()
+                    state = self.state[param]
+                    for key, held in state.items():
+                        if held is value:
+                            state[key] = upcast[id(value)]
+                values[index] = upcast[id(value)]
+
+    def _float32_update(
+        self,
+        group: dict[str, Any],
+        tensors: TensorLists,
+        hyperparameters: dict[str, Any],
+        clip_coefficient: Tensor | None,
+    ) -> None:
+        """``float32_state`` on the torch path: the update torch computes in float32 on float32
+        copies of the parameters and gradients with the float32 state, each parameter then
+        rounded back to its dtype (what the fused kernels do in registers)."""
+        params = tensors["params"]
+        work = dict(tensors)
+        work["params"] = [param.float() for param in params]
+        work["grads"] = [grad.float() for grad in tensors["grads"]]
+        for name in self._state_lists(tensors):
+            work[name] = list(tensors[name])  # state the update creates lands here
+        self._torch_update(group, work, hyperparameters, clip_coefficient)
+        torch._foreach_copy_(params, work["params"])
+        for name in self._state_lists(tensors):
+            tensors[name][:] = work[name]
 
     def _torch_update(
         self,
