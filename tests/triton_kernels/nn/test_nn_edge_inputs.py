@@ -16,6 +16,7 @@ from torch.testing._internal.common_methods_invocations import op_db
 
 import torchopt_lab.nn.functional as F
 from torchopt_lab import backend, backend_info
+from torchopt_lab.nn.fused import linear_activation
 
 PATHS = ["torch", "triton"]
 # Stated tolerances: float32 a few ulp, float64 ~1e-10 (the kernels compute in float32/float64).
@@ -428,3 +429,49 @@ def test_label_smoothing_above_one_raises_torchs_error(
     _use(monkeypatch, path)
     with pytest.raises(RuntimeError, match=r"Got: 1\.5"):
         F.cross_entropy(x, target, label_smoothing=1.5)
+
+
+@pytest.mark.parametrize("integer", ["input", "target"])
+@pytest.mark.parametrize("path", PATHS)
+def test_mse_loss_with_one_integer_side_computes_in_the_others_float_dtype_as_torch(
+    path: str, integer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: any integer tensor raised NotImplementedError; torch promotes (only both integer
+    # is refused).
+    floats = torch.tensor([1.0, 2.5, 3.0], requires_grad=True)
+    integers = torch.tensor([1, 2, 3])
+    args = (integers, floats) if integer == "input" else (floats, integers)
+    expected = TF.mse_loss(*args)
+    (expected_grad,) = torch.autograd.grad(expected, floats)
+    _use(monkeypatch, path)
+    loss = F.mse_loss(*args)
+    (grad,) = torch.autograd.grad(loss, floats)
+    assert loss.dtype == expected.dtype
+    torch.testing.assert_close(loss, expected, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(grad, expected_grad, **TOLERANCES[torch.float32])
+    with pytest.raises(NotImplementedError):
+        F.mse_loss(integers, integers)
+
+
+@pytest.mark.parametrize("name", ["relu", "gelu", "sigmoid"])
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_linear_activation_propagates_nan_and_infinity_like_torch(
+    path: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The GEMM epilogue runs the same activation kernels (before: relu's NaN became 0 there too).
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[nan, 1.0], [1.0, 1.0], [-1.0, 0.5]], dtype=torch.float64)
+    x.requires_grad_()
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    weight.requires_grad_()
+    bias = torch.tensor([0.0, -5.0, 0.0], dtype=torch.float64, requires_grad=True)
+    g = torch.tensor([[1.0, inf, 1.0], [nan, 1.0, 1.0], [1.0, 1.0, inf]], dtype=torch.float64)
+    reference = {"relu": TF.relu, "gelu": TF.gelu, "sigmoid": torch.sigmoid}[name]
+    expected = reference(TF.linear(x, weight, bias))
+    expected_grads = torch.autograd.grad(expected, (x, weight, bias), g)
+    _use(monkeypatch, path)
+    output = linear_activation(x, weight, bias, name)
+    grads = torch.autograd.grad(output, (x, weight, bias), g)
+    _same_non_finite_and_close(output.detach(), expected.detach(), torch.float64)
+    for ours, theirs in zip(grads, expected_grads, strict=True):
+        _same_non_finite_and_close(ours, theirs, torch.float64)
