@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import triton
 
 import triton_kernels.nn as K
+from torchopt_lab import backend, backend_info
+from torchopt_lab.nn import _dispatch
 from triton_kernels.nn import activation, batch_norm, layer_norm, softmax
 from triton_kernels.nn._common import MAX_NUMEL
 
@@ -170,3 +172,23 @@ def test_every_launcher_refuses_more_elements_than_int32_offsets_address() -> No
     assert huge.numel() == MAX_NUMEL + 1 and math.prod(huge.shape) > MAX_NUMEL
     with pytest.raises(RuntimeError, match=str(MAX_NUMEL + 1)):
         K.softmax_forward(huge)
+
+
+def test_auto_sends_a_tensor_past_the_int32_offsets_down_the_torch_path_and_records_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: "auto" chose the kernels on a GPU and their launcher raised for a tensor of 2³¹
+    # elements, where torch computes. Here Triton is made the choice (as on a GPU) and the
+    # tensor is an expanded view (one element in memory).
+    assert _dispatch.MAX_KERNEL_NUMEL == MAX_NUMEL
+    monkeypatch.setattr(backend, "resolve", lambda component, requested, device: "triton")
+    huge = torch.zeros(1).expand(MAX_NUMEL + 1)
+    small = torch.zeros(3)
+    monkeypatch.setenv(backend.ENV_VAR, "auto")
+    assert _dispatch.use_triton("relu", small)
+    assert not _dispatch.use_triton("relu", huge)
+    decision = backend_info()["decisions"]["nn.relu"]
+    assert decision["backend"] == "torch" and str(MAX_NUMEL + 1) in decision["reason"]
+    # Asked for explicitly, Triton stays chosen, and the launcher refuses the tensor clearly.
+    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    assert _dispatch.use_triton("relu", huge)
