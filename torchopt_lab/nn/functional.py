@@ -226,7 +226,14 @@ def mse_loss(
             f"Weights and input must have the same size, got weight of size {list(weight.shape)} "
             f"and input of size {list(input.shape)}."
         )
-    _check_floating("mse_loss", input, target, weight)
+    # An integer input or target is computed in the floating dtype of the other (as torch);
+    # only both integer is refused.
+    promoted = torch.result_type(input, target)
+    if not promoted.is_floating_point:
+        raise NotImplementedError(
+            f"mse_loss is not implemented for {promoted} tensors; it needs a floating-point dtype"
+        )
+    _check_floating("mse_loss", weight)
     if use_triton("mse_loss", input, target, weight):
         return triton_function("mse_loss")(input, target, reduction=reduction, weight=weight)
     return MSELossFunction.apply(input, target, weight, reduction)
