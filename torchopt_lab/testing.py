@@ -33,6 +33,9 @@ The checks, in order (see :data:`CHECKS`):
 ``backward_twice``
     Backward run twice with ``retain_graph=True`` gives the same gradients both times.
 
+:func:`check_optimizer` does the same for an optimizer (see :data:`OPTIMIZER_CHECKS`): it holds
+one to a reference optimizer class or a plain-torch function, step for step.
+
 Example::
 
     from torchopt_lab.testing import check_function
@@ -44,6 +47,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -54,10 +58,12 @@ import torch
 __all__ = [
     "CHECKS",
     "DEFAULT_TOLERANCES",
+    "OPTIMIZER_CHECKS",
     "CheckFailed",
     "CheckReport",
     "CheckResult",
     "check_function",
+    "check_optimizer",
 ]
 
 CHECKS: tuple[str, ...] = (
@@ -102,6 +108,8 @@ class CheckReport:
 
     function: str
     results: list[CheckResult] = field(default_factory=list)
+    # Which harness produced the report: "check_function" or "check_optimizer".
+    harness: str = "check_function"
 
     @property
     def passed(self) -> bool:
@@ -122,7 +130,7 @@ class CheckReport:
         return [result.name for result in self.results]
 
     def __str__(self) -> str:
-        lines = [f"check_function({self.function}): {'passed' if self.passed else 'FAILED'}"]
+        lines = [f"{self.harness}({self.function}): {'passed' if self.passed else 'FAILED'}"]
         lines += [f"  {result}" for result in self.results]
         return "\n".join(lines)
 
@@ -524,3 +532,288 @@ _CHECK_FUNCTIONS: dict[str, Callable[[_Context], tuple[bool | None, str]]] = {
     "inputs_unmodified": _check_inputs_unmodified,
     "backward_twice": _check_backward_twice,
 }
+
+
+#: The checks of :func:`check_optimizer`, in order.
+OPTIMIZER_CHECKS: tuple[str, ...] = (
+    "matches_reference",
+    "complex_params",
+    "state_dict_round_trip",
+    "state_dict_interchange",
+    "step_without_grads_is_noop",
+)
+
+_SHAPES: tuple[tuple[int, ...], ...] = ((4, 3), (5,), ())
+
+
+def check_optimizer(
+    optimizer_class: type[torch.optim.Optimizer],
+    reference: type[torch.optim.Optimizer] | Callable[..., None],
+    options: Sequence[dict[str, Any]] = ({},),
+    *,
+    steps: int = 5,
+    dtypes: Sequence[torch.dtype] = (torch.float64, torch.float32),
+    complex_dtypes: Sequence[torch.dtype] = (),
+    shapes: Sequence[tuple[int, ...]] = _SHAPES,
+    checks: Iterable[str] | None = None,
+    tolerances: dict[torch.dtype, tuple[float, float]] | None = None,
+    seed: int = 0,
+    raise_on_failure: bool = True,
+) -> CheckReport:
+    """Hold ``optimizer_class`` to ``reference``, step for step, for every dict in ``options``.
+
+    Args:
+        optimizer_class: the optimizer under test (e.g. one declared with
+            :mod:`torchopt_lab.optim.rules`), constructed as ``optimizer_class(params, **opts)``;
+            ``functools.partial(cls, backend="triton")`` holds its fused path to the reference.
+        reference: a trusted ``torch.optim.Optimizer`` class taking the same arguments, or a
+            plain-torch function ``reference(params, grads, states, step, **opts)`` that updates
+            ``params`` in place: ``states`` holds one dict per parameter, kept across calls, and
+            ``step`` counts from 1. With a class, state dicts are compared too (same keys, dtypes
+            and values); with a function, the state entries both sides name alike.
+        options: keyword arguments for both, one run per dict.
+        steps: steps per run, each with fresh deterministic gradients.
+        dtypes: real parameter dtypes to run in; ``complex_dtypes`` adds the ``complex_params``
+            check in those dtypes (skipped when empty).
+        shapes: parameter shapes (split over two param groups).
+        checks: names from :data:`OPTIMIZER_CHECKS` (default: all; ``state_dict_interchange``
+            is skipped for a function reference).
+        tolerances: ``{dtype: (rtol, atol)}`` overriding :data:`DEFAULT_TOLERANCES` (complex
+            dtypes use their real dtype's).
+        seed: seeds the parameters and gradients.
+        raise_on_failure: raise :class:`CheckFailed` listing every failure after all checks ran.
+
+    Returns:
+        a :class:`CheckReport` with one :class:`CheckResult` per check.
+    """
+    selected = list(OPTIMIZER_CHECKS if checks is None else checks)
+    unknown = [name for name in selected if name not in OPTIMIZER_CHECKS]
+    if unknown:
+        raise ValueError(f"Unknown checks {unknown}; expected names from {OPTIMIZER_CHECKS}")
+    if steps < 2:
+        raise ValueError(f"Invalid steps value: {steps}; expected at least 2")
+    context = _OptimizerContext(
+        optimizer_class,
+        reference,
+        [dict(opts) for opts in options],
+        steps,
+        list(shapes),
+        {**DEFAULT_TOLERANCES, **(tolerances or {})},
+        seed,
+    )
+    report = CheckReport(_optimizer_name(optimizer_class), harness="check_optimizer")
+    runs = {
+        "matches_reference": lambda: context.matches_reference(dtypes),
+        "complex_params": lambda: context.matches_reference(complex_dtypes),
+        "state_dict_round_trip": lambda: context.round_trip(dtypes),
+        "state_dict_interchange": lambda: context.interchange(dtypes),
+        "step_without_grads_is_noop": context.noop,
+    }
+    with torch.random.fork_rng():
+        for name in selected:
+            try:
+                passed, message = runs[name]()
+            except Exception as error:  # a crash inside either optimizer is a failed check
+                passed = False
+                message = f"raised {type(error).__name__}: {error}\n" + "".join(
+                    traceback.format_exception(error)[-3:]
+                )
+            report.results.append(CheckResult(name, passed, message))
+    if raise_on_failure and not report.passed:
+        raise CheckFailed(str(report))
+    return report
+
+
+@dataclass
+class _OptimizerContext:
+    optimizer_class: type[torch.optim.Optimizer]
+    reference: type[torch.optim.Optimizer] | Callable[..., None]
+    options: list[dict[str, Any]]
+    steps: int
+    shapes: list[tuple[int, ...]]
+    tolerances: dict[torch.dtype, tuple[float, float]]
+    seed: int
+
+    @property
+    def reference_is_class(self) -> bool:
+        return isinstance(self.reference, type) and issubclass(
+            self.reference, torch.optim.Optimizer
+        )
+
+    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
+        real = dtype.to_real() if dtype.is_complex else dtype
+        return self.tolerances.get(real, DEFAULT_TOLERANCES[torch.float32])
+
+    def params(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed)
+        return [torch.randn(shape, generator=generator, dtype=dtype) for shape in self.shapes]
+
+    def set_grads(self, params: list[torch.Tensor], step: int) -> None:
+        generator = torch.Generator().manual_seed(self.seed + 1000 + step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+
+    def build(self, cls: type[torch.optim.Optimizer], params: list[torch.Tensor], opts: dict):
+        half = max(1, len(params) // 2)
+        groups = [{"params": params[:half]}, {"params": params[half:]}]
+        return cls([group for group in groups if group["params"]], **opts)
+
+    def run(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], steps: range):
+        for step in steps:
+            self.set_grads(params, step)
+            optimizer.step()
+
+    def run_reference(self, params: list[torch.Tensor], opts: dict) -> list[dict[str, Any]]:
+        """The reference's run; returns each parameter's state."""
+        if self.reference_is_class:
+            optimizer = self.build(self.reference, params, opts)
+            self.run(optimizer, params, range(self.steps))
+            return [optimizer.state[p] for p in params]
+        states: list[dict[str, Any]] = [{} for _ in params]
+        for step in range(self.steps):
+            self.set_grads(params, step)
+            with torch.no_grad():
+                self.reference(params, [p.grad for p in params], states, step + 1, **opts)
+        return states
+
+    def compare_states(self, mine: list[dict], theirs: list[dict], dtype: torch.dtype) -> str:
+        rtol, atol = self.tolerance(dtype)
+        problems = []
+        for index, (our_state, their_state) in enumerate(zip(mine, theirs, strict=True)):
+            keys = list(their_state)
+            if self.reference_is_class and list(our_state) != keys:
+                problems.append(f"state[{index}] keys {list(our_state)} != reference's {keys}")
+                continue
+            shared = [key for key in keys if key in our_state]
+            problem = _compare(
+                f"state[{index}]",
+                [torch.as_tensor(our_state[key]) for key in shared],
+                [torch.as_tensor(their_state[key]) for key in shared],
+                rtol,
+                atol,
+            )
+            if problem:
+                problems.append(f"{problem} (keys {shared})")
+        return "\n".join(problems)
+
+    def matches_reference(self, dtypes: Sequence[torch.dtype]) -> tuple[bool | None, str]:
+        if not dtypes:
+            return None, "no dtypes given"
+        problems = []
+        for dtype in dtypes:
+            rtol, atol = self.tolerance(dtype)
+            for opts in self.options:
+                params, reference = self.params(dtype), self.params(dtype)
+                optimizer = self.build(self.optimizer_class, params, opts)
+                self.run(optimizer, params, range(self.steps))
+                their_states = self.run_reference(reference, opts)
+                where = f"{_show_options(opts)}, {dtype}"
+                found = [
+                    _compare("param", params, reference, rtol, atol),
+                    self.compare_states([optimizer.state[p] for p in params], their_states, dtype),
+                ]
+                if self.reference_is_class:
+                    mine = optimizer.state_dict()["param_groups"]
+                    theirs = self.build(self.reference, reference, opts).state_dict()
+                    if [_without_params(g) for g in mine] != [
+                        _without_params(g) for g in theirs["param_groups"]
+                    ]:
+                        found.append("param_groups differ from the reference's")
+                problem = "\n".join(line for line in found if line)
+                if problem:
+                    problems.append(f"[{where}] {problem}")
+        return not problems, "\n".join(problems)
+
+    def round_trip(self, dtypes: Sequence[torch.dtype]) -> tuple[bool | None, str]:
+        """A state dict saved mid-run and loaded into a fresh instance continues the run as the
+        instance that saved it does after loading it back: nothing lives outside the state dict
+        (both load, as ``load_state_dict`` casts state other than ``step`` to the parameter's
+        dtype, which torch.optim's NAdam ``mu_product`` notices)."""
+        problems = []
+        switch = self.steps // 2
+        for dtype in dtypes:
+            rtol, atol = self.tolerance(dtype)
+            for opts in self.options:
+                params, reference = self.params(dtype), self.params(dtype)
+                whole = self.build(self.optimizer_class, reference, opts)
+                self.run(whole, reference, range(switch))
+                whole.load_state_dict(_roundtrip_copy(whole.state_dict()))
+                self.run(whole, reference, range(switch, self.steps))
+                first = self.build(self.optimizer_class, params, opts)
+                self.run(first, params, range(switch))
+                saved = _roundtrip_copy(first.state_dict())
+                second = self.build(self.optimizer_class, params, opts)
+                second.load_state_dict(saved)
+                self.run(second, params, range(switch, self.steps))
+                problem = _compare("param", params, reference, rtol, atol)
+                if problem:
+                    problems.append(f"[{_show_options(opts)}, {dtype}] {problem}")
+        return not problems, "\n".join(problems)
+
+    def interchange(self, dtypes: Sequence[torch.dtype]) -> tuple[bool | None, str]:
+        """Our state dict loads into the reference class and theirs into ours, mid-run, with the
+        same result as the same switch made within the reference class."""
+        if not self.reference_is_class:
+            return None, "the reference is a function: no state dict to interchange"
+        reference = self.reference
+        assert isinstance(reference, type)
+        problems = []
+        switch = self.steps // 2
+        pairs = [(self.optimizer_class, reference), (reference, self.optimizer_class)]
+        for dtype in dtypes:
+            rtol, atol = self.tolerance(dtype)
+            for opts in self.options:
+                finals = []
+                for before_class, after_class in [*pairs, (reference, reference)]:
+                    params = self.params(dtype)
+                    before = self.build(before_class, params, opts)
+                    self.run(before, params, range(switch))
+                    after = self.build(after_class, params, opts)
+                    after.load_state_dict(_roundtrip_copy(before.state_dict()))
+                    self.run(after, params, range(switch, self.steps))
+                    finals.append(params)
+                for (before_class, after_class), params in zip(pairs, finals, strict=False):
+                    problem = _compare("param", params, finals[-1], rtol, atol)
+                    if problem:
+                        problems.append(
+                            f"[{before_class.__name__} -> {after_class.__name__}, "
+                            f"{_show_options(opts)}, {dtype}] {problem}"
+                        )
+        return not problems, "\n".join(problems)
+
+    def noop(self) -> tuple[bool | None, str]:
+        """A step with no gradients changes no parameter and creates no state."""
+        problems = []
+        for opts in self.options:
+            params = self.params(torch.float64)
+            before = [p.clone() for p in params]
+            optimizer = self.build(self.optimizer_class, params, opts)
+            optimizer.step()
+            if optimizer.state_dict()["state"]:
+                problems.append(f"[{_show_options(opts)}] state was created without gradients")
+            problem = _compare("param", params, before, 0.0, 0.0)
+            if problem:
+                problems.append(f"[{_show_options(opts)}] {problem}")
+        return not problems, "\n".join(problems)
+
+
+def _optimizer_name(optimizer_class: Callable[..., Any]) -> str:
+    """A class's name; for a ``functools.partial`` of one, its name and bound options."""
+    function = getattr(optimizer_class, "func", None)
+    if function is not None:
+        options = ", ".join(f"{key}={value!r}" for key, value in optimizer_class.keywords.items())
+        return f"{getattr(function, '__name__', repr(function))}({options})"
+    return getattr(optimizer_class, "__name__", repr(optimizer_class))
+
+
+def _roundtrip_copy(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of a state dict, as saving and loading it would give."""
+    return copy.deepcopy(state_dict)
+
+
+def _without_params(group: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in group.items() if key != "params"}
+
+
+def _show_options(options: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in options.items()) or "defaults"

@@ -412,10 +412,10 @@ def test_repeated_steps_skip_collecting_tensors_until_something_changes(monkeypa
         _step(optimizer, params[:-1])
         _step(theirs, reference)
     collected = []
-    original = type(optimizer)._init_group
+    original = type(optimizer)._group_tensors
     monkeypatch.setattr(
         type(optimizer),
-        "_init_group",
+        "_group_tensors",
         lambda self, group: collected.append(1) or original(self, group),
     )
     optimizer.zero_grad()

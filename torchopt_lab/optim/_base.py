@@ -5,7 +5,7 @@ A subclass provides three things, the rest is here:
 
 - ``_reference``: the torch reference update, a function in torch.optim's functional shape
   (``adam(params, grads, exp_avgs, ..., *, lr, beta1, ...)``) over lists on one device and dtype;
-- ``_init_group(group)``: the tensor lists of one param group, in the order of ``_reference``'s
+- ``_group_tensors(group)``: the tensor lists of one param group, in the order of ``_reference``'s
   positional arguments, with lazily created state;
 - ``_hyperparameters(group)``: the keyword arguments of ``_reference`` for that group.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -77,6 +78,19 @@ def check_max_grad_norm(max_grad_norm: float | None) -> float | None:
     return float(max_grad_norm)
 
 
+def _built_by_zero_redundancy_optimizer() -> bool:
+    """Whether a ZeroRedundancyOptimizer is constructing this optimizer for its partition."""
+    zero_module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    if zero_module is None:
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if isinstance(frame.f_locals.get("self"), zero_module.ZeroRedundancyOptimizer):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class TorchoptOptimizer(torch.optim.Optimizer):
     """Base of every torchopt_lab optimizer (private: use the optimizers themselves).
 
@@ -109,6 +123,13 @@ class TorchoptOptimizer(torch.optim.Optimizer):
     ) -> None:
         self.backend = _backend.check_backend(backend)
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        if self.max_grad_norm is not None and _built_by_zero_redundancy_optimizer():
+            raise ValueError(
+                f"{type(self).__name__}: max_grad_norm={max_grad_norm} cannot be used inside "
+                "ZeroRedundancyOptimizer: each rank holds only its partition of the parameters, "
+                "so the clip would use that partition's norm, not the global one. Clip with "
+                "torch.nn.utils.clip_grad_norm_(model.parameters(), ...) before step() instead"
+            )
         if skip_nonfinite and self.max_grad_norm is None:
             raise ValueError(
                 "skip_nonfinite=True needs max_grad_norm: the step is skipped when the gradient "
@@ -138,6 +159,23 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             "float32_state": self.float32_state,
             "record_norms": self.record_norms,
         }
+
+    def __repr__(self) -> str:
+        """torch.optim's repr (the param groups), then the options this optimizer holds outside
+        its groups: ``backend``, ``max_grad_norm`` and the fused-kernel options."""
+        options = "".join(
+            f"    {name}: {getattr(self, name)}\n"
+            for name in (
+                "backend",
+                "max_grad_norm",
+                "skip_nonfinite",
+                "float32_state",
+                "record_norms",
+            )
+        )
+        torch_repr = super().__repr__()
+        assert torch_repr.endswith(")")
+        return f"{torch_repr[:-1]}\nOptimizer options\n{options})"
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -193,7 +231,7 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         # Every device sees the same global norm, so they skip together: count a step once.
         return self._skipped_on_host + max((int(c.item()) for c in counters), default=0)
 
-    def _init_group(self, group: dict[str, Any]) -> TensorLists:
+    def _group_tensors(self, group: dict[str, Any]) -> TensorLists:
         raise NotImplementedError
 
     def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -209,9 +247,11 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            return self._traced_step(loss)
         if repeat_step(self, type(self)._reference.__name__):
             return loss
-        groups = [(group, self._init_group(group)) for group in self.param_groups]
+        groups = [(group, self._group_tensors(group)) for group in self.param_groups]
         if self.max_grad_norm is not None and any(
             grad.is_sparse for _, tensors in groups for grad in tensors["grads"]
         ):
@@ -255,6 +295,66 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                         for position, index in enumerate(part.indices):
                             tensors[name][index] = values[position]
         for group, tensors in groups:
+            if tensors["params"]:
+                self._finish_group(group, tensors)
+        return loss
+
+    def _traced_step(self, loss: Any) -> Any:
+        """The step under ``torch.compile``: the torch reference update, traced by Dynamo.
+
+        The Triton kernels are opaque to Dynamo, and the backend decision and the fused path's
+        host-side plan would break the trace, so a compiled step runs the reference update
+        (which Inductor then fuses) on every device; this is recorded in ``backend_info()``.
+        GradScaler's ``grad_scale``/``found_inf``, clipping and ``skip_nonfinite`` are honoured
+        as on the eager paths.
+        """
+        component = f"optim.{type(self).__name__}"
+        groups = [(group, self._group_tensors(group)) for group in self.param_groups]
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and found_inf.item():
+            return loss  # GradScaler found an inf or NaN: skip, as the kernels do on the device
+        if grad_scale is not None:
+            for _, tensors in groups:
+                if tensors["grads"]:
+                    inverse = grad_scale.double().reciprocal().float()
+                    tensors["grads"] = torch._foreach_mul(
+                        tensors["grads"], inverse.to(tensors["grads"][0].device)
+                    )
+        clip_coefficient = None
+        if self.max_grad_norm is not None:
+            grads = [grad for _, tensors in groups for grad in tensors["grads"]]
+            if grads:
+                total_norm = _total_norm(grads)
+                if self.skip_nonfinite and not torch.isfinite(total_norm).item():
+                    self._skipped_on_host += 1
+                    return loss
+                clip_coefficient = _clip_coefficient(total_norm, self.max_grad_norm)
+        for group_index, (group, tensors) in enumerate(groups):
+            by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+            for index, param in enumerate(tensors["params"]):
+                by_kind.setdefault((param.device, param.dtype), []).append(index)
+            for (device, dtype), indices in by_kind.items():
+                if self.backend != "torch":
+                    _backend.record(
+                        component,
+                        self.backend,
+                        "torch",
+                        device,
+                        "torch.compile traces the torch path",
+                    )
+                count = len(tensors["params"])
+                part_tensors = {
+                    name: [values[i] for i in indices] if len(values) == count else values
+                    for name, values in tensors.items()
+                }
+                part = Part(group, group_index, indices, part_tensors, device, dtype, "torch")
+                self._reference_step(part, clip_coefficient)
+                if self._creates_state:
+                    for name, values in part_tensors.items():
+                        if len(tensors[name]) == count:
+                            for position, index in enumerate(indices):
+                                tensors[name][index] = values[position]
             if tensors["params"]:
                 self._finish_group(group, tensors)
         return loss
@@ -371,6 +471,10 @@ class TorchoptOptimizer(torch.optim.Optimizer):
     def _check_torch_path(self, group: dict[str, Any], device: torch.device) -> None:
         """Refuse what the torch reference path cannot honour, instead of ignoring it."""
         name = type(self).__name__
+        if torch.compiler.is_compiling():
+            # A compiled step: Inductor fuses the traced update, and Dynamo itself sets
+            # capturable=True on the groups of the optimizers it traces.
+            return
         if group.get("fused"):
             raise RuntimeError(
                 f"{name}: fused=True asks for the fused Triton kernels, but the torch reference "

@@ -247,6 +247,11 @@ def _local(values: list) -> list:
     return [value if value is None else value.to_local() for value in values]
 
 
+def _is_dtensor(value: Any) -> bool:
+    """Whether ``value`` is a DTensor (FSDP2's parameters and gradients)."""
+    return hasattr(value, "to_local") and hasattr(value, "full_tensor")
+
+
 def _on(value: Tensor | None, device: torch.device) -> Tensor | None:
     """A GradScaler scalar on ``device`` as float32 (asynchronous; a no-op when already there)."""
     return None if value is None else value.to(device, torch.float32, non_blocking=True)
@@ -361,7 +366,7 @@ def repeat_step(optimizer: torch.optim.Optimizer, algorithm: str) -> bool:
     """Run the step planned by the last :func:`fused_step` again with the current gradients, if
     nothing it depends on changed; return whether it ran.
 
-    This skips collecting tensors and state group by group (``_init_group``), which dominates the
+    This skips collecting tensors and state group by group (``_group_tensors``), which dominates the
     host time of a step over thousands of small tensors. Any change (a param group added or its
     list edited, an option flipped, a state dict loaded or a parameter's state replaced, a missing
     or sparse gradient, a gradient where there was none, a different backend decision) falls back
@@ -436,11 +441,15 @@ def _launch_all(
     devices = {entry.key[0] for entry in prepared}
     square_norms: dict[torch.device, Tensor] = {}
     if max_grad_norm is not None:
-        if total_norm is None and len(devices) > 1:
-            # One global norm across devices: torch's (one small reduction per device).
+        sharded = any(_is_dtensor(p) for entry in prepared for p in entry.originals)
+        if total_norm is None and (len(devices) > 1 or sharded):
+            # One global norm across devices, or across the ranks of a sharded (FSDP2) model,
+            # whose kernels see only local shards: torch's (one small reduction per device).
             grads = [p.grad for entry in prepared for p in entry.originals]
             total_norm = _total_norm(grads)
         if total_norm is not None:
+            if _is_dtensor(total_norm):
+                total_norm = total_norm.full_tensor()  # a Partial norm: reduce across ranks
             for device in devices:
                 square_norms[device] = (total_norm.to(device, torch.float64) ** 2).reshape(1)
         else:
