@@ -262,3 +262,17 @@ def test_github_slug_follows_githubs_rules() -> None:
     assert github_slug("Differences from torch.optim") == "differences-from-torchoptim"
     assert github_slug("Layer kernels (Triton)") == "layer-kernels-triton"
     assert github_slug("`SGD` and *friends*") == "sgd-and-friends"
+
+
+def test_every_optimizer_has_its_section_in_optimizers_md() -> None:
+    import torchopt_lab.optim as optim
+
+    classes = [
+        name
+        for name in optim.__all__
+        if isinstance(getattr(optim, name), type)
+        and issubclass(getattr(optim, name), torch.optim.Optimizer)
+        and name != "RuleOptimizer"
+    ]
+    sections = anchors(ROOT / "docs" / "optimizers.md")
+    assert classes and [name for name in classes if github_slug(name) not in sections] == []
