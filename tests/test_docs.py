@@ -276,3 +276,9 @@ def test_every_optimizer_has_its_section_in_optimizers_md() -> None:
     ]
     sections = anchors(ROOT / "docs" / "optimizers.md")
     assert classes and [name for name in classes if github_slug(name) not in sections] == []
+
+
+def test_readme_links_every_docs_page() -> None:
+    text = README.read_text(encoding="utf-8")
+    linked = {Path(target.partition("#")[0]).name for target in _LINK.findall(text)}
+    assert [path.name for path in DOCS if path.name not in linked] == []
