@@ -10,7 +10,8 @@ the claim).
 
 Bad values end the command with exit status 2 and one line naming the value, never a traceback:
 numbers must be finite and within their knob's bounds (by default > 0 when the default is > 0,
-else >= 0; see :func:`parse_config`), and a ``device`` knob must name a device this machine has.
+else >= 0; see :func:`parse_config`), a ``device`` knob must name a device this machine has, and
+``out`` must be (or be creatable as) a directory.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from torchopt_lab._arguments import UsageError, check_device
-from torchopt_lab._files import write_text_atomically
+from torchopt_lab._files import write_atomically, write_text_atomically
 
 Config = TypeVar("Config")
 
@@ -69,6 +70,13 @@ def _check_bounds(config: Any, defaults: Any, bounds: Mapping[str, str]) -> None
             raise UsageError(f"invalid {option} {value!r}: must be {expected}")
     if hasattr(config, "device"):
         check_device(config.device)
+    if getattr(config, "out", ""):
+        # The nearest existing path must be a directory, or start() could not create out.
+        existing = next(
+            path for path in (Path(config.out), *Path(config.out).parents) if path.exists()
+        )
+        if not existing.is_dir():
+            raise UsageError(f"invalid --out {config.out!r}: {str(existing)!r} is not a directory")
 
 
 def parse_config(
@@ -138,11 +146,17 @@ def seed_everything(seed: int) -> None:
 
 
 def save_figure(figure: Any, path: Path) -> None:
+    """Write ``figure`` to ``path`` atomically (a temporary file, then a rename), then close it."""
     from matplotlib import pyplot
 
     figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    pyplot.close(figure)
+    file_format = path.suffix.lstrip(".") or "png"
+    try:
+        write_atomically(
+            path, lambda temporary: figure.savefig(temporary, dpi=90, format=file_format)
+        )
+    finally:
+        pyplot.close(figure)
 
 
 def pyplot() -> Any:

@@ -132,6 +132,20 @@ def test_bad_options_exit_2_with_one_line_naming_the_value(
     assert not list(tmp_path.iterdir())
 
 
+def test_an_out_that_is_a_file_exits_2_naming_it(experiment_module, tmp_path, capsys) -> None:
+    module = experiment_module("linear_regression")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for out in (a_file, a_file / "below"):
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(["--smoke", "--out", str(out)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == (
+            f"linear_regression.py: error: invalid --out {str(out)!r}: {str(a_file)!r} is not a "
+            "directory\n"
+        )
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
 def test_device_cuda_without_cuda_exits_2_with_one_line(experiment_module, capsys) -> None:
     module = experiment_module("optimizer_comparison")
@@ -156,6 +170,19 @@ def test_config_json_is_written_atomically(experiment_module, tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt), redirect_stdout(StringIO()):
         module.main(["--smoke", "--out", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_figure_is_written_atomically(experiment_module, tmp_path) -> None:
+    """A figure whose writing fails halfway leaves the previous file and no temporary one."""
+    common = experiment_module("common")
+    pyplot = common.pyplot()
+    path = tmp_path / "figure.png"
+    path.write_bytes(b"previous")
+    figure = pyplot.figure()
+    figure.savefig = lambda target, **options: Path(target).write_bytes(b"\x89PNG") and 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        common.save_figure(figure, path)
+    assert path.read_bytes() == b"previous" and list(tmp_path.iterdir()) == [path]
 
 
 def test_experiment_options_override_the_smoke_budget(experiment_module, tmp_path) -> None:
