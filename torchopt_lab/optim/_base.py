@@ -152,7 +152,7 @@ class TorchoptOptimizer(torch.optim.Optimizer):
     """Base of every torchopt_lab optimizer (private: use the optimizers themselves).
 
     ``backend``, ``max_grad_norm`` and the fused-kernel options (``skip_nonfinite``,
-    ``float32_state``, ``record_norms``; see the README, "Fused Triton optimizer kernels") are
+    ``float32_state``, ``record_norms``; see docs/kernels.md, "Fused Triton optimizer kernels") are
     attributes of the optimizer, not of its param groups, so param groups and ``state_dict()``
     hold exactly torch.optim's keys and interchange with it.
     """
