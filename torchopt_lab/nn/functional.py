@@ -25,6 +25,7 @@ from torchopt_lab.nn._activation import (
 )
 from torchopt_lab.nn._dispatch import triton_function, use_triton
 from torchopt_lab.nn._dropout import DropoutFunction
+from torchopt_lab.nn._function import apply
 from torchopt_lab.nn._loss import (
     CrossEntropyFunction,
     CrossEntropyProbabilitiesFunction,
@@ -114,7 +115,7 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     :class:`~torchopt_lab.nn._activation.ReLUFunction`."""
     if use_triton("relu", input):
         return triton_function("relu")(input, inplace)
-    return ReLUFunction.apply(input, inplace)
+    return apply(ReLUFunction, input, inplace)
 
 
 def leaky_relu(
@@ -131,21 +132,21 @@ def leaky_relu(
     _check_floating("leaky_relu", input)
     if use_triton("leaky_relu", input):
         return triton_function("leaky_relu")(input, negative_slope, inplace)
-    return LeakyReLUFunction.apply(input, negative_slope, inplace)
+    return apply(LeakyReLUFunction, input, negative_slope, inplace)
 
 
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
     """``1 / (1 + exp(-input))``; see :class:`~torchopt_lab.nn._activation.SigmoidFunction`."""
     if use_triton("sigmoid", input):
         return triton_function("sigmoid")(input)
-    return SigmoidFunction.apply(input)
+    return apply(SigmoidFunction, input)
 
 
 def tanh(input: torch.Tensor) -> torch.Tensor:
     """``tanh(input)``; see :class:`~torchopt_lab.nn._activation.TanhFunction`."""
     if use_triton("tanh", input):
         return triton_function("tanh")(input)
-    return TanhFunction.apply(input)
+    return apply(TanhFunction, input)
 
 
 def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -157,7 +158,7 @@ def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
         )
     if use_triton("gelu", input):
         return triton_function("gelu")(input, approximate)
-    return GELUFunction.apply(input, approximate)
+    return apply(GELUFunction, input, approximate)
 
 
 def _softmax_dim(name: str, input: torch.Tensor, dim: int | None, stacklevel: int) -> int:
@@ -182,7 +183,7 @@ def softmax(
     dim = _softmax_dim("softmax", input, dim, _stacklevel)
     if use_triton("softmax", input):
         return triton_function("softmax")(input, dim, dtype=dtype)
-    return SoftmaxFunction.apply(input, dim, dtype)
+    return apply(SoftmaxFunction, input, dim, dtype)
 
 
 def log_softmax(
@@ -196,7 +197,7 @@ def log_softmax(
     dim = _softmax_dim("log_softmax", input, dim, _stacklevel)
     if use_triton("log_softmax", input):
         return triton_function("log_softmax")(input, dim, dtype=dtype)
-    return LogSoftmaxFunction.apply(input, dim, dtype)
+    return apply(LogSoftmaxFunction, input, dim, dtype)
 
 
 def mse_loss(
@@ -226,7 +227,7 @@ def mse_loss(
     _check_floating("mse_loss", input, target, weight)
     if use_triton("mse_loss", input, target, weight):
         return triton_function("mse_loss")(input, target, reduction=reduction, weight=weight)
-    return MSELossFunction.apply(input, target, weight, reduction)
+    return apply(MSELossFunction, input, target, weight, reduction)
 
 
 def cross_entropy(
@@ -289,12 +290,25 @@ def cross_entropy(
             label_smoothing=label_smoothing,
         )
     if probabilities:
-        return CrossEntropyProbabilitiesFunction.apply(
-            input, target, weight, class_dim, reduction, label_smoothing
-        )
-    return CrossEntropyFunction.apply(
-        input, target, weight, class_dim, ignore_index, reduction, label_smoothing
-    )
+        return apply(
+            CrossEntropyProbabilitiesFunction,
+            input,
+            target,
+            weight,
+            class_dim,
+            reduction,
+            label_smoothing,
+        )[0]
+    return apply(
+        CrossEntropyFunction,
+        input,
+        target,
+        weight,
+        class_dim,
+        ignore_index,
+        reduction,
+        label_smoothing,
+    )[0]
 
 
 def _check_class_target(
@@ -312,6 +326,12 @@ def _check_class_target(
         raise RuntimeError(
             f"size mismatch (got input: {list(input.shape)}, target: {list(target.shape)})"
         )
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(
+        target
+    ):
+        # Under torch.func transforms a check cannot branch on the (maybe batched) values: the
+        # Function's gather refuses an out-of-range class index itself (RuntimeError).
+        return
     out_of_range = ((target < 0) | (target >= classes)) & (target != ignore_index)
     if target.device.type != "cpu" or torch.compiler.is_compiling():
         # No host synchronisation (and no graph break under torch.compile): the device checks and
@@ -355,7 +375,7 @@ def layer_norm(
     _check_dtype("layer_norm", input, weight=weight, bias=bias)
     if use_triton("layer_norm", input, weight, bias):
         return triton_function("layer_norm")(input, normalized_shape, weight, bias, eps)
-    return LayerNormFunction.apply(input, count, weight, bias, eps)
+    return apply(LayerNormFunction, input, count, weight, bias, eps)[0]
 
 
 def batch_norm(
@@ -408,9 +428,9 @@ def batch_norm(
         return triton_function("batch_norm")(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )
-    return BatchNormFunction.apply(
-        input, running_mean, running_var, weight, bias, training, momentum, eps
-    )
+    return apply(
+        BatchNormFunction, input, running_mean, running_var, weight, bias, training, momentum, eps
+    )[0]
 
 
 def dropout(
@@ -424,4 +444,4 @@ def dropout(
         return input
     if use_triton("dropout", input):
         return triton_function("dropout")(input, p, training, inplace)
-    return DropoutFunction.apply(input, p, inplace)
+    return apply(DropoutFunction, input, p, inplace)[0]
