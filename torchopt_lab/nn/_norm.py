@@ -239,6 +239,10 @@ class BatchNormFunction(torch.autograd.Function):
         ctx: Any, grad_output: torch.Tensor, *_: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
         input, weight, mean, rstd = ctx.saved_tensors
+        if input.dtype in (torch.float16, torch.bfloat16):
+            # Accumulate in float32, as torch's kernel does: S_gx - μ S_g cancels, which in
+            # bfloat16 leaves rounding noise (autograd casts the gradients back to x's dtype).
+            input, grad_output = input.float(), grad_output.float()
         dims, ndim = ctx.dims, input.dim()
         count = input.numel() // input.shape[1]
         if input.numel() == 0:

@@ -23,6 +23,7 @@ from torchopt_lab.nn._activation import (
     SigmoidFunction,
     TanhFunction,
 )
+from torchopt_lab.nn._autocast import autocast_inputs
 from torchopt_lab.nn._dispatch import triton_function, use_triton
 from torchopt_lab.nn._dropout import DropoutFunction
 from torchopt_lab.nn._function import apply
@@ -89,6 +90,7 @@ def linear(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``input @ weight.T + bias``; see :class:`~torchopt_lab.nn._linear.LinearFunction`."""
+    input, weight, bias = autocast_inputs("linear", input, weight, bias)
     if use_triton("linear", input, weight, bias):
         return triton_function("linear")(input, weight, bias)
     return _linear.linear(input, weight, bias)
@@ -105,6 +107,7 @@ def conv2d(
 ) -> torch.Tensor:
     """2-D convolution, ``padding`` a number, a pair or ``"valid"``/``"same"``; see
     :class:`~torchopt_lab.nn._conv.Conv2dFunction`."""
+    input, weight, bias = autocast_inputs("conv2d", input, weight, bias)
     if use_triton("conv2d", input, weight, bias):
         return triton_function("conv2d")(input, weight, bias, stride, padding, dilation, groups)
     return _conv.conv2d(input, weight, bias, stride, padding, dilation, groups)
@@ -180,6 +183,8 @@ def softmax(
 ) -> torch.Tensor:
     """Softmax along ``dim`` (computed in ``dtype`` when given); see
     :class:`~torchopt_lab.nn._softmax.SoftmaxFunction`."""
+    if dtype is None:
+        (input,) = autocast_inputs("softmax", input)
     dim = _softmax_dim("softmax", input, dim, _stacklevel)
     if use_triton("softmax", input):
         return triton_function("softmax")(input, dim, dtype=dtype)
@@ -194,6 +199,8 @@ def log_softmax(
 ) -> torch.Tensor:
     """Log-softmax along ``dim`` (computed in ``dtype`` when given); see
     :class:`~torchopt_lab.nn._softmax.LogSoftmaxFunction`."""
+    if dtype is None:
+        (input,) = autocast_inputs("log_softmax", input)
     dim = _softmax_dim("log_softmax", input, dim, _stacklevel)
     if use_triton("log_softmax", input):
         return triton_function("log_softmax")(input, dim, dtype=dtype)
@@ -210,6 +217,7 @@ def mse_loss(
 ) -> torch.Tensor:
     """Mean squared error, optionally weighted per element; see
     :class:`~torchopt_lab.nn._loss.MSELossFunction`."""
+    input, target, weight = autocast_inputs("mse_loss", input, target, weight)
     if target.size() != input.size():
         warnings.warn(
             f"Using a target size ({target.size()}) that is different to the input size "
@@ -244,6 +252,7 @@ def cross_entropy(
     and class indices or class probabilities ``target``; see
     :class:`~torchopt_lab.nn._loss.CrossEntropyFunction` and
     :class:`~torchopt_lab.nn._loss.CrossEntropyProbabilitiesFunction`."""
+    input, target, weight = autocast_inputs("cross_entropy", input, target, weight)
     reduction = _check_reduction(size_average, reduce, reduction)
     if not 0.0 <= label_smoothing <= 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
@@ -352,6 +361,7 @@ def layer_norm(
 ) -> torch.Tensor:
     """Layer normalisation over the trailing ``normalized_shape`` dimensions; see
     :class:`~torchopt_lab.nn._norm.LayerNormFunction`."""
+    input, weight, bias = autocast_inputs("layer_norm", input, weight, bias)
     if not isinstance(normalized_shape, (list, tuple, torch.Size)):
         raise TypeError(
             "layer_norm(): argument 'normalized_shape' (position 2) must be tuple of ints, not "

@@ -19,6 +19,7 @@ from torchopt_lab.nn._activation import (
     SigmoidFunction,
     TanhFunction,
 )
+from torchopt_lab.nn._autocast import autocast_inputs
 from torchopt_lab.nn._dispatch import triton_function, use_triton
 from torchopt_lab.nn._function import apply
 from torchopt_lab.nn._linear import LinearFunction
@@ -52,6 +53,7 @@ def linear_activation(
     """``f(input @ weight.T + bias)`` for ``input`` of shape ``[*, in]``, ``weight`` of shape
     ``[out, in]``, ``bias`` of shape ``[out]`` or None; ``activation`` one of :data:`ACTIVATIONS`
     (``"gelu_tanh"`` is ``gelu(approximate="tanh")``, ``negative_slope`` is leaky_relu's)."""
+    input, weight, bias = autocast_inputs("linear_activation", input, weight, bias)
     if activation not in ACTIVATIONS:
         raise ValueError(f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     if weight.dim() != 2:
