@@ -26,6 +26,7 @@ from torchopt_lab.nn._activation import (
 from torchopt_lab.nn._autocast import autocast_inputs
 from torchopt_lab.nn._dispatch import triton_function, use_triton
 from torchopt_lab.nn._dropout import DropoutFunction
+from torchopt_lab.nn._embedding import embedding
 from torchopt_lab.nn._function import apply
 from torchopt_lab.nn._loss import (
     CrossEntropyFunction,
@@ -33,6 +34,8 @@ from torchopt_lab.nn._loss import (
     MSELossFunction,
 )
 from torchopt_lab.nn._norm import BatchNormFunction, LayerNormFunction
+from torchopt_lab.nn._rms_norm import rms_norm
+from torchopt_lab.nn._silu import silu
 from torchopt_lab.nn._softmax import LogSoftmaxFunction, SoftmaxFunction
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "conv2d",
     "cross_entropy",
     "dropout",
+    "embedding",
     "gelu",
     "layer_norm",
     "leaky_relu",
@@ -47,7 +51,9 @@ __all__ = [
     "log_softmax",
     "mse_loss",
     "relu",
+    "rms_norm",
     "sigmoid",
+    "silu",
     "softmax",
     "tanh",
 ]
