@@ -81,6 +81,22 @@ def _resolve(name: str, device_type: str, device_index: int | None) -> str:
     return backend.resolve(f"nn.{name}", "auto", torch.device(device_type, device_index))
 
 
+def record_torch_only(name: str, *tensors: torch.Tensor | None) -> None:
+    """Record that ``nn.<name>``, which has no Triton kernel, ran on the torch path (whatever the
+    backend choice), for :func:`torchopt_lab.backend_info`; nothing is recorded while
+    ``torch.compile`` traces (recording takes a lock Dynamo cannot trace)."""
+    if torch.compiler.is_compiling():
+        return
+    device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
+    backend.record(
+        f"nn.{name}",
+        "auto",
+        "torch",
+        device,
+        f"no Triton kernel for nn.{name}: the torch path runs on every backend",
+    )
+
+
 def triton_function(name: str) -> Callable[..., torch.Tensor]:
     """The Triton implementation of ``nn.<name>``; call only after :func:`use_triton` said yes."""
     return _triton_functions()[name]
