@@ -445,6 +445,7 @@ def _rule(**overrides: Any) -> Rule:
         ({"state": (State("step"),)}, "not 'step'"),
         ({"state": (State("m"), State("m"))}, "must be unique"),
         ({"hyperparameters": (Hyperparameter("lr", 0.1),) * 2}, "must be unique"),
+        ({"hyperparameters": (Hyperparameter("backend", "x"),)}, "not 'params' or 'backend'"),
     ],
 )
 def test_rule_declaration_mistakes_are_refused_at_class_creation(
