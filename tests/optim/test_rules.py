@@ -486,3 +486,27 @@ def test_rule_optimizer_capturable_on_cpu_raises_as_torch_optim_does(name: str) 
         theirs = getattr(torch.optim, name)([param], capturable=True)
         with pytest.raises(AssertionError, match="If capturable=True, params"):
             theirs.step()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_rule_optimizer_step_under_torch_compile_matches_eager(name: str) -> None:
+    # Dynamo traces the step (backend="eager": no Inductor code generation, which takes minutes
+    # on the CPU); host reads of the step count break the graph, and the results must not change.
+    torch._dynamo.reset()
+    params, reference = _params(torch.float64), _params(torch.float64)
+    compiled = REGISTRY[name](params, lr=0.01)
+    eager = REGISTRY[name](reference, lr=0.01)
+
+    @torch.compile(backend="eager")
+    def step() -> None:
+        compiled.step()
+
+    for index in range(3):
+        _set_grads(params, index)
+        _set_grads(reference, index)
+        step()
+        eager.step()
+    for a, b in zip(params, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch._dynamo.reset()
