@@ -13,7 +13,7 @@ import torch
 
 
 class ReLUFunction(torch.autograd.Function):
-    r"""``y = max(x, 0)``; ``dy/dx = 1[y > 0]``.
+    r"""``y = max(x, 0)``; ``dy/dx = 1[y > 0]`` (and 1 where ``y`` is NaN, as torch).
 
     ``inplace=True`` overwrites ``x`` with ``y`` (the mask is read back from ``y``, which is
     positive exactly where ``x`` is).
@@ -32,8 +32,10 @@ class ReLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         (output,) = ctx.saved_tensors
-        # dL/dx = g * 1[y > 0], and 1[y > 0] = sign(y) as y >= 0 (one fused pass, no mask tensor)
-        grad_input = grad_output * output.sign()
+        # dL/dx = g where y > 0 or y is NaN, exactly 0 where y <= 0 even for a non-finite g:
+        # torch's own relu backward, one fused pass (g · sign(y) gave 0 at NaN and NaN for an
+        # infinite g), differentiable again (its derivative in g is itself, in y zero)
+        grad_input = torch.ops.aten.threshold_backward(grad_output, output, 0)
         return grad_input, None
 
 
@@ -79,8 +81,9 @@ class SigmoidFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
         (output,) = ctx.saved_tensors
-        # dL/dx = g * y * (1 - y)
-        return grad_output * output * (1 - output)
+        # dL/dx = g * y * (1 - y), conjugated for a complex input (torch's convention; a no-op on
+        # real tensors)
+        return grad_output * (output * (1 - output)).conj()
 
 
 class TanhFunction(torch.autograd.Function):
@@ -95,8 +98,8 @@ class TanhFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
         (output,) = ctx.saved_tensors
-        # dL/dx = g * (1 - y^2)
-        return grad_output * (1 - output * output)
+        # dL/dx = g * (1 - y^2), conjugated for a complex input (as for the sigmoid)
+        return grad_output * (1 - output * output).conj()
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)

@@ -46,7 +46,7 @@ def use_triton(name: str, *tensors: torch.Tensor | None) -> bool:
     for explicitly and cannot run.
     """
     device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
-    if backend.resolve(f"nn.{name}", "auto", device) != "triton":
+    if _resolve(name, device.type, device.index) != "triton":
         return False
     if name not in _triton_functions():
         raise NotImplementedError(
@@ -55,6 +55,15 @@ def use_triton(name: str, *tensors: torch.Tensor | None) -> bool:
             f"for {name!r}; set {backend.ENV_VAR}=torch to run the torch path"
         )
     return True
+
+
+@torch.compiler.assume_constant_result
+def _resolve(name: str, device_type: str, device_index: int | None) -> str:
+    """:func:`torchopt_lab.backend.resolve` for ``nn.<name>``, which ``torch.compile`` runs once
+    at trace time and bakes into the graph as a constant (it imports triton and reads the
+    environment, which Dynamo cannot trace): the backend of a compiled model is fixed when it is
+    compiled, and the decision is still recorded for :func:`torchopt_lab.backend_info`."""
+    return backend.resolve(f"nn.{name}", "auto", torch.device(device_type, device_index))
 
 
 def triton_function(name: str) -> Callable[..., torch.Tensor]:

@@ -5,7 +5,7 @@ A subclass provides three things, the rest is here:
 
 - ``_reference``: the torch reference update, a function in torch.optim's functional shape
   (``adam(params, grads, exp_avgs, ..., *, lr, beta1, ...)``) over lists on one device and dtype;
-- ``_init_group(group)``: the tensor lists of one param group, in the order of ``_reference``'s
+- ``_group_tensors(group)``: the tensor lists of one param group, in the order of ``_reference``'s
   positional arguments, with lazily created state;
 - ``_hyperparameters(group)``: the keyword arguments of ``_reference`` for that group.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -60,6 +61,26 @@ def read_steps(state_steps: list[Tensor]) -> list[float]:
         return [step.item() for step in state_steps]
 
 
+def _sharing_memory(params: list[Tensor]) -> set[int]:
+    """Ids of the parameters whose memory overlaps another's (the same tensor twice, or views of
+    one storage that overlap), by address interval: one sort, no per-pair work."""
+    spans = sorted(
+        (str(p.device), p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), id(p), index)
+        for index, p in enumerate(params)
+        if p.numel()
+    )
+    shared: set[int] = set()
+    device, reach, owner = None, -1, None
+    for where, start, end, key, _ in spans:
+        if where != device:
+            device, reach = where, -1
+        if start < reach:
+            shared.update((key, owner))
+        if end > reach:
+            reach, owner = end, key
+    return shared
+
+
 def _real_view(tensor: Tensor) -> Tensor:
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
@@ -75,6 +96,19 @@ def check_max_grad_norm(max_grad_norm: float | None) -> float | None:
             f"Invalid max_grad_norm value: {max_grad_norm}; expected a positive finite number"
         )
     return float(max_grad_norm)
+
+
+def _built_by_zero_redundancy_optimizer() -> bool:
+    """Whether a ZeroRedundancyOptimizer is constructing this optimizer for its partition."""
+    zero_module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    if zero_module is None:
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if isinstance(frame.f_locals.get("self"), zero_module.ZeroRedundancyOptimizer):
+            return True
+        frame = frame.f_back
+    return False
 
 
 class TorchoptOptimizer(torch.optim.Optimizer):
@@ -109,6 +143,13 @@ class TorchoptOptimizer(torch.optim.Optimizer):
     ) -> None:
         self.backend = _backend.check_backend(backend)
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        if self.max_grad_norm is not None and _built_by_zero_redundancy_optimizer():
+            raise ValueError(
+                f"{type(self).__name__}: max_grad_norm={max_grad_norm} cannot be used inside "
+                "ZeroRedundancyOptimizer: each rank holds only its partition of the parameters, "
+                "so the clip would use that partition's norm, not the global one. Clip with "
+                "torch.nn.utils.clip_grad_norm_(model.parameters(), ...) before step() instead"
+            )
         if skip_nonfinite and self.max_grad_norm is None:
             raise ValueError(
                 "skip_nonfinite=True needs max_grad_norm: the step is skipped when the gradient "
@@ -139,6 +180,23 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             "record_norms": self.record_norms,
         }
 
+    def __repr__(self) -> str:
+        """torch.optim's repr (the param groups), then the options this optimizer holds outside
+        its groups: ``backend``, ``max_grad_norm`` and the fused-kernel options."""
+        options = "".join(
+            f"    {name}: {getattr(self, name)}\n"
+            for name in (
+                "backend",
+                "max_grad_norm",
+                "skip_nonfinite",
+                "float32_state",
+                "record_norms",
+            )
+        )
+        torch_repr = super().__repr__()
+        assert torch_repr.endswith(")")
+        return f"{torch_repr[:-1]}\nOptimizer options\n{options})"
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
@@ -156,11 +214,31 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("record_norms", False)
         self.__dict__.setdefault("_skipped_on_host", 0)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's ``load_state_dict``, keeping float32 state of low-precision parameters
+        float32 under ``float32_state=True`` (torch casts every state tensor to its parameter's
+        dtype, which would round the saved float32 state to bfloat16 or float16)."""
+        saved_state = state_dict.get("state", {})
+        saved_groups = state_dict.get("param_groups", [])
+        super().load_state_dict(state_dict)
+        if not self.float32_state:
+            return
+        for group, saved_group in zip(self.param_groups, saved_groups, strict=False):
+            for p, saved_id in zip(group["params"], saved_group["params"], strict=False):
+                if p.dtype not in (torch.float16, torch.bfloat16) or saved_id not in saved_state:
+                    continue
+                for key, value in saved_state[saved_id].items():
+                    if key != "step" and torch.is_tensor(value) and value.dtype == torch.float32:
+                        self.state[p][key] = value.to(device=p.device)
+
     @property
     def _step_supports_amp_scaling(self) -> bool:
         """Whether ``GradScaler.step`` may hand this optimizer ``grad_scale``/``found_inf`` instead
-        of unscaling the gradients itself: true when every parameter runs the fused kernels,
-        which unscale as they load and skip the step on the device when ``found_inf`` is set."""
+        of unscaling the gradients itself: true when every device runs the fused kernels, which
+        unscale as they load and skip the step on the device when ``found_inf`` is set. Tensors
+        that still take the torch path (sparse gradients, complex or gapped parameters, ...)
+        honour both too: their gradients are unscaled, and ``found_inf`` skips the whole step
+        (read on the host, one synchronisation, only when such tensors exist)."""
         devices = {p.device for group in self.param_groups for p in group["params"]}
         component = f"optim.{type(self).__name__}"
         return bool(devices) and all(
@@ -181,8 +259,12 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         if state is None:
             return {}
         by_id = {id(p): p for group in self.param_groups for p in group["params"]}
+        # Copies: the kernels overwrite their buffers on the next step.
+        copies = {id(buffer): buffer.clone() for buffer, _ in state.norms.values()}
         return {
-            by_id[key]: buffer[row] for key, (buffer, row) in state.norms.items() if key in by_id
+            by_id[key]: copies[id(buffer)][row]
+            for key, (buffer, row) in state.norms.items()
+            if key in by_id
         }
 
     @property
@@ -193,7 +275,7 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         # Every device sees the same global norm, so they skip together: count a step once.
         return self._skipped_on_host + max((int(c.item()) for c in counters), default=0)
 
-    def _init_group(self, group: dict[str, Any]) -> TensorLists:
+    def _group_tensors(self, group: dict[str, Any]) -> TensorLists:
         raise NotImplementedError
 
     def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -209,9 +291,11 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            return self._traced_step(loss)
         if repeat_step(self, type(self)._reference.__name__):
             return loss
-        groups = [(group, self._init_group(group)) for group in self.param_groups]
+        groups = [(group, self._group_tensors(group)) for group in self.param_groups]
         if self.max_grad_norm is not None and any(
             grad.is_sparse for _, tensors in groups for grad in tensors["grads"]
         ):
@@ -223,7 +307,16 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         parts = self._dispatch(groups)
         fused = [part for part in parts if part.backend == "triton"]
         reference = [part for part in parts if part.backend == "torch"]
-        total_norm = clip_coefficient = None
+        total_norm = clip_coefficient = inverse_scale = None
+        # GradScaler.step hands these over when _step_supports_amp_scaling; tensors on the torch
+        # path must honour them as the kernels do.
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if reference and found_inf is not None and found_inf.item():
+            return loss  # GradScaler skips the step: nothing changes, on either path
+        if reference and grad_scale is not None:
+            # GradScaler.unscale_'s factor: float32(1 / float64(scale)).
+            inverse_scale = (1.0 / grad_scale.double()).float()
         if self.max_grad_norm is not None and reference:
             # Some tensors take the torch path: one norm over all gradients, computed by torch, is
             # used by both paths (the kernels then skip their own norm pass).
@@ -233,12 +326,19 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                 # The torch path decides on the host (one synchronisation) and skips every part.
                 self._skipped_on_host += 1
                 return loss
-            clip_coefficient = _clip_coefficient(total_norm, self.max_grad_norm)
+            unscaled = total_norm
+            if inverse_scale is not None:
+                # As the kernels do: the norm of the scaled gradients, unscaled in float64.
+                unscaled = (total_norm.double() * inverse_scale.double().to(total_norm.device)).to(
+                    total_norm.dtype
+                )
+            clip_coefficient = _clip_coefficient(unscaled, self.max_grad_norm)
         for part in reference:
-            self._reference_step(part, clip_coefficient)
+            self._reference_step(part, clip_coefficient, inverse_scale)
+        dropped: list[Tensor] = []
         if fused:
             with_grads = sum(len(tensors["params"]) for _, tensors in groups)
-            fused_step(
+            dropped = fused_step(
                 self,
                 type(self)._reference.__name__,
                 fused,
@@ -257,6 +357,73 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         for group, tensors in groups:
             if tensors["params"]:
                 self._finish_group(group, tensors)
+        for p in dropped:
+            # State created for a step the kernels skipped: the next step is the first again.
+            p_state = self.state[p]
+            for key in [key for key, value in p_state.items() if value is None]:
+                del p_state[key]
+            if not p_state:
+                del self.state[p]
+        return loss
+
+    def _traced_step(self, loss: Any) -> Any:
+        """The step under ``torch.compile``: the torch reference update, traced by Dynamo.
+
+        The Triton kernels are opaque to Dynamo, and the backend decision and the fused path's
+        host-side plan would break the trace, so a compiled step runs the reference update
+        (which Inductor then fuses) on every device; this is recorded in ``backend_info()``.
+        GradScaler's ``grad_scale``/``found_inf``, clipping and ``skip_nonfinite`` are honoured
+        as on the eager paths.
+        """
+        component = f"optim.{type(self).__name__}"
+        groups = [(group, self._group_tensors(group)) for group in self.param_groups]
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and found_inf.item():
+            return loss  # GradScaler found an inf or NaN: skip, as the kernels do on the device
+        if grad_scale is not None:
+            for _, tensors in groups:
+                if tensors["grads"]:
+                    inverse = grad_scale.double().reciprocal().float()
+                    tensors["grads"] = torch._foreach_mul(
+                        tensors["grads"], inverse.to(tensors["grads"][0].device)
+                    )
+        clip_coefficient = None
+        if self.max_grad_norm is not None:
+            grads = [grad for _, tensors in groups for grad in tensors["grads"]]
+            if grads:
+                total_norm = _total_norm(grads)
+                if self.skip_nonfinite and not torch.isfinite(total_norm).item():
+                    self._skipped_on_host += 1
+                    return loss
+                clip_coefficient = _clip_coefficient(total_norm, self.max_grad_norm)
+        for group_index, (group, tensors) in enumerate(groups):
+            by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+            for index, param in enumerate(tensors["params"]):
+                by_kind.setdefault((param.device, param.dtype), []).append(index)
+            for (device, dtype), indices in by_kind.items():
+                if self.backend != "torch":
+                    _backend.record(
+                        component,
+                        self.backend,
+                        "torch",
+                        device,
+                        "torch.compile traces the torch path",
+                    )
+                count = len(tensors["params"])
+                part_tensors = {
+                    name: [values[i] for i in indices] if len(values) == count else values
+                    for name, values in tensors.items()
+                }
+                part = Part(group, group_index, indices, part_tensors, device, dtype, "torch")
+                self._reference_step(part, clip_coefficient)
+                if self._creates_state:
+                    for name, values in part_tensors.items():
+                        if len(tensors[name]) == count:
+                            for position, index in enumerate(indices):
+                                tensors[name][index] = values[position]
+            if tensors["params"]:
+                self._finish_group(group, tensors)
         return loss
 
     def _dispatch(self, groups: list[tuple[dict[str, Any], TensorLists]]) -> list[Part]:
@@ -268,6 +435,7 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         reason is recorded; an explicit ``backend="triton"`` raises instead.
         """
         component = f"optim.{type(self).__name__}"
+        shared = _sharing_memory([p for _, tensors in groups for p in tensors["params"]])
         parts = []
         for group_index, (group, tensors) in enumerate(groups):
             if not tensors["params"]:
@@ -284,7 +452,11 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                 by_backend = {chosen: list(range(len(indices)))}
                 if chosen == "triton":
                     by_backend = self._kernel_eligible(
-                        component, lists[full.index("params")], lists[full.index("grads")], device
+                        component,
+                        lists[full.index("params")],
+                        lists[full.index("grads")],
+                        device,
+                        shared,
                     )
                 for backend, positions in by_backend.items():
                     if not positions:
@@ -308,14 +480,28 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         return parts
 
     def _kernel_eligible(
-        self, component: str, params: list[Tensor], grads: list[Tensor], device: torch.device
+        self,
+        component: str,
+        params: list[Tensor],
+        grads: list[Tensor],
+        device: torch.device,
+        shared: set[int],
     ) -> dict[str, list[int]]:
-        """Positions of ``params`` the kernels can update, and of those they cannot."""
+        """Positions of ``params`` the kernels can update, and of those they cannot.
+
+        ``shared``: ids of parameters that share memory with another parameter (duplicates,
+        aliasing views); one launch would update that memory from two programs at once.
+        """
         kernels = importlib.import_module("triton_kernels.optim")
         if (
-            params[0].dtype in kernels.SUPPORTED_DTYPES
+            not shared
+            and params[0].dtype in kernels.SUPPORTED_DTYPES
             and all(p.is_contiguous() for p in params)
-            and not any(g.is_sparse for g in grads)
+            and all(g.is_contiguous() and not g.is_sparse for g in grads)
+            and all(
+                g.shape == p.shape and g.dtype == p.dtype
+                for p, g in zip(params, grads, strict=True)
+            )
         ):
             return {"triton": list(range(len(params)))}  # the usual case, checked in bulk
         eligible: dict[str, list[int]] = {"triton": [], "torch": []}
@@ -323,6 +509,25 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             ok, why = kernels.updatable_in_place(param)
             if ok and grad.is_sparse:
                 ok, why = False, "its gradient is sparse; the kernels update dense tensors"
+            elif ok and not kernels.same_layout(grad, param):
+                ok, why = (
+                    False,
+                    (
+                        f"its gradient (shape {tuple(grad.shape)}, strides {grad.stride()}, "
+                        f"{grad.dtype}) is laid out differently from the parameter (shape "
+                        f"{tuple(param.shape)}, strides {param.stride()}, {param.dtype}); the "
+                        "kernels read both at the same offsets"
+                    ),
+                )
+            elif ok and id(param) in shared:
+                ok, why = (
+                    False,
+                    (
+                        f"a parameter of shape {tuple(param.shape)} shares memory with another "
+                        "parameter of this optimizer (a duplicate or an aliasing view); one launch "
+                        "would update that memory twice at once"
+                    ),
+                )
             if ok:
                 eligible["triton"].append(position)
                 continue
@@ -340,9 +545,15 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             eligible["torch"].append(position)
         return eligible
 
-    def _reference_step(self, part: Part, clip_coefficient: Tensor | None) -> None:
-        """Run the torch reference update on one part (complex tensors as real views)."""
+    def _reference_step(
+        self, part: Part, clip_coefficient: Tensor | None, inverse_scale: Tensor | None = None
+    ) -> None:
+        """Run the torch reference update on one part (complex tensors as real views), with its
+        gradients first multiplied by GradScaler's ``inverse_scale`` when given."""
         tensors = part.tensors
+        if inverse_scale is not None:
+            factor = inverse_scale.to(part.device)
+            tensors = {**tensors, "grads": [grad * factor for grad in tensors["grads"]]}
         if self._views_complex_as_real and part.dtype.is_complex:
             tensors = {name: [_real_view(t) for t in values] for name, values in tensors.items()}
         self._torch_update(part.group, tensors, self._hyperparameters(part.group), clip_coefficient)
@@ -371,6 +582,10 @@ class TorchoptOptimizer(torch.optim.Optimizer):
     def _check_torch_path(self, group: dict[str, Any], device: torch.device) -> None:
         """Refuse what the torch reference path cannot honour, instead of ignoring it."""
         name = type(self).__name__
+        if torch.compiler.is_compiling():
+            # A compiled step: Inductor fuses the traced update, and Dynamo itself sets
+            # capturable=True on the groups of the optimizers it traces.
+            return
         if group.get("fused"):
             raise RuntimeError(
                 f"{name}: fused=True asks for the fused Triton kernels, but the torch reference "

@@ -140,7 +140,7 @@ class SGD(TorchoptOptimizer):
             record_norms=record_norms,
         )
 
-    def _init_group(self, group: dict[str, Any]) -> TensorLists:
+    def _group_tensors(self, group: dict[str, Any]) -> TensorLists:
         params, grads, buffers = [], [], []
         for p in group["params"]:
             if p.grad is None:

@@ -14,7 +14,7 @@ Activations (``a`` the negative slope, ``Φ``/``φ`` the standard normal CDF/den
 ``activation``        ``f(z)``                   ``f'``
 ====================  =========================  =============================================
 ``"identity"``        ``z``                      ``1``
-``"relu"``            ``max(z, 0)``              ``1[y > 0]``
+``"relu"``            ``max(z, 0)``              ``1[y > 0 or y is NaN]``
 ``"leaky_relu"``      ``z if z > 0 else a z``    ``1 if z > 0 else a``
 ``"sigmoid"``         ``1 / (1 + e^{-z})``       ``y (1 - y)``
 ``"tanh"``            ``tanh z``                 ``1 - y²``
@@ -51,7 +51,8 @@ _MAX_BLOCK_COLUMNS = 1024
 @triton.jit
 def _activate(z, NEGATIVE_SLOPE: tl.constexpr, ACTIVATION: tl.constexpr):
     if ACTIVATION == "relu":
-        y = tl.maximum(z, 0.0)
+        # z where not negative: NaN stays NaN (as torch's clamp; tl.maximum(NaN, 0) would be 0)
+        y = tl.where(z < 0, 0.0, z)
     elif ACTIVATION == "leaky_relu":
         y = tl.where(z > 0, z, z * NEGATIVE_SLOPE)
     elif ACTIVATION == "sigmoid":
@@ -72,10 +73,9 @@ def _activate(z, NEGATIVE_SLOPE: tl.constexpr, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _derivative(saved, NEGATIVE_SLOPE: tl.constexpr, ACTIVATION: tl.constexpr):
-    """``f'`` from ``saved``: ``y`` for the activations of OUTPUT_DERIVATIVE, ``z`` otherwise."""
-    if ACTIVATION == "relu":
-        d = tl.where(saved > 0, 1.0, 0.0)
-    elif ACTIVATION == "leaky_relu":
+    """``f'`` from ``saved``: ``y`` for the activations of OUTPUT_DERIVATIVE, ``z`` otherwise
+    (relu's backward selects ``g`` instead, see the backward kernel)."""
+    if ACTIVATION == "leaky_relu":
         one = tl.full(saved.shape, 1.0, saved.dtype)
         d = tl.where(saved > 0, one, tl.full(saved.shape, NEGATIVE_SLOPE, saved.dtype))
     elif ACTIVATION == "sigmoid":
@@ -153,8 +153,13 @@ def _bias_activation_backward_kernel(
     if add_bias:
         bias = tl.load(bias_pointer + column, mask=column < columns).to(COMPUTE_DTYPE)
         saved += bias[None, :]
-    # dL/dz = g f'
-    grad = tl.where(mask, g * _derivative(saved, NEGATIVE_SLOPE, ACTIVATION), 0.0)
+    if ACTIVATION == "relu":
+        # dL/dz = g where y > 0 or y is NaN, exactly 0 where y <= 0 even for a non-finite g
+        # (torch's threshold_backward; g · 1[y > 0] would be NaN there and 0 at a NaN y)
+        grad = tl.where(mask & ~(saved <= 0), g, 0.0)
+    else:
+        # dL/dz = g f'
+        grad = tl.where(mask, g * _derivative(saved, NEGATIVE_SLOPE, ACTIVATION), 0.0)
     tl.store(grad_input_pointer + offsets, grad.to(grad_input_pointer.dtype.element_ty), mask=mask)
     if reduce_bias:
         partial = tl.sum(grad, axis=0)

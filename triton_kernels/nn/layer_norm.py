@@ -22,6 +22,8 @@ partial parameter sums, each program striding over the rows of its column slice.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -251,7 +253,8 @@ def _blocks(input: torch.Tensor) -> tuple[int, int, bool, int, int]:
     """``(rows, columns, wide, BLOCK_ROWS, BLOCK_COLUMNS)``: whole rows in registers up to 32 KB
     in the compute dtype, else the wide kernels with their column slices."""
     columns = input.shape[-1] if input.dim() else 1
-    rows = input.numel() // columns if columns else 0
+    # counted from the leading dimensions, so rows of width 0 still count
+    rows = math.prod(input.shape[:-1])
     compute_size = 8 if input.dtype == torch.float64 else 4
     wide = columns * compute_size > _MAX_WHOLE_ROW_BYTES
     if wide:
@@ -287,13 +290,12 @@ def layer_norm_forward(
     dtype."""
     name = "layer_norm_forward"
     _check(name, input, weight, bias)
-    if eps < 0:
-        raise ValueError(f"{name}: eps must be non-negative, got {eps}")
     rows, columns, wide, block_rows, block_columns = _blocks(input)
     output = torch.empty_like(input)
     dtype = statistics_dtype(input.dtype)
-    mean = torch.empty(rows, dtype=dtype, device=input.device)
-    rstd = torch.empty(rows, dtype=dtype, device=input.device)
+    # Rows of width 0 launch nothing: their mean and variance over no values stay NaN.
+    mean = torch.full((rows,), float("nan"), dtype=dtype, device=input.device)
+    rstd = torch.full((rows,), float("nan"), dtype=dtype, device=input.device)
     if input.numel() and wide:
         _layer_norm_wide_forward_kernel[(rows,)](
             input,
