@@ -293,8 +293,9 @@ def train_one(
 
 
 # One marker per optimizer: optimizers with near-identical curves (SGD at lr 0.1 and Momentum at
-# lr 0.01 take about the same effective step) would otherwise hide each other.
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+# lr 0.01 take about the same effective step) would otherwise hide each other. Enough for every
+# optimizer of OPTIMIZERS, the registry's included (a test holds it).
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p", "d", "8")
 
 
 def figure_of(results: dict[str, OptimizerResult], target_loss: float) -> Any:
