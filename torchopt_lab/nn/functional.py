@@ -243,7 +243,7 @@ def mse_loss(
         )
     # An integer input or target is computed in the floating dtype of the other (as torch);
     # only both integer is refused.
-    promoted = torch.result_type(input, target)
+    promoted = torch.promote_types(input.dtype, target.dtype)
     if not promoted.is_floating_point:
         raise NotImplementedError(
             f"mse_loss is not implemented for {promoted} tensors; it needs a floating-point dtype"
