@@ -191,24 +191,6 @@ def test_triton_backend_runs_the_fused_kernels_and_says_so() -> None:
     assert decision["requested"] == "triton" and decision["backend"] == "triton"
 
 
-@pytest.mark.parametrize(
-    ("make", "message"),
-    [
-        (lambda ps: ours.Adam(ps, fused=True), "fused=True"),
-        (lambda ps: ours.SGD(ps, fused=True), "fused=True"),
-        (lambda ps: ours.Adagrad(ps, fused=True), "fused=True"),
-        (lambda ps: ours.Adam(ps, capturable=True), "capturable=True"),
-        (lambda ps: ours.RMSprop(ps, capturable=True), "capturable=True"),
-    ],
-)
-def test_flags_the_torch_path_cannot_honour_raise_at_step(make, message: str) -> None:
-    params = make_params(torch.float32)
-    optimizer = make(params)
-    loss_of(params).backward()
-    with pytest.raises(RuntimeError, match=message):
-        optimizer.step()
-
-
 def test_foreach_false_is_accepted_and_gives_torch_results() -> None:
     params = make_params(torch.float64)
     reference = clone_params(params)

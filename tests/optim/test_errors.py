@@ -77,7 +77,6 @@ ERROR_INPUTS = [
     (ours.RMSprop, None, {"max_grad_norm": math.inf}, ValueError, "max_grad_norm value: inf"),
     (ours.Adagrad, None, {"max_grad_norm": math.nan}, ValueError, "max_grad_norm value: nan"),
     (ours.AdamW, None, {"max_grad_norm": "1"}, ValueError, "max_grad_norm value: '1'"),
-    (ours.Adam, None, {"differentiable": True}, RuntimeError, "differentiable=True"),
 ]
 
 

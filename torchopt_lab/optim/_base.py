@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _use_grad_for_differentiable
 
 from torchopt_lab import backend as _backend
 from torchopt_lab.optim._fused import Part, fused_step, repeat_step
@@ -31,6 +33,10 @@ TensorLists = dict[str, list[Any]]
 
 # Parameter dtypes whose state ``float32_state=True`` keeps in float32.
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# Implementation flags honoured by handing the update to torch.optim's functional update.
+_TORCH_FLAGS = ("fused", "capturable", "differentiable")
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -196,11 +202,6 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         self.float32_state = bool(float32_state)
         self.record_norms = bool(record_norms)
         self._skipped_on_host = 0
-        if defaults.get("differentiable"):
-            raise RuntimeError(
-                f"{type(self).__name__}: differentiable=True is not supported; the update runs "
-                "under torch.no_grad(). Use torch.optim for differentiating through a step."
-            )
         super().__init__(params, defaults)
         if defaults.get("fused") and defaults.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
@@ -326,7 +327,7 @@ class TorchoptOptimizer(torch.optim.Optimizer):
     def _finish_group(self, group: dict[str, Any], tensors: TensorLists) -> None:
         """Store state the reference update created (SGD's first momentum buffers)."""
 
-    @torch.no_grad()
+    @_use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimization step; ``closure`` re-evaluates the model and returns the loss."""
         loss = None
@@ -478,6 +479,15 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             )
             for (device, dtype), (lists, indices) in split.items():
                 chosen = _backend.resolve(component, self.backend, device)
+                if group.get("differentiable") and chosen == "triton":
+                    # The kernels update in place outside autograd: a differentiable step is
+                    # torch.optim's differentiable update (and says so).
+                    if self.backend == "triton":
+                        raise RuntimeError(
+                            f"{component}: backend='triton' cannot run differentiable=True (the "
+                            "kernels update outside autograd); use backend='auto' or 'torch'"
+                        )
+                    chosen = "torch"
                 by_backend = {chosen: list(range(len(indices)))}
                 if chosen == "triton":
                     by_backend = self._kernel_eligible(
@@ -671,11 +681,57 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         gradients themselves are never modified; new state goes into the lists (SGD's buffers).
         """
         device = tensors["params"][0].device
-        self._check_torch_path(group, device)
         if clip_coefficient is not None:
             scaled = torch._foreach_mul(tensors["grads"], clip_coefficient.to(device))
             tensors = {**tensors, "grads": scaled}
+        flags = {key: True for key in _TORCH_FLAGS if group.get(key)}
+        if flags and not torch.compiler.is_compiling():
+            # fused, capturable or differentiable on the torch path: torch.optim's own update
+            # with the same flag (its fused CPU/CUDA kernels; its differentiable single-tensor
+            # update, which keeps tensor hyperparameters in the graph), on our lists and state.
+            self._torch_optim_update(device, tensors, hyperparameters, flags)
+            return
+        self._check_torch_path(group, device)
         type(self)._reference(*tensors.values(), **hyperparameters)
+
+    def _torch_optim_update(
+        self,
+        device: torch.device,
+        tensors: TensorLists,
+        hyperparameters: dict[str, Any],
+        flags: dict[str, bool],
+    ) -> None:
+        """One part's update by torch.optim's functional update with ``flags`` set; torch raises
+        its own error where it cannot honour one (capturable on the CPU, for example)."""
+        name = type(self)._reference.__name__
+        function = getattr(importlib.import_module(f"torch.optim.{name}"), name)
+        accepted = inspect.signature(function).parameters
+        keywords = {**hyperparameters, **flags, "foreach": False}
+        if not keywords.pop("decoupled_weight_decay", False):
+            pass
+        elif "decoupled_weight_decay" in accepted:
+            keywords["decoupled_weight_decay"] = True
+        else:  # torch < 2.6: AdamW is its own function
+            function = importlib.import_module("torch.optim.adamw").adamw
+            accepted = inspect.signature(function).parameters
+        if "differentiable" not in accepted:
+            keywords.pop("differentiable", None)  # SGD's update is differentiable by grad mode
+        if "has_complex" in accepted:
+            keywords["has_complex"] = any(p.is_complex() for p in tensors["params"])
+        unknown = set(keywords) - set(accepted)
+        if unknown:
+            raise RuntimeError(
+                f"{type(self).__name__}: {', '.join(sorted(flags))}=True needs torch.optim's "
+                f"{name}() to accept {sorted(unknown)}; this torch {torch.__version__} does not"
+            )
+        _backend.record(
+            f"optim.{type(self).__name__} ({', '.join(sorted(flags))})",
+            self.backend,
+            "torch",
+            device,
+            f"{', '.join(sorted(flags))}=True on the torch path runs torch.optim's own update",
+        )
+        function(*tensors.values(), **keywords)
 
     def _check_torch_path(self, group: dict[str, Any], device: torch.device) -> None:
         """Refuse what the torch reference path cannot honour, instead of ignoring it."""

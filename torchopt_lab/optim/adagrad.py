@@ -96,7 +96,7 @@ class Adagrad(TorchoptOptimizer):
     (``step``, ``sum``, created in the constructor as torch does) are torch.optim.Adagrad's. Sparse
     gradients update only the rows they touch. The reference path multiplies the step size into
     ``addcdiv`` instead of scaling the gradient first (one pass fewer; equal to rounding).
-    ``fused=True`` needs the Triton backend; ``differentiable=True`` is refused.
+    ``fused``, ``capturable`` and ``differentiable`` behave as torch's (docs/optimizers.md).
     """
 
     _reference = staticmethod(adagrad)

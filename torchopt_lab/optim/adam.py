@@ -87,8 +87,8 @@ class Adam(TorchoptOptimizer):
     Arguments, defaults, errors, param groups and state (``step``, ``exp_avg``, ``exp_avg_sq``,
     ``max_exp_avg_sq``) are torch.optim.Adam's. The reference path folds :math:`\sqrt{1-\beta_2^t}`
     into the step size and epsilon (same value, one pass over memory fewer), so results agree with
-    torch to rounding. ``fused``/``capturable`` need the Triton backend; ``differentiable=True``
-    is refused.
+    torch to rounding. ``fused``, ``capturable`` and ``differentiable`` behave as torch's
+    (docs/optimizers.md).
     """
 
     _reference = staticmethod(adam)

@@ -79,8 +79,8 @@ class RMSprop(TorchoptOptimizer):
 
     (:math:`\mu = 0` updates with :math:`g_t / (\sqrt{\tilde v_t} + \epsilon)` directly).
     Arguments (all positional, as in torch), defaults, errors, param groups and state (``step``,
-    ``square_avg``, ``momentum_buffer``, ``grad_avg``) are torch.optim.RMSprop's. ``capturable``
-    needs the Triton backend; ``differentiable=True`` is refused.
+    ``square_avg``, ``momentum_buffer``, ``grad_avg``) are torch.optim.RMSprop's.
+    ``fused``, ``capturable`` and ``differentiable`` behave as torch's (docs/optimizers.md).
     """
 
     _reference = staticmethod(rmsprop)

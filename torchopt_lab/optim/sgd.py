@@ -74,8 +74,8 @@ class SGD(TorchoptOptimizer):
     with :math:`b_t = d_t` when :math:`\mu = 0` (plain SGD), :math:`-` under ``maximize``.
     Arguments, defaults, errors, param groups and state (``momentum_buffer``) are torch.optim.SGD's;
     the extra keyword arguments ``backend`` and ``max_grad_norm`` are explained in
-    docs/optimizers.md ("Extra arguments"). ``fused=True`` needs the Triton backend;
-    ``differentiable=True`` is refused.
+    docs/optimizers.md ("Extra arguments").
+    ``fused``, ``capturable`` and ``differentiable`` behave as torch's (docs/optimizers.md).
     """
 
     _reference = staticmethod(sgd)
