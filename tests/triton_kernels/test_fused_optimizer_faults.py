@@ -7,12 +7,15 @@ ulp), NaN and infinities compared as values (``equal_nan``)."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
 import torchopt_lab.optim as ours
+from torchopt_lab import backend
 
 RTOL, ATOL = 1e-6, 1e-5
 
@@ -211,3 +214,192 @@ def test_norm_diagnostics_of_a_skipped_step_say_inf_gradient_and_no_update() -> 
     torch.testing.assert_close(skipped[params[1]], expected)
     for p in params:  # the dict returned earlier is not overwritten by later steps
         torch.testing.assert_close(first[p], saved[p], rtol=0, atol=0)
+
+
+# Every way a parameter of a fused optimizer takes the torch path: (make its tensor, set its
+# gradient from a dense one of its shape).
+def _sparse_grad(p: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    return dense.to_sparse()
+
+
+TORCH_PATH = {
+    "sparse gradient": (lambda: torch.randn(6, 4), _sparse_grad),
+    "complex": (lambda: torch.randn(3, 2, dtype=torch.complex64), lambda p, g: g),
+    "gaps in memory": (lambda: torch.randn(4, 6)[:, ::2], lambda p, g: g.contiguous()),
+    "transposed gradient": (lambda: torch.randn(3, 4), lambda p, g: g.t().contiguous().t()),
+}
+
+
+def _mixed(make: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    return [make(), torch.randn(5)]
+
+
+SCALER_CASES = [
+    (name, reason)
+    for name in ("SGD", "Adam")
+    for reason in TORCH_PATH
+    if (name, reason) != ("Adam", "sparse gradient")  # torch.optim.Adam refuses sparse grads
+]
+
+
+@pytest.mark.parametrize(("name", "reason"), SCALER_CASES)
+def test_grad_scale_and_found_inf_are_honoured_by_parameters_on_the_torch_path(
+    monkeypatch, name, reason
+):
+    """GradScaler.step hands a fused optimizer ``grad_scale`` and ``found_inf`` instead of
+    unscaling; the oracle is torch.optim on the unscaled gradients, skipping the overflow step
+    (GradScaler's own unscale_ has no complex kernel on the CPU, so it cannot be the oracle
+    here). Duplicate parameters, the other way onto the torch path, are tested below."""
+    monkeypatch.setenv(backend.ENV_VAR, "triton")  # "auto" means Triton even on the CPU
+    make, set_grad = TORCH_PATH[reason]
+    options = {"lr": 0.1, **({"momentum": 0.9} if name == "SGD" else {})}
+    scale = 1024.0
+    runs = []
+    for optimizer_class in (getattr(ours, name), getattr(torch.optim, name)):
+        mine = optimizer_class is getattr(ours, name)
+        params = [torch.nn.Parameter(v) for v in _mixed(make)]  # not clones: they drop gaps
+        optimizer = optimizer_class(params, **options)
+        assert not mine or optimizer._step_supports_amp_scaling
+        for step in range(3):
+            overflow = step == 1
+            for index, p in enumerate(params):
+                dense = torch.full_like(p, (index + 1.0) * (scale if mine else 1.0))
+                if overflow and index == 0:
+                    dense = dense * float("inf")
+                p.grad = set_grad(p, dense) if index == 0 else dense
+            if mine:
+                optimizer.grad_scale = torch.tensor(scale)
+                optimizer.found_inf = torch.tensor(float(overflow))
+                optimizer.step()
+            elif not overflow:
+                optimizer.step()
+        runs.append(params)
+    for a, b in zip(*runs, strict=True):
+        _close(a, b)
+
+
+def test_grad_scaler_skips_and_unscales_a_sparse_embedding_in_a_fused_optimizer(monkeypatch):
+    # The issue's repro: the embedding row moved 39.7 (torch: 0.039), and -inf on a skipped step.
+    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    runs = []
+    for optimizer_class in (ours.SGD, torch.optim.SGD):
+        torch.manual_seed(0)
+        embedding, linear = torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 1)
+        optimizer = optimizer_class([*embedding.parameters(), *linear.parameters()], lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for step in range(3):
+            optimizer.zero_grad()
+            loss = linear(embedding(torch.tensor([1, 2]))).sum()
+            scaler.scale(loss * (float("inf") if step == 1 else 1.0)).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        runs.append([embedding.weight, linear.weight, linear.bias])
+    for a, b in zip(*runs, strict=True):
+        _close(a, b)
+
+
+def _aliased_pair() -> list[torch.Tensor]:
+    storage = torch.zeros(8)
+    return [torch.nn.Parameter(storage[:6]), torch.nn.Parameter(storage[2:])]
+
+
+# Parameters sharing memory within one launch: the same parameter twice in a group, or two
+# views of one storage that overlap. One launch would update that memory from two programs.
+SHARING = {
+    "duplicate": lambda: (lambda p: [p, p, torch.nn.Parameter(torch.ones(3))])(
+        torch.nn.Parameter(torch.ones(4))
+    ),
+    "overlapping views": _aliased_pair,
+}
+
+
+@pytest.mark.parametrize("sharing", list(SHARING))
+def test_parameters_sharing_memory_take_the_torch_path_under_auto_and_triton_refuses(
+    monkeypatch, sharing
+) -> None:
+    monkeypatch.setenv(backend.ENV_VAR, "triton")  # "auto" means Triton even on the CPU
+    runs = []
+    for optimizer_class in (ours.SGD, torch.optim.SGD):
+        params = SHARING[sharing]()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about a duplicate, and updates twice
+            optimizer = optimizer_class(params, lr=0.1)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.ones_like(p)
+            optimizer.step()
+        runs.append(params)
+    for a, b in zip(*runs, strict=True):
+        _close(a, b)
+    decision = backend.backend_info()["decisions"]["optim.SGD (tensors the kernels cannot update)"]
+    assert decision["backend"] == "torch" and "shares memory" in decision["reason"]
+    params = SHARING[sharing]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizer = ours.SGD(params, lr=0.1, backend="triton")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="shares memory with another parameter"):
+        optimizer.step()
+
+
+# Gradients laid out differently from their parameters: (parameter, gradient).
+LAYOUTS = {
+    "transposed gradient": lambda: (torch.randn(3, 4), torch.randn(4, 3).t()),
+    "expanded gradient": lambda: (torch.randn(3, 4), torch.randn(1, 4).expand(3, 4)),
+    "transposed parameter, contiguous gradient": lambda: (
+        torch.randn(4, 3).t(),
+        torch.randn(3, 4),
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_a_gradient_laid_out_unlike_its_parameter_takes_the_torch_path_or_triton_refuses(
+    monkeypatch, layout, name
+) -> None:
+    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    torch.manual_seed(0)
+    value, grad = LAYOUTS[layout]()
+    mine, theirs = torch.nn.Parameter(value.clone()), torch.nn.Parameter(value.clone())
+    if not value.is_contiguous():  # keep the parameter's transposed layout
+        mine = torch.nn.Parameter(value.t().clone().t())
+        theirs = torch.nn.Parameter(value.t().clone().t())
+    ours_opt = getattr(ours, name)([mine], lr=0.1)
+    their_opt = getattr(torch.optim, name)([theirs], lr=0.1)
+    for param, optimizer in ((mine, ours_opt), (theirs, their_opt)):
+        param.grad = grad
+        optimizer.step()
+    _close(mine, theirs)
+    decision = backend.backend_info()["decisions"][
+        f"optim.{name} (tensors the kernels cannot update)"
+    ]
+    assert decision["backend"] == "torch" and "laid out differently" in decision["reason"]
+    strict = getattr(ours, name)([mine], lr=0.1, backend="triton")
+    with pytest.raises(RuntimeError, match="laid out differently"):
+        strict.step()
+
+
+def test_float32_state_survives_a_checkpoint() -> None:
+    torch.manual_seed(0)
+    values = torch.randn(64).to(torch.bfloat16)
+    grads = [torch.randn(64).to(torch.bfloat16) for _ in range(6)]
+
+    def run(param, optimizer, steps):
+        for grad in steps:
+            param.grad = grad.clone()
+            optimizer.step()
+
+    straight = torch.nn.Parameter(values.clone())
+    optimizer = ours.Adam([straight], lr=0.01, backend="triton", float32_state=True)
+    run(straight, optimizer, grads)
+    resumed = torch.nn.Parameter(values.clone())
+    first = ours.Adam([resumed], lr=0.01, backend="triton", float32_state=True)
+    run(resumed, first, grads[:3])
+    second = ours.Adam([resumed], lr=0.01, backend="triton", float32_state=True)
+    second.load_state_dict(first.state_dict())
+    assert second.state[resumed]["exp_avg"].dtype == torch.float32
+    run(resumed, second, grads[3:])
+    torch.testing.assert_close(resumed, straight, rtol=0, atol=0)

@@ -168,21 +168,27 @@ def test_table_is_built_once_and_survives_new_wrappers_of_the_same_storage():
     assert run.table.builds == 1 and run.table.grad_uploads == 2
 
 
-def test_refresh_rereads_only_addresses_and_rebuilds_when_a_parameter_moves():
+def test_refresh_rereads_only_gradient_addresses_and_declines_when_memory_changes():
     params = _params(torch.float32)
     run = Run("adam", options_of("adam", {}), params, groups=[0] * len(params), group_lrs=[0.01])
     run.kernel_step(_grads(params, 0))
     table = run.table
     grads = _grads(params, 1)
-    table.refresh(run.kernel_params, grads)
+    assert table.refresh(run.kernel_params, grads)
     assert (table.builds, table.grad_uploads) == (1, 2)
-    table.refresh(run.kernel_params, grads)  # nothing moved: nothing to do
+    assert table.refresh(run.kernel_params, grads)  # nothing moved: nothing to do
     assert (table.builds, table.grad_uploads) == (1, 2)
+    # A parameter moved, or resized at the same address (p.data = p.data[:n]), or a gradient
+    # unlike its parameter: refresh changes nothing and says so; update() rebuilds or refuses.
     moved = [p.clone() for p in run.kernel_params]
-    table.refresh(moved, grads)
-    assert table.builds == 2 and table.param_addresses == [p.data_ptr() for p in moved]
-    with pytest.raises(ValueError, match="grad of params\\[3\\]"):
-        table.refresh(moved, [*grads[:3], grads[3].double(), *grads[4:]])
+    index = next(i for i, p in enumerate(run.kernel_params) if p.numel() > 1)
+    resized = list(run.kernel_params)
+    resized[index] = resized[index].view(-1)[:1]
+    mistyped = [*grads[:3], grads[3].double(), *grads[4:]]
+    assert not table.refresh(moved, grads)
+    assert not table.refresh(resized, grads)
+    assert not table.refresh(run.kernel_params, mistyped)
+    assert (table.builds, table.grad_uploads) == (1, 2)
     with pytest.raises(ValueError, match="tensors in the table"):
         table.refresh(moved[:-1], grads[:-1])
 

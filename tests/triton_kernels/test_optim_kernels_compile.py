@@ -40,6 +40,12 @@ NORM_SIGNATURE = {
     "square_norms": "*fp64",
     "slot": "i32",
 }
+SKIPPED_NORMS_SIGNATURE = {
+    **{name: STEP_SIGNATURE[name] for name in list(STEP_SIGNATURE)[:4]},
+    **{name: STEP_SIGNATURE[name] for name in ("grad_scale", "found_inf", "square_norms")},
+    "max_grad_norm": "fp32",
+    **{name: STEP_SIGNATURE[name] for name in ("block_counters", "diagnostic_sums", "diagnostics")},
+}
 # algorithm -> (hyperparameter fields, its options, float32 arrays read and written per element
 # with every option off).
 ALGORITHM_TABLE = {
@@ -106,6 +112,22 @@ def _requests() -> list[dict[str, Any]]:
             requests.append(
                 {
                     "module": MODULE,
+                    "kernel": "_skipped_step_norms_kernel",
+                    "capability": capability,
+                    "variant": f"skipped/{variant}",
+                    "signature": SKIPPED_NORMS_SIGNATURE,
+                    "constexprs": {
+                        "PARAM_DTYPE": _dtype(param),
+                        **common,
+                        "NORM_SLOTS": 2 if on else 1,
+                        **dict.fromkeys(CONTROLS[:4], on),
+                    },
+                    "num_warps": warps,
+                }
+            )
+            requests.append(
+                {
+                    "module": MODULE,
                     "kernel": "_grad_square_norm_kernel",
                     "capability": capability,
                     "variant": f"norm/{variant}",
@@ -130,7 +152,7 @@ def test_the_algorithm_table_covers_every_algorithm_of_the_kernel():
     assert set(ALGORITHM_TABLE) == set(ALGORITHMS)
 
 
-@pytest.mark.parametrize("algorithm", [*ALGORITHM_TABLE, "norm"])
+@pytest.mark.parametrize("algorithm", [*ALGORITHM_TABLE, "norm", "skipped"])
 def test_kernel_compiles_for_sm80_and_sm90_in_every_variant(algorithm):
     rows = _rows(algorithm)
     expected = {
@@ -167,7 +189,7 @@ def test_float32_tails_of_odd_sizes_are_masked_element_by_element(algorithm):
         assert row["ptx_v4_stores"] < 2 * writes * VECTORS_PER_STREAM or writes == 0, row
 
 
-@pytest.mark.parametrize("algorithm", [*ALGORITHM_TABLE, "norm"])
+@pytest.mark.parametrize("algorithm", [*ALGORITHM_TABLE, "norm", "skipped"])
 def test_kernel_does_not_spill_registers(algorithm):
     rows = _rows(algorithm)
     assert all(row["spill_bytes"] == 0 for row in rows), rows

@@ -216,16 +216,21 @@ class MultiTensorTable:
                 f"{self.tensor_count} tensors in the table, got {len(params)} params and "
                 f"{len(grads)} grads"
             )
+        # The cheap part of the signature: addresses and sizes of the parameters (the state and
+        # step tensors are the same objects, which the caller checked; their layout was checked
+        # against the parameters' when the table was built). A strided change of a parameter at
+        # the same address and size changes its gradients' shapes, which the check below sees.
         if (
-            _signature(params) != self.param_signature
-            or _signature(_present(self.state_rows, self.step_row)) != self.state_signature
+            list(map(Tensor.data_ptr, params)) != self.param_signature[0]
+            or list(map(Tensor.numel, params)) != self.numels
         ):
             return False
         if grad_addresses is None:
             grad_addresses = list(map(Tensor.data_ptr, grads))
-        if grad_addresses != self.grad_addresses and not self._grads_match(grads):
-            return False
-        self._refresh_grads(params, grads, grad_addresses)
+        if grad_addresses != self.grad_addresses:
+            if not self._grads_match(grads):
+                return False
+            self._upload_grads(params, grads, grad_addresses, checked=True)
         return True
 
     def _refresh_grads(
@@ -314,6 +319,7 @@ class MultiTensorTable:
         self.done_counter = torch.zeros(1, dtype=torch.int32, device=device)
         self.numel_multiple = numel_multiple(key.numels)
         self.shapes = [param.shape for param in params]
+        self.numels = list(key.numels)
         self.group_count = max(key.groups) + 1
         self.device_index = params[0].get_device()
         self.strided = {index for index, param in enumerate(params) if not param.is_contiguous()}
@@ -327,9 +333,13 @@ class MultiTensorTable:
         self.builds += 1
 
     def _upload_grads(
-        self, params: Sequence[Tensor], grads: Sequence[Tensor], addresses: list[int]
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        addresses: list[int],
+        checked: bool = False,
     ) -> None:
-        if not self._grads_match(grads):
+        if not checked and not self._grads_match(grads):
             for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
                 if grad.device != param.device or grad.dtype != param.dtype:
                     raise ValueError(
