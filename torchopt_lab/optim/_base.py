@@ -80,9 +80,12 @@ def _as_float_step(step: Any) -> Tensor:
 def _memory_key(param: Tensor) -> tuple[Any, ...]:
     """What identifies the memory a parameter updates: its storage (views of one storage may
     overlap), or the tensor itself when it holds no elements."""
-    if param.numel() == 0 or param.is_sparse:
+    if param.numel() == 0 or torch.compiler.is_compiling():
         return ("tensor", id(param))
-    return (param.device, param.untyped_storage().data_ptr())
+    try:
+        return (param.device, param.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # a wrapper subclass (DTensor) has no storage
+        return ("tensor", id(param))
 
 
 def _without_repeats(tensors: TensorLists) -> Iterator[TensorLists]:
