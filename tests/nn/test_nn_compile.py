@@ -47,7 +47,38 @@ def _cnn() -> tuple[torch.nn.Module, Callable[..., torch.Tensor], tuple[torch.Te
     return model, loss, (torch.randn(2, 2, 5, 5, dtype=torch.float64),)
 
 
-MODELS = {"mlp": _mlp, "cnn": _cnn}
+class _Block(torch.nn.Module):
+    """A transformer block minus attention, from our layers: embedding, RMS norm, a SiLU MLP with
+    a residual connection, layer norm and the output projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(7, 8, padding_idx=0)
+        self.norm = nn.RMSNorm(8)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Dropout(0.0), nn.Linear(16, 8))
+        self.final_norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 7)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.embedding(tokens)
+        hidden = hidden + self.mlp(self.norm(hidden))
+        return self.head(self.final_norm(hidden))
+
+
+def _block() -> tuple[torch.nn.Module, Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]:
+    model = _Block().double()
+
+    def loss(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(tokens).transpose(1, 2), targets)
+
+    return (
+        model,
+        loss,
+        (torch.tensor([[1, 2, 0, 6], [3, 3, 5, 0]]), torch.tensor([[2, 0, 6, 1]] * 2)),
+    )
+
+
+MODELS = {"mlp": _mlp, "cnn": _cnn, "block": _block}
 
 
 @pytest.mark.parametrize("name", MODELS)

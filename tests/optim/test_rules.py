@@ -445,6 +445,7 @@ def _rule(**overrides: Any) -> Rule:
         ({"state": (State("step"),)}, "not 'step'"),
         ({"state": (State("m"), State("m"))}, "must be unique"),
         ({"hyperparameters": (Hyperparameter("lr", 0.1),) * 2}, "must be unique"),
+        ({"hyperparameters": (Hyperparameter("backend", "x"),)}, "not 'params' or 'backend'"),
     ],
 )
 def test_rule_declaration_mistakes_are_refused_at_class_creation(
@@ -485,3 +486,63 @@ def test_rule_optimizer_capturable_on_cpu_raises_as_torch_optim_does(name: str) 
         theirs = getattr(torch.optim, name)([param], capturable=True)
         with pytest.raises(AssertionError, match="If capturable=True, params"):
             theirs.step()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_rule_optimizer_step_under_torch_compile_matches_eager(name: str) -> None:
+    # Dynamo traces the step (backend="eager": no Inductor code generation, which takes minutes
+    # on the CPU); host reads of the step count break the graph, and the results must not change.
+    torch._dynamo.reset()
+    params, reference = _params(torch.float64), _params(torch.float64)
+    compiled = REGISTRY[name](params, lr=0.01)
+    eager = REGISTRY[name](reference, lr=0.01)
+
+    @torch.compile(backend="eager")
+    def step() -> None:
+        compiled.step()
+
+    for index in range(3):
+        _set_grads(params, index)
+        _set_grads(reference, index)
+        step()
+        eager.step()
+    for a, b in zip(params, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_rule_optimizer_runs_step_and_state_dict_hooks(name: str) -> None:
+    params = _params(torch.float32)
+    optimizer = REGISTRY[name](params)
+    calls: list[str] = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append("post"))
+    optimizer.register_state_dict_pre_hook(lambda opt: calls.append("save_pre"))
+
+    def stamp(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        state_dict["stamp"] = name
+        return state_dict
+
+    optimizer.register_state_dict_post_hook(stamp)
+    optimizer.register_load_state_dict_pre_hook(lambda opt, sd: calls.append("load_pre"))
+    optimizer.register_load_state_dict_post_hook(lambda opt: calls.append("load_post"))
+    _run(optimizer, params, range(1))
+    saved = optimizer.state_dict()
+    optimizer.load_state_dict(saved)
+    assert saved["stamp"] == name
+    assert calls == ["pre", "post", "save_pre", "load_pre", "load_post"]
+
+
+@pytest.mark.parametrize("name", WITH_TORCH)
+def test_rule_optimizer_new_param_group_takes_the_defaults_as_torch_optim(name: str) -> None:
+    groups = {}
+    for cls in (REGISTRY[name], getattr(torch.optim, name)):
+        optimizer = cls([torch.zeros(2)], lr=0.5)
+        optimizer.add_param_group({"params": [torch.zeros(3)], "weight_decay": 0.2})
+        groups[cls] = [
+            {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
+        ]
+    mine, theirs = groups.values()
+    assert mine == theirs

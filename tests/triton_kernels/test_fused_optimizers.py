@@ -376,7 +376,7 @@ CHANGES = {
     ),
     "a parameter moved to new storage": (
         lambda optimizer, params: setattr(params[0], "data", params[0].data.clone()),
-        False,  # the plan holds; the table sees the new address and rebuilds
+        True,  # the full step re-decides: the new storage may alias another parameter
     ),
     "a gradient for a parameter that had none": (
         lambda optimizer, params: setattr(params[-1], "grad", torch.ones_like(params[-1])),

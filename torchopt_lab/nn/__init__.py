@@ -1,5 +1,6 @@
 """Layers with hand-written backward passes, mirroring ``torch.nn``: :mod:`.functional` holds the
-functions, this package the modules."""
+functions, this package the modules. Their derivatives: docs/layers.md; their Triton kernels:
+docs/kernels.md."""
 
 from torchopt_lab.nn import functional, fused
 from torchopt_lab.nn.modules import (
@@ -9,14 +10,17 @@ from torchopt_lab.nn.modules import (
     Conv2d,
     CrossEntropyLoss,
     Dropout,
+    Embedding,
     LayerNorm,
     LeakyReLU,
     Linear,
     LogSoftmax,
     MSELoss,
     ReLU,
+    RMSNorm,
     Sequential,
     Sigmoid,
+    SiLU,
     Softmax,
     Tanh,
 )
@@ -28,13 +32,16 @@ __all__ = [
     "Conv2d",
     "CrossEntropyLoss",
     "Dropout",
+    "Embedding",
     "LayerNorm",
     "LeakyReLU",
     "Linear",
     "LogSoftmax",
     "MSELoss",
+    "RMSNorm",
     "ReLU",
     "Sequential",
+    "SiLU",
     "Sigmoid",
     "Softmax",
     "Tanh",

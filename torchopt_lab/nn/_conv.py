@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from torchopt_lab.nn._function import apply, forward_mode
+
 
 def pair(value: int | tuple[int, ...] | list[int], name: str) -> tuple[int, int]:
     """``value`` as one number per spatial dimension (height, width)."""
@@ -50,6 +52,7 @@ def resolve_padding(
     return symmetric, (totals[0] - 2 * symmetric[0], totals[1] - 2 * symmetric[1])
 
 
+@forward_mode
 class Conv2dFunction(torch.autograd.Function):
     r"""2-D cross-correlation ``y = x ⋆ W + b`` for ``x`` of shape ``[N, C_in, H, W]`` (or
     unbatched ``[C_in, H, W]``), ``W`` of shape ``[C_out, C_in / groups, kH, kW]``.
@@ -60,9 +63,10 @@ class Conv2dFunction(torch.autograd.Function):
     gradient is that of the padded input cropped back.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(
-        ctx: Any,
         input: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -72,11 +76,59 @@ class Conv2dFunction(torch.autograd.Function):
         dilation: tuple[int, int],
         groups: int,
     ) -> torch.Tensor:
-        ctx.conv = (stride, padding, extra_padding, dilation, groups)
-        ctx.save_for_backward(input, weight, bias)
         return torch.conv2d(
             _pad_bottom_right(input, extra_padding), weight, bias, stride, padding, dilation, groups
         )
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        input, weight, bias, *conv = inputs
+        ctx.conv = tuple(conv)
+        ctx.save_for_backward(input, weight, bias)
+        ctx.save_for_forward(input, weight, bias)
+
+    @staticmethod
+    def jvp(
+        ctx: Any,
+        input_tangent: torch.Tensor | None,
+        weight_tangent: torch.Tensor | None,
+        bias_tangent: torch.Tensor | None,
+        *_: None,
+    ) -> torch.Tensor:
+        input, weight, _ = ctx.saved_tensors
+        stride, padding, extra_padding, dilation, groups = ctx.conv
+        # dy = dx ⋆ W + x ⋆ dW + db (the convolution is bilinear in x and W)
+        terms = []
+        if input_tangent is not None:
+            terms.append(
+                torch.conv2d(
+                    _pad_bottom_right(input_tangent, extra_padding),
+                    weight,
+                    None,
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                )
+            )
+        if weight_tangent is not None:
+            terms.append(
+                torch.conv2d(
+                    _pad_bottom_right(input, extra_padding),
+                    weight_tangent,
+                    None,
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                )
+            )
+        if bias_tangent is not None:
+            terms.append(bias_tangent.reshape(-1, 1, 1))
+        tangent = terms[0]
+        for term in terms[1:]:
+            tangent = tangent + term
+        return tangent
 
     @staticmethod
     def backward(
@@ -129,7 +181,7 @@ def conv2d(
     """The torch path of ``F.conv2d``: :class:`Conv2dFunction` with the arguments resolved."""
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
     symmetric, extra = resolve_padding(padding, weight, stride, dilation)
-    return Conv2dFunction.apply(input, weight, bias, stride, symmetric, extra, dilation, groups)
+    return apply(Conv2dFunction, input, weight, bias, stride, symmetric, extra, dilation, groups)
 
 
 def _pad_bottom_right(input: torch.Tensor, extra_padding: tuple[int, int]) -> torch.Tensor:

@@ -25,6 +25,9 @@ import torch
 from torchopt_lab import backend
 
 _TRITON_MODULE = "torchopt_lab.nn._triton"
+# The layer kernels index with int32 offsets and refuse a tensor past this many elements
+# (``triton_kernels.nn._common.MAX_NUMEL``); "auto" sends such a call down the torch path.
+MAX_KERNEL_NUMEL = 2**31 - 1
 
 
 @cache
@@ -43,10 +46,22 @@ def use_triton(name: str, *tensors: torch.Tensor | None) -> bool:
 
     Raises NotImplementedError when the backend choice is Triton but no kernel is wired for
     ``name``, and RuntimeError (from :func:`torchopt_lab.backend.resolve`) when Triton was asked
-    for explicitly and cannot run.
+    for explicitly and cannot run. Under "auto", a tensor past :data:`MAX_KERNEL_NUMEL` elements
+    takes the torch path (recorded); asked for explicitly, the kernel's launcher refuses it.
     """
     device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
     if _resolve(name, device.type, device.index) != "triton":
+        return False
+    largest = max((t.numel() for t in tensors if t is not None), default=0)
+    if largest > MAX_KERNEL_NUMEL and backend.default_backend() == "auto":
+        backend.record(
+            f"nn.{name}",
+            "auto",
+            "torch",
+            device,
+            f"auto chose the torch path: a tensor of {largest} elements is past the kernels' "
+            f"int32 offsets (at most {MAX_KERNEL_NUMEL})",
+        )
         return False
     if name not in _triton_functions():
         raise NotImplementedError(
@@ -64,6 +79,22 @@ def _resolve(name: str, device_type: str, device_index: int | None) -> str:
     environment, which Dynamo cannot trace): the backend of a compiled model is fixed when it is
     compiled, and the decision is still recorded for :func:`torchopt_lab.backend_info`."""
     return backend.resolve(f"nn.{name}", "auto", torch.device(device_type, device_index))
+
+
+def record_torch_only(name: str, *tensors: torch.Tensor | None) -> None:
+    """Record that ``nn.<name>``, which has no Triton kernel, ran on the torch path (whatever the
+    backend choice), for :func:`torchopt_lab.backend_info`; nothing is recorded while
+    ``torch.compile`` traces (recording takes a lock Dynamo cannot trace)."""
+    if torch.compiler.is_compiling():
+        return
+    device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
+    backend.record(
+        f"nn.{name}",
+        "auto",
+        "torch",
+        device,
+        f"no Triton kernel for nn.{name}: the torch path runs on every backend",
+    )
 
 
 def triton_function(name: str) -> Callable[..., torch.Tensor]:

@@ -11,7 +11,10 @@ from typing import Any
 
 import torch
 
+from torchopt_lab.nn._function import apply, forward_mode
 
+
+@forward_mode
 class LinearFunction(torch.autograd.Function):
     r"""``y = x Wᵀ + b`` for ``x`` of shape ``[*, in]``, ``W`` of shape ``[out, in]`` and ``b``
     broadcastable to ``[*, out]``.
@@ -20,15 +23,39 @@ class LinearFunction(torch.autograd.Function):
     broadcast along).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(
-        ctx: Any, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+        input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        ctx.save_for_backward(input, weight, bias)
         if input.dim() == 2 and bias is not None and bias.dim() <= 1:
             return torch.addmm(bias, input, weight.t())
         output = input.matmul(weight.t())
         return output if bias is None else output + bias
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def jvp(
+        ctx: Any,
+        input_tangent: torch.Tensor | None,
+        weight_tangent: torch.Tensor | None,
+        bias_tangent: torch.Tensor | None,
+    ) -> torch.Tensor:
+        input, weight, bias = ctx.saved_tensors
+        # dy = dx Wᵀ + x dWᵀ + db
+        tangent = torch.zeros((), dtype=input.dtype, device=input.device)
+        if input_tangent is not None:
+            tangent = tangent + input_tangent.matmul(weight.t())
+        if weight_tangent is not None:
+            tangent = tangent + input.matmul(weight_tangent.t())
+        if bias_tangent is not None:
+            tangent = tangent + bias_tangent
+        return tangent.expand(_output_shape(input, weight, bias))
 
     @staticmethod
     def backward(
@@ -58,8 +85,15 @@ def linear(
                 "linear with a 1-D weight takes no bias (as in torch), got a bias of shape "
                 f"{list(bias.shape)}"
             )
-        return LinearFunction.apply(input, weight.unsqueeze(0), None).squeeze(-1)
-    return LinearFunction.apply(input, weight, bias)
+        return apply(LinearFunction, input, weight.unsqueeze(0), None).squeeze(-1)
+    return apply(LinearFunction, input, weight, bias)
+
+
+def _output_shape(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Size:
+    shape = input.shape[:-1] + weight.shape[:1]
+    return shape if bias is None else torch.broadcast_shapes(shape, bias.shape)
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:

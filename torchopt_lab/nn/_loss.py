@@ -8,10 +8,12 @@ its backward sends ``g``, ``g`` or ``g / D`` to every ``ℓ_i``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from torchopt_lab.nn._function import apply, forward_mode
 from torchopt_lab.nn._softmax import LogSoftmaxFunction
 
 
@@ -32,6 +34,7 @@ def _per_element(
     return grad_output
 
 
+@forward_mode
 class MSELossFunction(torch.autograd.Function):
     r"""``ℓ = w (x - t)²`` (``w = 1`` without weight), ``x`` and ``t`` broadcast together.
     ``"mean"`` divides by the number of elements, or by ``Σ w`` when weighted (as torch does).
@@ -40,9 +43,10 @@ class MSELossFunction(torch.autograd.Function):
     ``dL/dw = γ d²`` (``"none"``/``"sum"``) or ``(d² - L) / Σ w`` (``"mean"``, ``L`` the loss).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(
-        ctx: Any,
         input: torch.Tensor,
         target: torch.Tensor,
         weight: torch.Tensor | None,
@@ -53,10 +57,46 @@ class MSELossFunction(torch.autograd.Function):
         if weight is not None:
             squared = squared * weight
         denominator = weight.sum() if weight is not None else float(squared.numel())
-        loss = _reduce(squared, reduction, denominator)
-        ctx.reduction, ctx.denominator = reduction, denominator
-        ctx.save_for_backward(input, target, weight, loss)
-        return loss
+        return _reduce(squared, reduction, denominator)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        input, target, weight, reduction = inputs
+        # the element count (the backward recomputes Σ w when weighted)
+        ctx.reduction = reduction
+        ctx.denominator = float(math.prod(torch.broadcast_shapes(input.shape, target.shape)))
+        ctx.save_for_backward(input, target, weight, output)
+        ctx.save_for_forward(input, target, weight, output)
+
+    @staticmethod
+    def jvp(
+        ctx: Any,
+        input_tangent: torch.Tensor | None,
+        target_tangent: torch.Tensor | None,
+        weight_tangent: torch.Tensor | None,
+        _: None,
+    ) -> torch.Tensor:
+        input, target, weight, loss = ctx.saved_tensors
+        # d = x - t
+        difference = input - target
+        # dℓ = 2 w d (dx - dt) + dw d²
+        tangent = torch.zeros_like(difference)
+        if input_tangent is not None:
+            tangent = tangent + input_tangent
+        if target_tangent is not None:
+            tangent = tangent - target_tangent
+        tangent = 2 * difference * tangent
+        if weight is not None:
+            tangent = tangent * weight
+            if weight_tangent is not None:
+                tangent = tangent + weight_tangent * difference * difference
+        if weight is None or ctx.reduction != "mean":
+            return _reduce(tangent, ctx.reduction, ctx.denominator)
+        total = weight.sum()
+        # L = Σ w d² / Σ w, so dL = (Σ dℓ - L Σ dw) / Σ w
+        if weight_tangent is None:
+            return tangent.sum() / total
+        return (tangent.sum() - loss * weight_tangent.sum()) / total
 
     @staticmethod
     def backward(
@@ -97,6 +137,27 @@ def _class_view(tensor: torch.Tensor, ndim: int, class_dim: int) -> torch.Tensor
     return tensor.reshape(shape)
 
 
+def _target_terms(
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    class_dim: int,
+    ignore_index: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(v, t, v w_t)``: the valid-sample mask ``v_i = 1[t_i ≠ ignore_index]`` (in ``dtype``),
+    the target with ignored entries set to class 0 (unsqueezed along ``class_dim``) and each
+    sample's weight ``v_i w_{t_i}``."""
+    ignored = target == ignore_index
+    safe_target = target.masked_fill(ignored, 0).unsqueeze(class_dim)
+    # v_i as a float of the input's dtype (a bool times a Python float would be float32)
+    valid = (~ignored).to(dtype)
+    target_weight = valid
+    if weight is not None:
+        target_weight = target_weight * weight[safe_target.squeeze(class_dim)]
+    return valid, safe_target, target_weight
+
+
+@forward_mode
 class CrossEntropyFunction(torch.autograd.Function):
     r"""Cross-entropy of logits ``x`` (classes along ``class_dim``) against class indices.
 
@@ -111,9 +172,10 @@ class CrossEntropyFunction(torch.autograd.Function):
     v_i [(1 - ε) w_{t_i} + (ε / C) Σ_c w_c]``. The class weights get no gradient (as in torch).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(
-        ctx: Any,
         input: torch.Tensor,
         target: torch.Tensor,
         weight: torch.Tensor | None,
@@ -121,15 +183,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         ignore_index: int,
         reduction: str,
         label_smoothing: float,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         log_probs = torch.log_softmax(input, class_dim)
-        ignored = target == ignore_index
-        safe_target = target.masked_fill(ignored, 0).unsqueeze(class_dim)
-        # v_i as a float of the input's dtype (a bool times a Python float would be float32)
-        valid = (~ignored).to(log_probs.dtype)
-        target_weight = valid
-        if weight is not None:
-            target_weight = target_weight * weight[safe_target.squeeze(class_dim)]
+        valid, safe_target, target_weight = _target_terms(
+            target, weight, class_dim, ignore_index, log_probs.dtype
+        )
         loss = (
             -(1 - label_smoothing)
             * target_weight
@@ -142,20 +200,54 @@ class CrossEntropyFunction(torch.autograd.Function):
                 else (log_probs * _class_view(weight, input.dim(), class_dim)).sum(class_dim)
             )
             loss = loss - (label_smoothing / input.shape[class_dim]) * valid * class_sum
-        denominator = target_weight.sum()
-        ctx.options = (class_dim, reduction, label_smoothing)
-        ctx.save_for_backward(
-            input, log_probs, valid, safe_target, target_weight, weight, denominator
-        )
-        return _reduce(loss, reduction, denominator)
+        return _reduce(loss, reduction, target_weight.sum()), log_probs
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], outputs: tuple[torch.Tensor, ...]) -> None:
+        input, target, weight, class_dim, ignore_index, reduction, label_smoothing = inputs
+        log_probs = outputs[1]
+        ctx.mark_non_differentiable(log_probs)
+        valid, safe_target, target_weight = _target_terms(
+            target, weight, class_dim, ignore_index, log_probs.dtype
+        )
+        denominator = target_weight.sum()
+        ctx.options = (class_dim, reduction, label_smoothing)
+        saved = (input, log_probs, valid, safe_target, target_weight, weight, denominator)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+
+    @staticmethod
+    def jvp(ctx: Any, input_tangent: torch.Tensor, *_: None) -> tuple[torch.Tensor, None]:
+        _, log_probs, valid, safe_target, target_weight, weight, denominator = ctx.saved_tensors
+        class_dim, reduction, label_smoothing = ctx.options
+        classes = log_probs.shape[class_dim]
+        smoothing = label_smoothing / classes
+        # Σ_c w_c
+        weight_total = float(classes) if weight is None else weight.sum()
+        # s_i = (1 - ε) w_{t_i} v_i + (ε / C) Σ_c w_c v_i
+        scale = (1 - label_smoothing) * target_weight + smoothing * weight_total * valid
+        # dℓ_i = Σ_c (p_{i,c} s_i - q_{i,c}) dx_{i,c}: first s_i Σ_c p_{i,c} dx_{i,c}
+        tangent = scale * (log_probs.exp() * input_tangent).sum(class_dim)
+        # - (1 - ε) w_{t_i} v_i dx_{i,t_i}
+        picked = input_tangent.gather(class_dim, safe_target).squeeze(class_dim)
+        tangent = tangent - (1 - label_smoothing) * target_weight * picked
+        if label_smoothing > 0:
+            class_weight = (
+                1.0 if weight is None else _class_view(weight, log_probs.dim(), class_dim)
+            )
+            # - (ε / C) v_i Σ_c w_c dx_{i,c}
+            tangent = tangent - smoothing * valid * (class_weight * input_tangent).sum(class_dim)
+        return _reduce(tangent, reduction, denominator), None
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_output: torch.Tensor, _: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
         input, log_probs, valid, safe_target, target_weight, weight, denominator = ctx.saved_tensors
         class_dim, reduction, label_smoothing = ctx.options
         if torch.is_grad_enabled():
             # log p recomputed by our own Function: a second derivative sees its x-dependence
-            log_probs = LogSoftmaxFunction.apply(input, class_dim, None)
+            log_probs = apply(LogSoftmaxFunction, input, class_dim, None)
         # ε / C
         smoothing = label_smoothing / input.shape[class_dim]
         # γ_i = dL/dℓ_i, exactly 0 on an ignored row: "mean" over rows that are all ignored
@@ -183,6 +275,13 @@ class CrossEntropyFunction(torch.autograd.Function):
         return grad_input, None, None, None, None, None, None
 
 
+def _samples(input: torch.Tensor, class_dim: int) -> float:
+    """The number of samples ``numel(x) / C`` ("mean"'s denominator with probability targets),
+    NaN for an empty input."""
+    return input.numel() / input.shape[class_dim] if input.numel() else float("nan")
+
+
+@forward_mode
 class CrossEntropyProbabilitiesFunction(torch.autograd.Function):
     r"""Cross-entropy of logits ``x`` against class probabilities ``t`` (same shape as ``x``).
 
@@ -194,35 +293,72 @@ class CrossEntropyProbabilitiesFunction(torch.autograd.Function):
     ``dℓ_i/dt_{i,c} = -(1 - ε) w_c log p_{i,c}``, ``dL/dw_c = -Σ_i γ_i t'_{i,c} log p_{i,c}``.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(
-        ctx: Any,
         input: torch.Tensor,
         target: torch.Tensor,
         weight: torch.Tensor | None,
         class_dim: int,
         reduction: str,
         label_smoothing: float,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         log_probs = torch.log_softmax(input, class_dim)
         classes = input.shape[class_dim]
         smoothed = target * (1 - label_smoothing) + label_smoothing / classes
         q = smoothed if weight is None else smoothed * _class_view(weight, input.dim(), class_dim)
         loss = -(log_probs * q).sum(class_dim)
-        denominator = input.numel() / classes if input.numel() else float("nan")
-        ctx.options = (class_dim, reduction, label_smoothing, denominator)
-        ctx.save_for_backward(input, target, weight, log_probs)
-        return _reduce(loss, reduction, denominator)
+        return _reduce(loss, reduction, _samples(input, class_dim)), log_probs
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], outputs: tuple[torch.Tensor, ...]) -> None:
+        input, target, weight, class_dim, reduction, label_smoothing = inputs
+        ctx.mark_non_differentiable(outputs[1])
+        ctx.options = (class_dim, reduction, label_smoothing, _samples(input, class_dim))
+        ctx.save_for_backward(input, target, weight, outputs[1])
+        ctx.save_for_forward(target, weight, outputs[1])
+
+    @staticmethod
+    def jvp(
+        ctx: Any,
+        input_tangent: torch.Tensor | None,
+        target_tangent: torch.Tensor | None,
+        weight_tangent: torch.Tensor | None,
+        *_: None,
+    ) -> tuple[torch.Tensor, None]:
+        target, weight, log_probs = ctx.saved_tensors
+        class_dim, reduction, label_smoothing, denominator = ctx.options
+        # w_c along the class dimension
+        class_weight = 1.0 if weight is None else _class_view(weight, log_probs.dim(), class_dim)
+        # t' = (1 - ε) t + ε / C, q = w t'
+        smoothed = target * (1 - label_smoothing) + label_smoothing / log_probs.shape[class_dim]
+        q = smoothed * class_weight
+        tangent = torch.zeros_like(log_probs)
+        if input_tangent is not None:
+            # dℓ_i/dx_{i,c} = p_{i,c} Σ_c q_{i,c} - q_{i,c}
+            tangent = tangent + (log_probs.exp() * q.sum(class_dim, keepdim=True) - q) * (
+                input_tangent
+            )
+        if target_tangent is not None:
+            # dℓ_i/dt_{i,c} = -(1 - ε) w_c log p_{i,c}
+            tangent = tangent - (1 - label_smoothing) * class_weight * log_probs * target_tangent
+        if weight_tangent is not None:
+            # dℓ_i/dw_c = -t'_{i,c} log p_{i,c}
+            tangent = tangent - smoothed * log_probs * _class_view(
+                weight_tangent, log_probs.dim(), class_dim
+            )
+        return _reduce(tangent.sum(class_dim), reduction, denominator), None
 
     @staticmethod
     def backward(
-        ctx: Any, grad_output: torch.Tensor
+        ctx: Any, grad_output: torch.Tensor, _: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None, None]:
         input, target, weight, log_probs = ctx.saved_tensors
         class_dim, reduction, label_smoothing, denominator = ctx.options
         if torch.is_grad_enabled():
             # log p recomputed by our own Function: a second derivative sees its x-dependence
-            log_probs = LogSoftmaxFunction.apply(input, class_dim, None)
+            log_probs = apply(LogSoftmaxFunction, input, class_dim, None)
         # w_c along the class dimension
         class_weight = 1.0 if weight is None else _class_view(weight, input.dim(), class_dim)
         # t' = (1 - ε) t + ε / C

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from torchopt_lab.nn._function import forward_mode
+
 
 def _variance_mean(input: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(σ², μ)`` over ``dims``, kept as size-1 dimensions; NaN for an empty input (without
@@ -38,30 +40,94 @@ def _statistics(
     return mean, torch.rsqrt(variance + eps)
 
 
+def _normalized_tangent(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dims: tuple[int, ...] | None,
+    input_tangent: torch.Tensor | None,
+    weight_tangent: torch.Tensor | None,
+    bias_tangent: torch.Tensor | None,
+) -> torch.Tensor:
+    """The forward-mode derivative ``dy = w dx̂ + dw x̂ + db`` of ``y = w x̂ + b``, with
+    ``dx̂ = r (dx - mean(dx) - x̂ mean(x̂ dx))`` over ``dims``, or ``dx̂ = r dx`` when the
+    statistics are constants (``dims`` None: batch norm in evaluation)."""
+    # x̂ = (x - μ) r
+    normalized = (input - mean) * rstd
+    tangent = torch.zeros_like(input)
+    if input_tangent is not None:
+        if dims is None:
+            # dx̂ = r dx
+            grad_normalized = rstd * input_tangent
+        else:
+            # dx̂ = r (dx - mean(dx) - x̂ mean(x̂ dx))
+            grad_normalized = rstd * (
+                input_tangent
+                - input_tangent.mean(dims, keepdim=True)
+                - normalized * (normalized * input_tangent).mean(dims, keepdim=True)
+            )
+        tangent = tangent + (grad_normalized if weight is None else weight * grad_normalized)
+    if weight_tangent is not None:
+        # + dw x̂
+        tangent = tangent + weight_tangent * normalized
+    if bias_tangent is not None:
+        # + db
+        tangent = tangent + bias_tangent
+    return tangent
+
+
+@forward_mode
 class LayerNormFunction(torch.autograd.Function):
     r"""Layer normalisation (Ba et al., 2016) over the trailing dimensions ``normalized_shape``;
     ``w`` and ``b`` have that shape and are shared along the leading (batch) dimensions. The
     forward is torch's fused ``native_layer_norm`` kernel, which also returns ``μ`` and ``r``."""
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(
-        ctx: Any,
         input: torch.Tensor,
         normalized_dims: int,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         eps: float,
-    ) -> torch.Tensor:
-        dims = tuple(range(input.dim() - normalized_dims, input.dim()))
-        output, mean, rstd = torch.native_layer_norm(
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.native_layer_norm(
             input, input.shape[input.dim() - normalized_dims :], weight, bias, eps
         )
-        ctx.dims, ctx.eps = dims, eps
-        ctx.save_for_backward(input, weight, bias, mean, rstd)
-        return output
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], outputs: tuple[torch.Tensor, ...]) -> None:
+        input, normalized_dims, weight, bias, eps = inputs
+        _, mean, rstd = outputs
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.dims, ctx.eps = tuple(range(input.dim() - normalized_dims, input.dim())), eps
+        ctx.save_for_backward(input, weight, bias, mean, rstd)
+        ctx.save_for_forward(input, weight, mean, rstd)
+
+    @staticmethod
+    def jvp(
+        ctx: Any,
+        input_tangent: torch.Tensor | None,
+        _: None,
+        weight_tangent: torch.Tensor | None,
+        bias_tangent: torch.Tensor | None,
+        *__: None,
+    ) -> tuple[torch.Tensor, None, None]:
+        input, weight, mean, rstd = ctx.saved_tensors
+        return (
+            _normalized_tangent(
+                input, weight, mean, rstd, ctx.dims, input_tangent, weight_tangent, bias_tangent
+            ),
+            None,
+            None,
+        )
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_output: torch.Tensor, *_: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
         input, weight, bias, mean, rstd = ctx.saved_tensors
         dims = ctx.dims
         if torch.is_grad_enabled():
@@ -95,6 +161,7 @@ def _channel_view(tensor: torch.Tensor, ndim: int) -> torch.Tensor:
     return tensor.reshape([1, -1] + [1] * (ndim - 2))
 
 
+@forward_mode
 class BatchNormFunction(torch.autograd.Function):
     r"""Batch normalisation (Ioffe & Szegedy, 2015) of ``x`` of shape ``[N, C, *]`` per channel.
 
@@ -110,9 +177,10 @@ class BatchNormFunction(torch.autograd.Function):
     ``(w r) g - (r² c_1) x + r (r c_1 μ - c_2)``.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(
-        ctx: Any,
         input: torch.Tensor,
         running_mean: torch.Tensor | None,
         running_var: torch.Tensor | None,
@@ -121,8 +189,7 @@ class BatchNormFunction(torch.autograd.Function):
         training: bool,
         momentum: float,
         eps: float,
-    ) -> torch.Tensor:
-        dims = (0, *range(2, input.dim()))
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if input.numel() == 0:
             # Nothing to normalise, no statistics to update (as in torch).
             output, mean, rstd = input.clone(), input.new_zeros(0), input.new_zeros(0)
@@ -133,13 +200,50 @@ class BatchNormFunction(torch.autograd.Function):
         if not training:
             # Copies: the running statistics may change before the backward runs.
             mean, rstd = running_mean.clone(), torch.rsqrt(running_var + eps)
-        ctx.dims, ctx.training, ctx.eps = dims, training, eps
-        ctx.save_for_backward(input, weight, mean, rstd)
-        return output
+        return output, mean, rstd
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], outputs: tuple[torch.Tensor, ...]) -> None:
+        input, _, _, weight, _, training, _, eps = inputs
+        _, mean, rstd = outputs
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.dims, ctx.training, ctx.eps = (0, *range(2, input.dim())), training, eps
+        ctx.save_for_backward(input, weight, mean, rstd)
+        ctx.save_for_forward(input, weight, mean, rstd)
+
+    @staticmethod
+    def jvp(
+        ctx: Any,
+        input_tangent: torch.Tensor | None,
+        _: None,
+        __: None,
+        weight_tangent: torch.Tensor | None,
+        bias_tangent: torch.Tensor | None,
+        *___: None,
+    ) -> tuple[torch.Tensor, None, None]:
         input, weight, mean, rstd = ctx.saved_tensors
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        tangent = _normalized_tangent(
+            input,
+            None if weight is None else weight.reshape(shape),
+            mean.reshape(shape),
+            rstd.reshape(shape),
+            ctx.dims if ctx.training else None,
+            input_tangent,
+            None if weight_tangent is None else weight_tangent.reshape(shape),
+            None if bias_tangent is None else bias_tangent.reshape(shape),
+        )
+        return tangent, None, None
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_output: torch.Tensor, *_: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        input, weight, mean, rstd = ctx.saved_tensors
+        if input.dtype in (torch.float16, torch.bfloat16):
+            # Accumulate in float32, as torch's kernel does: S_gx - μ S_g cancels, which in
+            # bfloat16 leaves rounding noise (autograd casts the gradients back to x's dtype).
+            input, grad_output = input.float(), grad_output.float()
         dims, ndim = ctx.dims, input.dim()
         count = input.numel() // input.shape[1]
         if input.numel() == 0:

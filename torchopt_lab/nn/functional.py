@@ -24,14 +24,19 @@ from torchopt_lab.nn._activation import (
     SigmoidFunction,
     TanhFunction,
 )
+from torchopt_lab.nn._autocast import autocast_inputs
 from torchopt_lab.nn._dispatch import triton_function, use_triton
 from torchopt_lab.nn._dropout import DropoutFunction
+from torchopt_lab.nn._embedding import embedding
+from torchopt_lab.nn._function import apply
 from torchopt_lab.nn._loss import (
     CrossEntropyFunction,
     CrossEntropyProbabilitiesFunction,
     MSELossFunction,
 )
 from torchopt_lab.nn._norm import BatchNormFunction, LayerNormFunction
+from torchopt_lab.nn._rms_norm import rms_norm
+from torchopt_lab.nn._silu import silu
 from torchopt_lab.nn._softmax import LogSoftmaxFunction, SoftmaxFunction
 
 __all__ = [
@@ -39,6 +44,7 @@ __all__ = [
     "conv2d",
     "cross_entropy",
     "dropout",
+    "embedding",
     "gelu",
     "layer_norm",
     "leaky_relu",
@@ -46,7 +52,9 @@ __all__ = [
     "log_softmax",
     "mse_loss",
     "relu",
+    "rms_norm",
     "sigmoid",
+    "silu",
     "softmax",
     "tanh",
 ]
@@ -89,6 +97,7 @@ def linear(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``input @ weight.T + bias``; see :class:`~torchopt_lab.nn._linear.LinearFunction`."""
+    input, weight, bias = autocast_inputs("linear", input, weight, bias)
     if use_triton("linear", input, weight, bias):
         return triton_function("linear")(input, weight, bias)
     return _linear.linear(input, weight, bias)
@@ -105,6 +114,7 @@ def conv2d(
 ) -> torch.Tensor:
     """2-D convolution, ``padding`` a number, a pair or ``"valid"``/``"same"``; see
     :class:`~torchopt_lab.nn._conv.Conv2dFunction`."""
+    input, weight, bias = autocast_inputs("conv2d", input, weight, bias)
     if use_triton("conv2d", input, weight, bias):
         return triton_function("conv2d")(input, weight, bias, stride, padding, dilation, groups)
     return _conv.conv2d(input, weight, bias, stride, padding, dilation, groups)
@@ -117,7 +127,7 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         raise RuntimeError("Boolean inputs not supported for relu")
     if use_triton("relu", input):
         return triton_function("relu")(input, inplace)
-    return ReLUFunction.apply(input, inplace)
+    return apply(ReLUFunction, input, inplace)
 
 
 def leaky_relu(
@@ -134,21 +144,21 @@ def leaky_relu(
     _check_floating("leaky_relu", input)
     if use_triton("leaky_relu", input):
         return triton_function("leaky_relu")(input, negative_slope, inplace)
-    return LeakyReLUFunction.apply(input, negative_slope, inplace)
+    return apply(LeakyReLUFunction, input, negative_slope, inplace)
 
 
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
     """``1 / (1 + exp(-input))``; see :class:`~torchopt_lab.nn._activation.SigmoidFunction`."""
     if use_triton("sigmoid", input):
         return triton_function("sigmoid")(input)
-    return SigmoidFunction.apply(input)
+    return apply(SigmoidFunction, input)
 
 
 def tanh(input: torch.Tensor) -> torch.Tensor:
     """``tanh(input)``; see :class:`~torchopt_lab.nn._activation.TanhFunction`."""
     if use_triton("tanh", input):
         return triton_function("tanh")(input)
-    return TanhFunction.apply(input)
+    return apply(TanhFunction, input)
 
 
 def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -160,7 +170,7 @@ def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
         )
     if use_triton("gelu", input):
         return triton_function("gelu")(input, approximate)
-    return GELUFunction.apply(input, approximate)
+    return apply(GELUFunction, input, approximate)
 
 
 def _softmax_dim(name: str, input: torch.Tensor, dim: int | None, stacklevel: int) -> int:
@@ -182,10 +192,12 @@ def softmax(
 ) -> torch.Tensor:
     """Softmax along ``dim`` (computed in ``dtype`` when given); see
     :class:`~torchopt_lab.nn._softmax.SoftmaxFunction`."""
+    if dtype is None:
+        (input,) = autocast_inputs("softmax", input)
     dim = _softmax_dim("softmax", input, dim, _stacklevel)
     if use_triton("softmax", input):
         return triton_function("softmax")(input, dim, dtype=dtype)
-    return SoftmaxFunction.apply(input, dim, dtype)
+    return apply(SoftmaxFunction, input, dim, dtype)
 
 
 def log_softmax(
@@ -196,10 +208,12 @@ def log_softmax(
 ) -> torch.Tensor:
     """Log-softmax along ``dim`` (computed in ``dtype`` when given); see
     :class:`~torchopt_lab.nn._softmax.LogSoftmaxFunction`."""
+    if dtype is None:
+        (input,) = autocast_inputs("log_softmax", input)
     dim = _softmax_dim("log_softmax", input, dim, _stacklevel)
     if use_triton("log_softmax", input):
         return triton_function("log_softmax")(input, dim, dtype=dtype)
-    return LogSoftmaxFunction.apply(input, dim, dtype)
+    return apply(LogSoftmaxFunction, input, dim, dtype)
 
 
 def mse_loss(
@@ -212,6 +226,7 @@ def mse_loss(
 ) -> torch.Tensor:
     """Mean squared error, optionally weighted per element; see
     :class:`~torchopt_lab.nn._loss.MSELossFunction`."""
+    input, target, weight = autocast_inputs("mse_loss", input, target, weight)
     if target.size() != input.size():
         warnings.warn(
             f"Using a target size ({target.size()}) that is different to the input size "
@@ -226,10 +241,17 @@ def mse_loss(
             f"Weights and input must have the same size, got weight of size {list(weight.shape)} "
             f"and input of size {list(input.shape)}."
         )
-    _check_floating("mse_loss", input, target, weight)
+    # An integer input or target is computed in the floating dtype of the other (as torch);
+    # only both integer is refused.
+    promoted = torch.promote_types(input.dtype, target.dtype)
+    if not promoted.is_floating_point:
+        raise NotImplementedError(
+            f"mse_loss is not implemented for {promoted} tensors; it needs a floating-point dtype"
+        )
+    _check_floating("mse_loss", weight)
     if use_triton("mse_loss", input, target, weight):
         return triton_function("mse_loss")(input, target, reduction=reduction, weight=weight)
-    return MSELossFunction.apply(input, target, weight, reduction)
+    return apply(MSELossFunction, input, target, weight, reduction)
 
 
 def cross_entropy(
@@ -246,6 +268,7 @@ def cross_entropy(
     and class indices or class probabilities ``target``; see
     :class:`~torchopt_lab.nn._loss.CrossEntropyFunction` and
     :class:`~torchopt_lab.nn._loss.CrossEntropyProbabilitiesFunction`."""
+    input, target, weight = autocast_inputs("cross_entropy", input, target, weight)
     reduction = _check_reduction(size_average, reduce, reduction)
     # torch's rule: only a value above 1 is refused; one that is not above 0 (negative, NaN)
     # means no smoothing
@@ -295,12 +318,25 @@ def cross_entropy(
             label_smoothing=label_smoothing,
         )
     if probabilities:
-        return CrossEntropyProbabilitiesFunction.apply(
-            input, target, weight, class_dim, reduction, label_smoothing
-        )
-    return CrossEntropyFunction.apply(
-        input, target, weight, class_dim, ignore_index, reduction, label_smoothing
-    )
+        return apply(
+            CrossEntropyProbabilitiesFunction,
+            input,
+            target,
+            weight,
+            class_dim,
+            reduction,
+            label_smoothing,
+        )[0]
+    return apply(
+        CrossEntropyFunction,
+        input,
+        target,
+        weight,
+        class_dim,
+        ignore_index,
+        reduction,
+        label_smoothing,
+    )[0]
 
 
 def _check_class_target(
@@ -318,6 +354,12 @@ def _check_class_target(
         raise RuntimeError(
             f"size mismatch (got input: {list(input.shape)}, target: {list(target.shape)})"
         )
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(
+        target
+    ):
+        # Under torch.func transforms a check cannot branch on the (maybe batched) values: the
+        # Function's gather refuses an out-of-range class index itself (RuntimeError).
+        return
     out_of_range = ((target < 0) | (target >= classes)) & (target != ignore_index)
     if target.device.type != "cpu" or torch.compiler.is_compiling():
         # No host synchronisation (and no graph break under torch.compile): the device checks and
@@ -338,6 +380,7 @@ def layer_norm(
 ) -> torch.Tensor:
     """Layer normalisation over the trailing ``normalized_shape`` dimensions; see
     :class:`~torchopt_lab.nn._norm.LayerNormFunction`."""
+    input, weight, bias = autocast_inputs("layer_norm", input, weight, bias)
     if not isinstance(normalized_shape, (list, tuple, torch.Size)):
         raise TypeError(
             "layer_norm(): argument 'normalized_shape' (position 2) must be tuple of ints, not "
@@ -361,7 +404,7 @@ def layer_norm(
     _check_dtype("layer_norm", input, weight=weight, bias=bias)
     if use_triton("layer_norm", input, weight, bias):
         return triton_function("layer_norm")(input, normalized_shape, weight, bias, eps)
-    return LayerNormFunction.apply(input, count, weight, bias, eps)
+    return apply(LayerNormFunction, input, count, weight, bias, eps)[0]
 
 
 def batch_norm(
@@ -433,9 +476,9 @@ def batch_norm(
         return triton_function("batch_norm")(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )
-    return BatchNormFunction.apply(
-        input, running_mean, running_var, weight, bias, training, momentum, eps
-    )
+    return apply(
+        BatchNormFunction, input, running_mean, running_var, weight, bias, training, momentum, eps
+    )[0]
 
 
 def dropout(
@@ -454,4 +497,4 @@ def dropout(
         )
     if use_triton("dropout", input):
         return triton_function("dropout")(input, p, training, inplace)
-    return DropoutFunction.apply(input, p, inplace)
+    return apply(DropoutFunction, input, p, inplace)[0]

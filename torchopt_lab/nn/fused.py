@@ -19,7 +19,9 @@ from torchopt_lab.nn._activation import (
     SigmoidFunction,
     TanhFunction,
 )
+from torchopt_lab.nn._autocast import autocast_inputs
 from torchopt_lab.nn._dispatch import triton_function, use_triton
+from torchopt_lab.nn._function import apply
 from torchopt_lab.nn._linear import LinearFunction
 
 __all__ = ["ACTIVATIONS", "linear_activation"]
@@ -29,15 +31,15 @@ ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gel
 
 def _activate(output: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
     if activation == "relu":
-        return ReLUFunction.apply(output, False)
+        return apply(ReLUFunction, output, False)
     if activation == "leaky_relu":
-        return LeakyReLUFunction.apply(output, negative_slope, False)
+        return apply(LeakyReLUFunction, output, negative_slope, False)
     if activation == "sigmoid":
-        return SigmoidFunction.apply(output)
+        return apply(SigmoidFunction, output)
     if activation == "tanh":
-        return TanhFunction.apply(output)
+        return apply(TanhFunction, output)
     if activation in ("gelu", "gelu_tanh"):
-        return GELUFunction.apply(output, "tanh" if activation == "gelu_tanh" else "none")
+        return apply(GELUFunction, output, "tanh" if activation == "gelu_tanh" else "none")
     return output
 
 
@@ -51,6 +53,7 @@ def linear_activation(
     """``f(input @ weight.T + bias)`` for ``input`` of shape ``[*, in]``, ``weight`` of shape
     ``[out, in]``, ``bias`` of shape ``[out]`` or None; ``activation`` one of :data:`ACTIVATIONS`
     (``"gelu_tanh"`` is ``gelu(approximate="tanh")``, ``negative_slope`` is leaky_relu's)."""
+    input, weight, bias = autocast_inputs("linear_activation", input, weight, bias)
     if activation not in ACTIVATIONS:
         raise ValueError(f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     if weight.dim() != 2:
@@ -66,4 +69,4 @@ def linear_activation(
         )
     if use_triton("linear_activation", input, weight, bias):
         return triton_function("linear_activation")(input, weight, bias, activation, negative_slope)
-    return _activate(LinearFunction.apply(input, weight, bias), activation, negative_slope)
+    return _activate(apply(LinearFunction, input, weight, bias), activation, negative_slope)

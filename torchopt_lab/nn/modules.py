@@ -20,13 +20,16 @@ __all__ = [
     "Conv2d",
     "CrossEntropyLoss",
     "Dropout",
+    "Embedding",
     "LayerNorm",
     "LeakyReLU",
     "Linear",
     "LogSoftmax",
     "MSELoss",
+    "RMSNorm",
     "ReLU",
     "Sequential",
+    "SiLU",
     "Sigmoid",
     "Softmax",
     "Tanh",
@@ -182,3 +185,32 @@ class Dropout(nn.Dropout):
 
 class Sequential(nn.Sequential):
     """:class:`torch.nn.Sequential`, re-exported so a model is built from one namespace."""
+
+
+class RMSNorm(nn.RMSNorm):
+    """:class:`torch.nn.RMSNorm` running :func:`torchopt_lab.nn.functional.rms_norm`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+
+class SiLU(nn.SiLU):
+    """:class:`torch.nn.SiLU` running :func:`torchopt_lab.nn.functional.silu`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.silu(input, inplace=self.inplace)
+
+
+class Embedding(nn.Embedding):
+    """:class:`torch.nn.Embedding` running :func:`torchopt_lab.nn.functional.embedding`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.embedding(
+            input,
+            self.weight,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )

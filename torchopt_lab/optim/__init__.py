@@ -1,7 +1,8 @@
 """Drop-in replacements for ``torch.optim`` optimizers and ``torch.nn.utils`` gradient clipping.
 
 Same arguments, defaults, errors, param groups and state dicts as torch; each step runs on the
-backend :func:`torchopt_lab.backend.resolve` picks for its tensors.
+backend :func:`torchopt_lab.backend.resolve` picks for its tensors. Each rule's math, paper and
+differences from torch: docs/optimizers.md; adding a rule: docs/authoring.md.
 """
 
 from torchopt_lab.optim.adadelta import Adadelta

@@ -12,6 +12,7 @@ A subclass provides three things, the rest is here:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import sys
@@ -63,6 +64,26 @@ def read_steps(state_steps: list[Tensor]) -> list[float]:
         return torch.stack(state_steps).tolist()
     except RuntimeError:
         return [step.item() for step in state_steps]
+
+
+def _sharing_memory(params: list[Tensor]) -> set[int]:
+    """Ids of the parameters whose memory overlaps another's (the same tensor twice, or views of
+    one storage that overlap), by address interval: one sort, no per-pair work."""
+    spans = sorted(
+        (str(p.device), p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), id(p), index)
+        for index, p in enumerate(params)
+        if p.numel()
+    )
+    shared: set[int] = set()
+    device, reach, owner = None, -1, None
+    for where, start, end, key, _ in spans:
+        if where != device:
+            device, reach = where, -1
+        if start < reach:
+            shared.update((key, owner))
+        if end > reach:
+            reach, owner = end, key
+    return shared
 
 
 def _real_view(tensor: Tensor) -> Tensor:
@@ -145,7 +166,7 @@ class TorchoptOptimizer(torch.optim.Optimizer):
     """Base of every torchopt_lab optimizer (private: use the optimizers themselves).
 
     ``backend``, ``max_grad_norm`` and the fused-kernel options (``skip_nonfinite``,
-    ``float32_state``, ``record_norms``; see the README, "Fused Triton optimizer kernels") are
+    ``float32_state``, ``record_norms``; see docs/kernels.md, "Fused Triton optimizer kernels") are
     attributes of the optimizer, not of its param groups, so param groups and ``state_dict()``
     hold exactly torch.optim's keys and interchange with it.
     """
@@ -269,8 +290,11 @@ class TorchoptOptimizer(torch.optim.Optimizer):
     @property
     def _step_supports_amp_scaling(self) -> bool:
         """Whether ``GradScaler.step`` may hand this optimizer ``grad_scale``/``found_inf`` instead
-        of unscaling the gradients itself: true when every parameter runs the fused kernels,
-        which unscale as they load and skip the step on the device when ``found_inf`` is set."""
+        of unscaling the gradients itself: true when every device runs the fused kernels, which
+        unscale as they load and skip the step on the device when ``found_inf`` is set. Tensors
+        that still take the torch path (sparse gradients, complex or gapped parameters, ...)
+        honour both too: their gradients are unscaled, and ``found_inf`` skips the whole step
+        (read on the host, one synchronisation, only when such tensors exist)."""
         devices = {p.device for group in self.param_groups for p in group["params"]}
         component = f"optim.{type(self).__name__}"
         return bool(devices) and all(
@@ -291,8 +315,12 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         if state is None:
             return {}
         by_id = {id(p): p for group in self.param_groups for p in group["params"]}
+        # Copies: the kernels overwrite their buffers on the next step.
+        copies = {id(buffer): buffer.clone() for buffer, _ in state.norms.values()}
         return {
-            by_id[key]: buffer[row] for key, (buffer, row) in state.norms.items() if key in by_id
+            by_id[key]: copies[id(buffer)][row]
+            for key, (buffer, row) in state.norms.items()
+            if key in by_id
         }
 
     @property
@@ -335,7 +363,16 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         parts = self._dispatch(groups)
         fused = [part for part in parts if part.backend == "triton"]
         reference = [part for part in parts if part.backend == "torch"]
-        total_norm = clip_coefficient = None
+        total_norm = clip_coefficient = inverse_scale = None
+        # GradScaler.step hands these over when _step_supports_amp_scaling; tensors on the torch
+        # path must honour them as the kernels do.
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if reference and found_inf is not None and found_inf.item():
+            return loss  # GradScaler skips the step: nothing changes, on either path
+        if reference and grad_scale is not None:
+            # GradScaler.unscale_'s factor: float32(1 / float64(scale)).
+            inverse_scale = (1.0 / grad_scale.double()).float()
         if self.max_grad_norm is not None and reference:
             # Some tensors take the torch path: one norm over all gradients, computed by torch, is
             # used by both paths (the kernels then skip their own norm pass).
@@ -345,14 +382,21 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                 # The torch path decides on the host (one synchronisation) and skips every part.
                 self._skipped_on_host += 1
                 return loss
-            clip_coefficient = _clip_coefficient(total_norm, self.max_grad_norm)
+            unscaled = total_norm
+            if inverse_scale is not None:
+                # As the kernels do: the norm of the scaled gradients, unscaled in float64.
+                unscaled = (total_norm.double() * inverse_scale.double().to(total_norm.device)).to(
+                    total_norm.dtype
+                )
+            clip_coefficient = _clip_coefficient(unscaled, self.max_grad_norm)
         for part in reference:
             # State the update creates is stored as soon as its part ran (as torch.optim stores
             # a group's buffers right after the group's update): an interrupted step keeps it.
-            self._reference_step(part, clip_coefficient)
+            self._reference_step(part, clip_coefficient, inverse_scale)
+        dropped: list[Tensor] = []
         if fused:
             with_grads = sum(len(tensors["params"]) for _, tensors in groups)
-            fused_step(
+            dropped = fused_step(
                 self,
                 type(self)._reference.__name__,
                 fused,
@@ -362,6 +406,13 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             )
             for part in fused:
                 self._finish_group(part.group, part.tensors)
+        for p in dropped:
+            # State created for a step the kernels skipped: the next step is the first again.
+            p_state = self.state[p]
+            for key in [key for key, value in p_state.items() if value is None]:
+                del p_state[key]
+            if not p_state:
+                del self.state[p]
         return loss
 
     def _traced_step(self, loss: Any) -> Any:
@@ -414,14 +465,7 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                     for name, values in tensors.items()
                 }
                 part = Part(group, group_index, indices, part_tensors, device, dtype, "torch")
-                self._reference_step(part, clip_coefficient)
-                if self._creates_state:
-                    for name, values in part_tensors.items():
-                        if len(tensors[name]) == count:
-                            for position, index in enumerate(indices):
-                                tensors[name][index] = values[position]
-            if tensors["params"]:
-                self._finish_group(group, tensors)
+                self._reference_step(part, clip_coefficient)  # stores the state it creates
         return loss
 
     def _dispatch(self, groups: list[tuple[dict[str, Any], TensorLists]]) -> list[Part]:
@@ -433,6 +477,7 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         reason is recorded; an explicit ``backend="triton"`` raises instead.
         """
         component = f"optim.{type(self).__name__}"
+        shared = _sharing_memory([p for _, tensors in groups for p in tensors["params"]])
         parts = []
         for group_index, (group, tensors) in enumerate(groups):
             if not tensors["params"]:
@@ -450,7 +495,11 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                 by_backend = {chosen: list(range(len(indices)))}
                 if chosen == "triton":
                     by_backend = self._kernel_eligible(
-                        component, lists[full.index("params")], lists[full.index("grads")], device
+                        component,
+                        lists[full.index("params")],
+                        lists[full.index("grads")],
+                        device,
+                        shared,
                     )
                 for backend, positions in by_backend.items():
                     if not positions:
@@ -474,14 +523,28 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         return parts
 
     def _kernel_eligible(
-        self, component: str, params: list[Tensor], grads: list[Tensor], device: torch.device
+        self,
+        component: str,
+        params: list[Tensor],
+        grads: list[Tensor],
+        device: torch.device,
+        shared: set[int],
     ) -> dict[str, list[int]]:
-        """Positions of ``params`` the kernels can update, and of those they cannot."""
+        """Positions of ``params`` the kernels can update, and of those they cannot.
+
+        ``shared``: ids of parameters that share memory with another parameter (duplicates,
+        aliasing views); one launch would update that memory from two programs at once.
+        """
         kernels = importlib.import_module("triton_kernels.optim")
         if (
-            params[0].dtype in kernels.SUPPORTED_DTYPES
+            not shared
+            and params[0].dtype in kernels.SUPPORTED_DTYPES
             and all(p.is_contiguous() for p in params)
-            and not any(g.is_sparse for g in grads)
+            and all(g.is_contiguous() and not g.is_sparse for g in grads)
+            and all(
+                g.shape == p.shape and g.dtype == p.dtype
+                for p, g in zip(params, grads, strict=True)
+            )
         ):
             return {"triton": list(range(len(params)))}  # the usual case, checked in bulk
         eligible: dict[str, list[int]] = {"triton": [], "torch": []}
@@ -489,6 +552,25 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             ok, why = kernels.updatable_in_place(param)
             if ok and grad.is_sparse:
                 ok, why = False, "its gradient is sparse; the kernels update dense tensors"
+            elif ok and not kernels.same_layout(grad, param):
+                ok, why = (
+                    False,
+                    (
+                        f"its gradient (shape {tuple(grad.shape)}, strides {grad.stride()}, "
+                        f"{grad.dtype}) is laid out differently from the parameter (shape "
+                        f"{tuple(param.shape)}, strides {param.stride()}, {param.dtype}); the "
+                        "kernels read both at the same offsets"
+                    ),
+                )
+            elif ok and id(param) in shared:
+                ok, why = (
+                    False,
+                    (
+                        f"a parameter of shape {tuple(param.shape)} shares memory with another "
+                        "parameter of this optimizer (a duplicate or an aliasing view); one launch "
+                        "would update that memory twice at once"
+                    ),
+                )
             if ok:
                 eligible["triton"].append(position)
                 continue
@@ -517,10 +599,17 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             state["step"] = _as_float_step(state["step"])
             steps[index] = state["step"]
 
-    def _reference_step(self, part: Part, clip_coefficient: Tensor | None) -> None:
+    def _reference_step(
+        self, part: Part, clip_coefficient: Tensor | None, inverse_scale: Tensor | None = None
+    ) -> None:
         """Run the torch reference update on one part (complex tensors as real views), one run of
-        distinct parameters at a time, storing the state it creates after each run."""
+        distinct parameters at a time, storing the state it creates after each run; its
+        gradients are first multiplied by GradScaler's ``inverse_scale`` when given."""
         hyperparameters = self._hyperparameters(part.group)
+        if inverse_scale is not None:
+            factor = inverse_scale.to(part.device)
+            scaled = [grad * factor for grad in part.tensors["grads"]]
+            part = dataclasses.replace(part, tensors={**part.tensors, "grads": scaled})
         float32 = self.float32_state and part.dtype in _LOW_PRECISION
         if float32:
             self._upcast_state(part.tensors)

@@ -219,8 +219,11 @@ class RuleOptimizer(torch.optim.Optimizer):
             return
         rule = cls.rule
         names = [h.name for h in rule.hyperparameters]
-        if len(set(names)) != len(names) or "params" in names:
-            raise TypeError(f"{cls.__name__}.rule: hyperparameter names must be unique: {names}")
+        if len(set(names)) != len(names) or {"params", "backend"} & set(names):
+            raise TypeError(
+                f"{cls.__name__}.rule: hyperparameter names must be unique and not 'params' or "
+                f"'backend' (the constructor's own): {names}"
+            )
         unknown = {check.name for check in rule.checks} - set(names)
         if unknown:
             raise TypeError(f"{cls.__name__}.rule: checks of undeclared names {sorted(unknown)}")

@@ -112,9 +112,13 @@ def _bias_activation_forward_kernel(
     BLOCK_COLUMNS: tl.constexpr,
 ):
     """``y = f(h + b)`` on a ``[BLOCK_ROWS, BLOCK_COLUMNS]`` tile of the row-major ``[rows,
-    columns]`` ``h``."""
-    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    column = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+    columns]`` ``h``; the tiles are numbered row-major along grid axis 0 (:func:`launch_grid`)."""
+    column_tiles = tl.cdiv(columns, BLOCK_COLUMNS)
+    # int64 rows: the last tile's masked rows may pass 2³¹ - 1, and a wrapped (negative) row
+    # would pass the row < rows mask
+    row_start = ((tl.program_id(0) // column_tiles) * BLOCK_ROWS).to(tl.int64)
+    row = row_start + tl.arange(0, BLOCK_ROWS)
+    column = (tl.program_id(0) % column_tiles) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
     mask = (row[:, None] < rows) & (column[None, :] < columns)
     offsets = row[:, None] * columns + column[None, :]
     z = tl.load(input_pointer + offsets, mask=mask).to(COMPUTE_DTYPE)
@@ -142,10 +146,14 @@ def _bias_activation_backward_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLUMNS: tl.constexpr,
 ):
-    """``dL/dz = g f'`` on one tile; with ``reduce_bias``, the tile's column sums of ``dL/dz`` go
-    to row ``program_id(0)`` of the ``[row_tiles, columns]`` partial sums."""
-    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    column = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+    """``dL/dz = g f'`` on one tile (numbered as in the forward); with ``reduce_bias``, the tile's
+    column sums of ``dL/dz`` go to its row tile's row of the ``[row_tiles, columns]`` partial
+    sums."""
+    column_tiles = tl.cdiv(columns, BLOCK_COLUMNS)
+    row_tile = tl.program_id(0) // column_tiles
+    # int64 rows, as in the forward
+    row = (row_tile * BLOCK_ROWS).to(tl.int64) + tl.arange(0, BLOCK_ROWS)
+    column = (tl.program_id(0) % column_tiles) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
     mask = (row[:, None] < rows) & (column[None, :] < columns)
     offsets = row[:, None] * columns + column[None, :]
     g = tl.load(grad_output_pointer + offsets, mask=mask).to(COMPUTE_DTYPE)
@@ -164,7 +172,7 @@ def _bias_activation_backward_kernel(
     if reduce_bias:
         partial = tl.sum(grad, axis=0)
         tl.store(
-            grad_bias_partial_pointer + tl.program_id(0) * columns + column,
+            grad_bias_partial_pointer + row_tile * columns + column,
             partial,
             mask=column < columns,
         )
@@ -177,11 +185,16 @@ def _check_activation(name: str, activation: str) -> None:
         )
 
 
-def _grid(rows: int, columns: int) -> tuple[int, int]:
-    """(BLOCK_ROWS, BLOCK_COLUMNS): about ``_TILE`` elements per program, whole short rows."""
+def launch_grid(rows: int, columns: int) -> tuple[tuple[int], int, int]:
+    """``(grid, BLOCK_ROWS, BLOCK_COLUMNS)`` of the bias + activation kernels on ``[rows,
+    columns]``: tiles of about ``_TILE`` elements (whole short rows), one program each, all along
+    grid axis 0, whose CUDA limit is 2³¹ - 1 (axes 1 and 2 stop at 65535, which the 97657 column
+    tiles of a 1e8-element row would pass). Every program holds at least one element, so a
+    launch within :data:`~triton_kernels.nn._common.MAX_NUMEL` stays within the limit."""
     block_columns = min(triton.next_power_of_2(max(columns, 1)), _MAX_BLOCK_COLUMNS)
     block_rows = min(max(_TILE // block_columns, 1), triton.next_power_of_2(max(rows, 1)))
-    return block_rows, block_columns
+    tiles = triton.cdiv(rows, block_rows) * triton.cdiv(columns, block_columns)
+    return (tiles,), block_rows, block_columns
 
 
 def _as_rows(name: str, input: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
@@ -218,8 +231,7 @@ def bias_activation_forward(
         check_contiguous(name, out=out)
     if input.numel() == 0:
         return out
-    block_rows, block_columns = _grid(rows, columns)
-    grid = (triton.cdiv(rows, block_rows), triton.cdiv(columns, block_columns))
+    grid, block_rows, block_columns = launch_grid(rows, columns)
     _bias_activation_forward_kernel[grid](
         input,
         input if bias is None else bias,
@@ -261,10 +273,10 @@ def bias_activation_backward(
     if saved.numel() == 0:
         grad_bias = saved.new_zeros(columns) if compute_grad_bias else None
         return grad_input, grad_bias
-    block_rows, block_columns = _grid(rows, columns)
-    grid = (triton.cdiv(rows, block_rows), triton.cdiv(columns, block_columns))
+    grid, block_rows, block_columns = launch_grid(rows, columns)
+    row_tiles = triton.cdiv(rows, block_rows)
     partial = (
-        torch.empty(grid[0], columns, dtype=statistics_dtype(saved.dtype), device=saved.device)
+        torch.empty(row_tiles, columns, dtype=statistics_dtype(saved.dtype), device=saved.device)
         if compute_grad_bias
         else grad_input
     )

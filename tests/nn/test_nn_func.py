@@ -1,0 +1,195 @@
+"""``torch.func`` transforms through ``torchopt_lab.nn`` on the torch path match the same
+transforms through ``torch.nn`` in float64: ``grad``, ``vmap`` (per-sample gradients), ``jacrev``,
+``jvp`` and ``hessian``. Tolerances: float64 with the same formulas up to rounding, 1e-10."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
+
+import torchopt_lab.nn as nn
+import torchopt_lab.nn.functional as F
+
+TOLERANCE = {"rtol": 1e-10, "atol": 1e-10}
+
+
+@pytest.fixture(autouse=True)
+def _torch_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TORCHOPT_LAB_BACKEND", "torch")
+    yield
+
+
+def x64(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+# (name, function of one float64 tensor built from the namesake in `module`)
+OPS: list[tuple[str, Callable[[Any, torch.Tensor], torch.Tensor], Callable[[], torch.Tensor]]] = [
+    ("linear", lambda m, x: m.linear(x, W, B), lambda: x64(3, 4)),
+    ("conv2d", lambda m, x: m.conv2d(x, K, KB, padding="same"), lambda: x64(2, 2, 4, 4)),
+    ("relu", lambda m, x: m.relu(x), lambda: x64(3, 4)),
+    ("leaky_relu", lambda m, x: m.leaky_relu(x, 0.2), lambda: x64(3, 4)),
+    ("sigmoid", lambda m, x: m.sigmoid(x), lambda: x64(3, 4)),
+    ("tanh", lambda m, x: m.tanh(x), lambda: x64(3, 4)),
+    ("gelu", lambda m, x: m.gelu(x), lambda: x64(3, 4)),
+    ("gelu_tanh", lambda m, x: m.gelu(x, approximate="tanh"), lambda: x64(3, 4)),
+    ("softmax", lambda m, x: m.softmax(x, dim=1), lambda: x64(3, 4)),
+    ("log_softmax", lambda m, x: m.log_softmax(x, dim=1), lambda: x64(3, 4)),
+    ("layer_norm", lambda m, x: m.layer_norm(x, [4], LW, LB), lambda: x64(3, 4)),
+    (
+        "batch_norm",
+        lambda m, x: m.batch_norm(x, None, None, BW, BB, training=True),
+        lambda: x64(3, 4),
+    ),
+    (
+        "batch_norm_eval",
+        lambda m, x: m.batch_norm(x, RM, RV, BW, BB, training=False),
+        lambda: x64(3, 4),
+    ),
+    ("mse_loss", lambda m, x: m.mse_loss(x, T, weight=MW), lambda: x64(3, 4)),
+    (
+        "cross_entropy",
+        lambda m, x: m.cross_entropy(x, LABELS, weight=CW, label_smoothing=0.1),
+        lambda: x64(3, 4),
+    ),
+    (
+        "cross_entropy_probabilities",
+        lambda m, x: m.cross_entropy(x, PROBS, label_smoothing=0.1),
+        lambda: x64(3, 4),
+    ),
+]
+torch.manual_seed(0)
+W, B = x64(5, 4), x64(5)
+K, KB = x64(3, 2, 3, 3), x64(3)
+LW, LB, BW, BB, RM, RV = x64(4), x64(4), x64(4), x64(4), x64(4), x64(4).exp()
+T, MW, CW = x64(3, 4), x64(3, 4).exp(), x64(4).exp()
+LABELS, PROBS = torch.tensor([0, 3, -100]), torch.softmax(x64(3, 4), 1)
+IDS = [op[0] for op in OPS]
+
+
+@pytest.mark.parametrize("op", OPS, ids=IDS)
+def test_jacrev_matches_torch(op) -> None:
+    _, fn, make = op
+    x = make()
+    torch.testing.assert_close(
+        jacrev(lambda x: fn(F, x))(x), jacrev(lambda x: fn(TF, x))(x), **TOLERANCE
+    )
+
+
+@pytest.mark.parametrize("op", OPS, ids=IDS)
+def test_jvp_and_jacfwd_match_torch(op) -> None:
+    _, fn, make = op
+    x, tangent = make(), make()
+    ours, theirs = (
+        jvp(lambda x: fn(F, x), (x,), (tangent,)),
+        jvp(lambda x: fn(TF, x), (x,), (tangent,)),
+    )
+    torch.testing.assert_close(ours, theirs, **TOLERANCE)
+    torch.testing.assert_close(
+        jacfwd(lambda x: fn(F, x))(x), jacfwd(lambda x: fn(TF, x))(x), **TOLERANCE
+    )
+
+
+@pytest.mark.parametrize("op", OPS, ids=IDS)
+def test_vmap_matches_torch(op) -> None:
+    _, fn, make = op
+    xs = torch.stack([make(), make()])
+    torch.testing.assert_close(
+        vmap(lambda x: fn(F, x))(xs), vmap(lambda x: fn(TF, x))(xs), **TOLERANCE
+    )
+
+
+def _models(
+    build: Callable[[Any], torch.nn.Module],
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(1)
+    theirs = build(torch.nn).double()
+    ours = build(nn).double()
+    ours.load_state_dict(theirs.state_dict())
+    return ours.eval(), theirs.eval()
+
+
+def _mlp(module: Any) -> torch.nn.Module:
+    return module.Sequential(
+        module.Linear(4, 6),
+        module.GELU(),
+        module.LayerNorm(6),
+        module.Linear(6, 6),
+        module.Tanh(),
+        module.Linear(6, 3),
+    )
+
+
+def _cnn(module: Any) -> torch.nn.Module:
+    return module.Sequential(
+        module.Conv2d(2, 3, 3, padding=1),
+        module.BatchNorm2d(3),
+        module.ReLU(),
+        module.Conv2d(3, 2, 3),
+    )
+
+
+def _loss(model: torch.nn.Module, functional: Any) -> Callable[..., torch.Tensor]:
+    def loss(params: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        output = functional_call(model, params, (x,))
+        if output.dim() > 2:
+            return functional.mse_loss(output, t)
+        return functional.cross_entropy(output, t)
+
+    return loss
+
+
+MODELS = {
+    "mlp": (_mlp, lambda: (x64(5, 4), torch.tensor([0, 1, 2, 1, 0]))),
+    "cnn": (_cnn, lambda: (x64(5, 2, 4, 4), x64(5, 2, 2, 2))),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_grad_and_per_sample_gradients_match_torch_nn(name: str) -> None:
+    build, data = MODELS[name]
+    ours, theirs = _models(build)
+    x, t = data()
+    params = {k: v.detach() for k, v in theirs.named_parameters()}
+    losses = _loss(ours, F), _loss(theirs, TF)
+    torch.testing.assert_close(grad(losses[0])(params, x, t), grad(losses[1])(params, x, t))
+
+    def per_sample(loss: Callable[..., torch.Tensor]) -> dict[str, torch.Tensor]:
+        one = lambda p, x, t: loss(p, x.unsqueeze(0), t.unsqueeze(0))  # noqa: E731
+        return vmap(grad(one), in_dims=(None, 0, 0))(params, x, t)
+
+    ours_per_sample, theirs_per_sample = per_sample(losses[0]), per_sample(losses[1])
+    torch.testing.assert_close(ours_per_sample, theirs_per_sample, **TOLERANCE)
+    # per-sample gradients average to the batch gradient (the losses are means over samples)
+    if name == "mlp":
+        batch = grad(losses[0])(params, x, t)
+        mean = {k: v.mean(0) for k, v in ours_per_sample.items()}
+        torch.testing.assert_close(mean, batch, **TOLERANCE)
+
+
+def test_hessian_of_a_model_matches_torch_nn() -> None:
+    ours, theirs = _models(_mlp)
+    x, t = MODELS["mlp"][1]()
+    x = x[:2]
+    losses = _loss(ours, F), _loss(theirs, TF)
+    params = {k: v.detach() for k, v in theirs.named_parameters()}
+    hessians = [hessian(lambda x, loss=loss: loss(params, x, t[:2]))(x) for loss in losses]
+    torch.testing.assert_close(hessians[0], hessians[1], **TOLERANCE)
+    weight = params["5.weight"]
+
+    def by_weight(loss: Callable[..., torch.Tensor]) -> torch.Tensor:
+        return hessian(lambda w: loss({**params, "5.weight": w}, x, t[:2]))(weight)
+
+    torch.testing.assert_close(by_weight(losses[0]), by_weight(losses[1]), **TOLERANCE)
+
+
+@pytest.mark.parametrize("bad", [4, -5])
+def test_vmapped_cross_entropy_refuses_an_out_of_range_target(bad: int) -> None:
+    targets = torch.tensor([[0, 1, 2], [0, bad, 1]])
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        vmap(lambda x, t: F.cross_entropy(x, t))(x64(2, 3, 4), targets)

@@ -1,0 +1,137 @@
+"""Root-mean-square layer normalisation (Zhang & Sennrich, 2019), ``torch.nn.functional.rms_norm``:
+the functional, its validation and its Function with a hand-written backward.
+
+Over the trailing ``normalized_shape`` dimensions (``n`` elements): ``r = 1 / √(mean(x²) + eps)``,
+``x̂ = x r``, ``y = w x̂``. With ``g = dL/dy``:
+
+``dL/dx = r (w g - x̂ c_1)``, ``c_1 = mean(x̂ ⊙ w g)``, ``dL/dw = Σ_batch g x̂``.
+
+``eps=None`` is ``torch.finfo(x.dtype).eps``, as in torch. Triton: no kernel yet; every backend runs
+this torch path and records so (``nn.rms_norm`` in :func:`torchopt_lab.backend_info`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from torchopt_lab.nn._autocast import autocast_inputs
+from torchopt_lab.nn._dispatch import record_torch_only
+from torchopt_lab.nn._function import apply, forward_mode
+
+
+def _rstd(input: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
+    """``r = 1 / √(mean(x²) + eps)`` over ``dims``, kept as size-1 dimensions."""
+    return torch.rsqrt((input * input).mean(dims, keepdim=True) + eps)
+
+
+@forward_mode
+class RMSNormFunction(torch.autograd.Function):
+    r"""``y = w x r`` with ``r = 1 / √(mean(x²) + eps)`` over the last ``normalized_dims``
+    dimensions; ``w`` (optional) has their shape. Keeps ``x`` and ``r``; a backward run with
+    ``create_graph=True`` recomputes ``r`` from ``x`` so the second derivative sees it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        input: torch.Tensor, normalized_dims: int, weight: torch.Tensor | None, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dims = tuple(range(input.dim() - normalized_dims, input.dim()))
+        rstd = _rstd(input, dims, eps)
+        output = input * rstd
+        return (output if weight is None else output * weight), rstd
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], outputs: tuple[torch.Tensor, ...]) -> None:
+        input, normalized_dims, weight, eps = inputs
+        rstd = outputs[1]
+        ctx.mark_non_differentiable(rstd)
+        ctx.dims, ctx.eps = tuple(range(input.dim() - normalized_dims, input.dim())), eps
+        ctx.save_for_backward(input, weight, rstd)
+        ctx.save_for_forward(input, weight, rstd)
+
+    @staticmethod
+    def jvp(
+        ctx: Any,
+        input_tangent: torch.Tensor | None,
+        _: None,
+        weight_tangent: torch.Tensor | None,
+        *__: None,
+    ) -> tuple[torch.Tensor, None]:
+        input, weight, rstd = ctx.saved_tensors
+        # x̂ = x r
+        normalized = input * rstd
+        tangent = torch.zeros_like(normalized)
+        if input_tangent is not None:
+            # dx̂ = r (dx - x̂ mean(x̂ dx))
+            grad_normalized = rstd * (
+                input_tangent
+                - normalized * (normalized * input_tangent).mean(ctx.dims, keepdim=True)
+            )
+            tangent = tangent + (grad_normalized if weight is None else weight * grad_normalized)
+        if weight_tangent is not None:
+            # dy += dw x̂
+            tangent = tangent + weight_tangent * normalized
+        return tangent, None
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_output: torch.Tensor, _: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
+        input, weight, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            rstd = _rstd(input, ctx.dims, ctx.eps)
+        # x̂ = x r
+        normalized = input * rstd
+        # w g, the gradient with respect to x̂
+        grad_normalized = grad_output if weight is None else grad_output * weight
+        grad_input = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            # c_1 = mean(x̂ ⊙ w g)
+            c1 = (normalized * grad_normalized).mean(ctx.dims, keepdim=True)
+            # dL/dx = r (w g - x̂ c_1)
+            grad_input = rstd * (grad_normalized - normalized * c1)
+        if weight is not None and ctx.needs_input_grad[2]:
+            # dL/dw = Σ_batch g x̂
+            grad_weight = (grad_output * normalized).sum_to_size(weight.shape)
+        return grad_input, None, grad_weight, None
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: list[int] | tuple[int, ...] | torch.Size,
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+) -> torch.Tensor:
+    """RMS normalisation over the trailing ``normalized_shape`` dimensions, as
+    ``torch.nn.functional.rms_norm``; see :class:`RMSNormFunction`."""
+    if not isinstance(normalized_shape, (list, tuple, torch.Size)):
+        raise TypeError(
+            "rms_norm(): argument 'normalized_shape' (position 2) must be tuple of ints, not "
+            f"{type(normalized_shape).__name__}"
+        )
+    normalized_shape = list(normalized_shape)
+    count = len(normalized_shape)
+    if count == 0 or list(input.shape[input.dim() - count :]) != normalized_shape:
+        raise RuntimeError(
+            f"Given normalized_shape={normalized_shape}, expected input with shape "
+            f"[*{', '.join(map(str, normalized_shape))}], but got input of size"
+            f"{list(input.shape)}"
+        )
+    if weight is not None and list(weight.shape) != normalized_shape:
+        raise RuntimeError(
+            "Expected weight to be of same shape as normalized_shape, but got weight of shape "
+            f"{list(weight.shape)} and normalized_shape = {normalized_shape}"
+        )
+    if not input.is_floating_point():
+        raise NotImplementedError(
+            f"rms_norm is not implemented for {input.dtype} tensors; it needs a floating-point "
+            "dtype"
+        )
+    input, weight = autocast_inputs("rms_norm", input, weight)
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    record_torch_only("rms_norm", input)
+    return apply(RMSNormFunction, input, count, weight, eps)[0]
