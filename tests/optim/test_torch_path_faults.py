@@ -226,6 +226,24 @@ def test_a_parameter_listed_twice_in_a_group_is_updated_per_occurrence_like_torc
                                        rtol=1e-12, atol=1e-12)  # fmt: skip
 
 
+@pytest.mark.parametrize("case", STATEFUL_CASES, ids=lambda case: case.id)
+def test_overlapping_views_as_parameters_are_updated_one_after_another_like_torch(
+    case: Case,
+) -> None:
+    """Two parameters that are overlapping views of one tensor: torch (foreach=False) updates the
+    first, then the second from the first's result; float64 to 1e-12."""
+    results = []
+    for cls, extra in ((case.ours, {"backend": "torch"}), (case.theirs, {"foreach": False})):
+        base = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64)
+        params = [base[:4].requires_grad_(), base[2:].requires_grad_()]
+        optimizer = cls(params, **{**case.options, **extra})
+        for _ in range(4):
+            set_grads(params)
+            optimizer.step()
+        results.append(base)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+
+
 # An int64 step ----------------------------------------------------------------------------------
 
 

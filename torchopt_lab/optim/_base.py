@@ -104,28 +104,42 @@ def _as_float_step(step: Any) -> Tensor:
     return new_step().fill_(float(step))
 
 
+def _memory_key(param: Tensor) -> tuple[Any, ...]:
+    """What identifies the memory a parameter updates: its storage (views of one storage may
+    overlap), or the tensor itself when it holds no elements."""
+    if param.numel() == 0 or torch.compiler.is_compiling():
+        return ("tensor", id(param))
+    try:
+        return (param.device, param.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # a wrapper subclass (DTensor) has no storage
+        return ("tensor", id(param))
+
+
 def _without_repeats(tensors: TensorLists) -> Iterator[TensorLists]:
     """One group's tensor lists cut into consecutive runs in which no parameter repeats.
 
     torch.optim (``foreach=False``, its default on the CPU) warns about a parameter listed twice
     in a group and then updates it once per occurrence, in turn; a multi-tensor update over the
     whole list would instead apply both occurrences' state updates before either parameter
-    update. Updating the runs one after another gives torch's result."""
+    update. Updating the runs one after another gives torch's result. Parameters that are views
+    of one storage (they may overlap) count as repeats too; cutting a run where nothing overlaps
+    only costs a launch."""
     params = tensors["params"]
-    if len(set(map(id, params))) == len(params):
+    keys = [_memory_key(param) for param in params]
+    if len(set(keys)) == len(keys):
         yield tensors
         return
     count = len(params)
     start, seen = 0, set()
-    for end, param in enumerate([*params, None]):
-        if param is not None and id(param) not in seen:
-            seen.add(id(param))
+    for end, key in enumerate([*keys, None]):
+        if key is not None and key not in seen:
+            seen.add(key)
             continue
         yield {
             name: values[start:end] if len(values) == count else values
             for name, values in tensors.items()
         }
-        start, seen = end, {id(param)}
+        start, seen = end, {key}
 
 
 def check_max_grad_norm(max_grad_norm: float | None) -> float | None:
