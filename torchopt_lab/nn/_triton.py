@@ -40,7 +40,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from torchopt_lab import backend
-from torchopt_lab.nn import _conv, _linear
+from torchopt_lab.nn import _conv, _linear, _triton_ops
 from torchopt_lab.nn._loss import MSELossFunction
 
 # backend.kernels() raises clearly when triton_kernels is missing or another package shadows it.
@@ -65,8 +65,10 @@ def _first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _record_torch(component: str, device: torch.device) -> None:
-    """Record that ``component`` (a part of a Triton-path op) ran on torch."""
-    backend.resolve(component, "torch", device)
+    """Record that ``component`` (a part of a Triton-path op) ran on torch (not while
+    ``torch.compile`` traces: recording takes a lock Dynamo cannot trace)."""
+    if not torch.compiler.is_compiling():
+        backend.resolve(component, "torch", device)
 
 
 class ActivationFunction(torch.autograd.Function):
@@ -87,7 +89,9 @@ class ActivationFunction(torch.autograd.Function):
             output = input
             ctx.mark_dirty(output)
         else:
-            output = kernels.bias_activation_forward(contiguous, None, activation, negative_slope)
+            output = _triton_ops.bias_activation_forward(
+                contiguous, None, activation, negative_slope
+            )
         # In place, leaky_relu's f' is read from y: 1[y > 0] = 1[x > 0] for a slope >= 0 (the
         # functional refuses a negative slope in place when differentiated).
         from_output = activation in kernels.OUTPUT_DERIVATIVE or inplace
@@ -102,8 +106,8 @@ class ActivationFunction(torch.autograd.Function):
         (saved,) = ctx.saved_tensors
         activation, negative_slope = ctx.options
         # dL/dx = g f'(x)
-        grad_input, _ = kernels.bias_activation_backward(
-            grad_output.contiguous(), saved.contiguous(), None, activation, negative_slope
+        grad_input, _ = _triton_ops.bias_activation_backward(
+            grad_output.contiguous(), saved.contiguous(), None, activation, negative_slope, False
         )
         return grad_input, None, None, None
 
@@ -124,7 +128,7 @@ class LinearActivationFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         _record_torch("nn.linear_activation.gemm", input.device)
         product = input.matmul(weight.t()).contiguous()
-        output = kernels.bias_activation_forward(product, bias, activation, negative_slope)
+        output = _triton_ops.bias_activation_forward(product, bias, activation, negative_slope)
         from_output = activation in kernels.OUTPUT_DERIVATIVE
         ctx.options = (activation, negative_slope)
         ctx.save_for_backward(input, weight, bias, output if from_output else product)
@@ -138,14 +142,10 @@ class LinearActivationFunction(torch.autograd.Function):
         activation, negative_slope = ctx.options
         with_bias = bias is not None and ctx.needs_input_grad[2]
         # dL/dz = g f'(x Wᵀ + b), and dL/db = Σ_rows dL/dz from the same pass
-        grad_product, grad_bias = kernels.bias_activation_backward(
-            grad_output.contiguous(),
-            saved,
-            bias,
-            activation,
-            negative_slope,
-            compute_grad_bias=with_bias,
+        grad_product, grad_bias = _triton_ops.bias_activation_backward(
+            grad_output.contiguous(), saved, bias, activation, negative_slope, with_bias
         )
+        grad_bias = grad_bias if with_bias else None
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0]:
             # dL/dx = dL/dz W
@@ -216,8 +216,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         if weight is not None:
             # float32 weights of a float16/bfloat16 input are read in the input's dtype
             weight = weight.to(input.dtype).contiguous()
-        loss, lse = kernels.cross_entropy_forward(
-            logits, rows_target, weight, ignore_index, label_smoothing, check_target=False
+        loss, lse = _triton_ops.cross_entropy_forward(
+            logits, rows_target, weight, ignore_index, label_smoothing
         )
         valid = rows_target != ignore_index
         # D = Σ_i v_i w_{t_i}
@@ -244,7 +244,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if reduction == "mean":
             gamma = gamma / denominator
         # dL/dx = γ_i [p s_i - q_i], p recomputed from the saved lse
-        grad = kernels.cross_entropy_backward(
+        grad = _triton_ops.cross_entropy_backward(
             gamma, logits, target, lse, weight, ignore_index, label_smoothing
         )
         return _unrows(grad, shape), None, None, None, None, None

@@ -1,0 +1,124 @@
+"""Triton launchers of ``triton_kernels.nn`` registered as PyTorch custom ops
+(``torch.library.custom_op`` with fake implementations), so ``torch.compile`` treats a kernel
+launch as one opaque op of known output shapes instead of tracing into Triton's launcher (a
+graph break, and under the interpreter a failure). The Triton-path Functions of
+:mod:`torchopt_lab.nn._triton` call these ops in their forward and backward.
+
+Registered: the bias + activation kernels and the class-index cross-entropy kernels (the ops a
+``Linear``/activation/``cross_entropy`` model runs). The other Triton-path kernels are still
+called directly and graph-break under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from torchopt_lab import backend
+
+_kernels = importlib.import_module(f"{backend.kernels().__name__}.nn")
+_statistics_dtype = importlib.import_module(
+    f"{backend.kernels().__name__}.nn._common"
+).statistics_dtype
+
+
+@torch.library.custom_op("torchopt_lab::bias_activation_forward", mutates_args=())
+def bias_activation_forward(
+    input: torch.Tensor, bias: torch.Tensor | None, activation: str, negative_slope: float
+) -> torch.Tensor:
+    """``f(input + bias)`` on the Triton kernel (``input`` contiguous ``[*, columns]``)."""
+    return _kernels.bias_activation_forward(input, bias, activation, negative_slope)
+
+
+@bias_activation_forward.register_fake
+def _(
+    input: torch.Tensor, bias: torch.Tensor | None, activation: str, negative_slope: float
+) -> torch.Tensor:
+    return torch.empty_like(input)
+
+
+@torch.library.custom_op("torchopt_lab::bias_activation_backward", mutates_args=())
+def bias_activation_backward(
+    grad_output: torch.Tensor,
+    saved: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str,
+    negative_slope: float,
+    compute_grad_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dz, dL/db)`` on the Triton kernel; ``dL/db`` is empty unless ``compute_grad_bias``
+    (a custom op returns tensors, not None)."""
+    grad_input, grad_bias = _kernels.bias_activation_backward(
+        grad_output, saved, bias, activation, negative_slope, compute_grad_bias=compute_grad_bias
+    )
+    return grad_input, saved.new_empty(0) if grad_bias is None else grad_bias
+
+
+@bias_activation_backward.register_fake
+def _(
+    grad_output: torch.Tensor,
+    saved: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str,
+    negative_slope: float,
+    compute_grad_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    columns = saved.shape[-1] if compute_grad_bias else 0
+    return torch.empty_like(saved), saved.new_empty(columns)
+
+
+@torch.library.custom_op("torchopt_lab::cross_entropy_forward", mutates_args=())
+def cross_entropy_forward(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ℓ, lse)`` per row on the Triton kernel, the targets checked by the caller."""
+    return _kernels.cross_entropy_forward(
+        input, target, weight, ignore_index, label_smoothing, check_target=False
+    )
+
+
+@cross_entropy_forward.register_fake
+def _(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = input.shape[0]
+    dtype = _statistics_dtype(input.dtype)
+    return input.new_empty(rows, dtype=dtype), input.new_empty(rows, dtype=dtype)
+
+
+@torch.library.custom_op("torchopt_lab::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward(
+    grad_loss: torch.Tensor,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    log_sum_exp: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """``dL/dx`` on the Triton kernel from the saved ``lse``."""
+    return _kernels.cross_entropy_backward(
+        grad_loss, input, target, log_sum_exp, weight, ignore_index, label_smoothing
+    )
+
+
+@cross_entropy_backward.register_fake
+def _(
+    grad_loss: torch.Tensor,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    log_sum_exp: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+) -> torch.Tensor:
+    return torch.empty_like(input)
