@@ -385,7 +385,7 @@ class BatchNormFunction(torch.autograd.Function):
         count = x.numel() // channels if channels else 0
         statistics_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if training:
-            mean, variance = kernels.batch_norm_statistics(x)
+            mean, variance = _triton_ops.batch_norm_statistics(x)
             with torch.no_grad():
                 if running_mean is not None:
                     running_mean.mul_(1 - momentum).add_(
@@ -406,7 +406,7 @@ class BatchNormFunction(torch.autograd.Function):
         if bias is not None:
             shift = shift + bias.to(statistics_dtype)
         # y = (w r) x + (b - μ w r)
-        output = kernels.channel_affine(x, (affine * rstd).contiguous(), shift.contiguous())
+        output = _triton_ops.channel_affine(x, (affine * rstd).contiguous(), shift.contiguous())
         ctx.options = (training, count)
         ctx.save_for_backward(x, weight, mean, rstd)
         return output
@@ -427,7 +427,7 @@ class BatchNormFunction(torch.autograd.Function):
         g = grad_output.contiguous()
         affine = torch.ones_like(rstd) if weight is None else weight.to(rstd.dtype)
         # S_g = Σ g = dL/db, and Σ g (x - μ)
-        grad_bias, centered_dot = kernels.batch_norm_gradient_sums(g, x, mean)
+        grad_bias, centered_dot = _triton_ops.batch_norm_gradient_sums(g, x, mean)
         # dL/dw = Σ g x̂ = r Σ g (x - μ)
         grad_weight = rstd * centered_dot
         grad_input = None
@@ -437,7 +437,7 @@ class BatchNormFunction(torch.autograd.Function):
                 c1 = affine * grad_weight / count
                 c2 = affine * grad_bias / count
                 # dL/dx = (w r) g - (r² c_1) x + r (r c_1 μ - c_2)
-                grad_input = kernels.channel_affine(
+                grad_input = _triton_ops.channel_affine(
                     x,
                     (-rstd * rstd * c1).contiguous(),
                     (rstd * (rstd * c1 * mean - c2)).contiguous(),
@@ -446,7 +446,7 @@ class BatchNormFunction(torch.autograd.Function):
                 )
             else:
                 # dL/dx = (w r) g (μ and r are the running statistics, constants)
-                grad_input = kernels.channel_affine(
+                grad_input = _triton_ops.channel_affine(
                     g, (affine * rstd).contiguous(), torch.zeros_like(rstd)
                 )
         parameter_dtype = x.dtype if weight is None else weight.dtype

@@ -4,9 +4,10 @@ launch as one opaque op of known output shapes instead of tracing into Triton's 
 graph break, and under the interpreter a failure). The Triton-path Functions of
 :mod:`torchopt_lab.nn._triton` call these ops in their forward and backward.
 
-Registered: the bias + activation kernels and the class-index cross-entropy kernels (the ops a
-``Linear``/activation/``cross_entropy`` model runs). The other Triton-path kernels are still
-called directly and graph-break under ``torch.compile``.
+Registered: the bias + activation kernels, the class-index cross-entropy kernels and the
+batch-norm kernels (what an MLP or a CNN of Linear/Conv2d, BatchNorm, activations and
+cross_entropy runs). Softmax, layer norm, dropout and the class-probability cross-entropy kernels
+are still called directly and graph-break under ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -120,5 +121,60 @@ def _(
     weight: torch.Tensor | None,
     ignore_index: int,
     label_smoothing: float,
+) -> torch.Tensor:
+    return torch.empty_like(input)
+
+
+@torch.library.custom_op("torchopt_lab::batch_norm_statistics", mutates_args=())
+def batch_norm_statistics(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(μ, σ²)`` per channel of a contiguous ``[N, C, *]`` input on the Triton kernel."""
+    return _kernels.batch_norm_statistics(input)
+
+
+@batch_norm_statistics.register_fake
+def _(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = _statistics_dtype(input.dtype)
+    return input.new_empty(input.shape[1], dtype=dtype), input.new_empty(
+        input.shape[1], dtype=dtype
+    )
+
+
+@torch.library.custom_op("torchopt_lab::batch_norm_gradient_sums", mutates_args=())
+def batch_norm_gradient_sums(
+    grad_output: torch.Tensor, input: torch.Tensor, mean: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ g, Σ g (x - μ))`` per channel on the Triton kernel."""
+    return _kernels.batch_norm_gradient_sums(grad_output, input, mean)
+
+
+@batch_norm_gradient_sums.register_fake
+def _(
+    grad_output: torch.Tensor, input: torch.Tensor, mean: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = _statistics_dtype(input.dtype)
+    return input.new_empty(input.shape[1], dtype=dtype), input.new_empty(
+        input.shape[1], dtype=dtype
+    )
+
+
+@torch.library.custom_op("torchopt_lab::channel_affine", mutates_args=())
+def channel_affine(
+    input: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    second: torch.Tensor | None = None,
+    second_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``scale_c x + shift_c (+ second_scale_c second)`` per channel on the Triton kernel."""
+    return _kernels.channel_affine(input, scale, shift, second, second_scale)
+
+
+@channel_affine.register_fake
+def _(
+    input: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    second: torch.Tensor | None = None,
+    second_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return torch.empty_like(input)

@@ -41,6 +41,13 @@ def test_custom_ops_pass_opcheck() -> None:
             (torch.rand(4), logits, target, torch.logsumexp(logits, 1), None, -100, 0.1),
         ),
     ]
+    images, channel = torch.randn(2, 3, 4, 4), torch.randn(3)
+    checks += [
+        (_triton_ops.batch_norm_statistics, (images,)),
+        (_triton_ops.batch_norm_gradient_sums, (torch.randn(2, 3, 4, 4), images, channel)),
+        (_triton_ops.channel_affine, (images, channel, torch.randn(3))),
+        (_triton_ops.channel_affine, (images, channel, channel, torch.randn(2, 3, 4, 4), channel)),
+    ]
     for op, args in checks:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
@@ -51,8 +58,22 @@ def _mlp() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     return model, (torch.randn(4, 6), torch.tensor([0, 2, 1, 2]))
 
 
-def test_triton_path_model_compiles_to_one_graph_and_matches_eager() -> None:
-    model, (x, target) = _mlp()
+def _cnn() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 3, 3),
+        nn.BatchNorm2d(3),
+        nn.GELU(),
+    )
+    return model, (torch.randn(2, 2, 5, 5), torch.tensor([[[0, 2, 1]] * 3] * 2))
+
+
+@pytest.mark.parametrize("build", [_mlp, _cnn], ids=["mlp", "cnn"])
+def test_triton_path_model_compiles_to_one_graph_and_matches_eager(build) -> None:
+    model, (x, target) = build()
 
     def loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(x), target)
