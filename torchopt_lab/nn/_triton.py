@@ -166,8 +166,7 @@ class SoftmaxFunction(torch.autograd.Function):
         ctx: Any, input: torch.Tensor, dim: int, dtype: torch.dtype | None, log: bool
     ) -> torch.Tensor:
         ctx.options = (dim, log, input.dtype)
-        output, _ = kernels.softmax_forward(input if dtype is None else input.to(dtype), dim, log)
-        output = output.contiguous()
+        output = _triton_ops.softmax_forward(input if dtype is None else input.to(dtype), dim, log)
         ctx.save_for_backward(output)
         return output
 
@@ -178,7 +177,7 @@ class SoftmaxFunction(torch.autograd.Function):
         (output,) = ctx.saved_tensors
         dim, log, input_dtype = ctx.options
         # dL/dx = y (g - Σ g y), or g - exp(y) Σ g for log-softmax
-        grad_input = kernels.softmax_backward(grad_output, output, dim, log).to(input_dtype)
+        grad_input = _triton_ops.softmax_backward(grad_output, output, dim, log).to(input_dtype)
         return grad_input, None, None, None
 
 
@@ -336,7 +335,7 @@ class LayerNormFunction(torch.autograd.Function):
         # float32 parameters of a float16/bfloat16 input are read in the input's dtype
         flat_weight = None if weight is None else weight.to(input.dtype).contiguous().reshape(width)
         flat_bias = None if bias is None else bias.to(input.dtype).contiguous().reshape(width)
-        output, mean, rstd = kernels.layer_norm_forward(rows, flat_weight, flat_bias, eps)
+        output, mean, rstd = _triton_ops.layer_norm_forward(rows, flat_weight, flat_bias, eps)
         ctx.shapes = (input.shape, input.shape[input.dim() - normalized_dims :])
         ctx.save_for_backward(rows, flat_weight, mean, rstd)
         return output.reshape(input.shape)
@@ -349,7 +348,7 @@ class LayerNormFunction(torch.autograd.Function):
         input_shape, normalized_shape = ctx.shapes
         parameters = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         # dL/dx = r (w g - x̂ c_1 - c_2); dL/dw = Σ g x̂, dL/db = Σ g (partial sums, added)
-        grad_input, grad_weight, grad_bias = kernels.layer_norm_backward(
+        grad_input, grad_weight, grad_bias = _triton_ops.layer_norm_backward(
             grad_output.contiguous().reshape(rows.shape), rows, weight, mean, rstd, parameters
         )
         grad_weight = grad_weight.reshape(normalized_shape) if ctx.needs_input_grad[2] else None

@@ -4,15 +4,15 @@ launch as one opaque op of known output shapes instead of tracing into Triton's 
 graph break, and under the interpreter a failure). The Triton-path Functions of
 :mod:`torchopt_lab.nn._triton` call these ops in their forward and backward.
 
-Registered: the bias + activation kernels, the class-index cross-entropy kernels and the
-batch-norm kernels (what an MLP or a CNN of Linear/Conv2d, BatchNorm, activations and
-cross_entropy runs). Softmax, layer norm, dropout and the class-probability cross-entropy kernels
+Registered: the bias + activation, class-index cross-entropy, batch-norm, softmax and layer-norm
+kernels. Dropout (its seed is drawn on the host) and the class-probability cross-entropy kernels
 are still called directly and graph-break under ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 
 import torch
 
@@ -178,3 +178,80 @@ def _(
     second_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return torch.empty_like(input)
+
+
+@torch.library.custom_op("torchopt_lab::softmax_forward", mutates_args=())
+def softmax_forward(input: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+    """``softmax(input, dim)`` (``log_softmax`` when ``log``) on the row kernel, contiguous."""
+    return _kernels.softmax_forward(input, dim, log)[0].contiguous()
+
+
+@softmax_forward.register_fake
+def _(input: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+    return input.new_empty(input.shape)
+
+
+@torch.library.custom_op("torchopt_lab::softmax_backward", mutates_args=())
+def softmax_backward(
+    grad_output: torch.Tensor, output: torch.Tensor, dim: int, log: bool
+) -> torch.Tensor:
+    """``dL/dx`` of (log-)softmax on the row kernel, contiguous."""
+    return _kernels.softmax_backward(grad_output, output, dim, log).contiguous()
+
+
+@softmax_backward.register_fake
+def _(grad_output: torch.Tensor, output: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+    return output.new_empty(output.shape)
+
+
+@torch.library.custom_op("torchopt_lab::layer_norm_forward", mutates_args=())
+def layer_norm_forward(
+    input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, μ, r)`` normalising the last dimension of contiguous rows on the Triton kernel."""
+    return _kernels.layer_norm_forward(input, weight, bias, eps)
+
+
+@layer_norm_forward.register_fake
+def _(
+    input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = math.prod(input.shape[:-1])
+    dtype = _statistics_dtype(input.dtype)
+    return (
+        torch.empty_like(input),
+        input.new_empty(rows, dtype=dtype),
+        input.new_empty(rows, dtype=dtype),
+    )
+
+
+@torch.library.custom_op("torchopt_lab::layer_norm_backward", mutates_args=())
+def layer_norm_backward(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    compute_parameter_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dL/dx, dL/dw, dL/db)`` on the Triton kernels; the parameter gradients are empty unless
+    ``compute_parameter_grads``."""
+    grad_input, grad_weight, grad_bias = _kernels.layer_norm_backward(
+        grad_output, input, weight, mean, rstd, compute_parameter_grads
+    )
+    if grad_weight is None:
+        return grad_input, input.new_empty(0), input.new_empty(0)
+    return grad_input, grad_weight, grad_bias
+
+
+@layer_norm_backward.register_fake
+def _(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    compute_parameter_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    columns = input.shape[-1] if compute_parameter_grads else 0
+    return torch.empty_like(input), input.new_empty(columns), input.new_empty(columns)

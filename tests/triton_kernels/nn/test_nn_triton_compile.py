@@ -48,13 +48,26 @@ def test_custom_ops_pass_opcheck() -> None:
         (_triton_ops.channel_affine, (images, channel, torch.randn(3))),
         (_triton_ops.channel_affine, (images, channel, channel, torch.randn(2, 3, 4, 4), channel)),
     ]
+    rows, width = torch.randn(4, 5), torch.randn(5)
+    mean, rstd = rows.mean(1), torch.rsqrt(rows.var(1, correction=0) + 1e-5)
+    checks += [
+        (_triton_ops.softmax_forward, (torch.randn(3, 4, 5), 1, False)),
+        (_triton_ops.softmax_forward, (torch.randn(3, 4), -1, True)),
+        (_triton_ops.softmax_backward, (torch.randn(3, 4), torch.softmax(x[:, :4], 1), 1, False)),
+        (_triton_ops.layer_norm_forward, (rows, width, torch.randn(5), 1e-5)),
+        (_triton_ops.layer_norm_forward, (rows, None, None, 1e-3)),
+        (_triton_ops.layer_norm_backward, (torch.randn(4, 5), rows, width, mean, rstd, True)),
+        (_triton_ops.layer_norm_backward, (torch.randn(4, 5), rows, None, mean, rstd, False)),
+    ]
     for op, args in checks:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def _mlp() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 3))
+    model = nn.Sequential(
+        nn.Linear(6, 8), nn.ReLU(), nn.LayerNorm(8), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 3)
+    )
     return model, (torch.randn(4, 6), torch.tensor([0, 2, 1, 2]))
 
 
