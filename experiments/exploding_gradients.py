@@ -70,7 +70,7 @@ def build(config: Config) -> nn.Sequential:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = common.parse_config(Config, argv, SMOKE, __doc__)
+    config, smoke = common.parse_config(Config, argv, SMOKE, __doc__)
     out = common.start(NAME, CLAIM, config)
     data = load_digits_split(seed=config.seed)
     loss_fn = nn.CrossEntropyLoss()
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode in MODES[1:]
         ),
     ]
-    return common.verdict(supported, evidence, out, figure_path)
+    return common.verdict(supported, evidence, out, figure_path, smoke=smoke)
 
 
 if __name__ == "__main__":

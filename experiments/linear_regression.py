@@ -52,10 +52,12 @@ class Config:
 
 
 SMOKE = {"steps": 150}
+# Knobs whose bounds differ from "> 0 like their default" (see common.parse_config).
+BOUNDS = {"true_weight": "any", "true_bias": "any", "noise": ">=0"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = common.parse_config(Config, argv, SMOKE, __doc__)
+    config, smoke = common.parse_config(Config, argv, SMOKE, __doc__, BOUNDS)
     out = common.start(NAME, CLAIM, config)
     common.seed_everything(config.seed)
 
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         out,
         figure_path,
+        smoke=smoke,
     )
 
 

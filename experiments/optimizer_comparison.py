@@ -39,10 +39,12 @@ class Config:
 
 
 SMOKE = {"epochs": 1, "batch_size": 64}
+# Knobs whose bounds differ from "> 0 like their default" (see common.parse_config).
+BOUNDS = {"min_accuracy": "(0,1]"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = common.parse_config(Config, argv, SMOKE, __doc__)
+    config, smoke = common.parse_config(Config, argv, SMOKE, __doc__, BOUNDS)
     out = common.start(NAME, CLAIM, config)
     comparison = run_comparison(
         CompareConfig(
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         comparison.run_dir,
         comparison.plot_path,
+        smoke=smoke,
     )
 
 

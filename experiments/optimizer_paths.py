@@ -114,7 +114,7 @@ def descend(
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = common.parse_config(Config, argv, SMOKE, __doc__)
+    config, smoke = common.parse_config(Config, argv, SMOKE, __doc__)
     out = common.start(NAME, CLAIM, config)
     exponents = range(
         round(math.log10(config.lr_min) * config.per_decade),
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         f"claim 2 (quadratic: all >= {config.quadratic_margin:g}x below SGD): "
         + ("yes" if claim_2 else "no"),
     ]
-    return common.verdict(claim_1 and claim_2, evidence, out, figure_path)
+    return common.verdict(claim_1 and claim_2, evidence, out, figure_path, smoke=smoke)
 
 
 if __name__ == "__main__":

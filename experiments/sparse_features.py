@@ -61,6 +61,8 @@ class Config:
 
 
 SMOKE = {"steps": 50, "per_decade": 1}
+# Knobs whose bounds differ from "> 0 like their default" (see common.parse_config).
+BOUNDS = {"noise": ">=0", "p_frequent": "(0,1]", "p_rare": "(0,1]"}
 
 
 class Problem:
@@ -132,7 +134,7 @@ def train(problem: Problem, name: str, lr: float, config: Config, log_dir=None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = common.parse_config(Config, argv, SMOKE, __doc__)
+    config, smoke = common.parse_config(Config, argv, SMOKE, __doc__, BOUNDS)
     out = common.start(NAME, CLAIM, config)
     problem = Problem(config)
     exponents = range(
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("adagrad", "rmsprop")
     ]
     supported = beats_sgd("adagrad") and beats_sgd("rmsprop")
-    return common.verdict(supported, evidence, out, figure_path)
+    return common.verdict(supported, evidence, out, figure_path, smoke=smoke)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ class Config:
 
 
 SMOKE = {"epochs": 2, "min_accuracy": 0.5}
+# Knobs whose bounds differ from "> 0 like their default" (see common.parse_config).
+BOUNDS = {"min_accuracy": "(0,1]"}
 
 
 def build(layers, hidden: int, softmax: bool = False):
@@ -63,7 +65,7 @@ def build(layers, hidden: int, softmax: bool = False):
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = common.parse_config(Config, argv, SMOKE, __doc__)
+    config, smoke = common.parse_config(Config, argv, SMOKE, __doc__, BOUNDS)
     out = common.start(NAME, CLAIM, config)
     common.seed_everything(config.seed)
     dtype = getattr(torch, config.dtype)
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         out,
         figure_path,
+        smoke=smoke,
     )
 
 

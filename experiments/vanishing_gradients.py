@@ -59,6 +59,8 @@ class Config:
 
 
 SMOKE = {"steps": 30, "probe_every": 10}
+# Knobs whose bounds differ from "> 0 like their default" (see common.parse_config).
+BOUNDS = {"depth": ">=2"}
 
 
 class DeepMLP(torch.nn.Module):
@@ -99,7 +101,7 @@ def layer_norms(model: DeepMLP, loss_fn, inputs, labels) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = common.parse_config(Config, argv, SMOKE, __doc__)
+    config, smoke = common.parse_config(Config, argv, SMOKE, __doc__, BOUNDS)
     out = common.start(NAME, CLAIM, config)
     data = load_digits_split(seed=config.seed)
     probe_inputs, probe_labels = data.train_inputs[:512], data.train_labels[:512]
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "pre-activation does not lift sigmoid's f' <= 1/4 per layer",
         *(f"claim {name}: {'yes' if ok else 'no'}" for name, ok in claims.items()),
     ]
-    return common.verdict(all(claims.values()), evidence, out, figure_path)
+    return common.verdict(all(claims.values()), evidence, out, figure_path, smoke=smoke)
 
 
 if __name__ == "__main__":

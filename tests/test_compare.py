@@ -41,7 +41,10 @@ def comparison(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, Path
     logdir = tmp_path_factory.mktemp("runs")
     argv = ["compare", "--epochs", str(EPOCHS), "--batch-size", str(BATCH_SIZE)]
     argv += ["--eval-every", str(EVAL_EVERY), "--logdir", str(logdir), "--no-progress"]
-    argv += ["--lr", "adam=0.002", "sgd=0.05"]
+    # Lion's tuned lr (1e-4) moves each weight by at most 2e-3 in these 22 steps, and RAdam warms
+    # up (its first steps are damped momentum SGD): too little to leave chance, so this short run
+    # gives them larger ones, as it does Adam and SGD.
+    argv += ["--lr", "adam=0.002", "sgd=0.05", "lion=0.001", "radam=0.01"]
     printed = StringIO()
     threads = torch.get_num_threads()
     with redirect_stdout(printed):
@@ -74,7 +77,7 @@ def test_compare_exits_zero_and_prints_a_row_per_optimizer(comparison) -> None:
 def test_compare_writes_one_run_per_optimizer_with_the_promised_tags(comparison) -> None:
     _, _, run_dir = comparison
     assert sorted(path.name for path in run_dir.iterdir() if path.is_dir()) == sorted(OPTIMIZERS)
-    expected_lr = {**DEFAULT_LR, "adam": 0.002, "sgd": 0.05}
+    expected_lr = {**DEFAULT_LR, "adam": 0.002, "sgd": 0.05, "lion": 0.001, "radam": 0.01}
     first_losses = {}
     for name in OPTIMIZERS:
         run = read_run(run_dir / name)
@@ -141,7 +144,7 @@ def test_compare_writes_results_json(comparison) -> None:
         (["--lr", "adamw=0.1"], "invalid --lr 'adamw=0.1'"),
         (["--lr", "adam=-1"], "the learning rate must be > 0"),
         (["--lr", "adam"], "expected NAME=VALUE"),
-        (["--optimizers", "lion"], "invalid choice: 'lion'"),
+        (["--optimizers", "shampoo"], "invalid choice: 'shampoo'"),
     ],
 )
 def test_compare_rejects_bad_arguments(argv, message, capsys) -> None:
@@ -157,18 +160,105 @@ def test_compare_rejects_bad_arguments(argv, message, capsys) -> None:
         (["--epochs", "0"], "Invalid epochs: 0"),
         (["--batch-size", "5000"], "Invalid batch_size: 5000"),
         (["--hidden", "0"], "Invalid hidden widths: (0,)"),
-        (["--device", "gpu0"], "Invalid device: 'gpu0'"),
+        (["--device", "gpu0"], "invalid --device 'gpu0'"),
+        (["--target-loss", "-1"], "Invalid target_loss: -1.0"),
+        (["--target-loss", "inf"], "Invalid target_loss: inf"),
+        (["--seed", "-1"], "Invalid seed: -1"),
+        (["--lr", "adam=3e-3", "--optimizers", "sgd"], "--lr adam=0.003: adam is not among"),
+        (["--lr", "sgd=0.1", "--lr", "sgd=0.2"], "--lr gives sgd twice: sgd=0.1 and sgd=0.2"),
     ],
 )
 def test_compare_reports_bad_budgets_without_a_traceback(argv, message, tmp_path, capsys) -> None:
     code = cli.main(["compare", "--logdir", str(tmp_path), "--no-progress", *argv])
     assert code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("torchopt-lab compare: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not list(tmp_path.iterdir()), "nothing is written for a refused command"
+
+
+def test_compare_refuses_a_logdir_that_is_a_file_naming_it(tmp_path, capsys) -> None:
+    for logdir in (tmp_path / "a-file", tmp_path / "a-file" / "below"):
+        (tmp_path / "a-file").write_text("not a directory")
+        code = cli.main(["compare", "--logdir", str(logdir), "--no-progress", "--epochs", "1"])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("torchopt-lab compare: error: Invalid logdir: ")
+        assert repr(str(logdir)) in err and err.count("\n") == 1, err
+
+
+def test_compare_on_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path, capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the refusal needs a machine without it")
+    assert cli.main(["compare", "--device", "cuda", "--logdir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(
+        "torchopt-lab compare: error: invalid --device 'cuda'"
+    )
+
+
+def test_a_learning_rate_given_with_repeated_lr_flags_is_kept() -> None:
+    args = cli.build_parser().parse_args(["compare", "--lr", "sgd=0.2", "--lr", "adam=0.01"])
+    assert args.lr == [("sgd", 0.2), ("adam", 0.01)]
+
+
+def test_results_json_is_written_atomically(tmp_path, monkeypatch) -> None:
+    """A run killed while writing results.json leaves no truncated file behind."""
+    original = Path.write_text
+
+    def killed_halfway(self: Path, data: str, *args, **kwargs) -> int:
+        original(self, data[: len(data) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_halfway)
+    argv = ["compare", "--optimizers", "sgd", "--epochs", "1", "--eval-every", "1000"]
+    with pytest.raises(KeyboardInterrupt), redirect_stdout(StringIO()):
+        cli.main([*argv, "--logdir", str(tmp_path), "--no-progress"])
+    (run_dir,) = tmp_path.iterdir()
+    assert sorted(path.name for path in run_dir.iterdir()) == ["compare.png", "sgd"]
+
+
+def test_the_plot_gives_each_optimizer_its_marker_and_labels_the_target_line(comparison) -> None:
+    """SGD and Momentum take nearly the same path: colour alone lets one hide the other."""
+    from matplotlib import pyplot
+
+    from torchopt_lab.compare import OptimizerResult, figure_of
+
+    _, _, run_dir = comparison
+    report = json.loads((run_dir / "results.json").read_text())
+    results = {name: OptimizerResult(**result) for name, result in report["results"].items()}
+    figure = figure_of(results, target_loss=0.1)
+    try:
+        loss_axes, accuracy_axes = figure.axes
+        curves = [line for line in loss_axes.get_lines() if len(line.get_xdata()) > 0]
+        curves = [line for line in curves if len(line.get_xdata()) > 2]  # not the target line
+        markers = [line.get_marker() for line in curves]
+        assert len(curves) == 2 * len(results)  # train and validation per optimizer
+        assert len(set(markers)) == len(results) and "None" not in markers
+        offsets = {line.get_marker(): line.get_markevery() for line in curves}
+        assert len({offset for offset, _ in offsets.values()}) == len(results), offsets
+        legend = [text.get_text() for text in loss_axes.get_legend().get_texts()]
+        assert "target train loss 0.1" in legend
+        labels = [text.get_text() for text in accuracy_axes.get_legend().get_texts()]
+        assert labels == [f"{name} (lr={result.lr:g})" for name, result in results.items()]
+    finally:
+        pyplot.close(figure)
+
+
+def test_version_prints_the_package_version(capsys) -> None:
+    from importlib.metadata import version
+
+    import torchopt_lab
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"torchopt-lab {torchopt_lab.__version__}\n"
+    assert torchopt_lab.__version__ == version("torchopt-lab")
 
 
 def test_config_rejects_unknown_optimizer_and_bad_lr() -> None:
-    with pytest.raises(ValueError, match=r"Invalid optimizers: \['lion'\]"):
-        CompareConfig(optimizers=("lion",))
+    with pytest.raises(ValueError, match=r"Invalid optimizers: \['shampoo'\]"):
+        CompareConfig(optimizers=("shampoo",))
     with pytest.raises(ValueError, match="Invalid learning rate for sgd: 0"):
         CompareConfig(lr={"sgd": 0})
 

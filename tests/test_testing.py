@@ -3,6 +3,8 @@ passes a correct one."""
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 import pytest
@@ -225,3 +227,92 @@ def test_once_differentiable_path_must_raise_when_differentiated_twice(fn, passe
     )
     assert report["gradgradcheck"].passed is passes
     assert report.passed is passes
+
+
+class WrongAtOneElement(Sin):
+    """Backward off by 1.47 * grad_output at element [4, 3] only."""
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        result = grad * x.cos()
+        result[4, 3] += 1.47 * grad[4, 3]
+        return result
+
+
+def numbers(line: str) -> dict[str, float]:
+    """The values after "expected" and "got" in a report line."""
+    found = re.search(r"expected (\S+?)(?: \(finite differences\))?, got (\S+?)[ ;]", line)
+    assert found, line
+    return {"expected": float(found.group(1)), "got": float(found.group(2))}
+
+
+def test_a_wrong_backwards_report_is_one_screen_with_the_worst_element_and_a_diagnosis() -> None:
+    x = torch.randn(6, 5, requires_grad=True, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(CheckFailed) as failure:
+        check_function(WrongAtOneElement.apply, x, reference=torch.sin)
+    text = str(failure.value)
+    lines = text.splitlines()
+    # One line per check, plus a diagnosis per failure: no Jacobians, no torch frames.
+    assert len(lines) == 1 + len(CHECKS) + 3, text
+    assert "tensor(" not in text and "gradcheck.py" not in text and "Traceback" not in text
+    assert lines[0] == "check_function(WrongAtOneElement.apply): FAILED 3 of 9 checks"
+    derivative = math.cos(x[4, 3].item())
+    gradcheck_line = lines[1]
+    assert gradcheck_line.startswith("  FAIL gradcheck: d output 0[4, 3] / d input 0[4, 3]: ")
+    assert "1 of 900 Jacobian entries differ beyond rtol 1e-05, atol 1e-06" in gradcheck_line
+    values = numbers(gradcheck_line)  # printed to 6 significant digits
+    assert values["expected"] == pytest.approx(derivative, rel=1e-5)
+    assert values["got"] == pytest.approx(derivative + 1.47, rel=1e-5)
+    assert lines[2] == (
+        "      diagnosis: only 1 of 900 entries differ: look for an indexing or boundary error"
+    )
+    assert lines[4].startswith("  FAIL reference_float64: gradient[0] at [4, 3]: expected ")
+    assert "1 of 30 elements differ beyond rtol 1e-10, atol 1e-12" in lines[4]
+    values = numbers(lines[4])  # grad_output * derivative, without and with the error
+    assert values["got"] - values["expected"] == pytest.approx(
+        1.47 * values["expected"] / derivative, rel=1e-4
+    )
+    assert lines[5].startswith("      diagnosis: only 1 of 30 elements differ")
+
+
+def test_the_full_jacobians_are_kept_and_printed_only_when_asked() -> None:
+    x = torch.randn(6, 5, requires_grad=True)
+    quiet = check_function(WrongAtOneElement.apply, x, checks=["gradcheck"], raise_on_failure=False)
+    assert "numerical:" not in str(quiet)
+    assert "numerical:" in quiet["gradcheck"].details
+    assert "analytical:" in quiet["gradcheck"].details
+    loud = check_function(
+        WrongAtOneElement.apply, x, checks=["gradcheck"], raise_on_failure=False, verbose=True
+    )
+    assert "numerical:" in str(loud) and "analytical:" in str(loud)
+    assert len(str(loud).splitlines()) > 100
+
+
+def test_a_constant_factor_and_a_missing_second_derivative_are_diagnosed() -> None:
+    x = torch.randn(3, 4, requires_grad=True)
+    scaled = check_function(ScaledBackward.apply, x, reference=torch.sin, raise_on_failure=False)
+    for name in ("gradcheck", "reference_float64"):
+        assert "diagnosis: ours is 1.001 x the expected value at all" in scaled[name].message
+    once = check_function(
+        OnceDifferentiable.apply, x, checks=["gradgradcheck"], raise_on_failure=False
+    )
+    assert once["gradgradcheck"].message.startswith("d first derivative 0[")
+    assert "got 0 (backward)" in once["gradgradcheck"].message
+    assert "diagnosis: ours is 0 where the expected value is not" in once["gradgradcheck"].message
+
+
+def test_an_exception_is_one_line_at_the_code_under_test_not_torchs_frames() -> None:
+    report = check_function(
+        FailsOnEmpty.apply,
+        torch.randn(3, 4, requires_grad=True),
+        zero_size_inputs=(torch.randn(0, 4, requires_grad=True),),
+        checks=["zero_size"],
+        raise_on_failure=False,
+    )
+    message = report["zero_size"].message
+    assert "\n" not in message and message.startswith("raised RuntimeError: max(): ")
+    assert message.endswith(
+        f"(at {__file__}:{FailsOnEmpty.backward.__code__.co_firstlineno + 2} in backward)"
+    )
+    assert "Traceback" in report["zero_size"].details

@@ -1,11 +1,16 @@
 """The ``torchopt-lab`` command. Each subcommand lives in its own module, which provides
-``add_arguments(parser)`` and ``run(args) -> int``."""
+``add_arguments(parser)`` and ``run(args) -> int``; ``run`` raises
+:class:`torchopt_lab._arguments.UsageError` for bad input found after parsing, which ends the
+command with one line on stderr and exit status 2, as argparse's own errors do."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from torchopt_lab import __version__
+from torchopt_lab._arguments import UsageError
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -37,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="torchopt-lab",
         description="torchopt-lab: optimizer experiments and benchmarks against PyTorch.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
@@ -52,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except UsageError as error:
+        print(f"torchopt-lab {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ The checks, in order (see :data:`CHECKS`):
 ``backward_twice``
     Backward run twice with ``retain_graph=True`` gives the same gradients both times.
 
+:func:`check_optimizer` does the same for an optimizer (see :data:`OPTIMIZER_CHECKS`): it holds
+one to a reference optimizer class or a plain-torch function, step for step.
+
 Example::
 
     from torchopt_lab.testing import check_function
@@ -40,24 +43,40 @@ Example::
     x = torch.randn(4, 3, requires_grad=True)
     report = check_function(MySoftplus.apply, x, reference=torch.nn.functional.softplus)
     print(report)  # one line per check; raises CheckFailed listing every failure
+
+A failing check reports its worst element (where, the expected value, ours) and a one-line
+diagnosis, e.g.::
+
+    FAIL gradcheck: d output 0[4, 3] / d input 0[4, 3]: expected 0.661 (finite differences), got
+          2.15 (backward); 1 of 900 Jacobian entries differ beyond rtol 1e-05, atol 1e-06
+          diagnosis: only 1 of 900 entries differ: look for an indexing or boundary error
+
+torch's full message (both Jacobians) and tracebacks are kept in :attr:`CheckResult.details`;
+``check_function(..., verbose=True)`` prints them too.
 """
 
 from __future__ import annotations
 
+import copy
+import math
+import os
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.autograd.gradcheck import GradcheckError
 
 __all__ = [
     "CHECKS",
     "DEFAULT_TOLERANCES",
+    "OPTIMIZER_CHECKS",
     "CheckFailed",
     "CheckReport",
     "CheckResult",
     "check_function",
+    "check_optimizer",
 ]
 
 CHECKS: tuple[str, ...] = (
@@ -85,11 +104,14 @@ class CheckFailed(AssertionError):
 
 @dataclass(frozen=True)
 class CheckResult:
-    """The outcome of one check: ``passed`` is None when the check was skipped."""
+    """The outcome of one check: ``passed`` is None when the check was skipped. ``message`` is
+    short (a failure: the worst element and a diagnosis); ``details`` holds the rest, e.g.
+    torch's full gradcheck message with both Jacobians, or a traceback."""
 
     name: str
     passed: bool | None
     message: str = ""
+    details: str = ""
 
     def __str__(self) -> str:
         status = {True: "PASS", False: "FAIL", None: "SKIP"}[self.passed]
@@ -98,10 +120,14 @@ class CheckResult:
 
 @dataclass
 class CheckReport:
-    """Every check run on one function, in order."""
+    """Every check run on one function, in order. ``verbose``: ``str(report)`` adds each
+    result's ``details``."""
 
     function: str
     results: list[CheckResult] = field(default_factory=list)
+    # Which harness produced the report: "check_function" or "check_optimizer".
+    harness: str = "check_function"
+    verbose: bool = False
 
     @property
     def passed(self) -> bool:
@@ -122,8 +148,13 @@ class CheckReport:
         return [result.name for result in self.results]
 
     def __str__(self) -> str:
-        lines = [f"check_function({self.function}): {'passed' if self.passed else 'FAILED'}"]
-        lines += [f"  {result}" for result in self.results]
+        failed = len(self.failures)
+        status = "passed" if self.passed else f"FAILED {failed} of {len(self.results)} checks"
+        lines = [f"{self.harness}({self.function}): {status}"]
+        for result in self.results:
+            lines.append(f"  {result}")
+            if self.verbose and result.details:
+                lines += [f"      {line}" for line in result.details.splitlines()]
         return "\n".join(lines)
 
 
@@ -141,6 +172,7 @@ def check_function(
     seed: int = 0,
     double_backward: bool = True,
     raise_on_failure: bool = True,
+    verbose: bool = False,
 ) -> CheckReport:
     """Run the checks named in ``checks`` (default: all of :data:`CHECKS`) on ``fn(*inputs)``.
 
@@ -164,6 +196,9 @@ def check_function(
             must raise when differentiated twice.
         raise_on_failure: raise :class:`CheckFailed` listing every failure after all checks ran;
             with False, only return the report.
+        verbose: print each failure's details too (torch's full gradcheck message with both
+            Jacobians, tracebacks); by default a failure is its worst element and a diagnosis,
+            and the details stay in :attr:`CheckResult.details`.
 
     Returns:
         a :class:`CheckReport` with one :class:`CheckResult` per check.
@@ -193,18 +228,19 @@ def check_function(
         seed=seed,
         double_backward=double_backward,
     )
-    report = CheckReport(_name(fn))
+    report = CheckReport(_name(fn), verbose=verbose)
     # Every device's RNG: the reseeding before each call (torch.manual_seed) touches them all.
     with torch.random.fork_rng():
         for name in selected:
+            details = ""
             try:
-                passed, message = _CHECK_FUNCTIONS[name](context)
+                passed, message, *rest = _CHECK_FUNCTIONS[name](context)
+                details = rest[0] if rest else ""
             except Exception as error:  # a crash inside fn is a failed check, reported by name
                 passed = False
-                message = f"raised {type(error).__name__}: {error}\n" + "".join(
-                    traceback.format_exception(error)[-3:]
-                )
-            report.results.append(CheckResult(name, passed, message))
+                message = _raised(error)
+                details = "".join(traceback.format_exception(error))
+            report.results.append(CheckResult(name, passed, message, details))
     if raise_on_failure and not report.passed:
         raise CheckFailed(str(report))
     return report
@@ -313,11 +349,112 @@ def _compare(
         try:
             torch.testing.assert_close(mine, theirs, rtol=rtol, atol=atol, equal_nan=True)
         except AssertionError as error:
-            problems.append(f"{what}[{index}]: {error}")
+            worst = _worst_element(mine, theirs, rtol, atol)
+            if worst is None:  # dtype, shape or device: assert_close's first line says which
+                problems.append(f"{what}[{index}]: {str(error).strip().splitlines()[0]}")
+            else:
+                problems.append(f"{what}[{index}] {worst}")
     return "\n".join(problems)
 
 
-def _run_gradcheck(context: _Context, second_order: bool) -> tuple[bool, str]:
+_TORCH_DIRECTORY = os.path.dirname(torch.__file__)
+
+
+def _raised(error: BaseException) -> str:
+    """One line for an exception: its type, the first line of its message, and the innermost
+    frame outside torch and this harness (the code under test), never torch's own frames."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else ""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if not frame.filename.startswith(_TORCH_DIRECTORY) and frame.filename != __file__
+    ]
+    where = ""
+    if frames:
+        where = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})"
+    return f"raised {type(error).__name__}: {first}{where}"
+
+
+def _format_index(flat: int, shape: Sequence[int]) -> str:
+    """``[i, j, ...]`` of a flat (row-major) position in ``shape``; "" for a scalar."""
+    index = []
+    for size in reversed(shape):
+        index.append(flat % size)
+        flat //= size
+    return "[" + ", ".join(str(i) for i in reversed(index)) + "]" if index else ""
+
+
+def _differing(
+    got: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``got`` and ``expected`` as flat float64 CPU tensors, and the mask of elements that are
+    not close (``torch.isclose``, NaN equal to NaN)."""
+    got = got.detach().to("cpu", torch.float64).reshape(-1)
+    expected = expected.detach().to("cpu", torch.float64).reshape(-1)
+    return got, expected, ~torch.isclose(got, expected, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def _worst_position(got: torch.Tensor, expected: torch.Tensor, bad: torch.Tensor) -> int:
+    """The flat position of the greatest absolute difference among the differing elements
+    (a NaN or infinite difference counts as the greatest)."""
+    difference = (got - expected).abs().nan_to_num(nan=math.inf)
+    return int(torch.where(bad, difference, -1.0).argmax())
+
+
+def _diagnosis(got: torch.Tensor, expected: torch.Tensor, bad: torch.Tensor, unit: str) -> str:
+    """One line on how the differing elements (``unit``: what they are) differ: non-finite,
+    zero, a constant factor, a few of them, or no simple pattern."""
+    ours, theirs = got[bad], expected[bad]
+    count, total = int(bad.sum()), bad.numel()
+    if not torch.isfinite(ours).all() and torch.isfinite(theirs).all():
+        return "ours is NaN or infinite where the expected value is finite"
+    if not torch.isfinite(theirs).all():
+        return "the expected value is NaN or infinite where ours is not (or not the same)"
+    if (ours == 0).all():
+        return (
+            "ours is 0 where the expected value is not: a missing term, or a path that does not "
+            "reach the input"
+        )
+    if (theirs == 0).all():
+        return "ours is not 0 where the expected value is: a term or a mask too many"
+    if count >= 2 and (theirs != 0).all():
+        ratio = ours / theirs
+        if (ratio.max() - ratio.min()).abs() <= 1e-6 * ratio.abs().max():
+            factor = float(ratio.mean())
+            if abs(factor + 1) <= 1e-6:
+                return f"ours is minus the expected value at all {count} differing {unit}: a sign"
+            return (
+                f"ours is {factor:.6g} x the expected value at all {count} differing {unit}: a "
+                "wrong constant factor"
+            )
+    if count <= max(1, total // 10):
+        return f"only {count} of {total} {unit} differ: look for an indexing or boundary error"
+    return f"{count} of {total} {unit} differ, by no constant factor"
+
+
+def _worst_element(
+    got: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float
+) -> str | None:
+    """Where two tensors of one shape and dtype differ most, with a diagnosis; None when their
+    shapes or dtypes differ (assert_close's message says so) or nothing differs."""
+    if got.shape != expected.shape or got.dtype != expected.dtype:
+        return None
+    flat_got, flat_expected, bad = _differing(got, expected, rtol, atol)
+    if not bad.any():
+        return None
+    worst = _worst_position(flat_got, flat_expected, bad)
+    return (
+        f"at {_format_index(worst, got.shape) or '(scalar)'}: expected "
+        f"{float(flat_expected[worst]):.6g}, got {float(flat_got[worst]):.6g}; "
+        f"{int(bad.sum())} of {bad.numel()} elements differ beyond rtol {rtol:g}, "
+        f"atol {atol:g}\n      diagnosis: " + _diagnosis(flat_got, flat_expected, bad, "elements")
+    )
+
+
+def _run_gradcheck(
+    context: _Context, second_order: bool
+) -> tuple[bool, str] | tuple[bool, str, str]:
     inputs = _copies(context.inputs, torch.float64)
     positions = [i for i, value in enumerate(inputs) if _is_differentiable(value)]
 
@@ -327,12 +464,118 @@ def _run_gradcheck(context: _Context, second_order: bool) -> tuple[bool, str]:
             arguments[position] = tensor
         return context.call(context.fn, arguments)
 
-    check = torch.autograd.gradgradcheck if second_order else torch.autograd.gradcheck
-    check(bound, tuple(inputs[i] for i in positions), **context.gradcheck_options)
+    differentiated = tuple(inputs[i] for i in positions)
+    input_names = [f"input {i}" for i in positions]
+    if second_order:
+        # What gradgradcheck checks: the first derivative as a function of the inputs and of
+        # grad_output, differentiated once more. The same grad_outputs go to torch's check and
+        # to the diagnosis.
+        outputs = _floating(bound(*differentiated))
+        grad_outputs = [go.requires_grad_() for go in _grad_outputs(outputs, context.seed)]
+        count = len(differentiated)
+
+        def first_derivative(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            results = _floating(bound(*tensors[:count]))
+            grads = torch.autograd.grad(
+                results, tensors[:count], tensors[count:], create_graph=True, allow_unused=True
+            )
+            return tuple(grad for grad in grads if grad is not None)
+
+        checked, checked_inputs = first_derivative, (*differentiated, *grad_outputs)
+        input_names += [f"grad_output {i}" for i in range(len(grad_outputs))]
+        output_name = "first derivative {}"
+    else:
+        checked, checked_inputs, output_name = bound, differentiated, "output {}"
+    try:
+        if second_order:
+            torch.autograd.gradgradcheck(
+                bound, differentiated, grad_outputs, **context.gradcheck_options
+            )
+        else:
+            torch.autograd.gradcheck(bound, differentiated, **context.gradcheck_options)
+    except GradcheckError as error:
+        summary = _jacobian_mismatch(
+            checked, checked_inputs, input_names, output_name, context.gradcheck_options
+        )
+        if summary is None:  # not a Jacobian mismatch: torch's first line says what failed
+            summary = f"torch.autograd.gradcheck: {str(error).strip().splitlines()[0]}"
+        return False, summary, str(error)
     return True, ""
 
 
-def _check_gradcheck(context: _Context) -> tuple[bool | None, str]:
+def _jacobian_mismatch(
+    fn: Callable[..., Any],
+    inputs: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    output_name: str,
+    options: dict[str, float],
+) -> str | None:
+    """The worst Jacobian entry of ``fn`` at ``inputs``, backward against central finite
+    differences (the comparison gradcheck makes, on the outputs that require grad), with a
+    diagnosis; None when no entry differs beyond gradcheck's tolerance."""
+    eps, atol, rtol = options["eps"], options["atol"], options["rtol"]
+    inputs = [tensor.detach().clone().requires_grad_() for tensor in inputs]
+    every_output = _as_tuple(fn(*inputs))
+    kept = [i for i, output in enumerate(every_output) if _is_differentiable(output)]
+    outputs = [every_output[i] for i in kept]
+
+    def jacobians() -> list[list[torch.Tensor]]:  # [output][input]: (output numel, input numel)
+        return [
+            [torch.zeros(o.numel(), x.numel(), dtype=torch.float64) for x in inputs]
+            for o in outputs
+        ]
+
+    numerical, analytical = jacobians(), jacobians()
+    for j, tensor in enumerate(inputs):
+        flat = tensor.data.view(-1)
+        for k in range(flat.numel()):
+            original = flat[k].item()
+            values = []
+            for shifted in (original + eps, original - eps):
+                flat[k] = shifted
+                results = _as_tuple(fn(*inputs))
+                values.append([results[i].detach().reshape(-1).double().cpu() for i in kept])
+            flat[k] = original
+            for i, (plus, minus) in enumerate(zip(*values, strict=True)):
+                numerical[i][j][:, k] = (plus - minus) / (2 * eps)
+    for i, output in enumerate(outputs):
+        for m in range(output.numel()):
+            onehot = torch.zeros(output.numel(), dtype=output.dtype, device=output.device)
+            onehot[m] = 1
+            grads = torch.autograd.grad(
+                output, inputs, onehot.view_as(output), retain_graph=True, allow_unused=True
+            )
+            for j, grad in enumerate(grads):
+                if grad is not None:
+                    analytical[i][j][m] = grad.detach().reshape(-1).double().cpu()
+    worst: tuple[float, int, int, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    differing = total = 0
+    for i in range(len(outputs)):
+        for j in range(len(inputs)):
+            got, expected, bad = _differing(analytical[i][j], numerical[i][j], rtol, atol)
+            differing, total = differing + int(bad.sum()), total + bad.numel()
+            if bad.any():
+                position = _worst_position(got, expected, bad)
+                difference = float((got[position] - expected[position]).abs().nan_to_num(math.inf))
+                if worst is None or difference > worst[0]:
+                    worst = (difference, i, j, position, got, expected, bad)
+    if worst is None:
+        return None
+    _, i, j, position, got, expected, bad = worst
+    row, column = divmod(position, inputs[j].numel())
+    where = (
+        f"d {output_name.format(kept[i])}{_format_index(row, outputs[i].shape)} / d "
+        f"{input_names[j]}{_format_index(column, inputs[j].shape)}"
+    )
+    return (
+        f"{where}: expected {float(expected[position]):.6g} (finite differences), got "
+        f"{float(got[position]):.6g} (backward); {differing} of {total} Jacobian entries differ "
+        f"beyond rtol {rtol:g}, atol {atol:g}\n      diagnosis: "
+        + _diagnosis(got, expected, bad, "entries")
+    )
+
+
+def _check_gradcheck(context: _Context) -> tuple[bool | None, str] | tuple[bool, str, str]:
     return _run_gradcheck(context, second_order=False)
 
 
@@ -524,3 +767,288 @@ _CHECK_FUNCTIONS: dict[str, Callable[[_Context], tuple[bool | None, str]]] = {
     "inputs_unmodified": _check_inputs_unmodified,
     "backward_twice": _check_backward_twice,
 }
+
+
+#: The checks of :func:`check_optimizer`, in order.
+OPTIMIZER_CHECKS: tuple[str, ...] = (
+    "matches_reference",
+    "complex_params",
+    "state_dict_round_trip",
+    "state_dict_interchange",
+    "step_without_grads_is_noop",
+)
+
+_SHAPES: tuple[tuple[int, ...], ...] = ((4, 3), (5,), ())
+
+
+def check_optimizer(
+    optimizer_class: type[torch.optim.Optimizer],
+    reference: type[torch.optim.Optimizer] | Callable[..., None],
+    options: Sequence[dict[str, Any]] = ({},),
+    *,
+    steps: int = 5,
+    dtypes: Sequence[torch.dtype] = (torch.float64, torch.float32),
+    complex_dtypes: Sequence[torch.dtype] = (),
+    shapes: Sequence[tuple[int, ...]] = _SHAPES,
+    checks: Iterable[str] | None = None,
+    tolerances: dict[torch.dtype, tuple[float, float]] | None = None,
+    seed: int = 0,
+    raise_on_failure: bool = True,
+) -> CheckReport:
+    """Hold ``optimizer_class`` to ``reference``, step for step, for every dict in ``options``.
+
+    Args:
+        optimizer_class: the optimizer under test (e.g. one declared with
+            :mod:`torchopt_lab.optim.rules`), constructed as ``optimizer_class(params, **opts)``;
+            ``functools.partial(cls, backend="triton")`` holds its fused path to the reference.
+        reference: a trusted ``torch.optim.Optimizer`` class taking the same arguments, or a
+            plain-torch function ``reference(params, grads, states, step, **opts)`` that updates
+            ``params`` in place: ``states`` holds one dict per parameter, kept across calls, and
+            ``step`` counts from 1. With a class, state dicts are compared too (same keys, dtypes
+            and values); with a function, the state entries both sides name alike.
+        options: keyword arguments for both, one run per dict.
+        steps: steps per run, each with fresh deterministic gradients.
+        dtypes: real parameter dtypes to run in; ``complex_dtypes`` adds the ``complex_params``
+            check in those dtypes (skipped when empty).
+        shapes: parameter shapes (split over two param groups).
+        checks: names from :data:`OPTIMIZER_CHECKS` (default: all; ``state_dict_interchange``
+            is skipped for a function reference).
+        tolerances: ``{dtype: (rtol, atol)}`` overriding :data:`DEFAULT_TOLERANCES` (complex
+            dtypes use their real dtype's).
+        seed: seeds the parameters and gradients.
+        raise_on_failure: raise :class:`CheckFailed` listing every failure after all checks ran.
+
+    Returns:
+        a :class:`CheckReport` with one :class:`CheckResult` per check.
+    """
+    selected = list(OPTIMIZER_CHECKS if checks is None else checks)
+    unknown = [name for name in selected if name not in OPTIMIZER_CHECKS]
+    if unknown:
+        raise ValueError(f"Unknown checks {unknown}; expected names from {OPTIMIZER_CHECKS}")
+    if steps < 2:
+        raise ValueError(f"Invalid steps value: {steps}; expected at least 2")
+    context = _OptimizerContext(
+        optimizer_class,
+        reference,
+        [dict(opts) for opts in options],
+        steps,
+        list(shapes),
+        {**DEFAULT_TOLERANCES, **(tolerances or {})},
+        seed,
+    )
+    report = CheckReport(_optimizer_name(optimizer_class), harness="check_optimizer")
+    runs = {
+        "matches_reference": lambda: context.matches_reference(dtypes),
+        "complex_params": lambda: context.matches_reference(complex_dtypes),
+        "state_dict_round_trip": lambda: context.round_trip(dtypes),
+        "state_dict_interchange": lambda: context.interchange(dtypes),
+        "step_without_grads_is_noop": context.noop,
+    }
+    with torch.random.fork_rng():
+        for name in selected:
+            try:
+                passed, message = runs[name]()
+            except Exception as error:  # a crash inside either optimizer is a failed check
+                passed = False
+                message = f"raised {type(error).__name__}: {error}\n" + "".join(
+                    traceback.format_exception(error)[-3:]
+                )
+            report.results.append(CheckResult(name, passed, message))
+    if raise_on_failure and not report.passed:
+        raise CheckFailed(str(report))
+    return report
+
+
+@dataclass
+class _OptimizerContext:
+    optimizer_class: type[torch.optim.Optimizer]
+    reference: type[torch.optim.Optimizer] | Callable[..., None]
+    options: list[dict[str, Any]]
+    steps: int
+    shapes: list[tuple[int, ...]]
+    tolerances: dict[torch.dtype, tuple[float, float]]
+    seed: int
+
+    @property
+    def reference_is_class(self) -> bool:
+        return isinstance(self.reference, type) and issubclass(
+            self.reference, torch.optim.Optimizer
+        )
+
+    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
+        real = dtype.to_real() if dtype.is_complex else dtype
+        return self.tolerances.get(real, DEFAULT_TOLERANCES[torch.float32])
+
+    def params(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed)
+        return [torch.randn(shape, generator=generator, dtype=dtype) for shape in self.shapes]
+
+    def set_grads(self, params: list[torch.Tensor], step: int) -> None:
+        generator = torch.Generator().manual_seed(self.seed + 1000 + step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+
+    def build(self, cls: type[torch.optim.Optimizer], params: list[torch.Tensor], opts: dict):
+        half = max(1, len(params) // 2)
+        groups = [{"params": params[:half]}, {"params": params[half:]}]
+        return cls([group for group in groups if group["params"]], **opts)
+
+    def run(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], steps: range):
+        for step in steps:
+            self.set_grads(params, step)
+            optimizer.step()
+
+    def run_reference(self, params: list[torch.Tensor], opts: dict) -> list[dict[str, Any]]:
+        """The reference's run; returns each parameter's state."""
+        if self.reference_is_class:
+            optimizer = self.build(self.reference, params, opts)
+            self.run(optimizer, params, range(self.steps))
+            return [optimizer.state[p] for p in params]
+        states: list[dict[str, Any]] = [{} for _ in params]
+        for step in range(self.steps):
+            self.set_grads(params, step)
+            with torch.no_grad():
+                self.reference(params, [p.grad for p in params], states, step + 1, **opts)
+        return states
+
+    def compare_states(self, mine: list[dict], theirs: list[dict], dtype: torch.dtype) -> str:
+        rtol, atol = self.tolerance(dtype)
+        problems = []
+        for index, (our_state, their_state) in enumerate(zip(mine, theirs, strict=True)):
+            keys = list(their_state)
+            if self.reference_is_class and list(our_state) != keys:
+                problems.append(f"state[{index}] keys {list(our_state)} != reference's {keys}")
+                continue
+            shared = [key for key in keys if key in our_state]
+            problem = _compare(
+                f"state[{index}]",
+                [torch.as_tensor(our_state[key]) for key in shared],
+                [torch.as_tensor(their_state[key]) for key in shared],
+                rtol,
+                atol,
+            )
+            if problem:
+                problems.append(f"{problem} (keys {shared})")
+        return "\n".join(problems)
+
+    def matches_reference(self, dtypes: Sequence[torch.dtype]) -> tuple[bool | None, str]:
+        if not dtypes:
+            return None, "no dtypes given"
+        problems = []
+        for dtype in dtypes:
+            rtol, atol = self.tolerance(dtype)
+            for opts in self.options:
+                params, reference = self.params(dtype), self.params(dtype)
+                optimizer = self.build(self.optimizer_class, params, opts)
+                self.run(optimizer, params, range(self.steps))
+                their_states = self.run_reference(reference, opts)
+                where = f"{_show_options(opts)}, {dtype}"
+                found = [
+                    _compare("param", params, reference, rtol, atol),
+                    self.compare_states([optimizer.state[p] for p in params], their_states, dtype),
+                ]
+                if self.reference_is_class:
+                    mine = optimizer.state_dict()["param_groups"]
+                    theirs = self.build(self.reference, reference, opts).state_dict()
+                    if [_without_params(g) for g in mine] != [
+                        _without_params(g) for g in theirs["param_groups"]
+                    ]:
+                        found.append("param_groups differ from the reference's")
+                problem = "\n".join(line for line in found if line)
+                if problem:
+                    problems.append(f"[{where}] {problem}")
+        return not problems, "\n".join(problems)
+
+    def round_trip(self, dtypes: Sequence[torch.dtype]) -> tuple[bool | None, str]:
+        """A state dict saved mid-run and loaded into a fresh instance continues the run as the
+        instance that saved it does after loading it back: nothing lives outside the state dict
+        (both load, as ``load_state_dict`` casts state other than ``step`` to the parameter's
+        dtype, which torch.optim's NAdam ``mu_product`` notices)."""
+        problems = []
+        switch = self.steps // 2
+        for dtype in dtypes:
+            rtol, atol = self.tolerance(dtype)
+            for opts in self.options:
+                params, reference = self.params(dtype), self.params(dtype)
+                whole = self.build(self.optimizer_class, reference, opts)
+                self.run(whole, reference, range(switch))
+                whole.load_state_dict(_roundtrip_copy(whole.state_dict()))
+                self.run(whole, reference, range(switch, self.steps))
+                first = self.build(self.optimizer_class, params, opts)
+                self.run(first, params, range(switch))
+                saved = _roundtrip_copy(first.state_dict())
+                second = self.build(self.optimizer_class, params, opts)
+                second.load_state_dict(saved)
+                self.run(second, params, range(switch, self.steps))
+                problem = _compare("param", params, reference, rtol, atol)
+                if problem:
+                    problems.append(f"[{_show_options(opts)}, {dtype}] {problem}")
+        return not problems, "\n".join(problems)
+
+    def interchange(self, dtypes: Sequence[torch.dtype]) -> tuple[bool | None, str]:
+        """Our state dict loads into the reference class and theirs into ours, mid-run, with the
+        same result as the same switch made within the reference class."""
+        if not self.reference_is_class:
+            return None, "the reference is a function: no state dict to interchange"
+        reference = self.reference
+        assert isinstance(reference, type)
+        problems = []
+        switch = self.steps // 2
+        pairs = [(self.optimizer_class, reference), (reference, self.optimizer_class)]
+        for dtype in dtypes:
+            rtol, atol = self.tolerance(dtype)
+            for opts in self.options:
+                finals = []
+                for before_class, after_class in [*pairs, (reference, reference)]:
+                    params = self.params(dtype)
+                    before = self.build(before_class, params, opts)
+                    self.run(before, params, range(switch))
+                    after = self.build(after_class, params, opts)
+                    after.load_state_dict(_roundtrip_copy(before.state_dict()))
+                    self.run(after, params, range(switch, self.steps))
+                    finals.append(params)
+                for (before_class, after_class), params in zip(pairs, finals, strict=False):
+                    problem = _compare("param", params, finals[-1], rtol, atol)
+                    if problem:
+                        problems.append(
+                            f"[{before_class.__name__} -> {after_class.__name__}, "
+                            f"{_show_options(opts)}, {dtype}] {problem}"
+                        )
+        return not problems, "\n".join(problems)
+
+    def noop(self) -> tuple[bool | None, str]:
+        """A step with no gradients changes no parameter and creates no state."""
+        problems = []
+        for opts in self.options:
+            params = self.params(torch.float64)
+            before = [p.clone() for p in params]
+            optimizer = self.build(self.optimizer_class, params, opts)
+            optimizer.step()
+            if optimizer.state_dict()["state"]:
+                problems.append(f"[{_show_options(opts)}] state was created without gradients")
+            problem = _compare("param", params, before, 0.0, 0.0)
+            if problem:
+                problems.append(f"[{_show_options(opts)}] {problem}")
+        return not problems, "\n".join(problems)
+
+
+def _optimizer_name(optimizer_class: Callable[..., Any]) -> str:
+    """A class's name; for a ``functools.partial`` of one, its name and bound options."""
+    function = getattr(optimizer_class, "func", None)
+    if function is not None:
+        options = ", ".join(f"{key}={value!r}" for key, value in optimizer_class.keywords.items())
+        return f"{getattr(function, '__name__', repr(function))}({options})"
+    return getattr(optimizer_class, "__name__", repr(optimizer_class))
+
+
+def _roundtrip_copy(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of a state dict, as saving and loading it would give."""
+    return copy.deepcopy(state_dict)
+
+
+def _without_params(group: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in group.items() if key != "params"}
+
+
+def _show_options(options: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in options.items()) or "defaults"

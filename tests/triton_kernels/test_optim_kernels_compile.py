@@ -50,7 +50,8 @@ ALGORITHM_TABLE = {
 }
 OPTIONS = ("MAXIMIZE", "USE_MOMENTUM", "USE_NESTEROV", "CENTER", "USE_AMSGRAD")
 OPTIONS += ("DECOUPLE_WEIGHT_DECAY",)
-CONTROLS = ("UNSCALE_GRADS", "CHECK_FOUND_INF", "CLIP_GRADS", "SKIP_NONFINITE", "RECORD_NORMS")
+CONTROLS = ("UNSCALE_GRADS", "CHECK_FOUND_INF", "CLIP_GRADS", "SKIP_NONFINITE", "COUNT_SKIPPED")
+CONTROLS += ("RECORD_NORMS",)
 # variant -> (param dtype, state dtype, compute dtype, every option and control on, NUMEL_MULTIPLE,
 # capabilities). "plain": float32 with aligned sizes; "odd-sizes": some size is odd, so tails
 # cannot be vectorised; "full": bfloat16 params, float32 state, everything on.

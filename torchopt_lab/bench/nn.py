@@ -19,6 +19,7 @@ import torch
 from torch import nn as torch_nn
 
 from torchopt_lab import nn as our_nn
+from torchopt_lab._arguments import UsageError
 
 
 @dataclass(frozen=True)
@@ -113,19 +114,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+QUICK_NOTE = (
+    "# quick run: timings are not measurements (tiny batches, 3 steps); its ratios only show that "
+    "both models ran"
+)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.warmup < 0:
+        raise UsageError(
+            f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}"
+        )
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     steps, warmup = (3, 1) if args.quick else (args.steps, args.warmup)
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     print(
         f"training step (forward + backward + SGD), median of {steps}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    print(f"{'model':<6} {'batch':>6} {'torchopt_lab ms':>16} {'torch.nn ms':>12} {'ratio':>6}")
+    if args.quick:
+        print(QUICK_NOTE)
+    ratio = "ratio (not measured)" if args.quick else "ratio"
+    print(f"{'model':<6} {'batch':>6} {'torchopt_lab ms':>16} {'torch.nn ms':>12} {ratio:>6}")
     for workload in workloads(args.quick):
         ours, theirs = time_pair(workload, steps, warmup)
         print(

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as TF
 
 from torchopt_lab import backend
+from torchopt_lab._arguments import UsageError, check_device
 
 CROSS_ENTROPY_ROWS = 8192
 CROSS_ENTROPY_VOCABULARY = 50257
@@ -180,7 +181,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device",
         choices=("cuda", "cpu"),
         default="cuda",
-        help="cuda: the measurement (default); cpu: only with --quick, a smoke run",
+        help="cuda: the measurement; cpu: only with --quick, a smoke run (default: %(default)s)",
     )
     parser.add_argument("--rows", type=int, default=8192, help="rows per tensor (default: 8192)")
     parser.add_argument(
@@ -195,20 +196,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if min(args.rows, args.columns, args.repeats) < 1:
+        raise UsageError(
+            f"--rows, --columns and --repeats must be >= 1, got {args.rows}, {args.columns}, "
+            f"{args.repeats}"
+        )
     if args.device == "cpu" and not args.quick:
-        raise ValueError(
+        raise UsageError(
             "--device cpu runs the kernels in the Triton interpreter, which measures nothing "
             "about a GPU: use it only with --quick (a smoke run)"
         )
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "--device cuda needs a CUDA GPU; for a smoke run use --device cpu --quick"
-        )
+    if args.device == "cuda":
+        try:
+            check_device(args.device)
+        except UsageError as error:
+            raise UsageError(
+                f"{error}; for a smoke run without a GPU use --device cpu --quick"
+            ) from None
     if args.device == "cpu":
         # Read when the kernels' @triton.jit runs, so before triton_kernels.nn is imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
         if not backend.interpreter_enabled():
-            raise RuntimeError(
+            raise UsageError(
                 "--device cpu needs the Triton interpreter, but TRITON_INTERPRET="
                 f"{os.environ['TRITON_INTERPRET']!r} turns it off"
             )
@@ -217,16 +226,14 @@ def run(args: argparse.Namespace) -> int:
     vocabulary_rows, vocabulary = (
         (4, 1000) if args.quick else (CROSS_ENTROPY_ROWS, CROSS_ENTROPY_VOCABULARY)
     )
-    if min(rows, columns, repeats) < 1:
-        raise ValueError(
-            f"--rows, --columns and --repeats must be >= 1, got {rows}, {columns}, {repeats}"
-        )
     measured = device.type == "cuda"
     title = (
         torch.cuda.get_device_name(device)
         if measured
         else "CPU smoke run in the Triton interpreter: NOT a GPU measurement, no GB/s"
     )
+    if measured and args.quick:
+        title += " (quick run: timings are not measurements, tiny shapes)"
     print(f"layer kernels, float32 [{rows}, {columns}], median of {repeats}; {title}")
     print(
         f"{'kernel':<28} {'ours ms':>9} {'torch ms':>9} {'ours GB/s':>10} {'torch GB/s':>10} "

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 import torchopt_lab.optim as ours
+from torchopt_lab._arguments import UsageError, check_device
 from torchopt_lab.bench import optim_gpu, table_header
 
 
@@ -42,6 +43,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "Adam": OptimizerSpec(ours.Adam, torch.optim.Adam, {"lr": 1e-4}),
     "AdamW": OptimizerSpec(ours.AdamW, torch.optim.AdamW, {"lr": 1e-4}),
 }
+# The optimizers declared as rules (torchopt_lab.optim.rules) join from their registry, wherever
+# torch.optim has one to time against (not Lion).
+OPTIMIZERS.update(
+    (name, OptimizerSpec(cls, getattr(torch.optim, name), {"lr": 1e-4}))
+    for name, cls in sorted(ours.REGISTRY.items())
+    if hasattr(torch.optim, name)
+)
 
 
 def transformer_shapes(layers: int, width: int, vocab: int) -> list[tuple[int, ...]]:
@@ -82,27 +90,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(PARAM_SETS),
         help=f"comma-separated parameter sets, from {', '.join(PARAM_SETS)} (default: all)",
     )
-    parser.add_argument("--repeats", type=int, default=7, help="timed turns per variant")
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per timed turn")
+    parser.add_argument(
+        "--repeats", type=int, default=7, help="timed turns per variant (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=3, help="optimizer steps per timed turn (default: %(default)s)"
+    )
     parser.add_argument(
         "--device",
         default="cpu",
-        help="cpu (the torch path; default) or cuda (the fused Triton kernels on GPU-sized sets: "
-        "GPT-2-small, 1.3B parameters, 4096 small tensors)",
+        help="cpu (the torch path) or cuda (the fused Triton kernels on GPU-sized sets: "
+        "GPT-2-small, 1.3B parameters, 4096 small tensors; the other options are for cpu) "
+        "(default: %(default)s)",
     )
     parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"]
+        "--dtype",
+        default="float32",
+        choices=["float32", "float64", "bfloat16", "float16"],
+        help="parameter and state dtype (default: %(default)s)",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="tiny sets, 2 repeats of 1 step: a smoke run"
+        "--quick",
+        action="store_true",
+        help="tiny sets, 2 repeats of 1 step: a smoke run, whose timings are not measurements",
     )
 
 
 def _choices(text: str, table: dict[str, Any], what: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in table]
-    if unknown:
-        raise SystemExit(f"unknown {what}: {', '.join(unknown)}; choose from {', '.join(table)}")
+    if unknown or not names:
+        raise UsageError(
+            f"unknown {what}: {', '.join(unknown) or repr(text)}; choose from {', '.join(table)}"
+        )
     return names
 
 
@@ -164,6 +184,12 @@ def measure(
     return {name: min(times[name]) if name in times else None for name in variants}
 
 
+QUICK_NOTE = (
+    "# quick run: timings are not measurements (tiny sets, single-step turns); its ratios only "
+    "show that every variant ran"
+)
+
+
 def _format_ms(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1e3:.2f}"
 
@@ -172,9 +198,27 @@ def _format_ratio(mine: float, theirs: float | None) -> str:
     return "n/a" if theirs is None else f"{mine / theirs:.2f}"
 
 
+# What the cuda run ignores, with the value that means "not given".
+_CPU_ONLY = {
+    "optimizers": ",".join(OPTIMIZERS),
+    "sets": ",".join(PARAM_SETS),
+    "repeats": 7,
+    "steps": 3,
+    "dtype": "float32",
+    "quick": False,
+}
+
+
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device)
+    device = check_device(args.device)
     if device.type == "cuda":
+        ignored = [name for name, value in _CPU_ONLY.items() if getattr(args, name) != value]
+        if ignored:
+            raise UsageError(
+                "--device cuda runs its fixed GPU cases and sets, float32; "
+                + ", ".join(f"--{name} {getattr(args, name)}" for name in ignored)
+                + " would be ignored"
+            )
         # On a GPU: the fused kernels' cases and sets (GPT-2-small, 1.3B, 4096 small tensors),
         # with achieved bandwidth against the device's copy bandwidth.
         when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -184,16 +228,21 @@ def run(args: argparse.Namespace) -> int:
     optimizer_names = _choices(args.optimizers, OPTIMIZERS, "optimizer")
     set_names = _choices(args.sets, PARAM_SETS, "parameter set")
     dtype = getattr(torch, args.dtype)
+    if args.repeats < 1 or args.steps < 1:
+        raise UsageError(f"--repeats and --steps must be >= 1, got {args.repeats} and {args.steps}")
     repeats, steps = (2, 1) if args.quick else (args.repeats, args.steps)
-    if repeats < 1 or steps < 1:
-        raise SystemExit(f"--repeats and --steps must be positive, got {repeats} and {steps}")
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(
         f"# bench-optim {when}: torch {torch.__version__}, device {device}, {args.dtype}, "
         f"{torch.get_num_threads()} threads, best of {repeats} turns x {steps} steps"
     )
+    if args.quick:
+        print(QUICK_NOTE)
     columns = ["optimizer", "set", "tensors", "params", "ours ms", "foreach ms", "fused ms"]
-    print(table_header([*columns, "ours/foreach", "ours/fused"]))
+    ratios = ["ours/foreach", "ours/fused"]
+    if args.quick:
+        ratios = [f"{ratio} (not measured)" for ratio in ratios]
+    print(table_header([*columns, *ratios]))
     for set_name in set_names:
         full, quick = PARAM_SETS[set_name]
         shapes = quick() if args.quick else full()

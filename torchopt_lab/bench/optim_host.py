@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from torchopt_lab._arguments import UsageError
 from torchopt_lab.bench import table_header
 from torchopt_lab.bench.optim_gpu import PARAMETER_SETS
 
@@ -41,8 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(OPTIMIZERS),
         help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default: all)",
     )
-    parser.add_argument("--tensors", type=int, default=4096, help="number of small tensors")
-    parser.add_argument("--repeats", type=int, default=30, help="timed steps per case")
+    parser.add_argument(
+        "--tensors",
+        type=int,
+        default=4096,
+        help="number of small tensors, at most 4096 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=30, help="timed steps per case (default: %(default)s)"
+    )
 
 
 @contextmanager
@@ -125,10 +133,13 @@ def measure(name: str, tensors: int, repeats: int) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     names = [name.strip() for name in args.optimizers.split(",") if name.strip()]
     unknown = [name for name in names if name not in OPTIMIZERS]
-    if unknown:
-        raise SystemExit(f"unknown optimizer: {', '.join(unknown)}; choose from {OPTIMIZERS}")
+    if unknown or not names:
+        raise UsageError(
+            f"unknown optimizer: {', '.join(unknown) or repr(args.optimizers)}; choose from "
+            f"{', '.join(OPTIMIZERS)}"
+        )
     if not 1 <= args.tensors <= 4096 or args.repeats < 1:
-        raise SystemExit(
+        raise UsageError(
             f"--tensors must be in [1, 4096] and --repeats positive, got {args.tensors} and "
             f"{args.repeats}"
         )

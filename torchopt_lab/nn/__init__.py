@@ -1,5 +1,6 @@
 """Layers with hand-written backward passes, mirroring ``torch.nn``: :mod:`.functional` holds the
-functions, this package the modules."""
+functions, this package the modules. Their derivatives: docs/layers.md; their Triton kernels:
+docs/kernels.md."""
 
 from torchopt_lab.nn import functional, fused
 from torchopt_lab.nn.modules import (

@@ -16,7 +16,7 @@ from torchopt_lab.nn._function import forward_mode
 
 @forward_mode
 class ReLUFunction(torch.autograd.Function):
-    r"""``y = max(x, 0)``; ``dy/dx = 1[y > 0]``.
+    r"""``y = max(x, 0)``; ``dy/dx = 1[y > 0]`` (and 1 where ``y`` is NaN, as torch).
 
     ``inplace=True`` overwrites ``x`` with ``y`` (the mask is read back from ``y``, which is
     positive exactly where ``x`` is).
@@ -44,8 +44,10 @@ class ReLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         (output,) = ctx.saved_tensors
-        # dL/dx = g * 1[y > 0], and 1[y > 0] = sign(y) as y >= 0 (one fused pass, no mask tensor)
-        grad_input = grad_output * output.sign()
+        # dL/dx = g where y > 0 or y is NaN, exactly 0 where y <= 0 even for a non-finite g:
+        # torch's own relu backward, one fused pass (g · sign(y) gave 0 at NaN and NaN for an
+        # infinite g), differentiable again (its derivative in g is itself, in y zero)
+        grad_input = torch.ops.aten.threshold_backward(grad_output, output, 0)
         return grad_input, None
 
 
@@ -114,8 +116,9 @@ class SigmoidFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
         (output,) = ctx.saved_tensors
-        # dL/dx = g * y * (1 - y)
-        return grad_output * output * (1 - output)
+        # dL/dx = g * y * (1 - y), conjugated for a complex input (torch's convention; a no-op on
+        # real tensors)
+        return grad_output * (output * (1 - output)).conj()
 
 
 @forward_mode
@@ -142,8 +145,8 @@ class TanhFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
         (output,) = ctx.saved_tensors
-        # dL/dx = g * (1 - y^2)
-        return grad_output * (1 - output * output)
+        # dL/dx = g * (1 - y^2), conjugated for a complex input (as for the sigmoid)
+        return grad_output * (1 - output * output).conj()
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -184,6 +187,13 @@ class GELUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
         (x,) = ctx.saved_tensors
+        # A float16/bfloat16 input is differentiated in float32 and rounded once, as torch's own
+        # kernel does: the formula below evaluated in half precision was off by up to 54 units in
+        # the last place (torch: 0.5). The casts are differentiable, so double backward holds.
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        result_dtype = grad_output.dtype
+        if half:
+            x, grad_output = x.float(), grad_output.float()
         if ctx.approximate == "tanh":
             # t = tanh(u)
             t = torch.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x))
@@ -198,4 +208,4 @@ class GELUFunction(torch.autograd.Function):
             pdf = _INV_SQRT_2PI * torch.exp(-0.5 * x * x)
             # dL/dx = g * (Φ(x) + x φ(x))
             grad_input = grad_output * (cdf + x * pdf)
-        return grad_input, None
+        return grad_input.to(result_dtype) if half else grad_input, None

@@ -25,6 +25,9 @@ import torch
 from torchopt_lab import backend
 
 _TRITON_MODULE = "torchopt_lab.nn._triton"
+# The layer kernels index with int32 offsets and refuse a tensor past this many elements
+# (``triton_kernels.nn._common.MAX_NUMEL``); "auto" sends such a call down the torch path.
+MAX_KERNEL_NUMEL = 2**31 - 1
 
 
 # The Triton table, filled when a decision first picks Triton: a plain dict that torch.compile
@@ -48,10 +51,23 @@ def use_triton(name: str, *tensors: torch.Tensor | None) -> bool:
 
     Raises NotImplementedError when the backend choice is Triton but no kernel is wired for
     ``name``, and RuntimeError (from :func:`torchopt_lab.backend.resolve`) when Triton was asked
-    for explicitly and cannot run.
+    for explicitly and cannot run. Under "auto", a tensor past :data:`MAX_KERNEL_NUMEL` elements
+    takes the torch path (recorded); asked for explicitly, the kernel's launcher refuses it.
     """
     device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
     if _resolve(name, device.type, device.index) != "triton":
+        return False
+    # (no max(default=...): torch.compile cannot trace that keyword)
+    largest = max([t.numel() for t in tensors if t is not None] or [0])
+    if largest > MAX_KERNEL_NUMEL and backend.default_backend() == "auto":
+        backend.record(
+            f"nn.{name}",
+            "auto",
+            "torch",
+            device,
+            f"auto chose the torch path: a tensor of {largest} elements is past the kernels' "
+            f"int32 offsets (at most {MAX_KERNEL_NUMEL})",
+        )
         return False
     if name not in _LOADED:
         raise NotImplementedError(

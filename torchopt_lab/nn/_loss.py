@@ -250,8 +250,9 @@ class CrossEntropyFunction(torch.autograd.Function):
             log_probs = apply(LogSoftmaxFunction, input, class_dim, None)
         # ε / C
         smoothing = label_smoothing / input.shape[class_dim]
-        # γ_i = dL/dℓ_i
-        gamma = _per_element(grad_output, reduction, denominator)
+        # γ_i = dL/dℓ_i, exactly 0 on an ignored row: "mean" over rows that are all ignored
+        # divides by D = 0, and 0 · (g / 0) would make their gradient NaN where torch's is 0
+        gamma = torch.where(valid != 0, _per_element(grad_output, reduction, denominator), 0)
         # Σ_c w_c
         weight_total = float(input.shape[class_dim]) if weight is None else weight.sum()
         # γ_i s_i, with s_i = (1 - ε) w_{t_i} v_i + (ε / C) Σ_c w_c v_i

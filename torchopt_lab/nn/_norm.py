@@ -132,7 +132,6 @@ class LayerNormFunction(torch.autograd.Function):
         dims = ctx.dims
         if torch.is_grad_enabled():
             mean, rstd = _statistics(input, dims, ctx.eps)
-        batch_dims = tuple(range(input.dim() - len(dims)))
         # x̂ = (x - μ) r (the subtraction's fresh result scaled in place)
         normalized = (input - mean).mul_(rstd)
         # w g, the gradient with respect to x̂
@@ -146,12 +145,14 @@ class LayerNormFunction(torch.autograd.Function):
             # dL/dx = r (w g - x̂ c_1 - c_2) = (r w g - r c_2) - (r c_1) x̂, in place
             grad_input = normalized * (-rstd * c1)
             grad_input.addcmul_(grad_normalized, rstd).sub_(rstd * c2)
+        # (sum_to_size, as sum(()) over no batch dimensions would sum over every dimension when
+        # normalized_shape covers the whole input)
         if weight is not None and ctx.needs_input_grad[2]:
             # dL/dw = Σ_batch g x̂
-            grad_weight = (grad_output * normalized).sum(batch_dims)
+            grad_weight = (grad_output * normalized).sum_to_size(weight.shape)
         if bias is not None and ctx.needs_input_grad[3]:
             # dL/db = Σ_batch g
-            grad_bias = grad_output.sum(batch_dims)
+            grad_bias = grad_output.sum_to_size(bias.shape)
         return grad_input, None, grad_weight, grad_bias, None
 
 

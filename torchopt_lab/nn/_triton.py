@@ -41,6 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from torchopt_lab import backend
 from torchopt_lab.nn import _conv, _linear, _triton_ops
+from torchopt_lab.nn._activation import ReLUFunction, SigmoidFunction, TanhFunction
 from torchopt_lab.nn._loss import MSELossFunction
 
 # backend.kernels() raises clearly when triton_kernels is missing or another package shadows it.
@@ -331,7 +332,10 @@ class LayerNormFunction(torch.autograd.Function):
         eps: float,
     ) -> torch.Tensor:
         width = math.prod(input.shape[input.dim() - normalized_dims :])
-        rows = input.contiguous().reshape(-1, width)
+        # rows counted from the leading dimensions: reshape(-1, 0) is ambiguous for an empty row
+        rows = input.contiguous().reshape(
+            math.prod(input.shape[: input.dim() - normalized_dims]), width
+        )
         # float32 parameters of a float16/bfloat16 input are read in the input's dtype
         flat_weight = None if weight is None else weight.to(input.dtype).contiguous().reshape(width)
         flat_bias = None if bias is None else bias.to(input.dtype).contiguous().reshape(width)
@@ -487,8 +491,32 @@ class DropoutFunction(torch.autograd.Function):
         return kernels.dropout_backward(grad_output.contiguous(), ctx.p, ctx.seed), None, None
 
 
+def _on_torch_unless_real_float(
+    name: str, input: torch.Tensor, function: type[torch.autograd.Function], *args: Any
+) -> torch.Tensor | None:
+    """Run ``nn.<name>`` for an input the float kernels cannot take on the torch path's
+    ``function`` (recorded as ``nn.<name>.dtype``: torch): an integer input of relu (which torch
+    keeps integer), a complex one of sigmoid and tanh (torch computes them; relu refuses it as
+    torch does). None for a real floating-point input, which the kernels take."""
+    if input.is_floating_point():
+        return None
+    _record_torch(f"nn.{name}.dtype", input.device)
+    return function.apply(input, *args)
+
+
+def _promoted(input: torch.Tensor) -> torch.Tensor:
+    """An integer or bool input in torch's default float dtype, as torch's sigmoid and tanh
+    compute it."""
+    if input.is_floating_point() or input.is_complex():
+        return input
+    return input.to(torch.get_default_dtype())
+
+
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """:func:`torchopt_lab.nn.functional.relu` on the activation kernel."""
+    on_torch = _on_torch_unless_real_float("relu", input, ReLUFunction, inplace)
+    if on_torch is not None:
+        return on_torch
     return ActivationFunction.apply(input, "relu", 0.0, inplace)
 
 
@@ -501,11 +529,19 @@ def leaky_relu(
 
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
     """:func:`torchopt_lab.nn.functional.sigmoid` on the activation kernel."""
+    input = _promoted(input)
+    on_torch = _on_torch_unless_real_float("sigmoid", input, SigmoidFunction)
+    if on_torch is not None:
+        return on_torch
     return ActivationFunction.apply(input, "sigmoid", 0.0, False)
 
 
 def tanh(input: torch.Tensor) -> torch.Tensor:
     """:func:`torchopt_lab.nn.functional.tanh` on the activation kernel."""
+    input = _promoted(input)
+    on_torch = _on_torch_unless_real_float("tanh", input, TanhFunction)
+    if on_torch is not None:
+        return on_torch
     return ActivationFunction.apply(input, "tanh", 0.0, False)
 
 

@@ -10,6 +10,7 @@ picks the torch path or Triton kernels (``TORCHOPT_LAB_BACKEND`` and
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -122,6 +123,8 @@ def conv2d(
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``max(input, 0)``, in place when ``inplace``; see
     :class:`~torchopt_lab.nn._activation.ReLUFunction`."""
+    if input.dtype == torch.bool:
+        raise RuntimeError("Boolean inputs not supported for relu")
     if use_triton("relu", input):
         return triton_function("relu")(input, inplace)
     return apply(ReLUFunction, input, inplace)
@@ -238,7 +241,14 @@ def mse_loss(
             f"Weights and input must have the same size, got weight of size {list(weight.shape)} "
             f"and input of size {list(input.shape)}."
         )
-    _check_floating("mse_loss", input, target, weight)
+    # An integer input or target is computed in the floating dtype of the other (as torch);
+    # only both integer is refused.
+    promoted = torch.promote_types(input.dtype, target.dtype)
+    if not promoted.is_floating_point:
+        raise NotImplementedError(
+            f"mse_loss is not implemented for {promoted} tensors; it needs a floating-point dtype"
+        )
+    _check_floating("mse_loss", weight)
     if use_triton("mse_loss", input, target, weight):
         return triton_function("mse_loss")(input, target, reduction=reduction, weight=weight)
     return apply(MSELossFunction, input, target, weight, reduction)
@@ -260,8 +270,11 @@ def cross_entropy(
     :class:`~torchopt_lab.nn._loss.CrossEntropyProbabilitiesFunction`."""
     input, target, weight = autocast_inputs("cross_entropy", input, target, weight)
     reduction = _check_reduction(size_average, reduce, reduction)
-    if not 0.0 <= label_smoothing <= 1.0:
+    # torch's rule: only a value above 1 is refused; one that is not above 0 (negative, NaN)
+    # means no smoothing
+    if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    label_smoothing = float(label_smoothing) if label_smoothing > 0.0 else 0.0
     if input.dim() == 0:
         raise IndexError(
             "cross_entropy expects an input of at least 1 dimension (classes), got a 0-D input"
@@ -407,16 +420,35 @@ def batch_norm(
     """Batch normalisation over dimension 1 of ``[N, C, *]``; in training it updates
     ``running_mean``/``running_var`` in place (when given) as torch does; see
     :class:`~torchopt_lab.nn._norm.BatchNormFunction`."""
-    if training and input.dim() >= 2 and input.numel() == input.shape[1] and input.numel():
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {input.size()}"
-        )
+    if training:
+        if input.dim() == 0:
+            raise IndexError("batch_norm expects an input of shape [N, C, *], got a 0-D input")
+        # torch's rule: N times the spatial size, not counting C (1 for [1, 0] too)
+        if input.shape[0] * math.prod(input.shape[2:]) == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{input.size()}"
+            )
     if training and eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if input.dim() == 1 and input.numel() == 0:
+        # torch returns an empty result for an empty 1-D input, whatever the other arguments
+        return input.clone()
     if input.dim() < 2:
-        raise RuntimeError(
+        # torch's errors: a 1-D input has no channel dimension (0 channels for the per-channel
+        # tensors, an IndexError for the rest); a 0-D one fails a size check
+        for name, tensor in (
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+            ("weight", weight),
+            ("bias", bias),
+        ):
+            if input.dim() == 1 and tensor is not None and tensor.numel():
+                raise RuntimeError(f"{name} should contain 0 elements not {tensor.numel()}")
+        error = IndexError if input.dim() == 1 else RuntimeError
+        raise error(
             f"batch_norm expects an input of shape [N, C, *], got input of size {list(input.shape)}"
         )
     channels = input.shape[1]
@@ -458,6 +490,11 @@ def dropout(
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0 or input.numel() == 0:
         return input
+    if not input.is_floating_point() and not input.is_complex():
+        # torch's error for an integer or bool input (its float mask cannot be cast back)
+        raise RuntimeError(
+            f"result type Float can't be cast to the desired output type {input.dtype}"
+        )
     if use_triton("dropout", input):
         return triton_function("dropout")(input, p, training, inplace)
     return apply(DropoutFunction, input, p, inplace)[0]

@@ -5,16 +5,19 @@ A subclass provides three things, the rest is here:
 
 - ``_reference``: the torch reference update, a function in torch.optim's functional shape
   (``adam(params, grads, exp_avgs, ..., *, lr, beta1, ...)``) over lists on one device and dtype;
-- ``_init_group(group)``: the tensor lists of one param group, in the order of ``_reference``'s
+- ``_group_tensors(group)``: the tensor lists of one param group, in the order of ``_reference``'s
   positional arguments, with lazily created state;
 - ``_hyperparameters(group)``: the keyword arguments of ``_reference`` for that group.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from itertools import chain
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +28,9 @@ from torchopt_lab.optim._fused import Part, fused_step, repeat_step
 from torchopt_lab.optim.clip import _clip_coefficient, _total_norm
 
 TensorLists = dict[str, list[Any]]
+
+# Parameter dtypes whose state ``float32_state=True`` keeps in float32.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -60,8 +66,60 @@ def read_steps(state_steps: list[Tensor]) -> list[float]:
         return [step.item() for step in state_steps]
 
 
+def _sharing_memory(params: list[Tensor]) -> set[int]:
+    """Ids of the parameters whose memory overlaps another's (the same tensor twice, or views of
+    one storage that overlap), by address interval: one sort, no per-pair work."""
+    spans = sorted(
+        (str(p.device), p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), id(p), index)
+        for index, p in enumerate(params)
+        if p.numel()
+    )
+    shared: set[int] = set()
+    device, reach, owner = None, -1, None
+    for where, start, end, key, _ in spans:
+        if where != device:
+            device, reach = where, -1
+        if start < reach:
+            shared.update((key, owner))
+        if end > reach:
+            reach, owner = end, key
+    return shared
+
+
 def _real_view(tensor: Tensor) -> Tensor:
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+def _as_float_step(step: Any) -> Tensor:
+    """``state["step"]`` as a floating tensor: a Python number (older torch) or an integer tensor
+    (torch on the CPU counts in whatever dtype it was given, int64 included) keeps its value."""
+    if torch.is_tensor(step) and step.is_floating_point():
+        return step
+    return new_step().fill_(float(step))
+
+
+def _without_repeats(tensors: TensorLists) -> Iterator[TensorLists]:
+    """One group's tensor lists cut into consecutive runs in which no parameter repeats.
+
+    torch.optim (``foreach=False``, its default on the CPU) warns about a parameter listed twice
+    in a group and then updates it once per occurrence, in turn; a multi-tensor update over the
+    whole list would instead apply both occurrences' state updates before either parameter
+    update. Updating the runs one after another gives torch's result."""
+    params = tensors["params"]
+    if len(set(map(id, params))) == len(params):
+        yield tensors
+        return
+    count = len(params)
+    start, seen = 0, set()
+    for end, param in enumerate([*params, None]):
+        if param is not None and id(param) not in seen:
+            seen.add(id(param))
+            continue
+        yield {
+            name: values[start:end] if len(values) == count else values
+            for name, values in tensors.items()
+        }
+        start, seen = end, {id(param)}
 
 
 def check_max_grad_norm(max_grad_norm: float | None) -> float | None:
@@ -77,11 +135,24 @@ def check_max_grad_norm(max_grad_norm: float | None) -> float | None:
     return float(max_grad_norm)
 
 
+def _built_by_zero_redundancy_optimizer() -> bool:
+    """Whether a ZeroRedundancyOptimizer is constructing this optimizer for its partition."""
+    zero_module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    if zero_module is None:
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if isinstance(frame.f_locals.get("self"), zero_module.ZeroRedundancyOptimizer):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class TorchoptOptimizer(torch.optim.Optimizer):
     """Base of every torchopt_lab optimizer (private: use the optimizers themselves).
 
     ``backend``, ``max_grad_norm`` and the fused-kernel options (``skip_nonfinite``,
-    ``float32_state``, ``record_norms``; see the README, "Fused Triton optimizer kernels") are
+    ``float32_state``, ``record_norms``; see docs/kernels.md, "Fused Triton optimizer kernels") are
     attributes of the optimizer, not of its param groups, so param groups and ``state_dict()``
     hold exactly torch.optim's keys and interchange with it.
     """
@@ -109,6 +180,13 @@ class TorchoptOptimizer(torch.optim.Optimizer):
     ) -> None:
         self.backend = _backend.check_backend(backend)
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        if self.max_grad_norm is not None and _built_by_zero_redundancy_optimizer():
+            raise ValueError(
+                f"{type(self).__name__}: max_grad_norm={max_grad_norm} cannot be used inside "
+                "ZeroRedundancyOptimizer: each rank holds only its partition of the parameters, "
+                "so the clip would use that partition's norm, not the global one. Clip with "
+                "torch.nn.utils.clip_grad_norm_(model.parameters(), ...) before step() instead"
+            )
         if skip_nonfinite and self.max_grad_norm is None:
             raise ValueError(
                 "skip_nonfinite=True needs max_grad_norm: the step is skipped when the gradient "
@@ -139,16 +217,34 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             "record_norms": self.record_norms,
         }
 
+    def __repr__(self) -> str:
+        """torch.optim's repr (the param groups), then the options this optimizer holds outside
+        its groups: ``backend``, ``max_grad_norm`` and the fused-kernel options."""
+        options = "".join(
+            f"    {name}: {getattr(self, name)}\n"
+            for name in (
+                "backend",
+                "max_grad_norm",
+                "skip_nonfinite",
+                "float32_state",
+                "record_norms",
+            )
+        )
+        torch_repr = super().__repr__()
+        assert torch_repr.endswith(")")
+        return f"{torch_repr[:-1]}\nOptimizer options\n{options})"
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self._group_defaults.items():
                 group.setdefault(key, value)
             for p in group["params"]:
-                # Older torch stored ``step`` as a Python number; it is a tensor since torch 1.12.
+                # Older torch stored ``step`` as a Python number (a tensor since torch 1.12), and
+                # torch on the CPU also steps an integer tensor: both become a float step.
                 p_state = self.state.get(p, {})
-                if "step" in p_state and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = new_step().fill_(float(p_state["step"]))
+                if "step" in p_state:
+                    p_state["step"] = _as_float_step(p_state["step"])
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("skip_nonfinite", False)
@@ -156,11 +252,35 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("record_norms", False)
         self.__dict__.setdefault("_skipped_on_host", 0)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's ``load_state_dict``; with ``float32_state``, the state of low-precision
+        parameters stays float32 (torch casts every floating state tensor to its parameter's
+        dtype, which would round a float32 checkpoint to bfloat16)."""
+        super().load_state_dict(state_dict)
+        if self.float32_state:
+            self._load_float32_state(state_dict)
+
+    def _load_float32_state(self, state_dict: dict[str, Any]) -> None:
+        saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
+        params = chain.from_iterable(group["params"] for group in self.param_groups)
+        for saved_id, param in zip(saved_ids, params, strict=True):
+            saved = state_dict["state"].get(saved_id)
+            if param.dtype not in _LOW_PRECISION or not saved:
+                continue
+            for key, value in saved.items():
+                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                    self.state[param][key] = value.to(
+                        device=param.device, dtype=torch.float32, copy=True
+                    )
+
     @property
     def _step_supports_amp_scaling(self) -> bool:
         """Whether ``GradScaler.step`` may hand this optimizer ``grad_scale``/``found_inf`` instead
-        of unscaling the gradients itself: true when every parameter runs the fused kernels,
-        which unscale as they load and skip the step on the device when ``found_inf`` is set."""
+        of unscaling the gradients itself: true when every device runs the fused kernels, which
+        unscale as they load and skip the step on the device when ``found_inf`` is set. Tensors
+        that still take the torch path (sparse gradients, complex or gapped parameters, ...)
+        honour both too: their gradients are unscaled, and ``found_inf`` skips the whole step
+        (read on the host, one synchronisation, only when such tensors exist)."""
         devices = {p.device for group in self.param_groups for p in group["params"]}
         component = f"optim.{type(self).__name__}"
         return bool(devices) and all(
@@ -181,8 +301,12 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         if state is None:
             return {}
         by_id = {id(p): p for group in self.param_groups for p in group["params"]}
+        # Copies: the kernels overwrite their buffers on the next step.
+        copies = {id(buffer): buffer.clone() for buffer, _ in state.norms.values()}
         return {
-            by_id[key]: buffer[row] for key, (buffer, row) in state.norms.items() if key in by_id
+            by_id[key]: copies[id(buffer)][row]
+            for key, (buffer, row) in state.norms.items()
+            if key in by_id
         }
 
     @property
@@ -193,7 +317,7 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         # Every device sees the same global norm, so they skip together: count a step once.
         return self._skipped_on_host + max((int(c.item()) for c in counters), default=0)
 
-    def _init_group(self, group: dict[str, Any]) -> TensorLists:
+    def _group_tensors(self, group: dict[str, Any]) -> TensorLists:
         raise NotImplementedError
 
     def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -209,9 +333,11 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            return self._traced_step(loss)
         if repeat_step(self, type(self)._reference.__name__):
             return loss
-        groups = [(group, self._init_group(group)) for group in self.param_groups]
+        groups = [(group, self._group_tensors(group)) for group in self.param_groups]
         if self.max_grad_norm is not None and any(
             grad.is_sparse for _, tensors in groups for grad in tensors["grads"]
         ):
@@ -223,7 +349,16 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         parts = self._dispatch(groups)
         fused = [part for part in parts if part.backend == "triton"]
         reference = [part for part in parts if part.backend == "torch"]
-        total_norm = clip_coefficient = None
+        total_norm = clip_coefficient = inverse_scale = None
+        # GradScaler.step hands these over when _step_supports_amp_scaling; tensors on the torch
+        # path must honour them as the kernels do.
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if reference and found_inf is not None and found_inf.item():
+            return loss  # GradScaler skips the step: nothing changes, on either path
+        if reference and grad_scale is not None:
+            # GradScaler.unscale_'s factor: float32(1 / float64(scale)).
+            inverse_scale = (1.0 / grad_scale.double()).float()
         if self.max_grad_norm is not None and reference:
             # Some tensors take the torch path: one norm over all gradients, computed by torch, is
             # used by both paths (the kernels then skip their own norm pass).
@@ -233,12 +368,21 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                 # The torch path decides on the host (one synchronisation) and skips every part.
                 self._skipped_on_host += 1
                 return loss
-            clip_coefficient = _clip_coefficient(total_norm, self.max_grad_norm)
+            unscaled = total_norm
+            if inverse_scale is not None:
+                # As the kernels do: the norm of the scaled gradients, unscaled in float64.
+                unscaled = (total_norm.double() * inverse_scale.double().to(total_norm.device)).to(
+                    total_norm.dtype
+                )
+            clip_coefficient = _clip_coefficient(unscaled, self.max_grad_norm)
         for part in reference:
-            self._reference_step(part, clip_coefficient)
+            # State the update creates is stored as soon as its part ran (as torch.optim stores
+            # a group's buffers right after the group's update): an interrupted step keeps it.
+            self._reference_step(part, clip_coefficient, inverse_scale)
+        dropped: list[Tensor] = []
         if fused:
             with_grads = sum(len(tensors["params"]) for _, tensors in groups)
-            fused_step(
+            dropped = fused_step(
                 self,
                 type(self)._reference.__name__,
                 fused,
@@ -246,17 +390,68 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                 complete=not reference
                 and sum(len(part.tensors["params"]) for part in fused) == with_grads,
             )
-        for part in parts:
-            if self._creates_state:
-                # Hand state the update created (SGD's first momentum buffers) to _finish_group.
-                tensors = groups[part.group_index][1]
-                for name, values in part.tensors.items():
-                    if values is not tensors[name] and len(tensors[name]) == len(tensors["params"]):
-                        for position, index in enumerate(part.indices):
-                            tensors[name][index] = values[position]
-        for group, tensors in groups:
-            if tensors["params"]:
-                self._finish_group(group, tensors)
+            for part in fused:
+                self._finish_group(part.group, part.tensors)
+        for p in dropped:
+            # State created for a step the kernels skipped: the next step is the first again.
+            p_state = self.state[p]
+            for key in [key for key, value in p_state.items() if value is None]:
+                del p_state[key]
+            if not p_state:
+                del self.state[p]
+        return loss
+
+    def _traced_step(self, loss: Any) -> Any:
+        """The step under ``torch.compile``: the torch reference update, traced by Dynamo.
+
+        The Triton kernels are opaque to Dynamo, and the backend decision and the fused path's
+        host-side plan would break the trace, so a compiled step runs the reference update
+        (which Inductor then fuses) on every device; this is recorded in ``backend_info()``.
+        GradScaler's ``grad_scale``/``found_inf``, clipping and ``skip_nonfinite`` are honoured
+        as on the eager paths.
+        """
+        component = f"optim.{type(self).__name__}"
+        groups = [(group, self._group_tensors(group)) for group in self.param_groups]
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and found_inf.item():
+            return loss  # GradScaler found an inf or NaN: skip, as the kernels do on the device
+        if grad_scale is not None:
+            for _, tensors in groups:
+                if tensors["grads"]:
+                    inverse = grad_scale.double().reciprocal().float()
+                    tensors["grads"] = torch._foreach_mul(
+                        tensors["grads"], inverse.to(tensors["grads"][0].device)
+                    )
+        clip_coefficient = None
+        if self.max_grad_norm is not None:
+            grads = [grad for _, tensors in groups for grad in tensors["grads"]]
+            if grads:
+                total_norm = _total_norm(grads)
+                if self.skip_nonfinite and not torch.isfinite(total_norm).item():
+                    self._skipped_on_host += 1
+                    return loss
+                clip_coefficient = _clip_coefficient(total_norm, self.max_grad_norm)
+        for group_index, (group, tensors) in enumerate(groups):
+            by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+            for index, param in enumerate(tensors["params"]):
+                by_kind.setdefault((param.device, param.dtype), []).append(index)
+            for (device, dtype), indices in by_kind.items():
+                if self.backend != "torch":
+                    _backend.record(
+                        component,
+                        self.backend,
+                        "torch",
+                        device,
+                        "torch.compile traces the torch path",
+                    )
+                count = len(tensors["params"])
+                part_tensors = {
+                    name: [values[i] for i in indices] if len(values) == count else values
+                    for name, values in tensors.items()
+                }
+                part = Part(group, group_index, indices, part_tensors, device, dtype, "torch")
+                self._reference_step(part, clip_coefficient)  # stores the state it creates
         return loss
 
     def _dispatch(self, groups: list[tuple[dict[str, Any], TensorLists]]) -> list[Part]:
@@ -268,10 +463,12 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         reason is recorded; an explicit ``backend="triton"`` raises instead.
         """
         component = f"optim.{type(self).__name__}"
+        shared = _sharing_memory([p for _, tensors in groups for p in tensors["params"]])
         parts = []
         for group_index, (group, tensors) in enumerate(groups):
             if not tensors["params"]:
                 continue
+            self._float_steps(tensors)
             names = list(tensors)
             count = len(tensors["params"])
             # Lists not kept for this group (max_exp_avg_sqs without amsgrad) stay empty.
@@ -284,7 +481,11 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                 by_backend = {chosen: list(range(len(indices)))}
                 if chosen == "triton":
                     by_backend = self._kernel_eligible(
-                        component, lists[full.index("params")], lists[full.index("grads")], device
+                        component,
+                        lists[full.index("params")],
+                        lists[full.index("grads")],
+                        device,
+                        shared,
                     )
                 for backend, positions in by_backend.items():
                     if not positions:
@@ -308,14 +509,28 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         return parts
 
     def _kernel_eligible(
-        self, component: str, params: list[Tensor], grads: list[Tensor], device: torch.device
+        self,
+        component: str,
+        params: list[Tensor],
+        grads: list[Tensor],
+        device: torch.device,
+        shared: set[int],
     ) -> dict[str, list[int]]:
-        """Positions of ``params`` the kernels can update, and of those they cannot."""
+        """Positions of ``params`` the kernels can update, and of those they cannot.
+
+        ``shared``: ids of parameters that share memory with another parameter (duplicates,
+        aliasing views); one launch would update that memory from two programs at once.
+        """
         kernels = importlib.import_module("triton_kernels.optim")
         if (
-            params[0].dtype in kernels.SUPPORTED_DTYPES
+            not shared
+            and params[0].dtype in kernels.SUPPORTED_DTYPES
             and all(p.is_contiguous() for p in params)
-            and not any(g.is_sparse for g in grads)
+            and all(g.is_contiguous() and not g.is_sparse for g in grads)
+            and all(
+                g.shape == p.shape and g.dtype == p.dtype
+                for p, g in zip(params, grads, strict=True)
+            )
         ):
             return {"triton": list(range(len(params)))}  # the usual case, checked in bulk
         eligible: dict[str, list[int]] = {"triton": [], "torch": []}
@@ -323,6 +538,25 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             ok, why = kernels.updatable_in_place(param)
             if ok and grad.is_sparse:
                 ok, why = False, "its gradient is sparse; the kernels update dense tensors"
+            elif ok and not kernels.same_layout(grad, param):
+                ok, why = (
+                    False,
+                    (
+                        f"its gradient (shape {tuple(grad.shape)}, strides {grad.stride()}, "
+                        f"{grad.dtype}) is laid out differently from the parameter (shape "
+                        f"{tuple(param.shape)}, strides {param.stride()}, {param.dtype}); the "
+                        "kernels read both at the same offsets"
+                    ),
+                )
+            elif ok and id(param) in shared:
+                ok, why = (
+                    False,
+                    (
+                        f"a parameter of shape {tuple(param.shape)} shares memory with another "
+                        "parameter of this optimizer (a duplicate or an aliasing view); one launch "
+                        "would update that memory twice at once"
+                    ),
+                )
             if ok:
                 eligible["triton"].append(position)
                 continue
@@ -340,12 +574,87 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             eligible["torch"].append(position)
         return eligible
 
-    def _reference_step(self, part: Part, clip_coefficient: Tensor | None) -> None:
-        """Run the torch reference update on one part (complex tensors as real views)."""
-        tensors = part.tensors
-        if self._views_complex_as_real and part.dtype.is_complex:
-            tensors = {name: [_real_view(t) for t in values] for name, values in tensors.items()}
-        self._torch_update(part.group, tensors, self._hyperparameters(part.group), clip_coefficient)
+    def _float_steps(self, tensors: TensorLists) -> None:
+        """Make every ``state["step"]`` of a group's lists a float tensor (an int64 step set by
+        hand; loaded ones are converted by ``__setstate__``), stored back into the state."""
+        steps = tensors.get("state_steps", [])
+        if all(step.is_floating_point() for step in steps):
+            return
+        for index, param in enumerate(tensors["params"]):
+            state = self.state[param]
+            state["step"] = _as_float_step(state["step"])
+            steps[index] = state["step"]
+
+    def _reference_step(
+        self, part: Part, clip_coefficient: Tensor | None, inverse_scale: Tensor | None = None
+    ) -> None:
+        """Run the torch reference update on one part (complex tensors as real views), one run of
+        distinct parameters at a time, storing the state it creates after each run; its
+        gradients are first multiplied by GradScaler's ``inverse_scale`` when given."""
+        hyperparameters = self._hyperparameters(part.group)
+        if inverse_scale is not None:
+            factor = inverse_scale.to(part.device)
+            scaled = [grad * factor for grad in part.tensors["grads"]]
+            part = dataclasses.replace(part, tensors={**part.tensors, "grads": scaled})
+        float32 = self.float32_state and part.dtype in _LOW_PRECISION
+        if float32:
+            self._upcast_state(part.tensors)
+        for tensors in _without_repeats(part.tensors):
+            if float32:
+                self._float32_update(part.group, tensors, hyperparameters, clip_coefficient)
+            elif self._views_complex_as_real and part.dtype.is_complex:
+                viewed = {name: [_real_view(t) for t in values] for name, values in tensors.items()}
+                self._torch_update(part.group, viewed, hyperparameters, clip_coefficient)
+            else:
+                self._torch_update(part.group, tensors, hyperparameters, clip_coefficient)
+            self._finish_group(part.group, tensors)
+
+    def _state_lists(self, tensors: TensorLists) -> list[str]:
+        """The names of the per-parameter state lists kept for this group (not the steps)."""
+        count = len(tensors["params"])
+        return [
+            name
+            for name, values in tensors.items()
+            if name not in ("params", "grads", "state_steps") and len(values) == count
+        ]
+
+    def _upcast_state(self, tensors: TensorLists) -> None:
+        """``float32_state``: replace low-precision state tensors of the lists, and in
+        ``self.state``, by float32 copies (state created or loaded in the parameter's dtype)."""
+        upcast: dict[int, Tensor] = {}  # a parameter listed twice shares its state tensors
+        for name in self._state_lists(tensors):
+            values = tensors[name]
+            for index, (param, value) in enumerate(zip(tensors["params"], values, strict=True)):
+                if value is None or value.dtype == torch.float32:
+                    continue
+                if id(value) not in upcast:
+                    upcast[id(value)] = value.float()
+                    state = self.state[param]
+                    for key, held in state.items():
+                        if held is value:
+                            state[key] = upcast[id(value)]
+                values[index] = upcast[id(value)]
+
+    def _float32_update(
+        self,
+        group: dict[str, Any],
+        tensors: TensorLists,
+        hyperparameters: dict[str, Any],
+        clip_coefficient: Tensor | None,
+    ) -> None:
+        """``float32_state`` on the torch path: the update torch computes in float32 on float32
+        copies of the parameters and gradients with the float32 state, each parameter then
+        rounded back to its dtype (what the fused kernels do in registers)."""
+        params = tensors["params"]
+        work = dict(tensors)
+        work["params"] = [param.float() for param in params]
+        work["grads"] = [grad.float() for grad in tensors["grads"]]
+        for name in self._state_lists(tensors):
+            work[name] = list(tensors[name])  # state the update creates lands here
+        self._torch_update(group, work, hyperparameters, clip_coefficient)
+        torch._foreach_copy_(params, work["params"])
+        for name in self._state_lists(tensors):
+            tensors[name][:] = work[name]
 
     def _torch_update(
         self,
@@ -371,6 +680,10 @@ class TorchoptOptimizer(torch.optim.Optimizer):
     def _check_torch_path(self, group: dict[str, Any], device: torch.device) -> None:
         """Refuse what the torch reference path cannot honour, instead of ignoring it."""
         name = type(self).__name__
+        if torch.compiler.is_compiling():
+            # A compiled step: Inductor fuses the traced update, and Dynamo itself sets
+            # capturable=True on the groups of the optimizers it traces.
+            return
         if group.get("fused"):
             raise RuntimeError(
                 f"{name}: fused=True asks for the fused Triton kernels, but the torch reference "

@@ -115,7 +115,9 @@ class FusedState:
     """What an optimizer keeps between fused steps (not part of its state dict)."""
 
     launches: dict[tuple, _Launch] = field(default_factory=dict)
-    square_norms: dict[torch.device, Tensor] = field(default_factory=dict)
+    # device -> (norm buffer, launch groups filling it): rebuilt when that count changes, so no
+    # slot keeps a square norm from a launch group that is gone.
+    square_norms: dict[torch.device, tuple[Tensor, int]] = field(default_factory=dict)
     skipped_steps: dict[torch.device, Tensor] = field(default_factory=dict)
     norms: dict[int, tuple[Tensor, int]] = field(default_factory=dict)  # id(param) -> (buffer, row)
     plan: _Plan | None = None
@@ -201,8 +203,10 @@ def _prepare_state(
     """State rows, device step counters and per-tensor flags of one part, in kernel form.
 
     ``step`` moves to the parameter's device as float32 (as torch's fused optimizers keep it);
-    SGD's missing momentum buffers are created here (flag 1: start from this step's gradient);
-    with ``float32_state``, low-precision parameters get float32 state.
+    SGD's missing momentum buffers are created here (flag 1: start from this step's gradient)
+    and handed to ``optimizer.state`` only after the launch, and only if the step was not
+    skipped (:func:`fused_step`); with ``float32_state``, low-precision parameters get float32
+    state.
     """
     params = part.tensors["params"]
     upcast = float32_state and part.dtype in _LOW_PRECISION
@@ -221,9 +225,7 @@ def _prepare_state(
                     flags[index] = 1
                 elif upcast and value.dtype != torch.float32:
                     values[index] = value.float()
-                else:
-                    continue
-                optimizer.state[param][key] = values[index]
+                    optimizer.state[param][key] = values[index]
             part.tensors[name] = values
         rows.append(values)
     steps = None
@@ -245,6 +247,11 @@ def _local(values: list) -> list:
     if first is None or not hasattr(first, "to_local"):
         return values
     return [value if value is None else value.to_local() for value in values]
+
+
+def _is_dtensor(value: Any) -> bool:
+    """Whether ``value`` is a DTensor (FSDP2's parameters and gradients)."""
+    return hasattr(value, "to_local") and hasattr(value, "full_tensor")
 
 
 def _on(value: Tensor | None, device: torch.device) -> Tensor | None:
@@ -269,13 +276,15 @@ def fused_step(
     *,
     total_norm: Tensor | None,
     complete: bool,
-) -> None:
+) -> list[Tensor]:
     """Update every part with the Triton kernels: one launch per (device, dtype) launch group.
 
     ``total_norm``: the global gradient norm when some tensors ran on the torch path (it already
     covers them); otherwise the kernels compute it (one reduction launch per launch group).
     ``complete``: the parts hold every parameter of the optimizer that has a gradient, so the step
     may be replayed by :func:`repeat_step` while nothing changes (the others keep no gradient).
+    Returns the parameters whose state created for this step was dropped because the kernels
+    skipped it (their entries in the parts' lists are None).
     """
     _backend.kernels()  # raises clearly if the triton_kernels found is not ours
     kernels = importlib.import_module("triton_kernels.optim")
@@ -320,7 +329,8 @@ def fused_step(
         )
         entry.launch.table.update(params, grads, state_rows, entry.steps, group_rows, tensor_flags)
         prepared.append(entry)
-    _launch_all(optimizer, kernels, spec, state, prepared, parts, total_norm)
+    square_norms = _launch_all(optimizer, kernels, spec, state, prepared, parts, total_norm)
+    dropped = _keep_fresh_state(optimizer, spec, parts, prepared, square_norms)
     if complete and not any(flag for entry in prepared for flag in entry.tensor_flags):
         originals = [p for entry in prepared for p in entry.originals]
         updated = set(map(id, originals))
@@ -351,6 +361,55 @@ def fused_step(
             ],
             prepared=prepared,
         )
+    return dropped
+
+
+def _keep_fresh_state(
+    optimizer: torch.optim.Optimizer,
+    spec: KernelSpec,
+    parts: list[Part],
+    prepared: list[_Prepared],
+    square_norms: dict[torch.device, Tensor],
+) -> list[Tensor]:
+    """Hand the state created for this step (SGD's first momentum buffers) to
+    ``optimizer.state``, unless the kernels skipped the step: then drop it, so the next step is
+    the first one again, as it is for torch.optim when GradScaler skips ``step()``.
+
+    Whether the kernels skipped is known on the device; it is read (one synchronisation) only on
+    a step that created state and could skip (``found_inf`` given, or ``skip_nonfinite``).
+    """
+    fresh = [
+        (part, index)
+        for part in parts
+        for index, key in enumerate(spec.state_lists)
+        if len(part.tensors.get(key, [])) == len(part.tensors["params"])
+    ]
+    created = any(flag for entry in prepared for flag in entry.tensor_flags)
+    if not created:
+        return []
+    found_inf = getattr(optimizer, "found_inf", None)
+    skipped = False
+    if found_inf is not None:
+        skipped = bool(found_inf.item())
+    if not skipped and optimizer.skip_nonfinite and square_norms:
+        grad_scale = getattr(optimizer, "grad_scale", None)
+        norm = next(iter(square_norms.values())).sum().sqrt()
+        if grad_scale is not None:
+            norm = norm * (1.0 / grad_scale.double()).float().double().to(norm.device)
+        skipped = not bool(torch.isfinite(norm).item())
+    dropped = []
+    for part, index in fresh:
+        key = spec.state_keys[index]
+        values = part.tensors[spec.state_lists[index]]
+        for position, param in enumerate(part.tensors["params"]):
+            if optimizer.state.get(param, {}).get(key) is not None:
+                continue
+            if skipped:
+                values[position] = None
+                dropped.append(param)
+            else:
+                optimizer.state[param][key] = values[position]
+    return dropped
 
 
 def _same_objects(values: Any, expected: list) -> bool:
@@ -361,7 +420,7 @@ def repeat_step(optimizer: torch.optim.Optimizer, algorithm: str) -> bool:
     """Run the step planned by the last :func:`fused_step` again with the current gradients, if
     nothing it depends on changed; return whether it ran.
 
-    This skips collecting tensors and state group by group (``_init_group``), which dominates the
+    This skips collecting tensors and state group by group (``_group_tensors``), which dominates the
     host time of a step over thousands of small tensors. Any change (a param group added or its
     list edited, an option flipped, a state dict loaded or a parameter's state replaced, a missing
     or sparse gradient, a gradient where there was none, a different backend decision) falls back
@@ -410,7 +469,10 @@ def repeat_step(optimizer: torch.optim.Optimizer, algorithm: str) -> bool:
     start = 0
     for entry in plan.prepared:
         end = start + len(entry.params)
-        entry.launch.table.refresh(entry.params, grads[start:end], addresses[start:end])
+        # False: a parameter or state tensor resized or moved in place, or a gradient laid out
+        # differently from its parameter; the full step re-decides and rebuilds.
+        if not entry.launch.table.refresh(entry.params, grads[start:end], addresses[start:end]):
+            return False
         start = end
     _launch_all(optimizer, kernels, spec, state, plan.prepared, None, None)
     return True
@@ -424,8 +486,9 @@ def _launch_all(
     prepared: list[_Prepared],
     parts: list[Part] | None,
     total_norm: Tensor | None,
-) -> None:
-    """Upload changed hyperparameters, compute the gradient norm if clipping, launch the steps.
+) -> dict[torch.device, Tensor]:
+    """Upload changed hyperparameters, compute the gradient norm if clipping, launch the steps;
+    return the square-norm buffer of each device (empty without clipping).
 
     ``optimizer.grad_scale`` / ``optimizer.found_inf``, set by ``GradScaler.step``, are unscaled
     and checked inside the kernels.
@@ -436,30 +499,38 @@ def _launch_all(
     devices = {entry.key[0] for entry in prepared}
     square_norms: dict[torch.device, Tensor] = {}
     if max_grad_norm is not None:
-        if total_norm is None and len(devices) > 1:
-            # One global norm across devices: torch's (one small reduction per device).
+        sharded = any(_is_dtensor(p) for entry in prepared for p in entry.originals)
+        if total_norm is None and (len(devices) > 1 or sharded):
+            # One global norm across devices, or across the ranks of a sharded (FSDP2) model,
+            # whose kernels see only local shards: torch's (one small reduction per device).
             grads = [p.grad for entry in prepared for p in entry.originals]
             total_norm = _total_norm(grads)
         if total_norm is not None:
+            if _is_dtensor(total_norm):
+                total_norm = total_norm.full_tensor()  # a Partial norm: reduce across ranks
             for device in devices:
                 square_norms[device] = (total_norm.to(device, torch.float64) ** 2).reshape(1)
         else:
             device = next(iter(devices))
-            slots = 1 << max(0, (len(prepared) - 1).bit_length())
-            norms = state.square_norms.get(device)
-            if norms is None or norms.numel() != slots:
+            norms, filled = state.square_norms.get(device, (None, 0))
+            if norms is None or filled != len(prepared):
+                slots = 1 << max(0, (len(prepared) - 1).bit_length())
                 norms = torch.zeros(slots, dtype=torch.float64, device=device)
-                state.square_norms[device] = norms
+                state.square_norms[device] = (norms, len(prepared))
             for slot, entry in enumerate(prepared):
                 kernels.grad_square_norm(entry.launch.table, norms, slot)
             square_norms[device] = norms
 
     state.norms.clear()
+    counted: set[torch.device] = set()
     for entry in prepared:
         device = entry.key[0]
         hyperparameters = _hyperparameters(entry.launch, spec, entry.groups, device)
+        skip_nonfinite = optimizer.skip_nonfinite and max_grad_norm is not None
         skipped = None
-        if optimizer.skip_nonfinite and max_grad_norm is not None:
+        if skip_nonfinite and device not in counted:
+            # The first launch on a device counts a skipped step, so it counts once.
+            counted.add(device)
             if device not in state.skipped_steps:  # allocated once: a step launches nothing else
                 state.skipped_steps[device] = torch.zeros(1, dtype=torch.int32, device=device)
             skipped = state.skipped_steps[device]
@@ -468,7 +539,7 @@ def _launch_all(
             found_inf=_on(found_inf, device),
             square_norms=square_norms.get(device),
             max_grad_norm=max_grad_norm,
-            skip_nonfinite=skipped is not None,
+            skip_nonfinite=skip_nonfinite,
             skipped_steps=skipped,
             record_norms=optimizer.record_norms,
         )
@@ -478,3 +549,4 @@ def _launch_all(
         if optimizer.record_norms:
             for row, param in enumerate(entry.originals):
                 state.norms[id(param)] = (entry.launch.table.diagnostics, row)
+    return square_norms

@@ -178,7 +178,7 @@ class Adagrad(TorchoptOptimizer):
             )
         return state
 
-    def _init_group(self, group: dict[str, Any]) -> TensorLists:
+    def _group_tensors(self, group: dict[str, Any]) -> TensorLists:
         tensors: TensorLists = {"params": [], "grads": [], "state_sums": [], "state_steps": []}
         for p in group["params"]:
             if p.grad is None:

@@ -180,7 +180,7 @@ class Adam(TorchoptOptimizer):
             record_norms=record_norms,
         )
 
-    def _init_group(self, group: dict[str, Any]) -> TensorLists:
+    def _group_tensors(self, group: dict[str, Any]) -> TensorLists:
         tensors: TensorLists = {
             "params": [],
             "grads": [],

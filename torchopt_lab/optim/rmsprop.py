@@ -147,7 +147,7 @@ class RMSprop(TorchoptOptimizer):
             record_norms=record_norms,
         )
 
-    def _init_group(self, group: dict[str, Any]) -> TensorLists:
+    def _group_tensors(self, group: dict[str, Any]) -> TensorLists:
         tensors: TensorLists = {
             "params": [],
             "grads": [],

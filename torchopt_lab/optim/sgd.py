@@ -73,8 +73,9 @@ class SGD(TorchoptOptimizer):
 
     with :math:`b_t = d_t` when :math:`\mu = 0` (plain SGD), :math:`-` under ``maximize``.
     Arguments, defaults, errors, param groups and state (``momentum_buffer``) are torch.optim.SGD's;
-    the extra keyword arguments ``backend`` and ``max_grad_norm`` are explained in the README
-    ("Optimizers"). ``fused=True`` needs the Triton backend; ``differentiable=True`` is refused.
+    the extra keyword arguments ``backend`` and ``max_grad_norm`` are explained in
+    docs/optimizers.md ("Extra arguments"). ``fused=True`` needs the Triton backend;
+    ``differentiable=True`` is refused.
     """
 
     _reference = staticmethod(sgd)
@@ -140,7 +141,7 @@ class SGD(TorchoptOptimizer):
             record_norms=record_norms,
         )
 
-    def _init_group(self, group: dict[str, Any]) -> TensorLists:
+    def _group_tensors(self, group: dict[str, Any]) -> TensorLists:
         params, grads, buffers = [], [], []
         for p in group["params"]:
             if p.grad is None:

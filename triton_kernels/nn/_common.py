@@ -31,9 +31,10 @@ def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_floating(name: str, argument: str, tensor: torch.Tensor) -> None:
-    """Raise RuntimeError (torch's type for an unsupported dtype) unless ``tensor`` is a float."""
+    """Raise NotImplementedError (torch's type for a kernel without that dtype, as in
+    ``"GeluKernelImpl" not implemented for 'Long'``) unless ``tensor`` is a float."""
     if tensor.dtype not in FLOAT_DTYPES:
-        raise RuntimeError(
+        raise NotImplementedError(
             f"{name}: expected {argument} of dtype float16, bfloat16, float32 or float64, got "
             f"{tensor.dtype}"
         )

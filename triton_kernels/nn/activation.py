@@ -14,7 +14,7 @@ Activations (``a`` the negative slope, ``Φ``/``φ`` the standard normal CDF/den
 ``activation``        ``f(z)``                   ``f'``
 ====================  =========================  =============================================
 ``"identity"``        ``z``                      ``1``
-``"relu"``            ``max(z, 0)``              ``1[y > 0]``
+``"relu"``            ``max(z, 0)``              ``1[y > 0 or y is NaN]``
 ``"leaky_relu"``      ``z if z > 0 else a z``    ``1 if z > 0 else a``
 ``"sigmoid"``         ``1 / (1 + e^{-z})``       ``y (1 - y)``
 ``"tanh"``            ``tanh z``                 ``1 - y²``
@@ -51,7 +51,8 @@ _MAX_BLOCK_COLUMNS = 1024
 @triton.jit
 def _activate(z, NEGATIVE_SLOPE: tl.constexpr, ACTIVATION: tl.constexpr):
     if ACTIVATION == "relu":
-        y = tl.maximum(z, 0.0)
+        # z where not negative: NaN stays NaN (as torch's clamp; tl.maximum(NaN, 0) would be 0)
+        y = tl.where(z < 0, 0.0, z)
     elif ACTIVATION == "leaky_relu":
         y = tl.where(z > 0, z, z * NEGATIVE_SLOPE)
     elif ACTIVATION == "sigmoid":
@@ -72,10 +73,9 @@ def _activate(z, NEGATIVE_SLOPE: tl.constexpr, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _derivative(saved, NEGATIVE_SLOPE: tl.constexpr, ACTIVATION: tl.constexpr):
-    """``f'`` from ``saved``: ``y`` for the activations of OUTPUT_DERIVATIVE, ``z`` otherwise."""
-    if ACTIVATION == "relu":
-        d = tl.where(saved > 0, 1.0, 0.0)
-    elif ACTIVATION == "leaky_relu":
+    """``f'`` from ``saved``: ``y`` for the activations of OUTPUT_DERIVATIVE, ``z`` otherwise
+    (relu's backward selects ``g`` instead, see the backward kernel)."""
+    if ACTIVATION == "leaky_relu":
         one = tl.full(saved.shape, 1.0, saved.dtype)
         d = tl.where(saved > 0, one, tl.full(saved.shape, NEGATIVE_SLOPE, saved.dtype))
     elif ACTIVATION == "sigmoid":
@@ -112,9 +112,13 @@ def _bias_activation_forward_kernel(
     BLOCK_COLUMNS: tl.constexpr,
 ):
     """``y = f(h + b)`` on a ``[BLOCK_ROWS, BLOCK_COLUMNS]`` tile of the row-major ``[rows,
-    columns]`` ``h``."""
-    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    column = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+    columns]`` ``h``; the tiles are numbered row-major along grid axis 0 (:func:`launch_grid`)."""
+    column_tiles = tl.cdiv(columns, BLOCK_COLUMNS)
+    # int64 rows: the last tile's masked rows may pass 2³¹ - 1, and a wrapped (negative) row
+    # would pass the row < rows mask
+    row_start = ((tl.program_id(0) // column_tiles) * BLOCK_ROWS).to(tl.int64)
+    row = row_start + tl.arange(0, BLOCK_ROWS)
+    column = (tl.program_id(0) % column_tiles) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
     mask = (row[:, None] < rows) & (column[None, :] < columns)
     offsets = row[:, None] * columns + column[None, :]
     z = tl.load(input_pointer + offsets, mask=mask).to(COMPUTE_DTYPE)
@@ -142,10 +146,14 @@ def _bias_activation_backward_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLUMNS: tl.constexpr,
 ):
-    """``dL/dz = g f'`` on one tile; with ``reduce_bias``, the tile's column sums of ``dL/dz`` go
-    to row ``program_id(0)`` of the ``[row_tiles, columns]`` partial sums."""
-    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    column = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+    """``dL/dz = g f'`` on one tile (numbered as in the forward); with ``reduce_bias``, the tile's
+    column sums of ``dL/dz`` go to its row tile's row of the ``[row_tiles, columns]`` partial
+    sums."""
+    column_tiles = tl.cdiv(columns, BLOCK_COLUMNS)
+    row_tile = tl.program_id(0) // column_tiles
+    # int64 rows, as in the forward
+    row = (row_tile * BLOCK_ROWS).to(tl.int64) + tl.arange(0, BLOCK_ROWS)
+    column = (tl.program_id(0) % column_tiles) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
     mask = (row[:, None] < rows) & (column[None, :] < columns)
     offsets = row[:, None] * columns + column[None, :]
     g = tl.load(grad_output_pointer + offsets, mask=mask).to(COMPUTE_DTYPE)
@@ -153,13 +161,18 @@ def _bias_activation_backward_kernel(
     if add_bias:
         bias = tl.load(bias_pointer + column, mask=column < columns).to(COMPUTE_DTYPE)
         saved += bias[None, :]
-    # dL/dz = g f'
-    grad = tl.where(mask, g * _derivative(saved, NEGATIVE_SLOPE, ACTIVATION), 0.0)
+    if ACTIVATION == "relu":
+        # dL/dz = g where y > 0 or y is NaN, exactly 0 where y <= 0 even for a non-finite g
+        # (torch's threshold_backward; g · 1[y > 0] would be NaN there and 0 at a NaN y)
+        grad = tl.where(mask & ~(saved <= 0), g, 0.0)
+    else:
+        # dL/dz = g f'
+        grad = tl.where(mask, g * _derivative(saved, NEGATIVE_SLOPE, ACTIVATION), 0.0)
     tl.store(grad_input_pointer + offsets, grad.to(grad_input_pointer.dtype.element_ty), mask=mask)
     if reduce_bias:
         partial = tl.sum(grad, axis=0)
         tl.store(
-            grad_bias_partial_pointer + tl.program_id(0) * columns + column,
+            grad_bias_partial_pointer + row_tile * columns + column,
             partial,
             mask=column < columns,
         )
@@ -172,11 +185,16 @@ def _check_activation(name: str, activation: str) -> None:
         )
 
 
-def _grid(rows: int, columns: int) -> tuple[int, int]:
-    """(BLOCK_ROWS, BLOCK_COLUMNS): about ``_TILE`` elements per program, whole short rows."""
+def launch_grid(rows: int, columns: int) -> tuple[tuple[int], int, int]:
+    """``(grid, BLOCK_ROWS, BLOCK_COLUMNS)`` of the bias + activation kernels on ``[rows,
+    columns]``: tiles of about ``_TILE`` elements (whole short rows), one program each, all along
+    grid axis 0, whose CUDA limit is 2³¹ - 1 (axes 1 and 2 stop at 65535, which the 97657 column
+    tiles of a 1e8-element row would pass). Every program holds at least one element, so a
+    launch within :data:`~triton_kernels.nn._common.MAX_NUMEL` stays within the limit."""
     block_columns = min(triton.next_power_of_2(max(columns, 1)), _MAX_BLOCK_COLUMNS)
     block_rows = min(max(_TILE // block_columns, 1), triton.next_power_of_2(max(rows, 1)))
-    return block_rows, block_columns
+    tiles = triton.cdiv(rows, block_rows) * triton.cdiv(columns, block_columns)
+    return (tiles,), block_rows, block_columns
 
 
 def _as_rows(name: str, input: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
@@ -213,8 +231,7 @@ def bias_activation_forward(
         check_contiguous(name, out=out)
     if input.numel() == 0:
         return out
-    block_rows, block_columns = _grid(rows, columns)
-    grid = (triton.cdiv(rows, block_rows), triton.cdiv(columns, block_columns))
+    grid, block_rows, block_columns = launch_grid(rows, columns)
     _bias_activation_forward_kernel[grid](
         input,
         input if bias is None else bias,
@@ -256,10 +273,10 @@ def bias_activation_backward(
     if saved.numel() == 0:
         grad_bias = saved.new_zeros(columns) if compute_grad_bias else None
         return grad_input, grad_bias
-    block_rows, block_columns = _grid(rows, columns)
-    grid = (triton.cdiv(rows, block_rows), triton.cdiv(columns, block_columns))
+    grid, block_rows, block_columns = launch_grid(rows, columns)
+    row_tiles = triton.cdiv(rows, block_rows)
     partial = (
-        torch.empty(grid[0], columns, dtype=statistics_dtype(saved.dtype), device=saved.device)
+        torch.empty(row_tiles, columns, dtype=statistics_dtype(saved.dtype), device=saved.device)
         if compute_grad_bias
         else grad_input
     )

@@ -125,10 +125,12 @@ def _channel_affine_kernel(
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """``y = a_c x + b_c (+ e_c z)`` on one block of row ``(n, c)`` of the ``[N C, S]`` view."""
-    row = tl.program_id(0).to(tl.int64)
+    """``y = a_c x + b_c (+ e_c z)`` on one block of row ``(n, c)`` of the ``[N C, S]`` view; the
+    blocks are numbered row-major along grid axis 0 (:func:`channel_affine_grid`)."""
+    blocks = tl.cdiv(spatial, BLOCK)
+    row = (tl.program_id(0) // blocks).to(tl.int64)
     channel = row % channels
-    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offsets = (tl.program_id(0) % blocks) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < spatial
     pointer_offsets = row * spatial + offsets
     x = tl.load(input_pointer + pointer_offsets, mask=mask).to(COMPUTE_DTYPE)
@@ -153,6 +155,22 @@ def _dimensions(name: str, input: torch.Tensor) -> tuple[int, int, int]:
     return batch, channels, spatial
 
 
+def channel_affine_grid(batch: int, channels: int, spatial: int) -> tuple[tuple[int], int]:
+    """``(grid, BLOCK)`` of :func:`channel_affine` on ``[N, C, S]``: blocks of up to ``_BLOCK``
+    values of one ``(n, c)`` row, one program each, all along grid axis 0 (CUDA's limit 2³¹ - 1;
+    axis 1 stops at 65535, which the 65600 blocks of an 8192x8200 image would pass). Every
+    program holds at least one element, so a launch within
+    :data:`~triton_kernels.nn._common.MAX_NUMEL` stays within the limit."""
+    block = min(_BLOCK, triton.next_power_of_2(max(spatial, 1)))
+    return (batch * channels * triton.cdiv(spatial, block),), block
+
+
+def statistics_grid(batch: int, channels: int) -> tuple[int, int]:
+    """The grid of the statistics and gradient-sum kernels: ``(C, splits)``, ``C`` along axis 0
+    (limit 2³¹ - 1) and at most ``_TARGET_PROGRAMS`` splits along axis 1 (limit 65535)."""
+    return channels, _splits(batch, channels)
+
+
 def _splits(batch: int, channels: int) -> int:
     """Programs per channel: enough for about ``_TARGET_PROGRAMS`` in all, at most one per
     sample."""
@@ -168,13 +186,14 @@ def batch_norm_statistics(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         raise RuntimeError(
             f"{name}: no values per channel in an input of shape {list(input.shape)}"
         )
-    splits = _splits(batch, channels)
+    grid = statistics_grid(batch, channels)
+    splits = grid[1]
     block = min(_BLOCK, triton.next_power_of_2(spatial))
     dtype = statistics_dtype(input.dtype)
     count, mean, m2 = (
         torch.empty(channels, splits, dtype=dtype, device=input.device) for _ in range(3)
     )
-    _batch_norm_statistics_kernel[(channels, splits)](
+    _batch_norm_statistics_kernel[grid](
         input,
         count,
         mean,
@@ -204,11 +223,12 @@ def batch_norm_gradient_sums(
     check_contiguous(name, grad_output=grad_output, mean=mean)
     dtype = statistics_dtype(input.dtype)
     check_shape(name, "mean", mean, (channels,))
-    splits = _splits(batch, channels)
+    grid = statistics_grid(batch, channels)
+    splits = grid[1]
     total, dot = (torch.zeros(channels, splits, dtype=dtype, device=input.device) for _ in range(2))
     block = min(_BLOCK, triton.next_power_of_2(max(spatial, 1)))
     if input.numel():
-        _batch_norm_gradient_sums_kernel[(channels, splits)](
+        _batch_norm_gradient_sums_kernel[grid](
             grad_output,
             input,
             mean.to(dtype),
@@ -248,8 +268,8 @@ def channel_affine(
             check_contiguous(name, **{argument: tensor})
     output = torch.empty_like(input)
     if input.numel():
-        block = min(_BLOCK, triton.next_power_of_2(spatial))
-        _channel_affine_kernel[(batch * channels, triton.cdiv(spatial, block))](
+        grid, block = channel_affine_grid(batch, channels, spatial)
+        _channel_affine_kernel[grid](
             input,
             input if second is None else second,
             output,

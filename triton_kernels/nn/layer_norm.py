@@ -22,6 +22,8 @@ partial parameter sums, each program striding over the rows of its column slice.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -110,24 +112,33 @@ def _layer_norm_backward_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLUMNS: tl.constexpr,
 ):
-    """Program ``(p, j)``: ``dL/dx`` on column slice ``j`` of the row tiles ``p, p + programs,
+    """Program ``(j, p)``: ``dL/dx`` on column slice ``j`` of the row tiles ``p, p + programs,
     ...``; with ``reduce_parameters``, this slice of the program's partial ``Σ g x̂`` and ``Σ g``
-    to its row of the ``[programs, columns]`` partials.
+    to its row of the ``[programs, columns]`` partials. The column slices go along grid axis 0
+    (a wide row may have more than 65535) and the programs along axis 1 (:func:`backward_grid`).
 
     Whole rows (one column slice): ``c_1`` and ``c_2`` are computed here. Wide rows
     (``coefficients_given``): they are read from ``c1_pointer`` and ``c2_pointer``, which
     :func:`_layer_norm_wide_coefficients_kernel` filled.
     """
-    program = tl.program_id(0)
-    programs = tl.num_programs(0)
-    column = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+    program = tl.program_id(1)
+    programs = tl.num_programs(1)
+    column = tl.program_id(0) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
     column_mask = column < columns
     if has_weight:
         weight = tl.load(weight_pointer + column, mask=column_mask).to(COMPUTE_DTYPE)
     grad_weight = tl.zeros((BLOCK_COLUMNS,), COMPUTE_DTYPE)
     grad_bias = tl.zeros((BLOCK_COLUMNS,), COMPUTE_DTYPE)
     for tile in range(program, tl.cdiv(rows, BLOCK_ROWS), programs):
-        row = (tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+        if coefficients_given:
+            # Wide rows: fewer than 2³¹ / 8192 of them, so no row index nears 2³¹ (and the
+            # int64 add below costs this variant an 8-byte spill on sm_80).
+            row = (tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+        else:
+            # The tile's first row (below rows, int32) added to an int64 arange: the last tile's
+            # masked rows may pass 2³¹ - 1 (2³¹ - 1 rows of width 1), and an int32 row would
+            # wrap to a negative one that passes row < rows
+            row = tl.arange(0, BLOCK_ROWS).to(tl.int64) + tile * BLOCK_ROWS
         row_mask = row < rows
         mask = row_mask[:, None] & column_mask[None, :]
         offsets = row[:, None] * columns + column[None, :]
@@ -247,12 +258,17 @@ def _layer_norm_wide_coefficients_kernel(
     tl.store(c2_pointer + row, tl.sum(c2, axis=0) / columns)
 
 
-def _blocks(input: torch.Tensor) -> tuple[int, int, bool, int, int]:
-    """``(rows, columns, wide, BLOCK_ROWS, BLOCK_COLUMNS)``: whole rows in registers up to 32 KB
-    in the compute dtype, else the wide kernels with their column slices."""
-    columns = input.shape[-1] if input.dim() else 1
-    rows = input.numel() // columns if columns else 0
-    compute_size = 8 if input.dtype == torch.float64 else 4
+def block_shape(
+    shape: tuple[int, ...] | torch.Size, dtype: torch.dtype
+) -> tuple[int, int, bool, int, int]:
+    """``(rows, columns, wide, BLOCK_ROWS, BLOCK_COLUMNS)`` for an input of ``shape`` and
+    ``dtype``: whole rows in registers up to 32 KB in the compute dtype, else the wide kernels
+    with their column slices. The forward grids are ``(cdiv(rows, BLOCK_ROWS),)`` and, wide,
+    ``(rows,)``: axis 0 only (CUDA's limit 2³¹ - 1)."""
+    columns = shape[-1] if len(shape) else 1
+    # counted from the leading dimensions, so rows of width 0 still count
+    rows = math.prod(shape[:-1])
+    compute_size = 8 if dtype == torch.float64 else 4
     wide = columns * compute_size > _MAX_WHOLE_ROW_BYTES
     if wide:
         return rows, columns, True, _WIDE_BLOCK_ROWS, _WIDE_BLOCK_BYTES // compute_size
@@ -260,6 +276,21 @@ def _blocks(input: torch.Tensor) -> tuple[int, int, bool, int, int]:
     block_rows = max(1, min(_TILE // block_columns, _MAX_BLOCK_ROWS))
     block_rows = min(block_rows, triton.next_power_of_2(max(rows, 1)))
     return rows, columns, False, block_rows, block_columns
+
+
+def _blocks(input: torch.Tensor) -> tuple[int, int, bool, int, int]:
+    return block_shape(input.shape, input.dtype)
+
+
+def backward_grid(
+    rows: int, columns: int, block_rows: int, block_columns: int, program_limit: int
+) -> tuple[int, int]:
+    """The backward kernel's grid ``(column slices, programs)``: at most ``program_limit``
+    programs, each striding over row tiles, along axis 1 (limit 65535), and the column slices
+    along axis 0 (limit 2³¹ - 1), as a row wider than 65535 slices (134M float32 values) has
+    more than axis 1 allows."""
+    programs = max(1, min(triton.cdiv(rows, block_rows), program_limit))
+    return triton.cdiv(columns, block_columns), programs
 
 
 def _check(
@@ -287,13 +318,12 @@ def layer_norm_forward(
     dtype."""
     name = "layer_norm_forward"
     _check(name, input, weight, bias)
-    if eps < 0:
-        raise ValueError(f"{name}: eps must be non-negative, got {eps}")
     rows, columns, wide, block_rows, block_columns = _blocks(input)
     output = torch.empty_like(input)
     dtype = statistics_dtype(input.dtype)
-    mean = torch.empty(rows, dtype=dtype, device=input.device)
-    rstd = torch.empty(rows, dtype=dtype, device=input.device)
+    # Rows of width 0 launch nothing: their mean and variance over no values stay NaN.
+    mean = torch.full((rows,), float("nan"), dtype=dtype, device=input.device)
+    rstd = torch.full((rows,), float("nan"), dtype=dtype, device=input.device)
     if input.numel() and wide:
         _layer_norm_wide_forward_kernel[(rows,)](
             input,
@@ -331,13 +361,11 @@ def layer_norm_forward(
     return output, mean, rstd
 
 
-def _programs(device: torch.device, tiles: int) -> int:
+def _program_limit(device: torch.device) -> int:
     """Backward programs: two per streaming multiprocessor on a GPU, so the partials stay small."""
     if device.type == "cuda":
-        limit = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        limit = 8
-    return max(1, min(tiles, limit))
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
 
 
 def layer_norm_backward(
@@ -362,7 +390,8 @@ def layer_norm_backward(
         if tensor.dtype != dtype:
             raise RuntimeError(f"{name}: expected {argument} of dtype {dtype}, got {tensor.dtype}")
     grad_input = torch.empty_like(input)
-    programs = _programs(input.device, triton.cdiv(rows, block_rows))
+    grid = backward_grid(rows, columns, block_rows, block_columns, _program_limit(input.device))
+    programs = grid[1]
     partial_weight = torch.zeros(programs, columns, dtype=dtype, device=input.device)
     partial_bias = torch.zeros(programs, columns, dtype=dtype, device=input.device)
     if input.numel() and wide:
@@ -384,7 +413,7 @@ def layer_norm_backward(
     else:
         c1 = c2 = mean  # not read: whole rows compute their coefficients in the kernel
     if input.numel():
-        _layer_norm_backward_kernel[(programs, triton.cdiv(columns, block_columns))](
+        _layer_norm_backward_kernel[grid](
             grad_output,
             input,
             input if weight is None else weight,

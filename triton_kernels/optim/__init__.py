@@ -17,6 +17,7 @@ from triton_kernels.optim.tables import (
     DEFAULT_BLOCK_SIZE,
     SUPPORTED_DTYPES,
     MultiTensorTable,
+    same_layout,
     updatable_in_place,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "adam_step",
     "grad_square_norm",
     "rmsprop_step",
+    "same_layout",
     "sgd_step",
     "updatable_in_place",
 ]

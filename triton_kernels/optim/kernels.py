@@ -140,6 +140,7 @@ def _grad_multiplier(
     CLIP_GRADS: tl.constexpr,
     NORM_SLOTS: tl.constexpr,
     SKIP_NONFINITE: tl.constexpr,
+    COUNT_SKIPPED: tl.constexpr,
 ):
     """Whether this step is skipped, and the factors each loaded gradient is multiplied by.
 
@@ -165,8 +166,11 @@ def _grad_multiplier(
         clip_coefficient = tl.where(clip_coefficient > 1.0, 1.0, clip_coefficient)
         if SKIP_NONFINITE:
             nonfinite = (norm != norm) | (norm == float("inf"))
-            if nonfinite & (tl.program_id(0) == 0):
-                tl.store(skipped_steps, tl.load(skipped_steps) + 1)
+            # One launch per step counts (the others of the step pass COUNT_SKIPPED=False); a
+            # constexpr test, so it cannot share an `if` with the runtime one.
+            if COUNT_SKIPPED:  # noqa: SIM102
+                if nonfinite & (tl.program_id(0) == 0):
+                    tl.store(skipped_steps, tl.load(skipped_steps) + 1)
             skip = skip | nonfinite
     return skip, inverse_scale, clip_coefficient
 
@@ -246,6 +250,114 @@ def _finish_block(
 
 
 @triton.jit
+def _record_skipped_norms(
+    tensor_table,
+    tensor,
+    tensor_count,
+    offsets,
+    numel,
+    full,
+    inverse_scale,
+    block_counters,
+    diagnostic_sums,
+    diagnostics,
+    PARAM_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ASSUME_ALIGNED: tl.constexpr,
+    UNSCALE_GRADS: tl.constexpr,
+):
+    """A skipped step's diagnostics: squared norms of the unscaled gradient, a zero update and
+    the unchanged parameter (the step counter is left alone)."""
+    param_pointer = _address(
+        tensor_table, PARAM_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
+    )
+    grad_pointer = _address(
+        tensor_table, GRAD_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
+    )
+    param = _load(param_pointer, offsets, numel, full, COMPUTE_DTYPE)
+    grad = _load(grad_pointer, offsets, numel, full, COMPUTE_DTYPE)
+    grad = _scaled_grad(grad, inverse_scale, 1.0, UNSCALE_GRADS, False)
+    _record_norms(diagnostic_sums, tensor, grad, tl.zeros_like(param), param, offsets, numel)
+    _finish_block(
+        tensor_table,
+        tensor,
+        tensor_count,
+        numel,
+        0.0,
+        block_counters,
+        diagnostic_sums,
+        diagnostics,
+        BLOCK,
+        False,
+        True,
+    )
+
+
+@triton.jit
+def _skipped_step_norms_kernel(
+    tensor_table,
+    block_table,
+    tensor_count,
+    block_count,
+    grad_scale,
+    found_inf,
+    square_norms,
+    max_grad_norm,
+    block_counters,
+    diagnostic_sums,
+    diagnostics,
+    PARAM_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NUMEL_MULTIPLE: tl.constexpr,
+    ASSUME_ALIGNED: tl.constexpr,
+    NORM_SLOTS: tl.constexpr,
+    UNSCALE_GRADS: tl.constexpr,
+    CHECK_FOUND_INF: tl.constexpr,
+    CLIP_GRADS: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+):
+    """After a step launch with ``RECORD_NORMS``: if that step was skipped (the same decision,
+    from the same inputs), write its diagnostics, which the step kernel left alone. A separate
+    launch, so that the step kernel keeps its registers; a step that ran returns at once."""
+    skip, inverse_scale, _ = _grad_multiplier(
+        grad_scale,
+        found_inf,
+        square_norms,
+        max_grad_norm,
+        block_counters,  # not written: COUNT_SKIPPED is off
+        UNSCALE_GRADS,
+        CHECK_FOUND_INF,
+        CLIP_GRADS,
+        NORM_SLOTS,
+        SKIP_NONFINITE,
+        False,
+    )
+    if skip:
+        tensor, offsets, full, numel = _locate_block(
+            tensor_table, block_table, tensor_count, block_count, BLOCK, NUMEL_MULTIPLE
+        )
+        _record_skipped_norms(
+            tensor_table,
+            tensor,
+            tensor_count,
+            offsets,
+            numel,
+            full,
+            inverse_scale,
+            block_counters,
+            diagnostic_sums,
+            diagnostics,
+            PARAM_DTYPE,
+            COMPUTE_DTYPE,
+            BLOCK,
+            ASSUME_ALIGNED,
+            UNSCALE_GRADS,
+        )
+
+
+@triton.jit
 def _grad_square_norm_kernel(
     tensor_table,
     block_table,
@@ -310,7 +422,8 @@ def _sgd_update(
     momentum = tl.load(row + 1).to(COMPUTE_DTYPE)
     one_minus_dampening = (1.0 - tl.load(row + 2)).to(COMPUTE_DTYPE)
     weight_decay = tl.load(row + 3).to(COMPUTE_DTYPE)
-    grad = grad + param * weight_decay
+    if weight_decay != 0.0:
+        grad = grad + param * weight_decay
     if USE_MOMENTUM:
         if fresh != 0:
             buffer = grad
@@ -341,8 +454,10 @@ def _adagrad_update(
     weight_decay = tl.load(row + 2).to(COMPUTE_DTYPE)
     eps = tl.load(row + 3).to(COMPUTE_DTYPE)
     clr = (lr / (1.0 + (step - 1.0) * lr_decay)).to(COMPUTE_DTYPE)
-    grad = grad + param * weight_decay
-    state_sum = _load(sum_pointer, offsets, numel, full, COMPUTE_DTYPE) + grad * grad
+    if weight_decay != 0.0:
+        grad = grad + param * weight_decay
+    # torch's addcmul rounds once: fma.
+    state_sum = tl.fma(grad, grad, _load(sum_pointer, offsets, numel, full, COMPUTE_DTYPE))
     _store(sum_pointer, offsets, numel, full, state_sum)
     std = tl.sqrt(state_sum) + eps
     return param + grad * -clr / std
@@ -372,15 +487,18 @@ def _rmsprop_update(
     eps = tl.load(row + 2).to(COMPUTE_DTYPE)
     weight_decay = tl.load(row + 3).to(COMPUTE_DTYPE)
     momentum = tl.load(row + 4).to(COMPUTE_DTYPE)
-    grad = grad + param * weight_decay
+    if weight_decay != 0.0:
+        grad = grad + param * weight_decay
     square_avg = _load(square_avg_pointer, offsets, numel, full, COMPUTE_DTYPE)
-    square_avg = square_avg * alpha + one_minus_alpha * grad * grad
+    # torch's mul_ then addcmul_, whose multiply-add rounds once (fma), as on the CPU and GPU.
+    square_avg = tl.fma(one_minus_alpha * grad, grad, square_avg * alpha)
     _store(square_avg_pointer, offsets, numel, full, square_avg)
     if CENTER:
         grad_avg = _load(grad_avg_pointer, offsets, numel, full, COMPUTE_DTYPE)
         grad_avg = _lerp(grad_avg, grad, one_minus_alpha)
         _store(grad_avg_pointer, offsets, numel, full, grad_avg)
-        avg = tl.sqrt(square_avg - grad_avg * grad_avg) + eps
+        # addcmul(v, m, m, value=-1) rounds once: alpha=0 can give sqrt(-ulp) = NaN, as in torch.
+        avg = tl.sqrt(tl.fma(-grad_avg, grad_avg, square_avg)) + eps
     else:
         avg = tl.sqrt(square_avg) + eps
     if USE_MOMENTUM:
@@ -418,17 +536,19 @@ def _adam_update(
     weight_decay = tl.load(row + 4)
     step_size = (lr / (1.0 - _power(beta1, step))).to(COMPUTE_DTYPE)
     bias_correction2_sqrt = tl.sqrt(1.0 - _power(beta2, step)).to(COMPUTE_DTYPE)
-    if DECOUPLE_WEIGHT_DECAY:
-        decayed = param * (1.0 - lr * weight_decay).to(COMPUTE_DTYPE)
-    else:
-        decayed = param
-        grad = grad + param * weight_decay.to(COMPUTE_DTYPE)
+    # A zero weight decay leaves param and grad untouched (inf * 0 would be NaN), as in torch.
+    decayed = param
+    if weight_decay != 0.0:
+        if DECOUPLE_WEIGHT_DECAY:
+            decayed = param * (1.0 - lr * weight_decay).to(COMPUTE_DTYPE)
+        else:
+            grad = grad + param * weight_decay.to(COMPUTE_DTYPE)
     exp_avg = _load(exp_avg_pointer, offsets, numel, full, COMPUTE_DTYPE)
     exp_avg = _lerp(exp_avg, grad, (1.0 - beta1).to(COMPUTE_DTYPE))
     _store(exp_avg_pointer, offsets, numel, full, exp_avg)
     exp_avg_sq = _load(exp_avg_sq_pointer, offsets, numel, full, COMPUTE_DTYPE)
-    exp_avg_sq = (
-        exp_avg_sq * beta2.to(COMPUTE_DTYPE) + (1.0 - beta2).to(COMPUTE_DTYPE) * grad * grad
+    exp_avg_sq = tl.fma(
+        (1.0 - beta2).to(COMPUTE_DTYPE) * grad, grad, exp_avg_sq * beta2.to(COMPUTE_DTYPE)
     )
     _store(exp_avg_sq_pointer, offsets, numel, full, exp_avg_sq)
     if USE_AMSGRAD:
@@ -469,6 +589,7 @@ def _optimizer_step_kernel(
     CHECK_FOUND_INF: tl.constexpr,
     CLIP_GRADS: tl.constexpr,
     SKIP_NONFINITE: tl.constexpr,
+    COUNT_SKIPPED: tl.constexpr,
     RECORD_NORMS: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     USE_MOMENTUM: tl.constexpr,
@@ -493,6 +614,7 @@ def _optimizer_step_kernel(
         CLIP_GRADS,
         NORM_SLOTS,
         SKIP_NONFINITE,
+        COUNT_SKIPPED,
     )
     if skip:
         return

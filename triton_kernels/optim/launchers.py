@@ -54,8 +54,9 @@ class StepControls:
     - ``square_norms`` (float64, a power-of-two number of slots) and ``max_grad_norm``: clip with
       ``min(1, max_grad_norm / (norm + 1e-6))``, ``norm`` the square root of the slots' sum
       (filled by :func:`grad_square_norm`), unscaled by ``grad_scale``.
-    - ``skip_nonfinite`` with ``skipped_steps`` (int32, one element): skip the step when that norm
-      is NaN or infinite, and add one to ``skipped_steps``.
+    - ``skip_nonfinite``: skip the step when that norm is NaN or infinite, and add one to
+      ``skipped_steps`` (int32, one element) if given: of several launches making one step, only
+      one passes the counter, so a skipped step counts once.
     - ``record_norms``: write per-tensor squared norms of the gradient (after unscaling and
       clipping), the update and the parameter (before the update) into ``table.diagnostics``.
     """
@@ -141,15 +142,15 @@ def _control_arguments(table: MultiTensorTable, controls: StepControls) -> tuple
     if controls.skip_nonfinite:
         if not clip:
             raise ValueError("skip_nonfinite needs max_grad_norm: the norm decides the skip")
-        if controls.skipped_steps is None:
-            raise ValueError("skip_nonfinite needs a skipped_steps counter")
-        _check_scalar("skipped_steps", controls.skipped_steps, torch.int32, device)
+        if controls.skipped_steps is not None:
+            _check_scalar("skipped_steps", controls.skipped_steps, torch.int32, device)
+    count_skipped = controls.skip_nonfinite and controls.skipped_steps is not None
     arguments = [
         controls.grad_scale if controls.grad_scale is not None else float32,
         controls.found_inf if controls.found_inf is not None else float32,
         controls.square_norms if clip else _dummy(device, torch.float64),
         float(controls.max_grad_norm) if clip else 1.0,
-        controls.skipped_steps if controls.skip_nonfinite else _dummy(device, torch.int32),
+        controls.skipped_steps if count_skipped else _dummy(device, torch.int32),
         table.block_counters,
         table.diagnostic_sums,
         table.diagnostics,
@@ -167,6 +168,7 @@ def _control_arguments(table: MultiTensorTable, controls: StepControls) -> tuple
         "CHECK_FOUND_INF": controls.found_inf is not None,
         "CLIP_GRADS": clip,
         "SKIP_NONFINITE": controls.skip_nonfinite,
+        "COUNT_SKIPPED": count_skipped,
         "RECORD_NORMS": controls.record_norms,
         "num_warps": _num_warps(table.param_dtype),
     }
@@ -195,13 +197,11 @@ def _step(
     _check_table(table)
     _check_hyperparameters(table, hyperparameters, fields)
     arguments, constexprs = _control_arguments(table, controls or StepControls())
+    step_arguments = (table.tensor_table, table.block_table, table.tensor_count, table.block_count)
     _launch(
         kernels._optimizer_step_kernel,
         (table.block_count,),
-        table.tensor_table,
-        table.block_table,
-        table.tensor_count,
-        table.block_count,
+        *step_arguments,
         hyperparameters,
         *arguments,
         ALGORITHM=algorithm,
@@ -209,6 +209,33 @@ def _step(
         **constexprs,
         **dict(dict.fromkeys(_OPTION_FLAGS, False), **options),
     )
+    if constexprs["RECORD_NORMS"] and (
+        constexprs["CHECK_FOUND_INF"] or constexprs["SKIP_NONFINITE"]
+    ):
+        # The step may have been skipped on the device: its diagnostics must say so.
+        _launch(
+            kernels._skipped_step_norms_kernel,
+            (table.block_count,),
+            *step_arguments,
+            *arguments[:4],
+            *arguments[5:],
+            **{
+                name: constexprs[name]
+                for name in (
+                    "COMPUTE_DTYPE",
+                    "BLOCK",
+                    "NUMEL_MULTIPLE",
+                    "ASSUME_ALIGNED",
+                    "NORM_SLOTS",
+                    "UNSCALE_GRADS",
+                    "CHECK_FOUND_INF",
+                    "CLIP_GRADS",
+                    "SKIP_NONFINITE",
+                    "num_warps",
+                )
+            },
+            PARAM_DTYPE=constexprs["PARAM_DTYPE"],
+        )
 
 
 def grad_square_norm(table: MultiTensorTable, square_norms: Tensor, slot: int = 0) -> None:

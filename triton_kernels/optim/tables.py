@@ -30,6 +30,18 @@ _DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
 
 
+def _signature(tensors: Sequence[Tensor]) -> tuple[list, ...]:
+    """What decides the memory a launch touches through these tensors: their addresses, shapes,
+    strides and dtypes (``p.data = p.data[:n]`` keeps the address but not the size). Read by C
+    loops (``map``), cheap for thousands of tensors."""
+    return (
+        list(map(Tensor.data_ptr, tensors)),
+        list(map(_SHAPE, tensors)),
+        list(map(Tensor.stride, tensors)),
+        list(map(_DTYPE, tensors)),
+    )
+
+
 def numel_multiple(numels: Sequence[int]) -> int:
     """The largest power of two up to 16 that divides every element count.
 
@@ -79,6 +91,15 @@ def updatable_in_place(param: Tensor) -> tuple[bool, str]:
             "in memory, so it cannot be updated through a flat pointer"
         )
     return True, "dense"
+
+
+def same_layout(tensor: Tensor, param: Tensor) -> bool:
+    """Whether ``tensor`` (a gradient or state) can be read at ``param``'s element offsets: same
+    dtype, device and shape, and the same element at the same offset from the first (strides of
+    size-1 dimensions do not matter)."""
+    if tensor.dtype != param.dtype or tensor.device != param.device:
+        return False
+    return _same_layout(tensor, param)
 
 
 def _same_layout(tensor: Tensor, param: Tensor) -> bool:
@@ -149,22 +170,20 @@ class MultiTensorTable:
         flags = list(flags) if flags is not None else [0] * count
         state_rows = [list(row) for row in states] + [[None] * count] * (3 - len(states))
         step_row = list(steps) if steps is not None else [None] * count
-        # Tracked by address, so new wrappers of the same storage keep the table. State and step
-        # tensors, which the optimizer owns, are first compared by identity (cheap); only new
-        # objects (a loaded state dict, FSDP2's fresh to_local() views) have their addresses read.
-        param_addresses = list(map(Tensor.data_ptr, params))
-        same_state = _same_objects(step_row, self.step_row) and all(
-            map(_same_objects, state_rows, self.state_rows)
-        )
-        state_addresses = None if same_state else _addresses(state_rows, step_row)
+        # Tracked by address, shape, strides and dtype (not by object), so new wrappers of the same
+        # storage keep the table, and a tensor resized or replaced in place (``p.data = ...``,
+        # which can keep the address) rebuilds it.
+        param_signature = _signature(params)
+        state_signature = _signature(_present(state_rows, step_row))
         if (
             self.key is None
-            or param_addresses != self.param_addresses
+            or param_signature != self.param_signature
+            or state_signature != self.state_signature
             or list(groups) != self.groups
             or flags != self.flags
-            or (state_addresses is not None and state_addresses != self.state_addresses)
         ):
-            state_addresses = state_addresses or _addresses(state_rows, step_row)
+            param_addresses = param_signature[0]
+            state_addresses = _addresses(state_rows, step_row)
             key = TableKey(
                 addresses=tuple(param_addresses + state_addresses),
                 numels=tuple(p.numel() for p in params),
@@ -172,8 +191,8 @@ class MultiTensorTable:
                 flags=tuple(flags),
             )
             self._build(params, grads, state_rows, step_row, key)
-            self.param_addresses, self.groups, self.flags = param_addresses, list(groups), flags
-            self.state_addresses = state_addresses
+            self.param_signature, self.groups, self.flags = param_signature, list(groups), flags
+            self.state_signature = state_signature
         # Keep the objects compared next time (and alive while the table points at them).
         self.state_rows, self.step_row = state_rows, step_row
         return self._refresh_grads(params, grads, list(map(Tensor.data_ptr, grads)))
@@ -183,11 +202,13 @@ class MultiTensorTable:
         params: Sequence[Tensor],
         grads: Sequence[Tensor],
         grad_addresses: list[int] | None = None,
-    ) -> MultiTensorTable:
+    ) -> bool:
         """:meth:`update` for a caller that knows the states, steps, groups and flags are those of
-        the last :meth:`update` (the same tensor objects): only the addresses of the parameters
-        and gradients are read again (``grad_addresses``, when given, are ``data_ptr()`` of
-        ``grads``). A parameter whose storage moved (``p.data = ...``) rebuilds the table."""
+        the last :meth:`update` (the same tensor objects): only the gradients' addresses are
+        uploaded again (``grad_addresses``, when given, are ``data_ptr()`` of ``grads``). Returns
+        False, changing nothing, when a parameter or state tensor was moved, resized or
+        re-typed in place (``p.data = ...``) or a gradient's layout differs from its parameter's:
+        the caller then takes the full :meth:`update` path, which rebuilds or refuses."""
         if self.key is None:
             raise ValueError("the table describes no tensors yet: call update(...) first")
         if len(params) != self.tensor_count or len(grads) != self.tensor_count:
@@ -195,13 +216,17 @@ class MultiTensorTable:
                 f"{self.tensor_count} tensors in the table, got {len(params)} params and "
                 f"{len(grads)} grads"
             )
-        if list(map(Tensor.data_ptr, params)) != self.param_addresses:
-            return self.update(
-                params, grads, self.state_rows, self.step_row, self.groups, self.flags
-            )
+        if (
+            _signature(params) != self.param_signature
+            or _signature(_present(self.state_rows, self.step_row)) != self.state_signature
+        ):
+            return False
         if grad_addresses is None:
             grad_addresses = list(map(Tensor.data_ptr, grads))
-        return self._refresh_grads(params, grads, grad_addresses)
+        if grad_addresses != self.grad_addresses and not self._grads_match(grads):
+            return False
+        self._refresh_grads(params, grads, grad_addresses)
+        return True
 
     def _refresh_grads(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], addresses: list[int]
@@ -245,7 +270,8 @@ class MultiTensorTable:
                         f"{state_dtype} on {device}"
                     )
                 if not _same_layout(state, param):
-                    raise ValueError(
+                    # RuntimeError, as torch's update raises for a state of the wrong shape.
+                    raise RuntimeError(
                         f"state of params[{index}] has shape {tuple(state.shape)} and strides "
                         f"{state.stride()}, the parameter {tuple(param.shape)} and {param.stride()}"
                     )
@@ -342,6 +368,10 @@ class MultiTensorTable:
     def aligned(self) -> bool:
         """Whether every address is 16-byte aligned, so the kernels may use 128-bit accesses."""
         return self.static_aligned and self.grads_aligned
+
+
+def _present(state_rows: list[list[Tensor | None]], step_row: list[Tensor | None]) -> list[Tensor]:
+    return [t for row in [*state_rows, step_row] for t in row if t is not None]
 
 
 def _addresses(state_rows: list[list[Tensor | None]], step_row: list[Tensor | None]) -> list[int]:

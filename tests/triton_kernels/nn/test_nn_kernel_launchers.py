@@ -113,15 +113,19 @@ def test_softmax_matches_torch_value_and_gradient(
     shape: tuple[int, ...], dim: int, log: bool, dtype: torch.dtype
 ) -> None:
     torch.manual_seed(0)
-    x = (4 * torch.randn(shape, dtype=dtype)).requires_grad_()
+    x = 4 * torch.randn(shape, dtype=dtype)
+    # The oracle is torch in float64 on the same (float32-representable) values: torch's own
+    # float32 log-softmax gradient over a 5001-wide row is off by up to 1.9e-5 (its row sum
+    # rounded), as far from the exact value as the stated tolerance, where the kernel's is 3e-6.
+    exact = x.double().requires_grad_()
     reference = F.log_softmax if log else F.softmax
-    expected = reference(x, dim)
-    grad_output = torch.randn_like(expected)
-    expected.backward(grad_output)
-    output, lse = K.softmax_forward(x.detach(), dim, log)
+    expected = reference(exact, dim)
+    grad_output = torch.randn_like(expected).to(dtype)
+    expected.backward(grad_output.double())
+    output, lse = K.softmax_forward(x, dim, log)
     close(output, expected.detach(), dtype)
-    close(lse, torch.logsumexp(x.detach(), dim if x.dim() else 0), dtype)
-    close(K.softmax_backward(grad_output, output, dim, log), x.grad, dtype)
+    close(lse, torch.logsumexp(exact.detach(), dim if x.dim() else 0), dtype)
+    close(K.softmax_backward(grad_output, output, dim, log), exact.grad, dtype)
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
@@ -372,7 +376,7 @@ ERRORS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     (
         "integer input",
         lambda: K.bias_activation_forward(torch.ones(3, dtype=torch.long)),
-        RuntimeError,
+        NotImplementedError,
         "torch.int64",
     ),
     (

@@ -43,6 +43,7 @@ def test_bench_nn_kernels_cuda_quick_reports_bandwidth_and_memory(
 ) -> None:
     assert cli.main(["bench-nn-kernels", "--quick"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("(quick run: timings are not measurements, tiny shapes)")
     rows = {line[:28].strip(): line[28:].split() for line in lines[2 : 2 + len(KERNELS)]}
     assert list(rows) == KERNELS
     for values in rows.values():
@@ -50,12 +51,17 @@ def test_bench_nn_kernels_cuda_quick_reports_bandwidth_and_memory(
     assert lines[-1].startswith("ours / torch: time ratio")
 
 
-def test_bench_nn_kernels_refuses_a_cpu_timing() -> None:
-    with pytest.raises(ValueError, match="only with --quick"):
-        cli.main(["bench-nn-kernels", "--device", "cpu"])
+def test_bench_nn_kernels_refuses_a_cpu_timing(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench-nn-kernels", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("torchopt-lab bench-nn-kernels: error: --device cpu")
+    assert "only with --quick" in err and err.count("\n") == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
-def test_bench_nn_kernels_refuses_cuda_without_a_gpu() -> None:
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-        cli.main(["bench-nn-kernels"])
+def test_bench_nn_kernels_refuses_cuda_without_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """cuda is the default device: without a GPU, one line and exit 2, not a traceback."""
+    assert cli.main(["bench-nn-kernels"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("torchopt-lab bench-nn-kernels: error: invalid --device 'cuda'")
+    assert "--device cpu --quick" in err and err.count("\n") == 1

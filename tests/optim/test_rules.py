@@ -1,0 +1,548 @@
+"""The optimizers declared with the authoring API (``torchopt_lab.optim.rules``) behave as
+torch.optim's, driven from torch's own table of optimizers (``optim_db``): every CPU optim input
+step for step, every error input, state dicts both ways, tensor lr, complex parameters,
+differentiable steps. Lion, which torch lacks, is held to a transcription of the paper.
+
+Stated tolerances: float64 to 1e-12 relative, float32 to 1e-6 (the rule's update is written out
+of place, so it may round differently from torch's in-place ops, never by more).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import pickle
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
+
+import torchopt_lab.optim as ours
+from torchopt_lab.optim.rules import REGISTRY, Check, Hyperparameter, Rule, RuleOptimizer, State
+
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-6, 1e-6),
+    torch.complex128: (1e-12, 1e-12),
+    torch.complex64: (1e-6, 1e-6),
+}
+STEPS = 7
+SHAPES = [(4, 3), (5,), ()]
+
+INFOS = {info.optim_cls.__name__: info for info in optim_db}
+# The registered optimizers torch.optim also has: torch is their oracle.
+WITH_TORCH = sorted(name for name in REGISTRY if name in INFOS)
+
+
+def _inputs() -> list[tuple[str, str, dict[str, Any]]]:
+    cases = []
+    for name in WITH_TORCH:
+        for optim_input in INFOS[name].optim_inputs_func(device="cpu"):
+            cases.append((name, optim_input.desc, dict(optim_input.kwargs)))
+    return cases
+
+
+INPUTS = _inputs()
+
+
+def _error_inputs() -> list[tuple[str, Any]]:
+    return [
+        (name, error_input)
+        for name in WITH_TORCH
+        for error_input in INFOS[name].optim_error_inputs_func(device="cpu", dtype=torch.float32)
+    ]
+
+
+ERROR_INPUTS = _error_inputs()
+
+
+def _params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator, dtype=dtype) for shape in SHAPES]
+
+
+def _groups(params: list[torch.Tensor]) -> list[dict[str, Any]]:
+    # Two param groups, so that state and hyperparameters are kept per group.
+    return [{"params": params[:2]}, {"params": params[2:]}]
+
+
+def _set_grads(params: list[torch.Tensor], step: int) -> None:
+    generator = torch.Generator().manual_seed(1000 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+
+
+def _run(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], steps: range) -> None:
+    for step in steps:
+        _set_grads(params, step)
+        optimizer.step()
+
+
+def _assert_close(actual: Any, expected: Any) -> None:
+    if torch.is_tensor(expected):
+        rtol, atol = TOLERANCES.get(expected.dtype, (1e-6, 1e-6))
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+    else:
+        assert actual == expected
+
+
+def _assert_same_state(ours_: torch.optim.Optimizer, theirs: torch.optim.Optimizer) -> None:
+    mine, reference = ours_.state_dict(), theirs.state_dict()
+    assert mine["param_groups"] == reference["param_groups"]
+    assert mine["state"].keys() == reference["state"].keys()
+    for index, their_state in reference["state"].items():
+        assert list(mine["state"][index]) == list(their_state)
+        for key, value in their_state.items():
+            assert mine["state"][index][key].dtype == value.dtype, key
+            _assert_close(mine["state"][index][key], value)
+
+
+def _both(name: str, kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[Any, ...]:
+    params, reference = _params(dtype), _params(dtype)
+    mine = REGISTRY[name](_groups(params), **kwargs)
+    theirs = getattr(torch.optim, name)(_groups(reference), **kwargs)
+    return mine, params, theirs, reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(("name", "desc", "kwargs"), INPUTS, ids=lambda v: str(v))
+def test_rule_optimizer_matches_torch_optim_on_every_optim_input(
+    name: str, desc: str, kwargs: dict[str, Any], dtype: torch.dtype
+) -> None:
+    mine, params, theirs, reference = _both(name, kwargs, dtype)
+    _run(mine, params, range(STEPS))
+    _run(theirs, reference, range(STEPS))
+    for a, b in zip(params, reference, strict=True):
+        _assert_close(a, b)
+    _assert_same_state(mine, theirs)
+
+
+@pytest.mark.parametrize(("name", "desc", "kwargs"), INPUTS, ids=lambda v: str(v))
+def test_rule_optimizer_matches_torch_optim_with_tensor_lr(
+    name: str, desc: str, kwargs: dict[str, Any]
+) -> None:
+    lr = kwargs.get("lr", inspect.signature(REGISTRY[name]).parameters["lr"].default)
+    kwargs = {**kwargs, "lr": torch.tensor(lr, dtype=torch.float64)}
+    mine, params, theirs, reference = _both(name, kwargs, torch.float64)
+    _run(mine, params, range(STEPS))
+    _run(theirs, reference, range(STEPS))
+    for a, b in zip(params, reference, strict=True):
+        _assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.complex64], ids=str)
+@pytest.mark.parametrize("name", WITH_TORCH)
+def test_rule_optimizer_matches_torch_optim_on_complex_params(
+    name: str, dtype: torch.dtype
+) -> None:
+    assert INFOS[name].supports_complex
+    kwargs = {"weight_decay": 0.1, "maximize": True}
+    mine, params, theirs, reference = _both(name, kwargs, dtype)
+    _run(mine, params, range(STEPS))
+    _run(theirs, reference, range(STEPS))
+    for a, b in zip(params, reference, strict=True):
+        _assert_close(a, b)
+    _assert_same_state(mine, theirs)
+
+
+def _error_params(error_input: Any) -> Any:
+    params = error_input.optimizer_error_input.params
+    return [torch.randn(2, 2, requires_grad=True)] if params is None else params
+
+
+@pytest.mark.parametrize(
+    ("name", "error_input"),
+    ERROR_INPUTS,
+    ids=[f"{name}-{e.optimizer_error_input.desc}" for name, e in ERROR_INPUTS],
+)
+def test_rule_optimizer_raises_what_torch_optim_raises(name: str, error_input: Any) -> None:
+    kwargs = error_input.optimizer_error_input.kwargs
+    classes = (REGISTRY[name], getattr(torch.optim, name))
+    messages = []
+    for cls in classes:
+        params = copy.deepcopy(_error_params(error_input))
+        if issubclass(error_input.error_type, Warning):
+            with pytest.warns(error_input.error_type, match=error_input.error_regex) as record:
+                cls(params, **kwargs)
+            messages.append([str(w.message) for w in record])
+            continue
+        with pytest.raises(error_input.error_type, match=error_input.error_regex) as raised:
+            optimizer = cls(params, **kwargs)
+            if error_input.error_on == OptimizerErrorEnum.STEP_ERROR:
+                optimizer.step()
+        messages.append(str(raised.value))
+    assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        ("NAdam", {"lr": -0.5}, "Invalid learning rate: -0.5"),
+        ("NAdam", {"eps": -1e-3}, "Invalid epsilon value: -0.001"),
+        ("NAdam", {"betas": (0.5, 1.5)}, "Invalid beta parameter at index 1: 1.5"),
+        ("RAdam", {"betas": (-0.1, 0.5)}, "Invalid beta parameter at index 0: -0.1"),
+        ("Adamax", {"weight_decay": -2}, "Invalid weight_decay value: -2"),
+        ("Adadelta", {"rho": -0.1}, "Invalid rho value: -0.1"),
+        ("Adadelta", {"eps": -1.0, "weight_decay": -1.0}, "Invalid epsilon value: -1.0"),
+    ],
+)
+def test_rule_optimizer_validation_quotes_the_bad_value_as_torch_does(
+    name: str, kwargs: dict[str, Any], message: str
+) -> None:
+    for cls in (REGISTRY[name], getattr(torch.optim, name)):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            cls([torch.zeros(2)], **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_rule_optimizer_step_without_grads_is_noop(name: str) -> None:
+    params = _params(torch.float32)
+    before = [p.clone() for p in params]
+    optimizer = REGISTRY[name](params)
+    optimizer.step()
+    assert optimizer.state_dict()["state"] == {}
+    for a, b in zip(params, before, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", WITH_TORCH)
+def test_rule_optimizer_signature_is_torch_optims_plus_backend(name: str) -> None:
+    mine = list(inspect.signature(REGISTRY[name]).parameters.values())
+    theirs = inspect.signature(getattr(torch.optim, name)).parameters.values()
+    assert [(p.name, p.kind, p.default) for p in mine[:-1]] == [
+        (p.name, p.kind, p.default) for p in theirs
+    ]
+    assert (mine[-1].name, mine[-1].kind, mine[-1].default) == (
+        "backend",
+        inspect.Parameter.KEYWORD_ONLY,
+        "auto",
+    )
+
+
+@pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
+@pytest.mark.parametrize("name", WITH_TORCH)
+def test_rule_optimizer_state_dict_interchanges_with_torch_optim(name: str, direction: str) -> None:
+    kwargs = {"lr": 0.01, "weight_decay": 0.1}
+    first, second = REGISTRY[name], getattr(torch.optim, name)
+    if direction == "torch_to_ours":
+        first, second = second, first
+    # One run switches class after 3 steps; the oracle makes the same switch within torch.optim
+    # (loading casts state other than ``step`` to the parameter's dtype: NAdam's mu_product).
+    runs = {}
+    for switch in [(first, second), (getattr(torch.optim, name),) * 2]:
+        params = _params(torch.float64)
+        before = switch[0](_groups(params), **kwargs)
+        _run(before, params, range(3))
+        after = switch[1](_groups(params), **kwargs)
+        after.load_state_dict(before.state_dict())
+        _run(after, params, range(3, STEPS))
+        runs[len(runs)] = (after, params)
+    (after, params), (oracle, reference) = runs[0], runs[1]
+    for a, b in zip(params, reference, strict=True):
+        _assert_close(a, b)
+    _assert_same_state(after, oracle)
+
+
+@pytest.mark.parametrize("name", WITH_TORCH)
+def test_rule_optimizer_loads_old_state_dicts_as_torch_optim_does(name: str) -> None:
+    optimizer = REGISTRY[name](_params(torch.float32))
+    _run(optimizer, optimizer.param_groups[0]["params"], range(2))
+    state = copy.deepcopy(optimizer.state_dict())
+    # What older torch versions saved: no flag keys, Python-number steps (and mu_product).
+    flags = ("foreach", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
+    for group in state["param_groups"]:
+        for flag in flags:
+            group.pop(flag, None)
+    for p_state in state["state"].values():
+        for key in ("step", "mu_product"):
+            if key in p_state:
+                p_state[key] = p_state[key].item()
+    loaded = {}
+    for cls in (REGISTRY[name], getattr(torch.optim, name)):
+        target = cls(_params(torch.float32))
+        target.load_state_dict(copy.deepcopy(state))
+        loaded[cls] = target
+    mine, theirs = loaded.values()
+    _assert_same_state(mine, theirs)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_rule_optimizer_survives_pickling(name: str) -> None:
+    params = _params(torch.float64)
+    optimizer = REGISTRY[name](params, lr=0.01)
+    _run(optimizer, params, range(2))
+    restored = pickle.loads(pickle.dumps(optimizer))
+    assert restored.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+
+
+@pytest.mark.parametrize("name", WITH_TORCH)
+def test_rule_optimizer_closure_returns_the_loss(name: str) -> None:
+    params = _params(torch.float64)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = REGISTRY[name](params)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = sum((p**2).sum() for p in params)
+        loss.backward()
+        return loss
+
+    assert torch.is_tensor(optimizer.step(closure))
+    assert all(len(optimizer.state[p]) > 0 for p in params)
+
+
+def _differentiable_steps(
+    cls: type, lr: float | torch.Tensor, leaf: torch.Tensor, kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """The parameter after two differentiable steps from ``leaf`` (fixed gradients)."""
+    param = leaf.clone()
+    optimizer = cls([param], lr=lr, differentiable=True, **kwargs)
+    for step in range(2):
+        generator = torch.Generator().manual_seed(50 + step)
+        param.grad = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+        optimizer.step()
+    return param
+
+
+def _leaf() -> torch.Tensor:
+    leaf = torch.randn(5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return leaf.requires_grad_(True)
+
+
+# Where torch.optim's own differentiable path runs (it rejects a tensor lr requiring grad in
+# Adamax and Adadelta, and NAdam's and Adamax's in-place state updates break its backward).
+TORCH_DIFFERENTIABLE = [("NAdam", False), ("RAdam", False), ("RAdam", True), ("Adadelta", False)]
+
+
+@pytest.mark.parametrize(("name", "tensor_lr"), TORCH_DIFFERENTIABLE)
+def test_rule_optimizer_differentiable_step_matches_torch_optim_gradients(
+    name: str, tensor_lr: bool
+) -> None:
+    grads = []
+    for cls in (REGISTRY[name], getattr(torch.optim, name)):
+        leaf = _leaf()
+        lr = torch.tensor(0.01, dtype=torch.float64, requires_grad=True) if tensor_lr else 0.01
+        param = _differentiable_steps(cls, lr, leaf, {"weight_decay": 0.1})
+        grads.append(torch.autograd.grad(param.sum(), (lr, leaf) if tensor_lr else (leaf,)))
+    # torch's differentiable NAdam rounds mu_product * mu_next to float32 (its non-differentiable
+    # path, which ours matches to 1e-12 above, does not): a relative 6e-12 here.
+    tolerance = 1e-10 if name == "NAdam" else 1e-12
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_rule_optimizer_differentiable_step_passes_gradcheck(name: str) -> None:
+    # The oracle is finite differences: d(params after two steps)/d(lr, params before).
+    lr = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)
+
+    def two_steps(lr: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+        return _differentiable_steps(REGISTRY[name], lr, leaf, {"weight_decay": 0.1})
+
+    assert torch.autograd.gradcheck(two_steps, (lr, _leaf()))
+
+
+def lion_paper(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momenta: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    """Chen et al. (2023), Algorithm 2 (Lion), line by line."""
+    for theta, g, m in zip(params, grads, momenta, strict=True):
+        c = beta1 * m + (1 - beta1) * g  # update the model parameters:
+        theta.sub_(lr * (torch.sign(c) + weight_decay * theta))
+        m.copy_(beta2 * m + (1 - beta2) * g)  # update EMA of g_t
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"lr": 3e-3, "betas": (0.95, 0.98), "weight_decay": 1.0},
+        {"lr": 1e-2, "weight_decay": 0.1, "maximize": True},
+        {"lr": torch.tensor(1e-2, dtype=torch.float64), "foreach": True},
+    ],
+    ids=["defaults", "betas,weight_decay", "maximize", "tensor_lr"],
+)
+def test_lion_matches_the_paper(kwargs: dict[str, Any], dtype: torch.dtype) -> None:
+    params, reference = _params(dtype), _params(dtype)
+    optimizer = ours.Lion(_groups(params), **kwargs)
+    defaults = dict(inspect.signature(ours.Lion).parameters.items())
+    lr = float(kwargs.get("lr", defaults["lr"].default))
+    beta1, beta2 = kwargs.get("betas", defaults["betas"].default)
+    weight_decay = kwargs.get("weight_decay", defaults["weight_decay"].default)
+    momenta = [torch.zeros_like(p) for p in reference]
+    for step in range(STEPS):
+        _set_grads(params, step)
+        optimizer.step()
+        _set_grads(reference, step)
+        grads = [-p.grad if kwargs.get("maximize") else p.grad for p in reference]
+        lion_paper(
+            reference, grads, momenta, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay
+        )
+    for p, m, a, b in zip(params, momenta, params, reference, strict=True):
+        _assert_close(a, b)
+        _assert_close(optimizer.state[p]["exp_avg"], m)
+    assert list(optimizer.state[params[0]]) == ["step", "exp_avg"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"lr": -1.0}, ValueError, "Invalid learning rate: -1.0"),
+        ({"lr": torch.tensor([1e-3, 1e-3])}, ValueError, "Tensor lr must be 1-element"),
+        ({"betas": (1.0, 0.9)}, ValueError, "Invalid beta parameter at index 0: 1.0"),
+        ({"betas": (0.9, -0.1)}, ValueError, "Invalid beta parameter at index 1: -0.1"),
+        ({"weight_decay": -1e-2}, ValueError, "Invalid weight_decay value: -0.01"),
+        ({"momentum": 0.9}, TypeError, "unexpected keyword argument 'momentum'"),
+    ],
+)
+def test_lion_refuses_bad_hyperparameters(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        ours.Lion([torch.zeros(2)], **kwargs)
+
+
+def test_every_rule_optimizer_is_registered_and_exported() -> None:
+    declared = {
+        name
+        for name, value in vars(ours).items()
+        if isinstance(value, type)
+        and issubclass(value, RuleOptimizer)
+        and value is not RuleOptimizer
+    }
+    assert declared == set(REGISTRY) == {"NAdam", "RAdam", "Adamax", "Adadelta", "Lion"}
+    assert all(name in ours.__all__ for name in REGISTRY)
+
+
+def _rule(**overrides: Any) -> Rule:
+    fields: dict[str, Callable[..., Any] | tuple[Any, ...]] = {
+        "hyperparameters": (Hyperparameter("lr", 0.1),),
+        "checks": (),
+        "state": (),
+        "scalars": lambda group, step, state: {"lr": group["lr"]},
+        "update": lambda param, grad, *, lr: (param - lr * grad,),
+    }
+    fields.update(overrides)
+    return Rule(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"checks": (Check("beta", lambda b: True, ""),)}, "checks of undeclared names"),
+        ({"state": (State("step"),)}, "not 'step'"),
+        ({"state": (State("m"), State("m"))}, "must be unique"),
+        ({"hyperparameters": (Hyperparameter("lr", 0.1),) * 2}, "must be unique"),
+        ({"hyperparameters": (Hyperparameter("backend", "x"),)}, "not 'params' or 'backend'"),
+    ],
+)
+def test_rule_declaration_mistakes_are_refused_at_class_creation(
+    overrides: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(TypeError, match=message):
+
+        class Broken(RuleOptimizer):
+            rule = _rule(**overrides)
+
+
+def test_rule_update_returning_the_wrong_number_of_tensors_is_refused() -> None:
+    class Wrong(RuleOptimizer):
+        rule = _rule(update=lambda param, grad, *, lr: (param, grad))
+
+    param = torch.zeros(3)
+    param.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="returned 2 tensors"):
+        Wrong([param]).step()
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_rule_optimizer_refuses_sparse_gradients_as_torch_optim_does(name: str) -> None:
+    param = torch.zeros(3)
+    param.grad = torch.zeros(3).to_sparse()
+    with pytest.raises(RuntimeError, match=f"^{name} does not support sparse gradients$"):
+        REGISTRY[name]([param]).step()
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_rule_optimizer_capturable_on_cpu_raises_as_torch_optim_does(name: str) -> None:
+    param = torch.zeros(3)
+    param.grad = torch.ones(3)
+    optimizer = REGISTRY[name]([param], capturable=True)
+    with pytest.raises(AssertionError, match="If capturable=True, params and state_steps"):
+        optimizer.step()
+    if name in WITH_TORCH:
+        theirs = getattr(torch.optim, name)([param], capturable=True)
+        with pytest.raises(AssertionError, match="If capturable=True, params"):
+            theirs.step()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_rule_optimizer_step_under_torch_compile_matches_eager(name: str) -> None:
+    # Dynamo traces the step (backend="eager": no Inductor code generation, which takes minutes
+    # on the CPU); host reads of the step count break the graph, and the results must not change.
+    torch._dynamo.reset()
+    params, reference = _params(torch.float64), _params(torch.float64)
+    compiled = REGISTRY[name](params, lr=0.01)
+    eager = REGISTRY[name](reference, lr=0.01)
+
+    @torch.compile(backend="eager")
+    def step() -> None:
+        compiled.step()
+
+    for index in range(3):
+        _set_grads(params, index)
+        _set_grads(reference, index)
+        step()
+        eager.step()
+    for a, b in zip(params, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_rule_optimizer_runs_step_and_state_dict_hooks(name: str) -> None:
+    params = _params(torch.float32)
+    optimizer = REGISTRY[name](params)
+    calls: list[str] = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append("post"))
+    optimizer.register_state_dict_pre_hook(lambda opt: calls.append("save_pre"))
+
+    def stamp(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        state_dict["stamp"] = name
+        return state_dict
+
+    optimizer.register_state_dict_post_hook(stamp)
+    optimizer.register_load_state_dict_pre_hook(lambda opt, sd: calls.append("load_pre"))
+    optimizer.register_load_state_dict_post_hook(lambda opt: calls.append("load_post"))
+    _run(optimizer, params, range(1))
+    saved = optimizer.state_dict()
+    optimizer.load_state_dict(saved)
+    assert saved["stamp"] == name
+    assert calls == ["pre", "post", "save_pre", "load_pre", "load_post"]
+
+
+@pytest.mark.parametrize("name", WITH_TORCH)
+def test_rule_optimizer_new_param_group_takes_the_defaults_as_torch_optim(name: str) -> None:
+    groups = {}
+    for cls in (REGISTRY[name], getattr(torch.optim, name)):
+        optimizer = cls([torch.zeros(2)], lr=0.5)
+        optimizer.add_param_group({"params": [torch.zeros(3)], "weight_decay": 0.2})
+        groups[cls] = [
+            {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
+        ]
+    mine, theirs = groups.values()
+    assert mine == theirs

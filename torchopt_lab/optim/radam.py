@@ -1,0 +1,157 @@
+"""RAdam, declared with the public authoring API (:mod:`torchopt_lab.optim.rules`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from torchopt_lab.optim.rules import (
+    TORCH_FLAGS,
+    Check,
+    Hyperparameter,
+    Rule,
+    RuleOptimizer,
+    State,
+    lr_checks,
+    register,
+    tl,
+    triton_jit,
+)
+
+
+def _scalars(group: Mapping[str, Any], step: float, state: dict[str, Tensor]) -> dict[str, Any]:
+    beta1, beta2 = group["betas"]
+    bias_correction2 = 1 - beta2**step
+    # Length of the approximated simple moving average, its limit, and the variance rectifier.
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+    rectified = rho_t > 5.0
+    rect = (
+        math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+        if rectified
+        else 0.0
+    )
+    return {
+        "lr": group["lr"],
+        "beta1": beta1,
+        "beta2": beta2,
+        "eps": group["eps"],
+        "weight_decay": group["weight_decay"],
+        "decoupled_weight_decay": group["decoupled_weight_decay"],
+        "bias_correction1": 1 - beta1**step,
+        "sqrt_bias_correction2": bias_correction2**0.5,
+        "rectified": rectified,
+        "rect": rect,
+    }
+
+
+def _update(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    lr: Any,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    bias_correction1: float,
+    sqrt_bias_correction2: float,
+    rectified: bool,
+    rect: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param = param * (1 - lr * weight_decay)
+        else:
+            grad = grad + weight_decay * param
+    # m_t = beta1 m + (1 - beta1) g;  v_t = beta2 v + (1 - beta2) g^2.
+    exp_avg = exp_avg + (1 - beta1) * (grad - exp_avg)
+    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    bias_corrected_exp_avg = exp_avg / bias_correction1
+    if rectified:
+        # Adam's step, scaled by the rectifier r_t, once the variance is tractable (rho_t > 5).
+        adaptive_lr = sqrt_bias_correction2 / (exp_avg_sq.sqrt() + eps)
+        param = param - bias_corrected_exp_avg * lr * adaptive_lr * rect
+    else:
+        # Early steps: SGD with momentum.
+        param = param - bias_corrected_exp_avg * lr
+    return param, exp_avg, exp_avg_sq
+
+
+@triton_jit
+def _triton_update(param, grad, states, scalars):
+    """``_update`` for the fused rule kernel, line for line."""
+    exp_avg, exp_avg_sq = states
+    lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay = scalars[:6]
+    bias_correction1, sqrt_bias_correction2, rectified, rect = scalars[6:]
+    if weight_decay != 0:
+        if decoupled_weight_decay != 0:
+            param = param * (1 - lr * weight_decay)
+        else:
+            grad = grad + weight_decay * param
+    exp_avg = exp_avg + (1 - beta1) * (grad - exp_avg)
+    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    bias_corrected_exp_avg = exp_avg / bias_correction1
+    if rectified != 0:
+        adaptive_lr = sqrt_bias_correction2 / (tl.sqrt(exp_avg_sq) + eps)
+        param = param - bias_corrected_exp_avg * lr * adaptive_lr * rect
+    else:
+        param = param - bias_corrected_exp_avg * lr
+    return param, (exp_avg, exp_avg_sq)
+
+
+@register
+class RAdam(RuleOptimizer):
+    r"""RAdam (Liu et al., 2020, "On the Variance of the Adaptive Learning Rate and Beyond"), as
+    ``torch.optim.RAdam``.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,
+        \quad \rho_\infty = \tfrac{2}{1-\beta_2} - 1,\quad
+        \rho_t = \rho_\infty - \tfrac{2t\beta_2^t}{1-\beta_2^t} \\
+        \theta_t = \theta_{t-1} - \gamma \frac{m_t}{1-\beta_1^t}
+          \cdot \begin{cases} r_t \frac{\sqrt{1-\beta_2^t}}{\sqrt{v_t}+\epsilon} & \rho_t > 5 \\
+          1 & \text{otherwise}\end{cases},\quad
+        r_t = \sqrt{\tfrac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}
+
+    ``weight_decay`` adds :math:`\lambda\theta` to the gradient, or with
+    ``decoupled_weight_decay=True`` multiplies :math:`\theta` by :math:`1-\gamma\lambda` first.
+    Same arguments, defaults, errors and state dict (``step``, ``exp_avg``, ``exp_avg_sq``) as
+    torch.
+    """
+
+    rule = Rule(
+        hyperparameters=(
+            Hyperparameter("lr", 1e-3),
+            Hyperparameter("betas", (0.9, 0.999)),
+            Hyperparameter("eps", 1e-8),
+            Hyperparameter("weight_decay", 0),
+            Hyperparameter("decoupled_weight_decay", False),
+            *TORCH_FLAGS,
+        ),
+        checks=(
+            *lr_checks(),
+            Check("eps", lambda eps: eps >= 0.0, "Invalid epsilon value: {value}"),
+            Check(
+                "betas",
+                lambda b: 0.0 <= b[0] < 1.0,
+                "Invalid beta parameter at index 0: {value[0]}",
+            ),
+            Check(
+                "betas",
+                lambda b: 0.0 <= b[1] < 1.0,
+                "Invalid beta parameter at index 1: {value[1]}",
+            ),
+            Check("weight_decay", lambda wd: wd >= 0.0, "Invalid weight_decay value: {value}"),
+        ),
+        state=(State("exp_avg"), State("exp_avg_sq")),
+        scalars=_scalars,
+        update=_update,
+        triton_update=_triton_update,
+    )

@@ -1,0 +1,456 @@
+"""Optimizers from one declaration: the public authoring API for element-wise update rules.
+
+A :class:`Rule` states everything an element-wise optimizer is:
+
+- its **hyperparameters** (:class:`Hyperparameter`: name, default, positional or keyword-only, in
+  the order of the constructor's signature), torch's flags among them (``foreach``, ``maximize``,
+  ``capturable``, ``differentiable``);
+- its **checks** (:class:`Check`: the constructor's validation, in torch's order, with torch's
+  exception type and message; the message names the bad value);
+- its **state** (:class:`State`: the ``state_dict`` keys beside ``step``, each either a tensor
+  shaped and typed like its parameter or a scalar kept like ``step``, with its initial value);
+- its **per-step scalars**, ``scalars(group, step, state) -> dict``: computed on the host in
+  float64 from the param group's hyperparameters and the step count (bias corrections), once per
+  step value; it may update the rule's scalar state (NAdam's ``mu_product``) in place;
+- its **element-wise update**, ``update(param, grad, *state, **scalars) -> (param, *state)``,
+  written once, out of place, over tensors of one parameter (complex ones as real views);
+- optionally the same update for the fused Triton kernel, ``triton_update(param, grad, states,
+  scalars) -> (param, states)`` (a ``@triton_jit`` function over blocks, ``scalars`` the values of
+  ``scalars()`` in its dict's order): Triton cannot run the torch update, so the two stand side by
+  side in the declaration and a test binds them (:func:`torchopt_lab.testing.check_optimizer` with
+  ``backend="triton"`` against ``backend="torch"``).
+
+Subclassing :class:`RuleOptimizer` with a ``rule`` turns a declaration into a
+``torch.optim.Optimizer``: the constructor and its signature, param groups, lazily created state
+with torch's keys (so ``state_dict`` interchanges with torch.optim's), ``__setstate__`` defaults
+for older state dicts, ``step(closure)`` with ``maximize``, complex parameters, tensor ``lr`` and
+``differentiable=True`` (gradients flow through the step to tensor hyperparameters and to the
+parameters before it). :func:`register` adds the class to :data:`REGISTRY`, which the tests,
+``torchopt-lab compare`` and the benchmarks iterate.
+
+What a rule cannot express: an update that is not element-wise (reads more than one element of a
+tensor to update one: Muon's orthogonalisation, Adafactor's factored second moments, Shampoo's
+preconditioners, LAMB/LARS trust ratios), or one that needs a reduction across tensors. See
+``docs/authoring.md``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _get_capturable_supported_devices as _capturable_supported_devices
+
+from torchopt_lab import backend as _backend
+
+try:  # Triton is optional (Linux only): without it, rules run their torch update.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where Triton is absent
+    triton = tl = None
+
+__all__ = [
+    "REGISTRY",
+    "TORCH_FLAGS",
+    "Check",
+    "Hyperparameter",
+    "Rule",
+    "RuleOptimizer",
+    "State",
+    "lr_checks",
+    "register",
+    "tl",
+    "triton_jit",
+]
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One constructor argument, stored in every param group under ``name``.
+
+    ``keyword_only`` places it after the ``*`` of the signature (torch's flags usually are).
+    """
+
+    name: str
+    default: Any
+    keyword_only: bool = False
+
+
+@dataclass(frozen=True)
+class Check:
+    """One validation of the constructor: ``valid(value)`` must hold, else ``error`` is raised
+    with ``message.format(value=value)`` (so ``"Invalid beta parameter at index 0: {value[0]}"``
+    quotes the bad entry)."""
+
+    name: str
+    valid: Callable[[Any], Any]
+    message: str
+    error: type[Exception] = ValueError
+
+    def __call__(self, value: Any) -> None:
+        if not self.valid(value):
+            raise self.error(self.message.format(value=value))
+
+
+@dataclass(frozen=True)
+class State:
+    """One entry of each parameter's state beside ``step``.
+
+    ``scalar=False``: a tensor like the parameter (its shape, dtype, device and memory format),
+    filled with ``init``; it is an argument and a result of the update, in declaration order.
+    ``scalar=True``: a 0-dim tensor kept like ``step`` (float32, or float64 under a float64
+    default dtype; on the CPU unless ``capturable``), read and updated by ``scalars``.
+    """
+
+    name: str
+    init: float = 0.0
+    scalar: bool = False
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The declaration of an element-wise optimizer (see the module docstring)."""
+
+    hyperparameters: tuple[Hyperparameter, ...]
+    checks: tuple[Check, ...]
+    state: tuple[State, ...]
+    scalars: Callable[[Mapping[str, Any], float, dict[str, Tensor]], dict[str, Any]]
+    update: Callable[..., tuple[Tensor, ...]]
+    # The update as a @triton_jit function for the fused kernel, or None (torch path only).
+    triton_update: Any = None
+    # Whether complex parameters are updated as real views (torch.view_as_real), as torch.optim
+    # does for rules that are not linear in the gradient.
+    complex_as_real: bool = True
+    # Extra param-group keys (with their values) that ``__setstate__`` fills in when an older
+    # state dict lacks them; every hyperparameter is filled in with its default already.
+    setstate_defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tensor_state(self) -> tuple[str, ...]:
+        """Names of the state tensors the update takes and returns, in its argument order."""
+        return tuple(entry.name for entry in self.state if not entry.scalar)
+
+    @property
+    def scalar_state(self) -> tuple[str, ...]:
+        return tuple(entry.name for entry in self.state if entry.scalar)
+
+
+def triton_jit(fn: Callable[..., Any]) -> Any:
+    """``triton.jit`` where Triton is installed, else None (the rule then runs its torch update
+    everywhere): decorate a rule's ``triton_update`` with it to keep the rule importable
+    without Triton. Inside the function, use :data:`tl` (``triton.language``)."""
+    return triton.jit(fn) if triton is not None else None
+
+
+#: torch's flags, as most torch.optim optimizers declare them (keyword-only).
+TORCH_FLAGS: tuple[Hyperparameter, ...] = (
+    Hyperparameter("foreach", None, keyword_only=True),
+    Hyperparameter("maximize", False, keyword_only=True),
+    Hyperparameter("capturable", False, keyword_only=True),
+    Hyperparameter("differentiable", False, keyword_only=True),
+)
+
+
+def lr_checks() -> tuple[Check, ...]:
+    """torch.optim's checks of ``lr``: a 1-element tensor or a number, not negative."""
+    return (
+        Check(
+            "lr",
+            lambda lr: not isinstance(lr, Tensor) or lr.numel() == 1,
+            "Tensor lr must be 1-element",
+        ),
+        Check("lr", lambda lr: lr >= 0.0, "Invalid learning rate: {value}"),
+    )
+
+
+#: Every registered optimizer by class name: what tests, benchmarks and ``compare`` iterate.
+REGISTRY: dict[str, type[RuleOptimizer]] = {}
+
+
+def register(cls: type[RuleOptimizer]) -> type[RuleOptimizer]:
+    """Class decorator: add a :class:`RuleOptimizer` subclass to :data:`REGISTRY`."""
+    if not (isinstance(cls, type) and issubclass(cls, RuleOptimizer)):
+        raise TypeError(f"register() takes a RuleOptimizer subclass, got {cls!r}")
+    REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim gives ``state["step"]``: float64 under a float64 default dtype."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _as_number(value: Any) -> Any:
+    """A tensor hyperparameter (or a tuple of them) as Python numbers, as torch reads them."""
+    if isinstance(value, Tensor):
+        return value.item()
+    if isinstance(value, tuple):
+        return tuple(_as_number(entry) for entry in value)
+    return value
+
+
+def _real(tensor: Tensor) -> Tensor:
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+class RuleOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` derived from the class attribute ``rule`` (a :class:`Rule`).
+
+    Subclasses set ``rule`` and a docstring; the constructor, its signature, ``step`` and
+    ``__setstate__`` come from here. The constructor takes torch's arguments plus ``backend``
+    (``"auto"``, ``"torch"`` or ``"triton"``, as every torchopt_lab optimizer; an attribute, not a
+    param-group key). Each (device, dtype) part of a param group runs either the fused rule kernel
+    (one launch, :mod:`triton_kernels.optim.rule_kernels`) or ``rule.update`` per parameter (the
+    torch reference path), as :func:`torchopt_lab.backend.resolve` decides; ``foreach`` is
+    accepted and stored as torch does, and gives the same numbers.
+    """
+
+    rule: ClassVar[Rule]
+    _signature: ClassVar[inspect.Signature]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "rule" not in cls.__dict__:
+            return
+        rule = cls.rule
+        names = [h.name for h in rule.hyperparameters]
+        if len(set(names)) != len(names) or {"params", "backend"} & set(names):
+            raise TypeError(
+                f"{cls.__name__}.rule: hyperparameter names must be unique and not 'params' or "
+                f"'backend' (the constructor's own): {names}"
+            )
+        unknown = {check.name for check in rule.checks} - set(names)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.rule: checks of undeclared names {sorted(unknown)}")
+        state_names = [entry.name for entry in rule.state]
+        if "step" in state_names or len(set(state_names)) != len(state_names):
+            raise TypeError(
+                f"{cls.__name__}.rule: state names must be unique and not 'step': {state_names}"
+            )
+        parameters = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        parameters += [
+            inspect.Parameter(
+                h.name,
+                inspect.Parameter.KEYWORD_ONLY
+                if h.keyword_only
+                else inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=h.default,
+            )
+            for h in rule.hyperparameters
+        ]
+        # Beside torch's arguments, as every torchopt_lab optimizer: which backend runs the step
+        # (an attribute of the optimizer, not of its param groups, so state dicts stay torch's).
+        parameters.append(
+            inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto")
+        )
+        cls._signature = inspect.Signature(parameters)
+
+        def __init__(self: RuleOptimizer, params: Any, *args: Any, **kwargs: Any) -> None:
+            RuleOptimizer._construct(self, params, args, kwargs)
+
+        __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *parameters]
+        )
+        __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+        __init__.__doc__ = f"Construct {cls.__name__}: see the class docstring."
+        cls.__init__ = __init__  # type: ignore[method-assign]
+
+    def _construct(self, params: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        try:
+            bound = type(self)._signature.bind(params, *args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{type(self).__name__}(): {error}") from None
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        params = values.pop("params")
+        self.backend = _backend.check_backend(values.pop("backend"))
+        for check in self.rule.checks:
+            check(values[check.name])
+        super().__init__(params, values)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "backend": self.backend}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+        defaults = {h.name: h.default for h in self.rule.hyperparameters}
+        defaults.update(self.rule.setstate_defaults)
+        for group in self.param_groups:
+            for key, value in defaults.items():
+                group.setdefault(key, value)
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                for key in ("step", *self.rule.scalar_state):
+                    # Older torch stored these as Python numbers; tensors since torch 1.12.
+                    if key in p_state and not torch.is_tensor(p_state[key]):
+                        device = p.device if group.get("capturable") else None
+                        p_state[key] = torch.tensor(
+                            float(p_state[key]), dtype=_scalar_dtype(), device=device
+                        )
+
+    def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        if len(state) == 0:
+            # Host the step (and scalar state) on the CPU unless capturable, as torch.optim does.
+            device = p.device if group.get("capturable") else None
+            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype(), device=device)
+            for entry in self.rule.state:
+                if entry.scalar:
+                    state[entry.name] = torch.tensor(
+                        entry.init, dtype=_scalar_dtype(), device=device
+                    )
+                else:
+                    state[entry.name] = torch.full_like(
+                        p, entry.init, memory_format=torch.preserve_format
+                    )
+        return state
+
+    def _check_capturable(self, p: Tensor, state: Mapping[str, Any]) -> None:
+        supported = _capturable_supported_devices()
+        devices = {p.device.type, state["step"].device.type}
+        if len(devices) != 1 or p.device.type not in supported:
+            # What torch.optim raises for capturable=True on an unsupported device.
+            raise AssertionError(
+                "If capturable=True, params and state_steps must be on supported devices: "
+                f"{supported}."
+            )
+        raise RuntimeError(
+            f"{type(self).__name__}: capturable=True is not supported: a rule's per-step scalars "
+            "are computed on the host from the step count, which CUDA graph capture cannot "
+            "replay; pass capturable=False"
+        )
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # As torch.optim: autograd records the update only when the optimizer is differentiable.
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+            for group in self.param_groups:
+                self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        rule = self.rule
+        differentiable = bool(group.get("differentiable", False))
+        maximize = bool(group.get("maximize", False))
+        # Hyperparameters as the scalars function reads them: Python numbers, except under
+        # differentiable=True, where tensors stay tensors so that gradients reach them.
+        hyperparameters = {
+            key: value if differentiable else _as_number(value)
+            for key, value in group.items()
+            if key != "params"
+        }
+        by_step: dict[float, dict[str, Any]] = {}
+        # (device, dtype) -> [(param, its state, its scalars)], in the group's order.
+        parts: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, dict, dict]]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            state = self._init_state(p, group)
+            if group.get("capturable"):
+                self._check_capturable(p, state)
+            state["step"] += 1
+            step = state["step"].item()
+            if rule.scalar_state:
+                scalars = rule.scalars(
+                    hyperparameters, step, {name: state[name] for name in rule.scalar_state}
+                )
+            else:
+                # Parameters on the same step share their scalars: computed once per step value.
+                scalars = by_step.get(step)
+                if scalars is None:
+                    scalars = by_step[step] = rule.scalars(hyperparameters, step, {})
+            parts.setdefault((p.device, p.dtype), []).append((p, state, scalars))
+        for (device, dtype), members in parts.items():
+            fused = self._kernel_members(device, dtype, members, differentiable)
+            if fused:
+                self._kernel_update(fused, maximize)
+            for p, state, scalars in members:
+                if not any(p is q for q, _, _ in fused):
+                    self._torch_update(p, state, scalars, maximize)
+
+    def _kernel_members(
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        members: list[tuple[Tensor, dict, dict]],
+        differentiable: bool,
+    ) -> list[tuple[Tensor, dict, dict]]:
+        """The members of one (device, dtype) part that the fused rule kernel updates: all of
+        them when the backend is Triton and the kernel can, else none, with the reason recorded
+        (an explicit ``backend="triton"`` raises instead of falling back)."""
+        component = f"optim.{type(self).__name__}"
+        if _backend.resolve(component, self.backend, device) != "triton":
+            return []
+        kernels = importlib.import_module("triton_kernels.optim.rule_kernels")
+        real = dtype.to_real() if dtype.is_complex else dtype
+        why = None
+        if self.rule.triton_update is None:
+            why = "the rule declares no triton_update"
+        elif differentiable:
+            why = "differentiable=True needs autograd, which the torch update records"
+        elif real not in kernels.RULE_DTYPES:
+            why = f"the rule kernel updates {list(kernels.RULE_DTYPES)}, not {dtype}"
+        elif len(self.rule.tensor_state) > kernels.MAX_STATE:
+            why = f"the rule kernel takes at most {kernels.MAX_STATE} state tensors"
+        elif not all(
+            t.is_contiguous()
+            for p, state, _ in members
+            for t in (p, p.grad, *(state[name] for name in self.rule.tensor_state))
+        ):
+            why = "a parameter, gradient or state tensor is not contiguous"
+        if why is None:
+            return members
+        if self.backend == "triton":
+            raise RuntimeError(f"{component}: backend='triton' cannot run the rule kernel: {why}")
+        _backend.record(component, self.backend, "torch", device, why)
+        return []
+
+    def _kernel_update(self, members: list[tuple[Tensor, dict, dict]], maximize: bool) -> None:
+        """One launch of the fused rule kernel over ``members`` (one device and dtype)."""
+        kernels = importlib.import_module("triton_kernels.optim.rule_kernels")
+        rows: dict[tuple[float, ...], int] = {}
+        row_of = []
+        for _, _, scalars in members:
+            row = tuple(float(value) for value in scalars.values())
+            row_of.append(rows.setdefault(row, len(rows)))
+        names = self.rule.tensor_state
+        kernels.rule_step(
+            self.rule.triton_update,
+            [_real(p.detach()) for p, _, _ in members],
+            [_real(p.grad) for p, _, _ in members],
+            [[_real(state[name]) for _, state, _ in members] for name in names],
+            list(rows),
+            row_of,
+            maximize=maximize,
+        )
+
+    def _torch_update(
+        self, p: Tensor, state: dict, scalars: dict[str, Any], maximize: bool
+    ) -> None:
+        """The rule's torch update of one parameter, its results copied into place."""
+        rule = self.rule
+        grad = -p.grad if maximize else p.grad
+        targets = [p, *(state[name] for name in rule.tensor_state)]
+        if rule.complex_as_real:
+            targets = [_real(t) for t in targets]
+            grad = _real(grad)
+        results = rule.update(targets[0], grad, *targets[1:], **scalars)
+        if len(results) != len(targets):
+            raise RuntimeError(
+                f"{type(self).__name__}: rule.update returned {len(results)} tensors; "
+                f"expected the parameter and {list(rule.tensor_state)}"
+            )
+        for target, result in zip(targets, results, strict=True):
+            target.copy_(result)
