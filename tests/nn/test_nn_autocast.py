@@ -56,6 +56,9 @@ OPS: list[tuple[str, Callable[[Any, torch.Tensor], torch.Tensor], tuple[int, ...
     ("mse_loss", lambda m, x: m.mse_loss(x, torch.zeros(3, 4)), (3, 4)),
     ("cross_entropy", lambda m, x: m.cross_entropy(x, LABELS), (3, 4)),
     ("cross_entropy_probabilities", lambda m, x: m.cross_entropy(x, PROBS), (3, 4)),
+    ("silu", lambda m, x: m.silu(x), (3, 4)),
+    ("rms_norm", lambda m, x: m.rms_norm(x, [4], LW), (3, 4)),
+    ("embedding", lambda m, x: m.embedding(LABELS, x), (5, 4)),
 ]
 
 

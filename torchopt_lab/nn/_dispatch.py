@@ -30,6 +30,11 @@ _TRITON_MODULE = "torchopt_lab.nn._triton"
 MAX_KERNEL_NUMEL = 2**31 - 1
 
 
+# The Triton table, filled when a decision first picks Triton: a plain dict that torch.compile
+# reads without tracing the import.
+_LOADED: dict[str, Callable[..., torch.Tensor]] = {}
+
+
 @cache
 def _triton_functions() -> dict[str, Callable[..., torch.Tensor]]:
     try:
@@ -52,7 +57,8 @@ def use_triton(name: str, *tensors: torch.Tensor | None) -> bool:
     device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
     if _resolve(name, device.type, device.index) != "triton":
         return False
-    largest = max((t.numel() for t in tensors if t is not None), default=0)
+    # (no max(default=...): torch.compile cannot trace that keyword)
+    largest = max([t.numel() for t in tensors if t is not None] or [0])
     if largest > MAX_KERNEL_NUMEL and backend.default_backend() == "auto":
         backend.record(
             f"nn.{name}",
@@ -63,7 +69,7 @@ def use_triton(name: str, *tensors: torch.Tensor | None) -> bool:
             f"int32 offsets (at most {MAX_KERNEL_NUMEL})",
         )
         return False
-    if name not in _triton_functions():
+    if name not in _LOADED:
         raise NotImplementedError(
             f"nn.{name}: the Triton backend was chosen ({backend.ENV_VAR}="
             f"{backend.default_backend()!r}, {device.type} tensors) but no Triton kernel is wired "
@@ -78,7 +84,11 @@ def _resolve(name: str, device_type: str, device_index: int | None) -> str:
     at trace time and bakes into the graph as a constant (it imports triton and reads the
     environment, which Dynamo cannot trace): the backend of a compiled model is fixed when it is
     compiled, and the decision is still recorded for :func:`torchopt_lab.backend_info`."""
-    return backend.resolve(f"nn.{name}", "auto", torch.device(device_type, device_index))
+    choice = backend.resolve(f"nn.{name}", "auto", torch.device(device_type, device_index))
+    if choice == "triton":
+        global _LOADED
+        _LOADED = _triton_functions()
+    return choice
 
 
 def record_torch_only(name: str, *tensors: torch.Tensor | None) -> None:
@@ -99,4 +109,4 @@ def record_torch_only(name: str, *tensors: torch.Tensor | None) -> None:
 
 def triton_function(name: str) -> Callable[..., torch.Tensor]:
     """The Triton implementation of ``nn.<name>``; call only after :func:`use_triton` said yes."""
-    return _triton_functions()[name]
+    return _LOADED[name]

@@ -6,7 +6,8 @@ Over the trailing ``normalized_shape`` dimensions (``n`` elements): ``r = 1 / �
 
 ``dL/dx = r (w g - x̂ c_1)``, ``c_1 = mean(x̂ ⊙ w g)``, ``dL/dw = Σ_batch g x̂``.
 
-``eps=None`` is ``torch.finfo(x.dtype).eps``, as in torch. Triton: no kernel yet; every backend runs
+``eps=None`` is ``torch.finfo(x.dtype).eps``; a float16/bfloat16 input is normalised in float32
+and ``y`` has the input's dtype, as in torch. Triton: no kernel yet; every backend runs
 this torch path and records so (``nn.rms_norm`` in :func:`torchopt_lab.backend_info`).
 """
 
@@ -39,9 +40,12 @@ class RMSNormFunction(torch.autograd.Function):
         input: torch.Tensor, normalized_dims: int, weight: torch.Tensor | None, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dims = tuple(range(input.dim() - normalized_dims, input.dim()))
-        rstd = _rstd(input, dims, eps)
-        output = input * rstd
-        return (output if weight is None else output * weight), rstd
+        # float16/bfloat16 computed in float32 and the result in the input's dtype, as torch
+        compute = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+        rstd = _rstd(compute, dims, eps)
+        output = compute * rstd
+        output = output if weight is None else output * weight
+        return output.to(input.dtype), rstd
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], outputs: tuple[torch.Tensor, ...]) -> None:
@@ -74,7 +78,7 @@ class RMSNormFunction(torch.autograd.Function):
         if weight_tangent is not None:
             # dy += dw x̂
             tangent = tangent + weight_tangent * normalized
-        return tangent, None
+        return tangent.to(input.dtype), None
 
     @staticmethod
     def backward(

@@ -40,7 +40,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from torchopt_lab import backend
-from torchopt_lab.nn import _conv, _linear
+from torchopt_lab.nn import _conv, _linear, _triton_ops
 from torchopt_lab.nn._activation import ReLUFunction, SigmoidFunction, TanhFunction
 from torchopt_lab.nn._loss import MSELossFunction
 
@@ -66,8 +66,10 @@ def _first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _record_torch(component: str, device: torch.device) -> None:
-    """Record that ``component`` (a part of a Triton-path op) ran on torch."""
-    backend.resolve(component, "torch", device)
+    """Record that ``component`` (a part of a Triton-path op) ran on torch (not while
+    ``torch.compile`` traces: recording takes a lock Dynamo cannot trace)."""
+    if not torch.compiler.is_compiling():
+        backend.resolve(component, "torch", device)
 
 
 class ActivationFunction(torch.autograd.Function):
@@ -88,7 +90,9 @@ class ActivationFunction(torch.autograd.Function):
             output = input
             ctx.mark_dirty(output)
         else:
-            output = kernels.bias_activation_forward(contiguous, None, activation, negative_slope)
+            output = _triton_ops.bias_activation_forward(
+                contiguous, None, activation, negative_slope
+            )
         # In place, leaky_relu's f' is read from y: 1[y > 0] = 1[x > 0] for a slope >= 0 (the
         # functional refuses a negative slope in place when differentiated).
         from_output = activation in kernels.OUTPUT_DERIVATIVE or inplace
@@ -103,8 +107,8 @@ class ActivationFunction(torch.autograd.Function):
         (saved,) = ctx.saved_tensors
         activation, negative_slope = ctx.options
         # dL/dx = g f'(x)
-        grad_input, _ = kernels.bias_activation_backward(
-            grad_output.contiguous(), saved.contiguous(), None, activation, negative_slope
+        grad_input, _ = _triton_ops.bias_activation_backward(
+            grad_output.contiguous(), saved.contiguous(), None, activation, negative_slope, False
         )
         return grad_input, None, None, None
 
@@ -125,7 +129,7 @@ class LinearActivationFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         _record_torch("nn.linear_activation.gemm", input.device)
         product = input.matmul(weight.t()).contiguous()
-        output = kernels.bias_activation_forward(product, bias, activation, negative_slope)
+        output = _triton_ops.bias_activation_forward(product, bias, activation, negative_slope)
         from_output = activation in kernels.OUTPUT_DERIVATIVE
         ctx.options = (activation, negative_slope)
         ctx.save_for_backward(input, weight, bias, output if from_output else product)
@@ -139,14 +143,10 @@ class LinearActivationFunction(torch.autograd.Function):
         activation, negative_slope = ctx.options
         with_bias = bias is not None and ctx.needs_input_grad[2]
         # dL/dz = g f'(x Wᵀ + b), and dL/db = Σ_rows dL/dz from the same pass
-        grad_product, grad_bias = kernels.bias_activation_backward(
-            grad_output.contiguous(),
-            saved,
-            bias,
-            activation,
-            negative_slope,
-            compute_grad_bias=with_bias,
+        grad_product, grad_bias = _triton_ops.bias_activation_backward(
+            grad_output.contiguous(), saved, bias, activation, negative_slope, with_bias
         )
+        grad_bias = grad_bias if with_bias else None
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0]:
             # dL/dx = dL/dz W
@@ -167,8 +167,7 @@ class SoftmaxFunction(torch.autograd.Function):
         ctx: Any, input: torch.Tensor, dim: int, dtype: torch.dtype | None, log: bool
     ) -> torch.Tensor:
         ctx.options = (dim, log, input.dtype)
-        output, _ = kernels.softmax_forward(input if dtype is None else input.to(dtype), dim, log)
-        output = output.contiguous()
+        output = _triton_ops.softmax_forward(input if dtype is None else input.to(dtype), dim, log)
         ctx.save_for_backward(output)
         return output
 
@@ -179,7 +178,7 @@ class SoftmaxFunction(torch.autograd.Function):
         (output,) = ctx.saved_tensors
         dim, log, input_dtype = ctx.options
         # dL/dx = y (g - Σ g y), or g - exp(y) Σ g for log-softmax
-        grad_input = kernels.softmax_backward(grad_output, output, dim, log).to(input_dtype)
+        grad_input = _triton_ops.softmax_backward(grad_output, output, dim, log).to(input_dtype)
         return grad_input, None, None, None
 
 
@@ -217,8 +216,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         if weight is not None:
             # float32 weights of a float16/bfloat16 input are read in the input's dtype
             weight = weight.to(input.dtype).contiguous()
-        loss, lse = kernels.cross_entropy_forward(
-            logits, rows_target, weight, ignore_index, label_smoothing, check_target=False
+        loss, lse = _triton_ops.cross_entropy_forward(
+            logits, rows_target, weight, ignore_index, label_smoothing
         )
         valid = rows_target != ignore_index
         # D = Σ_i v_i w_{t_i}
@@ -245,7 +244,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if reduction == "mean":
             gamma = gamma / denominator
         # dL/dx = γ_i [p s_i - q_i], p recomputed from the saved lse
-        grad = kernels.cross_entropy_backward(
+        grad = _triton_ops.cross_entropy_backward(
             gamma, logits, target, lse, weight, ignore_index, label_smoothing
         )
         return _unrows(grad, shape), None, None, None, None, None
@@ -340,7 +339,7 @@ class LayerNormFunction(torch.autograd.Function):
         # float32 parameters of a float16/bfloat16 input are read in the input's dtype
         flat_weight = None if weight is None else weight.to(input.dtype).contiguous().reshape(width)
         flat_bias = None if bias is None else bias.to(input.dtype).contiguous().reshape(width)
-        output, mean, rstd = kernels.layer_norm_forward(rows, flat_weight, flat_bias, eps)
+        output, mean, rstd = _triton_ops.layer_norm_forward(rows, flat_weight, flat_bias, eps)
         ctx.shapes = (input.shape, input.shape[input.dim() - normalized_dims :])
         ctx.save_for_backward(rows, flat_weight, mean, rstd)
         return output.reshape(input.shape)
@@ -353,7 +352,7 @@ class LayerNormFunction(torch.autograd.Function):
         input_shape, normalized_shape = ctx.shapes
         parameters = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         # dL/dx = r (w g - x̂ c_1 - c_2); dL/dw = Σ g x̂, dL/db = Σ g (partial sums, added)
-        grad_input, grad_weight, grad_bias = kernels.layer_norm_backward(
+        grad_input, grad_weight, grad_bias = _triton_ops.layer_norm_backward(
             grad_output.contiguous().reshape(rows.shape), rows, weight, mean, rstd, parameters
         )
         grad_weight = grad_weight.reshape(normalized_shape) if ctx.needs_input_grad[2] else None
@@ -389,7 +388,7 @@ class BatchNormFunction(torch.autograd.Function):
         count = x.numel() // channels if channels else 0
         statistics_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if training:
-            mean, variance = kernels.batch_norm_statistics(x)
+            mean, variance = _triton_ops.batch_norm_statistics(x)
             with torch.no_grad():
                 if running_mean is not None:
                     running_mean.mul_(1 - momentum).add_(
@@ -410,7 +409,7 @@ class BatchNormFunction(torch.autograd.Function):
         if bias is not None:
             shift = shift + bias.to(statistics_dtype)
         # y = (w r) x + (b - μ w r)
-        output = kernels.channel_affine(x, (affine * rstd).contiguous(), shift.contiguous())
+        output = _triton_ops.channel_affine(x, (affine * rstd).contiguous(), shift.contiguous())
         ctx.options = (training, count)
         ctx.save_for_backward(x, weight, mean, rstd)
         return output
@@ -431,7 +430,7 @@ class BatchNormFunction(torch.autograd.Function):
         g = grad_output.contiguous()
         affine = torch.ones_like(rstd) if weight is None else weight.to(rstd.dtype)
         # S_g = Σ g = dL/db, and Σ g (x - μ)
-        grad_bias, centered_dot = kernels.batch_norm_gradient_sums(g, x, mean)
+        grad_bias, centered_dot = _triton_ops.batch_norm_gradient_sums(g, x, mean)
         # dL/dw = Σ g x̂ = r Σ g (x - μ)
         grad_weight = rstd * centered_dot
         grad_input = None
@@ -441,7 +440,7 @@ class BatchNormFunction(torch.autograd.Function):
                 c1 = affine * grad_weight / count
                 c2 = affine * grad_bias / count
                 # dL/dx = (w r) g - (r² c_1) x + r (r c_1 μ - c_2)
-                grad_input = kernels.channel_affine(
+                grad_input = _triton_ops.channel_affine(
                     x,
                     (-rstd * rstd * c1).contiguous(),
                     (rstd * (rstd * c1 * mean - c2)).contiguous(),
@@ -450,7 +449,7 @@ class BatchNormFunction(torch.autograd.Function):
                 )
             else:
                 # dL/dx = (w r) g (μ and r are the running statistics, constants)
-                grad_input = kernels.channel_affine(
+                grad_input = _triton_ops.channel_affine(
                     g, (affine * rstd).contiguous(), torch.zeros_like(rstd)
                 )
         parameter_dtype = x.dtype if weight is None else weight.dtype
