@@ -75,10 +75,12 @@ def read_steps(state_steps: list[Tensor]) -> list[float]:
 def _sharing_memory(params: list[Tensor]) -> set[int]:
     """Ids of the parameters whose memory overlaps another's (the same tensor twice, or views of
     one storage that overlap), by address interval: one sort, no per-pair work."""
+    # FSDP2's DTensors hold no storage of their own: their local shards are the memory updated.
+    local = [(p.to_local() if hasattr(p, "to_local") else p, id(p)) for p in params]
     spans = sorted(
-        (str(p.device), p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), id(p), index)
-        for index, p in enumerate(params)
-        if p.numel()
+        (str(t.device), t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), key, index)
+        for index, (t, key) in enumerate(local)
+        if t.numel()
     )
     shared: set[int] = set()
     device, reach, owner = None, -1, None
