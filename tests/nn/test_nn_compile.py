@@ -116,3 +116,20 @@ def test_compiled_cross_entropy_checks_targets_on_the_device() -> None:
     )
     with pytest.raises(RuntimeError, match="out of bounds"):
         loss(logits, torch.tensor([0, 4, 1]))
+
+
+def test_compiled_model_under_autocast_is_one_graph_and_matches_eager() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, target = torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0])
+
+    def loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.cross_entropy(model(x), target)
+
+    explanation = torch._dynamo.explain(loss)(x, target)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0)
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)(x, target)
+    expected = loss(x, target)
+    assert compiled.dtype == expected.dtype == torch.float32
+    # the same bfloat16 ops in the same order: equal
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=0)
