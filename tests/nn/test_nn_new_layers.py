@@ -234,3 +234,14 @@ def test_torch_func_transforms_match_torch(op) -> None:
     torch.testing.assert_close(
         vmap(lambda x: fn(F, x))(xs), vmap(lambda x: fn(TF, x))(xs), **TOLERANCE
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_default_eps_of_a_half_precision_input_is_float32s_as_in_torch(dtype):
+    # torch's default eps is the epsilon of the dtype it computes in (float32), not the input's
+    # (bfloat16's 2^-7 would shift every small row's scale by percents).
+    x = (torch.randn(6, 8, generator=torch.Generator().manual_seed(0)) * 0.05).to(dtype)
+    weight = torch.ones(8)
+    expected = torch.nn.functional.rms_norm(x.double(), [8], weight.double(), eps=1.1920929e-07)
+    ours = F.rms_norm(x, [8], weight)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-2, atol=1e-2)

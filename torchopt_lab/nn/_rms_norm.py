@@ -136,6 +136,9 @@ def rms_norm(
         )
     input, weight = autocast_inputs("rms_norm", input, weight)
     if eps is None:
-        eps = torch.finfo(input.dtype).eps
+        # torch's default: the machine epsilon of the dtype it computes in (float32 for
+        # float16/bfloat16 inputs), not of the input's dtype (bfloat16's is 2^-7)
+        low_precision = input.dtype in (torch.float16, torch.bfloat16)
+        eps = torch.finfo(torch.float32 if low_precision else input.dtype).eps
     record_torch_only("rms_norm", input)
     return apply(RMSNormFunction, input, count, weight, eps)[0]
