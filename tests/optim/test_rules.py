@@ -546,3 +546,22 @@ def test_rule_optimizer_new_param_group_takes_the_defaults_as_torch_optim(name: 
         ]
     mine, theirs = groups.values()
     assert mine == theirs
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", ["NAdam", "RAdam", "Adamax"])
+def test_first_moment_is_torch_lerp_so_an_infinite_gradient_gives_torchs_nan(name, backend):
+    # 1 - beta1 >= 0.5 is torch.lerp's second formula, g - (g - m)(1 - w): inf - inf = NaN for an
+    # infinite gradient, where m + (1 - beta1)(g - m) gives inf.
+    results = []
+    for cls, extra in (
+        (getattr(torch.optim, name), {}),
+        (getattr(ours, name), {"backend": backend}),
+    ):
+        param = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+        optimizer = cls([param], lr=0.1, betas=(0.3, 0.999), **extra)
+        param.grad = torch.tensor([float("inf"), 1.0, -float("inf")])
+        optimizer.step()
+        results.append((param.detach().clone(), optimizer.state[param]["exp_avg"].clone()))
+    for mine, theirs in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(mine, theirs, equal_nan=True, rtol=1e-6, atol=1e-6)

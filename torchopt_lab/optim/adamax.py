@@ -18,6 +18,7 @@ from torchopt_lab.optim.rules import (
     register,
     tl,
     triton_jit,
+    triton_lerp,
 )
 
 
@@ -48,7 +49,7 @@ def _update(
     if weight_decay != 0:
         grad = grad + weight_decay * param
     # m_t = beta1 m + (1 - beta1) g;  u_t = max(beta2 u, |g| + eps).
-    exp_avg = exp_avg + (1 - beta1) * (grad - exp_avg)
+    exp_avg = torch.lerp(exp_avg, grad, 1 - beta1)  # torch's two formulas
     exp_inf = torch.maximum(exp_inf * beta2, grad.abs() + eps)
     param = param - clr * exp_avg / exp_inf
     return param, exp_avg, exp_inf
@@ -61,7 +62,7 @@ def _triton_update(param, grad, states, scalars):
     beta1, beta2, eps, weight_decay, clr = scalars
     if weight_decay != 0:
         grad = grad + weight_decay * param
-    exp_avg = exp_avg + (1 - beta1) * (grad - exp_avg)
+    exp_avg = triton_lerp(exp_avg, grad, 1 - beta1)
     exp_inf = tl.maximum(exp_inf * beta2, tl.abs(grad) + eps, propagate_nan=tl.PropagateNan.ALL)
     param = param - clr * exp_avg / exp_inf
     return param, (exp_avg, exp_inf)

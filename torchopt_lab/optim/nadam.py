@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from torchopt_lab.optim.rules import (
@@ -18,6 +19,7 @@ from torchopt_lab.optim.rules import (
     register,
     tl,
     triton_jit,
+    triton_lerp,
 )
 
 
@@ -64,7 +66,7 @@ def _update(
         else:
             grad = grad + weight_decay * param
     # m_t = beta1 m + (1 - beta1) g;  v_t = beta2 v + (1 - beta2) g^2.
-    exp_avg = exp_avg + (1 - beta1) * (grad - exp_avg)
+    exp_avg = torch.lerp(exp_avg, grad, 1 - beta1)  # torch's two formulas
     exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
     denom = (exp_avg_sq / bias_correction2).sqrt() + eps
     # theta -= lr (1 - mu_t) / (1 - prod mu) g / denom + lr mu_{t+1} / (1 - prod mu') m / denom.
@@ -84,7 +86,7 @@ def _triton_update(param, grad, states, scalars):
             param = param * (1 - lr * weight_decay)
         else:
             grad = grad + weight_decay * param
-    exp_avg = exp_avg + (1 - beta1) * (grad - exp_avg)
+    exp_avg = triton_lerp(exp_avg, grad, 1 - beta1)
     exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
     denom = tl.sqrt(exp_avg_sq / bias_correction2) + eps
     param = param + grad_coefficient * grad / denom

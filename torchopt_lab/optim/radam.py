@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from torchopt_lab.optim.rules import (
@@ -19,6 +20,7 @@ from torchopt_lab.optim.rules import (
     register,
     tl,
     triton_jit,
+    triton_lerp,
 )
 
 
@@ -71,7 +73,7 @@ def _update(
         else:
             grad = grad + weight_decay * param
     # m_t = beta1 m + (1 - beta1) g;  v_t = beta2 v + (1 - beta2) g^2.
-    exp_avg = exp_avg + (1 - beta1) * (grad - exp_avg)
+    exp_avg = torch.lerp(exp_avg, grad, 1 - beta1)  # torch's two formulas
     exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
     bias_corrected_exp_avg = exp_avg / bias_correction1
     if rectified:
@@ -95,7 +97,7 @@ def _triton_update(param, grad, states, scalars):
             param = param * (1 - lr * weight_decay)
         else:
             grad = grad + weight_decay * param
-    exp_avg = exp_avg + (1 - beta1) * (grad - exp_avg)
+    exp_avg = triton_lerp(exp_avg, grad, 1 - beta1)
     exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
     bias_corrected_exp_avg = exp_avg / bias_correction1
     if rectified != 0:

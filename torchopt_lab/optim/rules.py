@@ -66,6 +66,7 @@ __all__ = [
     "register",
     "tl",
     "triton_jit",
+    "triton_lerp",
 ]
 
 
@@ -145,6 +146,22 @@ def triton_jit(fn: Callable[..., Any]) -> Any:
     everywhere): decorate a rule's ``triton_update`` with it to keep the rule importable
     without Triton. Inside the function, use :data:`tl` (``triton.language``)."""
     return triton.jit(fn) if triton is not None else None
+
+
+def _lerp(start, end, weight):  # no annotations: Triton would read them as types
+    """``torch.lerp(start, end, weight)`` inside a ``triton_update``, with torch's two formulas
+    (``start + w (end - start)`` below 0.5, ``end - (end - start)(1 - w)`` from 0.5), so that
+    results match it bit for bit, infinities and NaNs included."""
+    if weight < 0.5:
+        result = start + weight * (end - start)
+    else:
+        result = end - (end - start) * (1.0 - weight)
+    return result
+
+
+#: :func:`torch.lerp` for a rule's ``triton_update`` (a ``@triton.jit`` function; None without
+#: Triton). The torch update uses ``torch.lerp`` itself.
+triton_lerp = triton_jit(_lerp)
 
 
 #: torch's flags, as most torch.optim optimizers declare them (keyword-only).
