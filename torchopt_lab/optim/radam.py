@@ -6,9 +6,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
+from torchopt_lab.optim._moments import decayed_moments, triton_decayed_moments
 from torchopt_lab.optim.rules import (
     TORCH_FLAGS,
     Check,
@@ -20,7 +20,6 @@ from torchopt_lab.optim.rules import (
     register,
     tl,
     triton_jit,
-    triton_lerp,
 )
 
 
@@ -67,14 +66,17 @@ def _update(
     rectified: bool,
     rect: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if weight_decay != 0:
-        if decoupled_weight_decay:
-            param = param * (1 - lr * weight_decay)
-        else:
-            grad = grad + weight_decay * param
-    # m_t = beta1 m + (1 - beta1) g;  v_t = beta2 v + (1 - beta2) g^2.
-    exp_avg = torch.lerp(exp_avg, grad, 1 - beta1)  # torch's two formulas
-    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    param, grad, exp_avg, exp_avg_sq = decayed_moments(
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+    )
     bias_corrected_exp_avg = exp_avg / bias_correction1
     if rectified:
         # Adam's step, scaled by the rectifier r_t, once the variance is tractable (rho_t > 5).
@@ -92,13 +94,9 @@ def _triton_update(param, grad, states, scalars):
     exp_avg, exp_avg_sq = states
     lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay = scalars[:6]
     bias_correction1, sqrt_bias_correction2, rectified, rect = scalars[6:]
-    if weight_decay != 0:
-        if decoupled_weight_decay != 0:
-            param = param * (1 - lr * weight_decay)
-        else:
-            grad = grad + weight_decay * param
-    exp_avg = triton_lerp(exp_avg, grad, 1 - beta1)
-    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    param, grad, exp_avg, exp_avg_sq = triton_decayed_moments(
+        param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, weight_decay, decoupled_weight_decay
+    )
     bias_corrected_exp_avg = exp_avg / bias_correction1
     if rectified != 0:
         adaptive_lr = sqrt_bias_correction2 / (tl.sqrt(exp_avg_sq) + eps)
