@@ -79,6 +79,10 @@ def _check_bounds(config: Any, defaults: Any, bounds: Mapping[str, str]) -> None
             raise UsageError(f"invalid --out {config.out!r}: {str(existing)!r} is not a directory")
 
 
+#: The values a ``dtype`` knob takes: torch's floating dtypes by name.
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
 def parse_config(
     config_class: type[Config],
     argv: Sequence[str] | None,
@@ -133,6 +137,9 @@ def parse_config(
     config = dataclasses.replace(defaults, **values)
     try:
         _check_bounds(config, defaults, bounds or {})
+        dtype = getattr(config, "dtype", FLOAT_DTYPES[0])
+        if dtype not in FLOAT_DTYPES:  # anything else would fail deep in torch
+            raise UsageError(f"invalid --dtype {dtype!r}: choose from {', '.join(FLOAT_DTYPES)}")
     except UsageError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     return config, smoke_run

@@ -118,6 +118,11 @@ def test_a_full_run_prints_its_verdict(experiment_module, tmp_path) -> None:
             ["--device", "gpu7"],
             "invalid --device 'gpu7'",
         ),
+        (
+            "textbook_classifier",
+            ["--dtype", "foo"],
+            "invalid --dtype 'foo': choose from float16, bfloat16, float32, float64",
+        ),
     ],
 )
 def test_bad_options_exit_2_with_one_line_naming_the_value(
