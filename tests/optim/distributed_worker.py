@@ -188,8 +188,14 @@ def _worker(rank: int, case: str, out_dir: str) -> None:
         results = {backend: CASES[case](backend) for backend in BACKENDS}
         if rank == 0:
             torch.save(results, Path(out_dir) / f"{case}.pt")
+        dist.barrier()  # both ranks are done before either tears the group down
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown: gloo's threads can make it abort
+    # ("terminate called without an active exception") on a busy machine, after the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
