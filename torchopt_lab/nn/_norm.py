@@ -22,6 +22,27 @@ import torch
 from torchopt_lab.nn._function import forward_mode
 
 
+def check_normalized_shape(
+    op: str, input: torch.Tensor, normalized_shape: Any, separator: str
+) -> list[int]:
+    """torch's checks of ``normalized_shape`` for ``layer_norm``/``rms_norm``, with their exact
+    messages (the two differ in ``separator`` after the ``*``); returns it as a list."""
+    if not isinstance(normalized_shape, (list, tuple, torch.Size)):
+        raise TypeError(
+            f"{op}(): argument 'normalized_shape' (position 2) must be tuple of ints, not "
+            f"{type(normalized_shape).__name__}"
+        )
+    normalized_shape = list(normalized_shape)
+    count = len(normalized_shape)
+    if count == 0 or list(input.shape[input.dim() - count :]) != normalized_shape:
+        raise RuntimeError(
+            f"Given normalized_shape={normalized_shape}, expected input with shape "
+            f"[*{separator}{', '.join(map(str, normalized_shape))}], but got input of size"
+            f"{list(input.shape)}"
+        )
+    return normalized_shape
+
+
 def _variance_mean(input: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(σ², μ)`` over ``dims``, kept as size-1 dimensions; NaN for an empty input (without
     torch's degrees-of-freedom warning: there is nothing to normalise)."""

@@ -20,6 +20,7 @@ import torch
 from torchopt_lab.nn._autocast import autocast_inputs
 from torchopt_lab.nn._dispatch import record_torch_only
 from torchopt_lab.nn._function import apply, forward_mode
+from torchopt_lab.nn._norm import check_normalized_shape
 
 
 def _rstd(input: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
@@ -111,19 +112,8 @@ def rms_norm(
 ) -> torch.Tensor:
     """RMS normalisation over the trailing ``normalized_shape`` dimensions, as
     ``torch.nn.functional.rms_norm``; see :class:`RMSNormFunction`."""
-    if not isinstance(normalized_shape, (list, tuple, torch.Size)):
-        raise TypeError(
-            "rms_norm(): argument 'normalized_shape' (position 2) must be tuple of ints, not "
-            f"{type(normalized_shape).__name__}"
-        )
-    normalized_shape = list(normalized_shape)
+    normalized_shape = check_normalized_shape("rms_norm", input, normalized_shape, "")
     count = len(normalized_shape)
-    if count == 0 or list(input.shape[input.dim() - count :]) != normalized_shape:
-        raise RuntimeError(
-            f"Given normalized_shape={normalized_shape}, expected input with shape "
-            f"[*{', '.join(map(str, normalized_shape))}], but got input of size"
-            f"{list(input.shape)}"
-        )
     if weight is not None and list(weight.shape) != normalized_shape:
         raise RuntimeError(
             "Expected weight to be of same shape as normalized_shape, but got weight of shape "

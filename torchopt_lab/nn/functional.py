@@ -34,7 +34,7 @@ from torchopt_lab.nn._loss import (
     CrossEntropyProbabilitiesFunction,
     MSELossFunction,
 )
-from torchopt_lab.nn._norm import BatchNormFunction, LayerNormFunction
+from torchopt_lab.nn._norm import BatchNormFunction, LayerNormFunction, check_normalized_shape
 from torchopt_lab.nn._rms_norm import rms_norm
 from torchopt_lab.nn._silu import silu
 from torchopt_lab.nn._softmax import LogSoftmaxFunction, SoftmaxFunction
@@ -381,19 +381,8 @@ def layer_norm(
     """Layer normalisation over the trailing ``normalized_shape`` dimensions; see
     :class:`~torchopt_lab.nn._norm.LayerNormFunction`."""
     input, weight, bias = autocast_inputs("layer_norm", input, weight, bias)
-    if not isinstance(normalized_shape, (list, tuple, torch.Size)):
-        raise TypeError(
-            "layer_norm(): argument 'normalized_shape' (position 2) must be tuple of ints, not "
-            f"{type(normalized_shape).__name__}"
-        )
-    normalized_shape = list(normalized_shape)
+    normalized_shape = check_normalized_shape("layer_norm", input, normalized_shape, ", ")
     count = len(normalized_shape)
-    if count == 0 or list(input.shape[input.dim() - count :]) != normalized_shape:
-        raise RuntimeError(
-            f"Given normalized_shape={normalized_shape}, expected input with shape "
-            f"[*, {', '.join(map(str, normalized_shape))}], but got input of size"
-            f"{list(input.shape)}"
-        )
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and list(tensor.shape) != normalized_shape:
             raise RuntimeError(
