@@ -89,3 +89,20 @@ def test_version(capsys) -> None:
 
     assert exit_status(["--version"]) == 0
     assert capsys.readouterr().out == f"torchopt-lab {torchopt_lab.__version__}\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "ignored"),
+    [
+        (["bench-optim", "--quick", "--repeats", "5"], "--repeats 5"),
+        (["bench-nn", "--quick", "--steps", "10"], "--steps 10"),
+        (["bench-nn-kernels", "--device", "cpu", "--quick", "--rows", "64"], "--rows 64"),
+    ],
+)
+def test_quick_refuses_sizes_it_would_ignore_naming_them(argv, ignored, capsys) -> None:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"torchopt-lab {argv[0]}: error: --quick sets its own sizes; {ignored} would be ignored: "
+        "drop one\n"
+    )

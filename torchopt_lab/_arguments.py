@@ -9,9 +9,11 @@ selected) a subcommand raises as :class:`UsageError` after parsing, which
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-__all__ = ["UsageError", "check_device"]
+__all__ = ["UsageError", "check_device", "refuse_overridden_by_quick"]
 
 
 class UsageError(ValueError):
@@ -28,3 +30,14 @@ def check_device(text: str) -> torch.device:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"invalid --device {text!r}: {reason}") from None
     return device
+
+
+def refuse_overridden_by_quick(args: Any, defaults: dict[str, Any]) -> None:
+    """Under ``--quick``, which sets its own sizes, refuse the sizing options given with a value
+    other than their default (``defaults``: option name -> default) instead of ignoring them."""
+    if not getattr(args, "quick", False):
+        return
+    given = [name for name, default in defaults.items() if getattr(args, name) != default]
+    if given:
+        shown = ", ".join(f"--{name.replace('_', '-')} {getattr(args, name)}" for name in given)
+        raise UsageError(f"--quick sets its own sizes; {shown} would be ignored: drop one")

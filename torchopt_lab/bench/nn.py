@@ -19,7 +19,7 @@ import torch
 from torch import nn as torch_nn
 
 from torchopt_lab import nn as our_nn
-from torchopt_lab._arguments import UsageError
+from torchopt_lab._arguments import UsageError, refuse_overridden_by_quick
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    refuse_overridden_by_quick(args, {"steps": 50, "warmup": 5})
     steps, warmup = (3, 1) if args.quick else (args.steps, args.warmup)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as TF
 
 from torchopt_lab import backend
-from torchopt_lab._arguments import UsageError, check_device
+from torchopt_lab._arguments import UsageError, check_device, refuse_overridden_by_quick
 
 CROSS_ENTROPY_ROWS = 8192
 CROSS_ENTROPY_VOCABULARY = 50257
@@ -222,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{os.environ['TRITON_INTERPRET']!r} turns it off"
             )
     device = torch.device(args.device)
+    refuse_overridden_by_quick(args, {"rows": 8192, "columns": 4096, "repeats": 20})
     rows, columns, repeats = (8, 96, 2) if args.quick else (args.rows, args.columns, args.repeats)
     vocabulary_rows, vocabulary = (
         (4, 1000) if args.quick else (CROSS_ENTROPY_ROWS, CROSS_ENTROPY_VOCABULARY)

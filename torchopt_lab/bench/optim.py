@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 import torchopt_lab.optim as ours
-from torchopt_lab._arguments import UsageError, check_device
+from torchopt_lab._arguments import UsageError, check_device, refuse_overridden_by_quick
 from torchopt_lab.bench import optim_gpu, table_header
 
 
@@ -238,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     if args.repeats < 1 or args.steps < 1:
         raise UsageError(f"--repeats and --steps must be >= 1, got {args.repeats} and {args.steps}")
+    refuse_overridden_by_quick(args, {"repeats": 7, "steps": 3})
     repeats, steps = (2, 1) if args.quick else (args.repeats, args.steps)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(
