@@ -1,4 +1,4 @@
-"""``torchopt-lab bench-nn --quick`` runs both models end to end and prints a ratio for each."""
+"""``torchopt-lab bench-nn --quick`` runs every model end to end and prints a ratio for each."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def test_bench_nn_quick_prints_a_ratio_per_model(capsys: pytest.CaptureFixture[s
     assert lines[1] == QUICK_NOTE and "timings are not measurements" in QUICK_NOTE
     assert lines[2].endswith("ratio (not measured)")
     rows = [line.split() for line in lines[3:]]
-    assert [row[0] for row in rows] == ["mlp", "cnn"]
+    assert [row[0] for row in rows] == ["mlp", "cnn", "block"]
     for row in rows:
         ours, theirs, ratio = map(float, row[2:5])
         assert ours > 0 and theirs > 0

@@ -1,6 +1,7 @@
-"""``torchopt-lab bench-nn``: one training step (forward, backward, SGD step) of an MLP and of a
-small CNN built from ``torchopt_lab.nn`` against the same models from ``torch.nn``, timed in the
-same run, with the ratio ours / torch.
+"""``torchopt-lab bench-nn``: one training step (forward, backward, SGD step) of an MLP, a small
+CNN and a transformer block minus attention (Embedding, RMSNorm, SiLU) built from
+``torchopt_lab.nn`` against the same models from ``torch.nn``, timed in the same run, with the
+ratio ours / torch.
 
 The two models of a pair share their initial weights and data; steps alternate between them so
 that machine noise hits both alike, and the median step time is reported.
@@ -30,6 +31,7 @@ class Workload:
     build: Callable[[ModuleType], torch_nn.Module]
     input_shape: tuple[int, ...]
     classes: int
+    vocabulary: int = 0  # > 0: the input is token ids below it, not floats
 
 
 def mlp(nn: ModuleType, width: int = 512) -> torch_nn.Module:
@@ -57,11 +59,28 @@ def cnn(nn: ModuleType, channels: int = 16) -> torch_nn.Module:
     )
 
 
+def block(
+    nn: ModuleType, vocabulary: int = 1000, width: int = 128, sequence: int = 32
+) -> torch_nn.Module:
+    """A transformer block minus attention, for ``sequence`` token ids: embedding, RMSNorm, a
+    SiLU feed-forward (width -> 4 width -> width), and a linear classifier over the sequence."""
+    return nn.Sequential(
+        nn.Embedding(vocabulary, width),
+        nn.RMSNorm(width),
+        nn.Linear(width, 4 * width),
+        nn.SiLU(),
+        nn.Linear(4 * width, width),
+        torch_nn.Flatten(),
+        nn.Linear(sequence * width, 10),
+    )
+
+
 def workloads(quick: bool) -> list[Workload]:
-    batch_mlp, batch_cnn = (16, 4) if quick else (256, 64)
+    batch_mlp, batch_cnn, batch_block = (16, 4, 4) if quick else (256, 64, 64)
     return [
         Workload("mlp", mlp, (batch_mlp, 784), 10),
         Workload("cnn", cnn, (batch_cnn, 3, 32, 32), 10),
+        Workload("block", block, (batch_block, 32), 10, vocabulary=1000),
     ]
 
 
@@ -84,7 +103,10 @@ def time_pair(workload: Workload, steps: int, warmup: int) -> tuple[float, float
     theirs = workload.build(torch_nn)
     ours = workload.build(our_nn)
     ours.load_state_dict(theirs.state_dict())
-    data = torch.randn(workload.input_shape)
+    if workload.vocabulary:
+        data = torch.randint(0, workload.vocabulary, workload.input_shape)
+    else:
+        data = torch.randn(workload.input_shape)
     target = torch.randint(0, workload.classes, (workload.input_shape[0],))
     our_step = _step_fn(ours, our_nn.CrossEntropyLoss(), data, target)
     their_step = _step_fn(theirs, torch_nn.CrossEntropyLoss(), data, target)
