@@ -1,8 +1,8 @@
 """SiLU / swish (Elfwing et al., 2017; Ramachandran et al., 2017), ``torch.nn.functional.silu``:
 the functional and its Function with a hand-written backward.
 
-``y = x σ(x)``, ``dy/dx = σ(x) (1 + x (1 - σ(x)))``. Triton: no kernel yet; every backend runs
-this torch path and records so (``nn.silu`` in :func:`torchopt_lab.backend_info`).
+``y = x σ(x)``, ``dy/dx = σ(x) (1 + x (1 - σ(x)))``. Triton: the bias + activation kernel
+(``triton_kernels/nn/activation.py``, ``"silu"``), as for the other activations.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from torchopt_lab.nn._dispatch import record_torch_only
+from torchopt_lab.nn._dispatch import triton_function, use_triton
 from torchopt_lab.nn._function import apply, forward_mode
 
 
@@ -56,7 +56,8 @@ def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         raise NotImplementedError(
             f"silu is not implemented for {input.dtype} tensors; it needs a floating-point dtype"
         )
-    record_torch_only("silu", input)
+    if use_triton("silu", input):
+        return triton_function("silu")(input, inplace)
     if inplace:
         # The backward needs x, which the in-place result overwrites: the Function runs on a
         # (differentiable) copy and the result is copied back into the input.

@@ -15,9 +15,9 @@ Use the torch path (``TORCHOPT_LAB_BACKEND=torch``) for double backward.
 What runs on Triton, and what does not (recorded with :func:`torchopt_lab.backend.resolve` under a
 sub-component, so :func:`torchopt_lab.backend_info` shows it):
 
-- ``relu``, ``leaky_relu``, ``sigmoid``, ``tanh``, ``gelu``: the bias + activation kernels (no
-  bias); :func:`torchopt_lab.nn.fused.linear_activation` uses them as the GEMM's epilogue (the
-  product on torch's GEMM, recorded as ``nn.linear_activation.gemm``: torch).
+- ``relu``, ``leaky_relu``, ``sigmoid``, ``tanh``, ``gelu``, ``silu``: the bias + activation
+  kernels (no bias); :func:`torchopt_lab.nn.fused.linear_activation` uses them as the GEMM's
+  epilogue (the product on torch's GEMM, recorded as ``nn.linear_activation.gemm``: torch).
 - ``softmax``, ``log_softmax``, ``cross_entropy`` (class indices and class probabilities),
   ``layer_norm``, ``dropout``, ``batch_norm``: their kernels; the per-row or per-channel vectors
   in between (a reduction's normalisation, running statistics, affine coefficients) are torch ops
@@ -551,6 +551,14 @@ def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     return ActivationFunction.apply(input, activation, 0.0, False)
 
 
+def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """:func:`torchopt_lab.nn.functional.silu` on the activation kernel (its derivative needs the
+    input, so in place it runs on a copy, as the torch path does)."""
+    if inplace:
+        return input.copy_(ActivationFunction.apply(input.clone(), "silu", 0.0, False))
+    return ActivationFunction.apply(input, "silu", 0.0, False)
+
+
 def softmax(input: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """:func:`torchopt_lab.nn.functional.softmax` on the row kernels."""
     return SoftmaxFunction.apply(input, dim, dtype, False)
@@ -676,6 +684,7 @@ FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "mse_loss": mse_loss,
     "relu": relu,
     "sigmoid": sigmoid,
+    "silu": silu,
     "softmax": softmax,
     "tanh": tanh,
 }

@@ -23,10 +23,11 @@ from torchopt_lab.nn._autocast import autocast_inputs
 from torchopt_lab.nn._dispatch import triton_function, use_triton
 from torchopt_lab.nn._function import apply
 from torchopt_lab.nn._linear import LinearFunction
+from torchopt_lab.nn._silu import SiLUFunction
 
 __all__ = ["ACTIVATIONS", "linear_activation"]
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh")
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
 
 
 def _activate(output: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
@@ -40,6 +41,8 @@ def _activate(output: torch.Tensor, activation: str, negative_slope: float) -> t
         return apply(TanhFunction, output)
     if activation in ("gelu", "gelu_tanh"):
         return apply(GELUFunction, output, "tanh" if activation == "gelu_tanh" else "none")
+    if activation == "silu":
+        return apply(SiLUFunction, output)
     return output
 
 

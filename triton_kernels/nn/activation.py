@@ -20,6 +20,7 @@ Activations (``a`` the negative slope, ``Φ``/``φ`` the standard normal CDF/den
 ``"tanh"``            ``tanh z``                 ``1 - y²``
 ``"gelu"``            ``z Φ(z)``                 ``Φ(z) + z φ(z)``
 ``"gelu_tanh"``       ``z (1 + tanh u) / 2``     ``s + 2 z s (1 - s) u'``, ``s = σ(2u)``
+``"silu"``            ``z σ(z)``                 ``σ(z) (1 + z (1 - σ(z)))``
 ====================  =========================  =============================================
 """
 
@@ -41,7 +42,7 @@ from triton_kernels.nn._common import (
     warps,
 )
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh")
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
 # Activations whose derivative is a function of the output y (the rest need z = h + b).
 OUTPUT_DERIVATIVE = ("identity", "relu", "sigmoid", "tanh")
 _TILE = 2048
@@ -66,6 +67,8 @@ def _activate(z, NEGATIVE_SLOPE: tl.constexpr, ACTIVATION: tl.constexpr):
         # z (1 + tanh u) / 2 = z σ(2u), u = √(2/π) (z + 0.044715 z³); σ(2u) keeps its precision
         # where 1 + tanh u would cancel (large negative z)
         y = z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
+    elif ACTIVATION == "silu":
+        y = z * tl.sigmoid(z)
     else:
         y = z
     return y
@@ -92,6 +95,10 @@ def _derivative(saved, NEGATIVE_SLOPE: tl.constexpr, ACTIVATION: tl.constexpr):
         # u' = √(2/π) (1 + 3 · 0.044715 z²)
         du = 0.7978845608028654 * (1.0 + 0.134145 * saved * saved)
         d = s + 2.0 * saved * s * (1.0 - s) * du
+    elif ACTIVATION == "silu":
+        # σ(z) (1 + z (1 - σ(z)))
+        s = tl.sigmoid(saved)
+        d = s * (1.0 + saved * (1.0 - s))
     else:
         d = tl.full(saved.shape, 1.0, saved.dtype)
     return d

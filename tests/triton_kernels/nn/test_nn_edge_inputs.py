@@ -67,6 +67,7 @@ ACTIVATIONS: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., torch.Te
         lambda x: F.gelu(x, approximate="tanh"),
         lambda x: TF.gelu(x, approximate="tanh"),
     ),
+    "silu": (F.silu, TF.silu),
 }
 
 

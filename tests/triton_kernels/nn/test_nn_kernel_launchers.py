@@ -43,6 +43,7 @@ ACTIVATION_REFERENCES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
     "gelu": F.gelu,
     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "silu": F.silu,
 }
 # (shape, bias): one row; odd widths; a width past one 1024-column block with a masked tail.
 ACTIVATION_SHAPES = [((1, 5), True), ((7, 33), True), ((3, 2, 1030), False)]

@@ -267,7 +267,7 @@ VECTORISED = (
     "_dropout_kernel",
     "_channel_affine_kernel",
 )
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh")
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
 # (variant, element type, compute type)
 VARIANTS = {"float32": ("fp32", "fp32"), "float64": ("fp64", "fp64"), "bfloat16": ("bf16", "fp32")}
 

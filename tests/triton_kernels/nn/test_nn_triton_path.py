@@ -85,6 +85,7 @@ CASES = [
     case("tanh", "tanh", lambda d: (leaf(d, 3, 37),)),
     case("gelu", "gelu", lambda d: (leaf(d, 3, 37),)),
     case("gelu_tanh", "gelu", lambda d: (leaf(d, 3, 37),), approximate="tanh"),
+    case("silu", "silu", lambda d: (leaf(d, 3, 37),)),
     case("softmax_last", "softmax", lambda d: (leaf(d, 4, 9),), dim=-1),
     case("softmax_middle", "softmax", lambda d: (leaf(d, 2, 5, 3),), dim=1),
     case("log_softmax_first", "log_softmax", lambda d: (leaf(d, 5, 3),), dim=0),
