@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from torchopt_lab import backend as _backend
-from torchopt_lab.optim._fused import Part, fused_step, repeat_step
+from torchopt_lab.optim._fused import Part, _local, fused_step, repeat_step
 from torchopt_lab.optim.clip import _clip_coefficient, _total_norm
 
 TensorLists = dict[str, list[Any]]
@@ -76,10 +76,9 @@ def _sharing_memory(params: list[Tensor]) -> set[int]:
     """Ids of the parameters whose memory overlaps another's (the same tensor twice, or views of
     one storage that overlap), by address interval: one sort, no per-pair work."""
     # FSDP2's DTensors hold no storage of their own: their local shards are the memory updated.
-    local = [(p.to_local() if hasattr(p, "to_local") else p, id(p)) for p in params]
     spans = sorted(
-        (str(t.device), t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), key, index)
-        for index, (t, key) in enumerate(local)
+        (str(t.device), t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), id(p), index)
+        for index, (p, t) in enumerate(zip(params, _local(params), strict=True))
         if t.numel()
     )
     shared: set[int] = set()
@@ -367,31 +366,15 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         fused = [part for part in parts if part.backend == "triton"]
         reference = [part for part in parts if part.backend == "torch"]
         total_norm = clip_coefficient = inverse_scale = None
-        # GradScaler.step hands these over when _step_supports_amp_scaling; tensors on the torch
-        # path must honour them as the kernels do.
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        if reference and found_inf is not None and found_inf.item():
-            return loss  # GradScaler skips the step: nothing changes, on either path
-        if reference and grad_scale is not None:
-            # GradScaler.unscale_'s factor: float32(1 / float64(scale)).
-            inverse_scale = (1.0 / grad_scale.double()).float()
-        if self.max_grad_norm is not None and reference:
+        if reference:
             # Some tensors take the torch path: one norm over all gradients, computed by torch, is
             # used by both paths (the kernels then skip their own norm pass).
-            grads = [grad for part in parts for grad in part.tensors["grads"]]
-            total_norm = _total_norm(grads)
-            if self.skip_nonfinite and not torch.isfinite(total_norm).item():
-                # The torch path decides on the host (one synchronisation) and skips every part.
-                self._skipped_on_host += 1
-                return loss
-            unscaled = total_norm
-            if inverse_scale is not None:
-                # As the kernels do: the norm of the scaled gradients, unscaled in float64.
-                unscaled = (total_norm.double() * inverse_scale.double().to(total_norm.device)).to(
-                    total_norm.dtype
-                )
-            clip_coefficient = _clip_coefficient(unscaled, self.max_grad_norm)
+            controls = self._torch_path_controls(
+                [grad for part in parts for grad in part.tensors["grads"]]
+            )
+            if controls is None:
+                return loss  # skipped: nothing changes, on either path
+            inverse_scale, total_norm, clip_coefficient = controls
         for part in reference:
             # State the update creates is stored as soon as its part ran (as torch.optim stores
             # a group's buffers right after the group's update): an interrupted step keeps it.
@@ -418,6 +401,38 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                 del self.state[p]
         return loss
 
+    def _torch_path_controls(
+        self, grads: list[Tensor]
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None] | None:
+        """What a step with tensors on the torch path needs beside the gradients: GradScaler's
+        inverse scale, the global gradient norm and the clip coefficient (each None where not
+        asked for); or None when the step is skipped (GradScaler's ``found_inf``, or
+        ``skip_nonfinite`` with a non-finite norm: decided on the host, one synchronisation).
+
+        GradScaler.step hands ``grad_scale``/``found_inf`` over when
+        ``_step_supports_amp_scaling``; the torch path honours them as the kernels do.
+        """
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and found_inf.item():
+            return None
+        # GradScaler.unscale_'s factor: float32(1 / float64(scale)).
+        inverse_scale = None if grad_scale is None else (1.0 / grad_scale.double()).float()
+        total_norm = clip_coefficient = None
+        if self.max_grad_norm is not None and grads:
+            total_norm = _total_norm(grads)
+            if self.skip_nonfinite and not torch.isfinite(total_norm).item():
+                self._skipped_on_host += 1
+                return None
+            unscaled = total_norm
+            if inverse_scale is not None:
+                # As the kernels do: the norm of the scaled gradients, unscaled in float64.
+                unscaled = (total_norm.double() * inverse_scale.double().to(total_norm.device)).to(
+                    total_norm.dtype
+                )
+            clip_coefficient = _clip_coefficient(unscaled, self.max_grad_norm)
+        return inverse_scale, total_norm, clip_coefficient
+
     def _traced_step(self, loss: Any) -> Any:
         """The step under ``torch.compile``: the torch reference update, traced by Dynamo.
 
@@ -429,26 +444,12 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         """
         component = f"optim.{type(self).__name__}"
         groups = [(group, self._group_tensors(group)) for group in self.param_groups]
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and found_inf.item():
-            return loss  # GradScaler found an inf or NaN: skip, as the kernels do on the device
-        if grad_scale is not None:
-            for _, tensors in groups:
-                if tensors["grads"]:
-                    inverse = grad_scale.double().reciprocal().float()
-                    tensors["grads"] = torch._foreach_mul(
-                        tensors["grads"], inverse.to(tensors["grads"][0].device)
-                    )
-        clip_coefficient = None
-        if self.max_grad_norm is not None:
-            grads = [grad for _, tensors in groups for grad in tensors["grads"]]
-            if grads:
-                total_norm = _total_norm(grads)
-                if self.skip_nonfinite and not torch.isfinite(total_norm).item():
-                    self._skipped_on_host += 1
-                    return loss
-                clip_coefficient = _clip_coefficient(total_norm, self.max_grad_norm)
+        controls = self._torch_path_controls(
+            [grad for _, tensors in groups for grad in tensors["grads"]]
+        )
+        if controls is None:
+            return loss  # skipped, as on the eager paths
+        inverse_scale, _, clip_coefficient = controls
         for group_index, (group, tensors) in enumerate(groups):
             by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
             for index, param in enumerate(tensors["params"]):
@@ -468,7 +469,8 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                     for name, values in tensors.items()
                 }
                 part = Part(group, group_index, indices, part_tensors, device, dtype, "torch")
-                self._reference_step(part, clip_coefficient)  # stores the state it creates
+                # stores the state it creates
+                self._reference_step(part, clip_coefficient, inverse_scale)
         return loss
 
     def _dispatch(self, groups: list[tuple[dict[str, Any], TensorLists]]) -> list[Part]:
@@ -723,11 +725,10 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         function = getattr(importlib.import_module(f"torch.optim.{name}"), name)
         accepted = inspect.signature(function).parameters
         keywords = {**hyperparameters, **flags, "foreach": False}
-        if not keywords.pop("decoupled_weight_decay", False):
-            pass
-        elif "decoupled_weight_decay" in accepted:
+        decoupled = keywords.pop("decoupled_weight_decay", False)
+        if decoupled and "decoupled_weight_decay" in accepted:
             keywords["decoupled_weight_decay"] = True
-        else:  # torch < 2.6: AdamW is its own function
+        elif decoupled:  # torch < 2.6: AdamW is its own function
             function = importlib.import_module("torch.optim.adamw").adamw
             accepted = inspect.signature(function).parameters
         if "differentiable" not in accepted:
