@@ -9,12 +9,11 @@ import torch
 from torch import Tensor
 
 from torchopt_lab.optim.rules import (
-    Check,
     Hyperparameter,
     Rule,
     RuleOptimizer,
     State,
-    lr_checks,
+    adam_checks,
     register,
     tl,
     triton_jit,
@@ -93,21 +92,7 @@ class Adamax(RuleOptimizer):
             Hyperparameter("differentiable", False, keyword_only=True),
             Hyperparameter("capturable", False, keyword_only=True),
         ),
-        checks=(
-            *lr_checks(),
-            Check("eps", lambda eps: eps >= 0.0, "Invalid epsilon value: {value}"),
-            Check(
-                "betas",
-                lambda b: 0.0 <= b[0] < 1.0,
-                "Invalid beta parameter at index 0: {value[0]}",
-            ),
-            Check(
-                "betas",
-                lambda b: 0.0 <= b[1] < 1.0,
-                "Invalid beta parameter at index 1: {value[1]}",
-            ),
-            Check("weight_decay", lambda wd: wd >= 0.0, "Invalid weight_decay value: {value}"),
-        ),
+        checks=adam_checks(),
         state=(State("exp_avg"), State("exp_inf")),
         scalars=_scalars,
         update=_update,

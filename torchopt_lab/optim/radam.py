@@ -11,12 +11,11 @@ from torch import Tensor
 from torchopt_lab.optim._moments import decayed_moments, triton_decayed_moments
 from torchopt_lab.optim.rules import (
     TORCH_FLAGS,
-    Check,
     Hyperparameter,
     Rule,
     RuleOptimizer,
     State,
-    lr_checks,
+    adam_checks,
     register,
     tl,
     triton_jit,
@@ -135,21 +134,7 @@ class RAdam(RuleOptimizer):
             Hyperparameter("decoupled_weight_decay", False),
             *TORCH_FLAGS,
         ),
-        checks=(
-            *lr_checks(),
-            Check("eps", lambda eps: eps >= 0.0, "Invalid epsilon value: {value}"),
-            Check(
-                "betas",
-                lambda b: 0.0 <= b[0] < 1.0,
-                "Invalid beta parameter at index 0: {value[0]}",
-            ),
-            Check(
-                "betas",
-                lambda b: 0.0 <= b[1] < 1.0,
-                "Invalid beta parameter at index 1: {value[1]}",
-            ),
-            Check("weight_decay", lambda wd: wd >= 0.0, "Invalid weight_decay value: {value}"),
-        ),
+        checks=adam_checks(),
         state=(State("exp_avg"), State("exp_avg_sq")),
         scalars=_scalars,
         update=_update,

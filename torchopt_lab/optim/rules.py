@@ -62,6 +62,7 @@ __all__ = [
     "Rule",
     "RuleOptimizer",
     "State",
+    "adam_checks",
     "lr_checks",
     "register",
     "tl",
@@ -182,6 +183,26 @@ def lr_checks() -> tuple[Check, ...]:
             "Tensor lr must be 1-element",
         ),
         Check("lr", lambda lr: lr >= 0.0, "Invalid learning rate: {value}"),
+    )
+
+
+def adam_checks() -> tuple[Check, ...]:
+    """torch.optim's checks of Adam's family (Adam, NAdam, RAdam, Adamax), in torch's order:
+    ``lr``, ``eps``, each beta in [0, 1), ``weight_decay``."""
+    return (
+        *lr_checks(),
+        Check("eps", lambda eps: eps >= 0.0, "Invalid epsilon value: {value}"),
+        Check(
+            "betas",
+            lambda b: 0.0 <= b[0] < 1.0,
+            "Invalid beta parameter at index 0: {value[0]}",
+        ),
+        Check(
+            "betas",
+            lambda b: 0.0 <= b[1] < 1.0,
+            "Invalid beta parameter at index 1: {value[1]}",
+        ),
+        Check("weight_decay", lambda wd: wd >= 0.0, "Invalid weight_decay value: {value}"),
     )
 
 
