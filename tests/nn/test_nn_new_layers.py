@@ -244,4 +244,6 @@ def test_rms_norm_default_eps_of_a_half_precision_input_is_float32s_as_in_torch(
     weight = torch.ones(8)
     expected = torch.nn.functional.rms_norm(x.double(), [8], weight.double(), eps=1.1920929e-07)
     ours = F.rms_norm(x, [8], weight)
-    torch.testing.assert_close(ours.double(), expected, rtol=1e-2, atol=1e-2)
+    # torch.testing's default tolerances for the half dtype: ours is the float64 result rounded
+    # once to it (bfloat16's 2^-7 eps would be off by percents)
+    torch.testing.assert_close(ours, expected.to(dtype))
