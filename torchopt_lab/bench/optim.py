@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     if args.repeats < 1 or args.steps < 1:
         raise UsageError(f"--repeats and --steps must be >= 1, got {args.repeats} and {args.steps}")
-    refuse_overridden_by_quick(args, {"repeats": 7, "steps": 3})
+    refuse_overridden_by_quick(args, {name: _CPU_ONLY[name] for name in ("repeats", "steps")})
     repeats, steps = (2, 1) if args.quick else (args.repeats, args.steps)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(
