@@ -93,6 +93,21 @@ LAYOUTS_BY_BACKEND = {
 }
 
 
+def _adam_family(mine: type, theirs: type, **extra: st.SearchStrategy) -> st.SearchStrategy:
+    """Options of an optimizer of Adam's family (lr, betas, eps, weight_decay, maximize) plus
+    ``extra``, drawn as (our class, torch's class, options)."""
+    return st.fixed_dictionaries(
+        {
+            "lr": st.sampled_from([0.0, 0.1, INF]),
+            "betas": st.tuples(ZERO_OR(0.9), ZERO_OR(0.999)),
+            "eps": ZERO_OR(1e-8),
+            "weight_decay": ZERO_OR(0.1),
+            **extra,
+            "maximize": st.booleans(),
+        }
+    ).map(lambda options: (mine, theirs, options))
+
+
 @st.composite
 def sgd_options(draw: st.DrawFn) -> dict:
     momentum = draw(ZERO_OR(0.9))
@@ -155,36 +170,14 @@ NONFINITE_OPTIMIZERS = st.one_of(
             "maximize": st.booleans(),
         }
     ).map(lambda options: (ours.Adadelta, torch.optim.Adadelta, options)),
-    st.fixed_dictionaries(
-        {
-            "lr": st.sampled_from([0.0, 0.1, INF]),
-            "betas": st.tuples(ZERO_OR(0.9), ZERO_OR(0.999)),
-            "eps": ZERO_OR(1e-8),
-            "weight_decay": ZERO_OR(0.1),
-            "maximize": st.booleans(),
-        }
-    ).map(lambda options: (ours.Adamax, torch.optim.Adamax, options)),
-    st.fixed_dictionaries(
-        {
-            "lr": st.sampled_from([0.0, 0.1, INF]),
-            "betas": st.tuples(ZERO_OR(0.9), ZERO_OR(0.999)),
-            "eps": ZERO_OR(1e-8),
-            "weight_decay": ZERO_OR(0.1),
-            "momentum_decay": ZERO_OR(4e-3),
-            "decoupled_weight_decay": st.booleans(),
-            "maximize": st.booleans(),
-        }
-    ).map(lambda options: (ours.NAdam, torch.optim.NAdam, options)),
-    st.fixed_dictionaries(
-        {
-            "lr": st.sampled_from([0.0, 0.1, INF]),
-            "betas": st.tuples(ZERO_OR(0.9), ZERO_OR(0.999)),
-            "eps": ZERO_OR(1e-8),
-            "weight_decay": ZERO_OR(0.1),
-            "decoupled_weight_decay": st.booleans(),
-            "maximize": st.booleans(),
-        }
-    ).map(lambda options: (ours.RAdam, torch.optim.RAdam, options)),
+    _adam_family(ours.Adamax, torch.optim.Adamax),
+    _adam_family(
+        ours.NAdam,
+        torch.optim.NAdam,
+        momentum_decay=ZERO_OR(4e-3),
+        decoupled_weight_decay=st.booleans(),
+    ),
+    _adam_family(ours.RAdam, torch.optim.RAdam, decoupled_weight_decay=st.booleans()),
 )
 
 
