@@ -1,5 +1,5 @@
 """Root-mean-square layer normalisation (Zhang & Sennrich, 2019), ``torch.nn.functional.rms_norm``:
-the functional, its validation and its Function with a hand-written backward.
+the functional, its validation, its Function with a hand-written backward, and the module.
 
 Over the trailing ``normalized_shape`` dimensions (``n`` elements): ``r = 1 / √(mean(x²) + eps)``,
 ``x̂ = x r``, ``y = w x̂``. With ``g = dL/dy``:
@@ -16,11 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from torchopt_lab.nn._autocast import autocast_inputs
+from torchopt_lab.nn._common import check_normalized_shape
 from torchopt_lab.nn._dispatch import record_torch_only
 from torchopt_lab.nn._function import apply, forward_mode
-from torchopt_lab.nn._norm import check_normalized_shape
 
 
 def _rstd(input: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
@@ -132,3 +133,10 @@ def rms_norm(
         eps = torch.finfo(torch.float32 if low_precision else input.dtype).eps
     record_torch_only("rms_norm", input)
     return apply(RMSNormFunction, input, count, weight, eps)[0]
+
+
+class RMSNorm(nn.RMSNorm):
+    """:class:`torch.nn.RMSNorm` running :func:`rms_norm`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return rms_norm(input, self.normalized_shape, self.weight, self.eps)
