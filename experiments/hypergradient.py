@@ -78,7 +78,7 @@ class Config:
     out: str = ""  # output directory (default: runs/experiments/hypergradient)
 
 
-SMOKE = {"epochs": 1, "hidden": (16,)}
+SMOKE = {"epochs": 1, "batch_size": 64}
 
 
 @dataclass

@@ -28,6 +28,7 @@ CASES = {
     "exploding_gradients": ["none", "clip_grad_norm_", "clip_grad_value_"],
     "optimizer_paths": ["rosenbrock/sgd", "beale/adam", "quadratic/momentum"],
     "sparse_features": ["sgd", "adagrad", "rmsprop"],
+    "hypergradient": ["sgd-lr0.1", "sgd-hd-lr0.01", "adam-hd-lr0.01"],
 }
 
 
