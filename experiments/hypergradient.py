@@ -270,12 +270,12 @@ def plot(runs: list[Run], path: Path) -> None:
                 lr_axes.plot(run.lrs[:kept], label=run.label, **style)
                 if kept < len(run.lrs):
                     lr_axes.plot(kept - 1, run.lrs[kept - 1], "x", color=style["color"])
-        lr_axes.axhline(DEFAULT_LR[name], color="grey", linewidth=0.8, label="tuned lr")
+        tuned = lr_axes.axhline(DEFAULT_LR[name], color="grey", linewidth=0.8, label="tuned lr")
         title = "SGD vs SGD-HD" if name == "sgd" else "Adam vs Adam-HD"
         loss_axes.set(yscale="log", xlabel="step", ylabel="minibatch loss (mean)", title=title)
         lr_axes.set(yscale="log", xlabel="step", ylabel="learning rate (x: left (0, inf))")
         loss_axes.legend(fontsize=7)
-        lr_axes.legend(fontsize=7)
+        lr_axes.legend(handles=[tuned], fontsize=7)  # the runs: as in the legend above
     figure.suptitle("hypergradient descent on the 8x8 digits (dotted: fixed lr; solid: HD)")
     common.save_figure(figure, path)
 
