@@ -24,7 +24,7 @@ rates :math:`\alpha^*` (SGD 0.1, Adam 1e-3), in float64:
    gradients, not read from the optimizer) at every step of every run, to ``tolerance`` relative
    to :math:`\|\nabla f(\theta_t)\|\,\|u_{t-1}\|` (float64 rounding);
 2. started from poor learning rates, :math:`\alpha^*/10` and :math:`10\alpha^*`, SGD-HD and
-   Adam-HD (the paper's :math:`\beta`: 1e-3 and 1e-7) end at a lower training loss (whole
+   Adam-HD (the paper's :math:`\beta` for MNIST: 1e-3 and 1e-7) end at a lower training loss (whole
    training split) than SGD and Adam kept at the same initial learning rate;
 3. from those poor starts, the learned rate ends closer to :math:`\alpha^*` (in log scale) than
    it started.
@@ -71,8 +71,8 @@ class Config:
     epochs: int = 10  # passes over the training split, for every run
     batch_size: int = 32  # minibatch size (the last, smaller batch of an epoch is dropped)
     hidden: tuple[int, ...] = (128, 64)  # widths of the hidden ReLU layers (compare's model)
-    beta_sgd: float = 1e-3  # SGD-HD's hypergradient learning rate (the paper's value)
-    beta_adam: float = 1e-7  # Adam-HD's hypergradient learning rate (the paper's value)
+    beta_sgd: float = 1e-3  # SGD-HD's hypergradient learning rate (the paper's MNIST value)
+    beta_adam: float = 1e-7  # Adam-HD's hypergradient learning rate (the paper's MNIST value)
     tolerance: float = 1e-12  # max |h_autograd - h_closed| / (|grad| |u|) allowed (claim 1)
     seed: int = 0  # seeds the split, the initial weights and the minibatch order
     out: str = ""  # output directory (default: runs/experiments/hypergradient)
