@@ -22,9 +22,11 @@ ROUNDING = 1e-12
 
 @pytest.fixture
 def hypergradient(monkeypatch):
-    """The experiment module, imported as its script does (experiments/ first on sys.path)."""
+    """The experiment module, imported as its script does (experiments/ first on sys.path), and
+    forgotten afterwards with its ``common``, as test_experiments.py's fixture expects."""
     monkeypatch.syspath_prepend(str(EXPERIMENTS))
     yield importlib.import_module("hypergradient")
+    sys.modules.pop("hypergradient", None)
     sys.modules.pop("common", None)
 
 
