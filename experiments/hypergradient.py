@@ -282,6 +282,12 @@ def plot(runs: list[Run], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config, smoke = common.parse_config(Config, argv, SMOKE, __doc__)
+    if not all(width >= 1 for width in config.hidden):  # parse_config checks numbers, not tuples
+        print(
+            f"{NAME}.py: error: invalid --hidden {config.hidden!r}: widths must be >= 1",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     out = common.start(NAME, CLAIM, config)
     data = load_digits_split(seed=config.seed, dtype=torch.float64)
     common.seed_everything(config.seed)
