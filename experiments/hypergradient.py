@@ -24,7 +24,7 @@ rates :math:`\alpha^*` (SGD 0.1, Adam 1e-3), in float64:
    gradients, not read from the optimizer) at every step of every run, to ``tolerance`` relative
    to :math:`\|\nabla f(\theta_t)\|\,\|u_{t-1}\|` (float64 rounding);
 2. started from poor learning rates, :math:`\alpha^*/10` and :math:`10\alpha^*`, SGD-HD and
-   Adam-HD (the paper's :math:`\beta`: 1e-3 and 1e-7) end at a lower training loss (whole
+   Adam-HD (the paper's :math:`\beta` for MNIST: 1e-3 and 1e-7) end at a lower training loss (whole
    training split) than SGD and Adam kept at the same initial learning rate;
 3. from those poor starts, the learned rate ends closer to :math:`\alpha^*` (in log scale) than
    it started.
@@ -71,14 +71,14 @@ class Config:
     epochs: int = 10  # passes over the training split, for every run
     batch_size: int = 32  # minibatch size (the last, smaller batch of an epoch is dropped)
     hidden: tuple[int, ...] = (128, 64)  # widths of the hidden ReLU layers (compare's model)
-    beta_sgd: float = 1e-3  # SGD-HD's hypergradient learning rate (the paper's value)
-    beta_adam: float = 1e-7  # Adam-HD's hypergradient learning rate (the paper's value)
+    beta_sgd: float = 1e-3  # SGD-HD's hypergradient learning rate (the paper's MNIST value)
+    beta_adam: float = 1e-7  # Adam-HD's hypergradient learning rate (the paper's MNIST value)
     tolerance: float = 1e-12  # max |h_autograd - h_closed| / (|grad| |u|) allowed (claim 1)
     seed: int = 0  # seeds the split, the initial weights and the minibatch order
     out: str = ""  # output directory (default: runs/experiments/hypergradient)
 
 
-SMOKE = {"epochs": 1, "hidden": (16,)}
+SMOKE = {"epochs": 1, "batch_size": 64}
 
 
 @dataclass
@@ -270,18 +270,24 @@ def plot(runs: list[Run], path: Path) -> None:
                 lr_axes.plot(run.lrs[:kept], label=run.label, **style)
                 if kept < len(run.lrs):
                     lr_axes.plot(kept - 1, run.lrs[kept - 1], "x", color=style["color"])
-        lr_axes.axhline(DEFAULT_LR[name], color="grey", linewidth=0.8, label="tuned lr")
+        tuned = lr_axes.axhline(DEFAULT_LR[name], color="grey", linewidth=0.8, label="tuned lr")
         title = "SGD vs SGD-HD" if name == "sgd" else "Adam vs Adam-HD"
         loss_axes.set(yscale="log", xlabel="step", ylabel="minibatch loss (mean)", title=title)
         lr_axes.set(yscale="log", xlabel="step", ylabel="learning rate (x: left (0, inf))")
         loss_axes.legend(fontsize=7)
-        lr_axes.legend(fontsize=7)
+        lr_axes.legend(handles=[tuned], fontsize=7)  # the runs: as in the legend above
     figure.suptitle("hypergradient descent on the 8x8 digits (dotted: fixed lr; solid: HD)")
     common.save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     config, smoke = common.parse_config(Config, argv, SMOKE, __doc__)
+    if not all(width >= 1 for width in config.hidden):  # parse_config checks numbers, not tuples
+        print(
+            f"{NAME}.py: error: invalid --hidden {config.hidden!r}: widths must be >= 1",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     out = common.start(NAME, CLAIM, config)
     data = load_digits_split(seed=config.seed, dtype=torch.float64)
     common.seed_everything(config.seed)
