@@ -150,9 +150,10 @@ def _layer_norm_backward_kernel(
         offsets = row[:, None] * columns + column[None, :]
         x = tl.load(input_pointer + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         g = tl.load(grad_output_pointer + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        rstd = tl.load(rstd_pointer + row, mask=row_mask, other=0.0)
         if CENTERED:
             mean = tl.load(mean_pointer + row, mask=row_mask, other=0.0)
+        rstd = tl.load(rstd_pointer + row, mask=row_mask, other=0.0)
+        if CENTERED:
             # x̂ = (x - μ) r
             normalized = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         else:
@@ -162,19 +163,19 @@ def _layer_norm_backward_kernel(
         grad_normalized = g * weight[None, :] if has_weight else g
         if coefficients_given:
             c1 = tl.load(c1_pointer + row, mask=row_mask, other=0.0)
-        else:
-            # c_1 = mean(x̂ ⊙ w g)
-            c1 = tl.sum(normalized * grad_normalized, axis=1) / columns
-        # dL/dx = r (w g - x̂ c_1 - c_2)
-        grad_input = grad_normalized - normalized * c1[:, None]
-        if CENTERED:
-            if coefficients_given:
+            if CENTERED:
                 c2 = tl.load(c2_pointer + row, mask=row_mask, other=0.0)
-            else:
-                # c_2 = mean(w g)
+        else:
+            # c_1 = mean(x̂ ⊙ w g), c_2 = mean(w g)
+            c1 = tl.sum(normalized * grad_normalized, axis=1) / columns
+            if CENTERED:
                 c2 = tl.sum(grad_normalized, axis=1) / columns
-            grad_input -= c2[:, None]
-        grad_input *= rstd[:, None]
+        if CENTERED:
+            # dL/dx = r (w g - x̂ c_1 - c_2)
+            grad_input = rstd[:, None] * (grad_normalized - normalized * c1[:, None] - c2[:, None])
+        else:
+            # dL/dx = r (w g - x̂ c_1)
+            grad_input = rstd[:, None] * (grad_normalized - normalized * c1[:, None])
         tl.store(
             grad_input_pointer + offsets,
             grad_input.to(grad_input_pointer.dtype.element_ty),
