@@ -64,6 +64,11 @@ def benchmarks(device: torch.device, rows: int, columns: int) -> list[Benchmark]
     y, _ = kernels.softmax_forward(h)
     _, mean, rstd = kernels.layer_norm_forward(h, weight, bias)
     _, torch_mean, torch_rstd = torch.native_layer_norm(h, [columns], weight, bias, 1e-5)
+    _, rms_rstd = kernels.rms_norm_forward(h, weight)
+    # torch's RMSNorm backward as a user gets it: autograd through F.rms_norm (on CUDA its
+    # fused backward kernel; aten::_fused_rms_norm_backward has no CPU kernel to call directly)
+    rms_input, rms_weight = h.clone().requires_grad_(), weight.clone().requires_grad_()
+    rms_output = TF.rms_norm(rms_input, [columns], rms_weight)
     channels = 64
     images = tensor(max(rows // channels, 2), channels, columns)
     ones, zeros = torch.ones(channels, device=device), torch.zeros(channels, device=device)
@@ -105,6 +110,18 @@ def benchmarks(device: torch.device, rows: int, columns: int) -> list[Benchmark]
             lambda: torch.ops.aten.native_layer_norm_backward(
                 g, h, [columns], torch_mean, torch_rstd, weight, bias, [True, True, True]
             ),
+            3 * size,
+        ),
+        Benchmark(
+            "rms_norm forward",
+            lambda: kernels.rms_norm_forward(h, weight),
+            lambda: TF.rms_norm(h, [columns], weight),
+            2 * size,
+        ),
+        Benchmark(
+            "rms_norm backward",
+            lambda: kernels.rms_norm_backward(g, h, weight, rms_rstd),
+            lambda: torch.autograd.grad(rms_output, (rms_input, rms_weight), g, retain_graph=True),
             3 * size,
         ),
         Benchmark(

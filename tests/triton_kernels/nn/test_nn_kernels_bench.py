@@ -16,6 +16,8 @@ KERNELS = [
     "softmax backward",
     "layer_norm forward",
     "layer_norm backward",
+    "rms_norm forward",
+    "rms_norm backward",
     "dropout forward",
     "batch_norm statistics+apply",
     "cross_entropy forward",
