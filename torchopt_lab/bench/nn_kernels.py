@@ -19,6 +19,7 @@ import argparse
 import importlib
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -231,7 +232,14 @@ def run(args: argparse.Namespace) -> int:
                 f"{error}; for a smoke run without a GPU use --device cpu --quick"
             ) from None
     if args.device == "cpu":
-        # Read when the kernels' @triton.jit runs, so before triton_kernels.nn is imported.
+        # Read when triton.language is imported (its own @triton.jit helpers, tl.max among them,
+        # are built then): too late once triton is loaded, as importing torchopt_lab does.
+        if "TRITON_INTERPRET" not in os.environ and "triton.language" in sys.modules:
+            raise UsageError(
+                "--device cpu runs the kernels in the Triton interpreter, which must be on before "
+                "triton is imported: run with TRITON_INTERPRET=1 in the environment, e.g. "
+                "TRITON_INTERPRET=1 torchopt-lab bench-nn-kernels --device cpu --quick"
+            )
         os.environ.setdefault("TRITON_INTERPRET", "1")
         if not backend.interpreter_enabled():
             raise UsageError(
