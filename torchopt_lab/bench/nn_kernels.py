@@ -19,6 +19,7 @@ import argparse
 import importlib
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +65,11 @@ def benchmarks(device: torch.device, rows: int, columns: int) -> list[Benchmark]
     y, _ = kernels.softmax_forward(h)
     _, mean, rstd = kernels.layer_norm_forward(h, weight, bias)
     _, torch_mean, torch_rstd = torch.native_layer_norm(h, [columns], weight, bias, 1e-5)
+    _, rms_rstd = kernels.rms_norm_forward(h, weight)
+    # torch's RMSNorm backward as a user gets it: autograd through F.rms_norm (on CUDA its
+    # fused backward kernel; aten::_fused_rms_norm_backward has no CPU kernel to call directly)
+    rms_input, rms_weight = h.clone().requires_grad_(), weight.clone().requires_grad_()
+    rms_output = TF.rms_norm(rms_input, [columns], rms_weight)
     channels = 64
     images = tensor(max(rows // channels, 2), channels, columns)
     ones, zeros = torch.ones(channels, device=device), torch.zeros(channels, device=device)
@@ -105,6 +111,18 @@ def benchmarks(device: torch.device, rows: int, columns: int) -> list[Benchmark]
             lambda: torch.ops.aten.native_layer_norm_backward(
                 g, h, [columns], torch_mean, torch_rstd, weight, bias, [True, True, True]
             ),
+            3 * size,
+        ),
+        Benchmark(
+            "rms_norm forward",
+            lambda: kernels.rms_norm_forward(h, weight),
+            lambda: TF.rms_norm(h, [columns], weight),
+            2 * size,
+        ),
+        Benchmark(
+            "rms_norm backward",
+            lambda: kernels.rms_norm_backward(g, h, weight, rms_rstd),
+            lambda: torch.autograd.grad(rms_output, (rms_input, rms_weight), g, retain_graph=True),
             3 * size,
         ),
         Benchmark(
@@ -218,7 +236,14 @@ def run(args: argparse.Namespace) -> int:
                 f"{error}; for a smoke run without a GPU use --device cpu --quick"
             ) from None
     if args.device == "cpu":
-        # Read when the kernels' @triton.jit runs, so before triton_kernels.nn is imported.
+        # Read when triton.language is imported (its own @triton.jit helpers, tl.max among them,
+        # are built then): too late once triton is loaded, as importing torchopt_lab does.
+        if "TRITON_INTERPRET" not in os.environ and "triton.language" in sys.modules:
+            raise UsageError(
+                "--device cpu runs the kernels in the Triton interpreter, which must be on before "
+                "triton is imported: run with TRITON_INTERPRET=1 in the environment, e.g. "
+                "TRITON_INTERPRET=1 torchopt-lab bench-nn-kernels --device cpu --quick"
+            )
         os.environ.setdefault("TRITON_INTERPRET", "1")
         if not backend.interpreter_enabled():
             raise UsageError(

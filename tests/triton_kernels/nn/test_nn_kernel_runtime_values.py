@@ -31,6 +31,8 @@ _ROOT = Path(__file__).resolve().parents[3]
 VALUES: dict[str, tuple[float, ...]] = {
     "layer_norm_forward": (1e-5, 1e-3, 0.25),
     "layer_norm_forward wide": (1e-5, 1e-3, 0.25),
+    "rms_norm_forward": (1e-6, 1e-3, 0.25),
+    "rms_norm_forward wide": (1e-6, 1e-3, 0.25),
     "bias_activation_forward leaky_relu": (0.01, 0.2, -0.5),
     "bias_activation_backward leaky_relu": (0.01, 0.2, -0.5),
     "cross_entropy_forward": (0.05, 0.1, 1.0),
@@ -52,6 +54,8 @@ def _launch(kernels: Any, launcher: str, value: float) -> None:
     calls = {
         "layer_norm_forward": lambda: kernels.layer_norm_forward(x, weight, bias, value),
         "layer_norm_forward wide": lambda: kernels.layer_norm_forward(wide, None, None, value),
+        "rms_norm_forward": lambda: kernels.rms_norm_forward(x, weight, value),
+        "rms_norm_forward wide": lambda: kernels.rms_norm_forward(wide, None, value),
         "bias_activation_forward leaky_relu": lambda: kernels.bias_activation_forward(
             x, bias, "leaky_relu", value
         ),
@@ -150,18 +154,20 @@ def test_smoothing_on_and_off_are_the_only_two_cross_entropy_variants() -> None:
 
 
 def test_no_per_call_value_is_a_constexpr_of_any_layer_kernel() -> None:
+    import triton_kernels.nn as package
     from triton_kernels.nn import (
         activation,
         batch_norm,
         cross_entropy,
         dropout,
         layer_norm,
+        rms_norm,
         softmax,
     )
 
     per_call = {"eps", "label_smoothing", "negative_slope", "p", "momentum"}
     seen = set()
-    for module in (activation, batch_norm, cross_entropy, dropout, layer_norm, softmax):
+    for module in (activation, batch_norm, cross_entropy, dropout, layer_norm, rms_norm, softmax):
         for name in dir(module):
             kernel = getattr(module, name)
             if name.endswith("_kernel") and hasattr(kernel, "arg_names"):
@@ -169,6 +175,7 @@ def test_no_per_call_value_is_a_constexpr_of_any_layer_kernel() -> None:
                     seen.add(argument)
                     assert argument not in _constexprs(kernel), f"{name}: {argument} is a constexpr"
     assert seen == {"eps", "label_smoothing", "negative_slope", "p"}
+    assert package.rms_norm_forward is rms_norm.rms_norm_forward
 
 
 @pytest.mark.parametrize("eps", [1e-5, 1e-2, 0.5])

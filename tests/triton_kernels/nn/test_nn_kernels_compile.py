@@ -154,7 +154,13 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "columns": "i32",
             "eps": "fp64",
         },
-        {"has_weight": True, "has_bias": True, "BLOCK_ROWS": 4, "BLOCK_COLUMNS": 1024},
+        {
+            "CENTERED": True,
+            "has_weight": True,
+            "has_bias": True,
+            "BLOCK_ROWS": 4,
+            "BLOCK_COLUMNS": 1024,
+        },
         ("columns",),
     ),
     "_layer_norm_backward_kernel": (
@@ -174,6 +180,7 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "columns": "i32",
         },
         {
+            "CENTERED": True,
             "has_weight": True,
             "reduce_parameters": True,
             "coefficients_given": False,
@@ -194,7 +201,7 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "columns": "i32",
             "eps": "fp64",
         },
-        {"has_weight": True, "has_bias": True, "BLOCK": 2048},
+        {"CENTERED": True, "has_weight": True, "has_bias": True, "BLOCK": 2048},
         ("columns",),
     ),
     "_layer_norm_wide_coefficients_kernel": (
@@ -209,7 +216,7 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "c2_pointer": "*C",
             "columns": "i32",
         },
-        {"has_weight": True, "BLOCK": 2048},
+        {"CENTERED": True, "has_weight": True, "BLOCK": 2048},
         ("columns",),
     ),
     "_dropout_kernel": (
@@ -279,6 +286,15 @@ VECTORISED = (
     "_dropout_kernel",
     "_channel_affine_kernel",
 )
+# RMSNorm runs the layer-norm kernels uncentred (CENTERED=False: no mean, no bias).
+RMS_NORM_KERNELS = (
+    "_layer_norm_forward_kernel",
+    "_layer_norm_backward_kernel",
+    "_layer_norm_wide_forward_kernel",
+    "_layer_norm_wide_coefficients_kernel",
+)
+RMS_NORM = {"CENTERED": False}
+RMS_NORM_VECTORISED = ("_layer_norm_forward_kernel",)
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
 # (variant, element type, compute type)
 VARIANTS = {"float32": ("fp32", "fp32"), "float64": ("fp64", "fp64"), "bfloat16": ("bf16", "fp32")}
@@ -348,6 +364,30 @@ def _requests() -> list[dict[str, Any]]:
                     BLOCK_COLUMNS=2048,
                 )
             )
+    for capability in (80, 90):
+        for kernel in RMS_NORM_KERNELS:
+            for variant in ("float32", "float64", "bfloat16"):
+                rms = dict(RMS_NORM, has_bias=False) if "forward" in kernel else RMS_NORM
+                requests.append(_request(kernel, capability, variant, **rms))
+        for variant in ("float32", "float64"):
+            requests.append(
+                _request(
+                    "_layer_norm_backward_kernel",
+                    capability,
+                    variant,
+                    **RMS_NORM,
+                    coefficients_given=True,
+                    BLOCK_COLUMNS=2048,
+                )
+            )
+    for kernel in ("_layer_norm_forward_kernel", "_layer_norm_backward_kernel"):
+        # RMSNorm's widest whole rows
+        requests.append(
+            _request(kernel, 80, "float32", **RMS_NORM, BLOCK_ROWS=1, BLOCK_COLUMNS=8192)
+        )
+        requests.append(
+            _request(kernel, 90, "float64", **RMS_NORM, BLOCK_ROWS=1, BLOCK_COLUMNS=4096)
+        )
     for kernel, (_, _, defaults, _) in KERNELS.items():
         # Every flag off as well: a branch the interpreter never takes must still compile.
         flags = {name: False for name, value in defaults.items() if value is True}
@@ -380,3 +420,15 @@ def test_every_nn_kernel_compiles_for_sm80_and_sm90_without_spills_and_vectorise
     ]
     assert not scalar, "no 128-bit (ld.global.v4) loads:\n" + "\n".join(scalar)
     assert {r["kernel"] for r in results} == set(KERNELS)
+    rms_streaming = [
+        name
+        for name, r in zip(described, results, strict=True)
+        if r["kernel"] in RMS_NORM_VECTORISED and r["variant"].startswith("float32 CENTERED=False")
+    ]
+    assert len(rms_streaming) >= 2 * len(RMS_NORM_VECTORISED)
+    rms_scalar = [
+        name
+        for name, r in zip(described, results, strict=True)
+        if name in rms_streaming and r["ptx_v4_loads"] == 0
+    ]
+    assert not rms_scalar, "RMSNorm: no 128-bit (ld.global.v4) loads:\n" + "\n".join(rms_scalar)
