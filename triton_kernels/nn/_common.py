@@ -1,5 +1,12 @@
 """What every layer launcher shares: input checks that quote the bad value, the compute dtype, and
-the device functions the interpreter lacks (``tanh``: ``libdevice.tanh`` returns None there)."""
+the device functions the interpreter lacks (``tanh``: ``libdevice.tanh`` returns None there).
+
+Values that vary per call (``eps``, ``label_smoothing``, ``negative_slope``, dropout's ``p``) are
+runtime kernel arguments, never ``tl.constexpr``: a constexpr is part of the kernel's cache key,
+so each new value would compile the kernel again. They are annotated ``tl.float64`` (an
+unannotated Python float is passed as float32, which would round ``0.1`` for the float64
+kernels) and rounded once in the kernel to the compute dtype with ``tl.full((), value, dtype)``,
+as torch rounds its host scalar to the accumulation type."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def _layer_norm_forward_kernel(
     rstd_pointer,
     rows,
     columns,
-    EPS: tl.constexpr,
+    eps: tl.float64,
     has_weight: tl.constexpr,
     has_bias: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
@@ -80,7 +80,7 @@ def _layer_norm_forward_kernel(
     centered = tl.where(mask, x - mean[:, None], 0.0)
     # σ² = mean((x - μ)²), r = 1 / √(σ² + eps)
     variance = tl.sum(centered * centered, axis=1) / columns
-    rstd = 1.0 / tl.sqrt(variance + EPS)
+    rstd = 1.0 / tl.sqrt(variance + tl.full((), eps, COMPUTE_DTYPE))
     y = centered * rstd[:, None]
     if has_weight:
         y *= tl.load(weight_pointer + column, mask=column_mask).to(COMPUTE_DTYPE)[None, :]
@@ -183,7 +183,7 @@ def _layer_norm_wide_forward_kernel(
     mean_pointer,
     rstd_pointer,
     columns,
-    EPS: tl.constexpr,
+    eps: tl.float64,
     has_weight: tl.constexpr,
     has_bias: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
@@ -207,7 +207,7 @@ def _layer_norm_wide_forward_kernel(
             count, mean, m2, block_count, block_mean, tl.sum(centered * centered, axis=0)
         )
     # r = 1 / √(σ² + eps), σ² = M₂ / n
-    rstd = 1.0 / tl.sqrt(m2 / columns + EPS)
+    rstd = 1.0 / tl.sqrt(m2 / columns + tl.full((), eps, COMPUTE_DTYPE))
     tl.store(mean_pointer + row, mean)
     tl.store(rstd_pointer + row, rstd)
     for start in range(0, columns, BLOCK):
@@ -333,7 +333,7 @@ def layer_norm_forward(
             mean,
             rstd,
             columns,
-            EPS=float(eps),
+            eps=float(eps),
             has_weight=weight is not None,
             has_bias=bias is not None,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
@@ -350,7 +350,7 @@ def layer_norm_forward(
             rstd,
             rows,
             columns,
-            EPS=float(eps),
+            eps=float(eps),
             has_weight=weight is not None,
             has_bias=bias is not None,
             COMPUTE_DTYPE=compute_dtype(input.dtype),

@@ -22,9 +22,9 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "output_pointer": "*T",
             "rows": "i32",
             "columns": "i32",
+            "negative_slope": "fp64",
         },
         {
-            "NEGATIVE_SLOPE": 0.01,
             "ACTIVATION": "gelu",
             "add_bias": True,
             "BLOCK_ROWS": 4,
@@ -42,9 +42,9 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "grad_bias_partial_pointer": "*C",
             "rows": "i32",
             "columns": "i32",
+            "negative_slope": "fp64",
         },
         {
-            "NEGATIVE_SLOPE": 0.01,
             "ACTIVATION": "gelu",
             "add_bias": True,
             "reduce_bias": True,
@@ -88,8 +88,9 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "log_sum_exp_pointer": "*C",
             "classes": "i32",
             "ignore_index": "i32",
+            "label_smoothing": "fp64",
         },
-        {"LABEL_SMOOTHING": 0.1, "has_weight": True, "BLOCK": 4096},
+        {"SMOOTHING": True, "has_weight": True, "BLOCK": 4096},
         ("classes",),
     ),
     "_cross_entropy_backward_kernel": (
@@ -104,8 +105,9 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "grad_input_pointer": "*T",
             "classes": "i32",
             "ignore_index": "i32",
+            "label_smoothing": "fp64",
         },
-        {"LABEL_SMOOTHING": 0.1, "has_weight": True, "BLOCK": 4096},
+        {"SMOOTHING": True, "has_weight": True, "BLOCK": 4096},
         ("classes",),
     ),
     "_cross_entropy_probabilities_forward_kernel": (
@@ -118,8 +120,9 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "log_sum_exp_pointer": "*C",
             "mass_pointer": "*C",
             "classes": "i32",
+            "label_smoothing": "fp64",
         },
-        {"LABEL_SMOOTHING": 0.1, "has_weight": True, "BLOCK": 4096},
+        {"has_weight": True, "BLOCK": 4096},
         ("classes",),
     ),
     "_cross_entropy_probabilities_backward_kernel": (
@@ -133,8 +136,9 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "mass_pointer": "*C",
             "grad_input_pointer": "*T",
             "classes": "i32",
+            "label_smoothing": "fp64",
         },
-        {"LABEL_SMOOTHING": 0.1, "has_weight": True, "BLOCK": 4096},
+        {"has_weight": True, "BLOCK": 4096},
         ("classes",),
     ),
     "_layer_norm_forward_kernel": (
@@ -148,8 +152,9 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "rstd_pointer": "*C",
             "rows": "i32",
             "columns": "i32",
+            "eps": "fp64",
         },
-        {"EPS": 1e-5, "has_weight": True, "has_bias": True, "BLOCK_ROWS": 4, "BLOCK_COLUMNS": 1024},
+        {"has_weight": True, "has_bias": True, "BLOCK_ROWS": 4, "BLOCK_COLUMNS": 1024},
         ("columns",),
     ),
     "_layer_norm_backward_kernel": (
@@ -187,8 +192,9 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "mean_pointer": "*C",
             "rstd_pointer": "*C",
             "columns": "i32",
+            "eps": "fp64",
         },
-        {"EPS": 1e-5, "has_weight": True, "has_bias": True, "BLOCK": 2048},
+        {"has_weight": True, "has_bias": True, "BLOCK": 2048},
         ("columns",),
     ),
     "_layer_norm_wide_coefficients_kernel": (
@@ -208,8 +214,14 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
     ),
     "_dropout_kernel": (
         "triton_kernels.nn.dropout",
-        {"input_pointer": "*T", "output_pointer": "*T", "numel": "i32", "seed": "i32"},
-        {"P": 0.1, "BLOCK": 1024},
+        {
+            "input_pointer": "*T",
+            "output_pointer": "*T",
+            "numel": "i32",
+            "seed": "i32",
+            "p": "fp64",
+        },
+        {"BLOCK": 1024},
         ("numel",),
     ),
     "_batch_norm_statistics_kernel": (
@@ -339,8 +351,6 @@ def _requests() -> list[dict[str, Any]]:
     for kernel, (_, _, defaults, _) in KERNELS.items():
         # Every flag off as well: a branch the interpreter never takes must still compile.
         flags = {name: False for name, value in defaults.items() if value is True}
-        if "LABEL_SMOOTHING" in defaults:
-            flags["LABEL_SMOOTHING"] = 0.0
         if flags:
             requests.append(_request(kernel, 80, "float32", **flags))
     return requests
