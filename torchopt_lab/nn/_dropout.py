@@ -1,8 +1,8 @@
 """Dropout (Srivastava et al., 2014), ``torch.nn.functional.dropout``, paired with
 ``triton_kernels/nn/dropout.py``: the functional with its validation, the torch-path Function with
 a hand-written backward, the Triton-path Function on the seeded kernel (the
-``torchopt_lab::dropout_*`` custom ops, which draw the seed inside, so ``torch.compile`` sees no
-host-side random draw), and the module.
+``torchopt_lab::dropout_*`` custom ops, their seed a traced CPU tensor, so ``torch.compile``
+sees no host-side random draw), and the module.
 """
 
 from __future__ import annotations
@@ -63,36 +63,35 @@ class DropoutFunction(torch.autograd.Function):
         return grad_output * noise, None, None
 
 
-# The Triton path: the seeded kernel as custom ops. The seed is a CPU int64 scalar tensor (drawn
-# from torch's CPU generator, so ``torch.manual_seed`` repeats it; no device sync), an output of
-# the forward op and an input of the backward op.
+# The Triton path: the seeded kernel as custom ops. The seed is a CPU int64 scalar tensor drawn by
+# the Function with torch.randint on torch's CPU generator (so ``torch.manual_seed`` repeats it, no
+# device sync, and ``torch.compile`` traces the draw, a random op its common-subexpression pass
+# keeps apart: two dropouts of one tensor get two seeds), an input of the forward and backward ops.
+# The launcher's seed range is [0, 2³¹ - 1] (``triton_kernels/nn/dropout.py``; it refuses others).
+_SEED_BOUND = 2**31 - 1
 
 
 @torch.library.custom_op("torchopt_lab::dropout_forward", mutates_args=())
-def dropout_forward(input: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input ⊙ m / (1 - p), seed)`` on the Triton kernel, ``m`` drawn from a new seed."""
-    kernels = triton_kernels()
-    seed = kernels.new_seed()
-    return kernels.dropout_forward(input, p, seed), torch.tensor(seed, dtype=torch.int64)
+def dropout_forward(input: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """``input ⊙ m / (1 - p)`` on the Triton kernel, ``m`` the mask of ``seed``."""
+    return triton_kernels().dropout_forward(input, p, int(seed))
 
 
 @dropout_forward.register_fake
-def _(input: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(input), torch.empty((), dtype=torch.int64, device="cpu")
+def _(input: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(input)
 
 
 @torch.library.custom_op("torchopt_lab::dropout_forward_", mutates_args=("input",))
-def dropout_forward_(input: torch.Tensor, p: float) -> torch.Tensor:
-    """``input ← input ⊙ m / (1 - p)`` in place on the Triton kernel; returns the seed."""
-    kernels = triton_kernels()
-    seed = kernels.new_seed()
-    kernels.dropout_forward(input, p, seed, out=input)
-    return torch.tensor(seed, dtype=torch.int64)
+def dropout_forward_(input: torch.Tensor, p: float, seed: torch.Tensor) -> None:
+    """``input ← input ⊙ m / (1 - p)`` in place on the Triton kernel, ``m`` the mask of
+    ``seed``."""
+    triton_kernels().dropout_forward(input, p, int(seed), out=input)
 
 
 @dropout_forward_.register_fake
-def _(input: torch.Tensor, p: float) -> torch.Tensor:
-    return torch.empty((), dtype=torch.int64, device="cpu")
+def _(input: torch.Tensor, p: float, seed: torch.Tensor) -> None:
+    return None
 
 
 @torch.library.custom_op("torchopt_lab::dropout_backward", mutates_args=())
@@ -119,13 +118,15 @@ class DropoutTritonFunction(torch.autograd.Function):
             # Everything dropped: zeros, no mask to draw (as torch).
             output = input.zero_() if inplace else torch.zeros_like(input)
         elif inplace:
-            seed = dropout_forward_(contiguous, p)
+            seed = torch.randint(0, _SEED_BOUND, (), device="cpu")
+            dropout_forward_(contiguous, p, seed)
             # (is_contiguous, not a data-pointer comparison, which torch.compile cannot trace)
             if not input.is_contiguous():
                 input.copy_(contiguous)
             output = input
         else:
-            output, seed = dropout_forward(contiguous, p)
+            seed = torch.randint(0, _SEED_BOUND, (), device="cpu")
+            output = dropout_forward(contiguous, p, seed)
         if inplace:
             ctx.mark_dirty(output)
         ctx.save_for_backward(seed)

@@ -63,9 +63,9 @@ def test_custom_ops_pass_opcheck() -> None:
     log_sum_exp = torch.logsumexp(logits, 1)
     checks += [
         (_activation.bias_activation_forward_, (x.clone(), "relu", 0.0)),
-        (_dropout.dropout_forward, (x, 0.25)),
-        (_dropout.dropout_forward_, (x.clone(), 0.25)),
-        (_dropout.dropout_backward, (grad, 0.25, torch.tensor(7))),
+        (_dropout.dropout_forward, (x, 0.25, torch.tensor(7, device="cpu"))),
+        (_dropout.dropout_forward_, (x.clone(), 0.25, torch.tensor(7, device="cpu"))),
+        (_dropout.dropout_backward, (grad, 0.25, torch.tensor(7, device="cpu"))),
         (
             _cross_entropy.cross_entropy_probabilities_forward,
             (logits, probabilities, torch.rand(6), 0.1),
@@ -115,6 +115,16 @@ def _dropout_mlp() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     return model, (torch.randn(4, 6), torch.softmax(torch.randn(4, 3), 1))
 
 
+# The layers of the models that run a Triton kernel, and their backend_info component.
+TRITON_LAYERS = {
+    "ReLU": "nn.relu",
+    "GELU": "nn.gelu",
+    "LayerNorm": "nn.layer_norm",
+    "BatchNorm2d": "nn.batch_norm",
+    "Dropout": "nn.dropout",
+}
+
+
 @pytest.mark.parametrize("build", [_mlp, _cnn, _dropout_mlp], ids=["mlp", "cnn", "dropout"])
 def test_triton_path_model_compiles_to_one_graph_and_matches_eager(build) -> None:
     model, (x, target) = build()
@@ -134,8 +144,20 @@ def test_triton_path_model_compiles_to_one_graph_and_matches_eager(build) -> Non
     actual = torch.compile(loss, backend="aot_eager", fullgraph=True)(x, target)
     grads = torch.autograd.grad(actual, list(model.parameters()))
     decisions = backend_info()["decisions"]
-    assert [decisions[f"nn.{name}"]["backend"] for name in ("relu", "gelu", "cross_entropy")] == [
-        "triton"
-    ] * 3
+    kernels = [type(layer).__name__ for layer in model if type(layer).__name__ in TRITON_LAYERS]
+    assert [decisions[TRITON_LAYERS[name]]["backend"] for name in kernels] == ["triton"] * len(
+        kernels
+    )
+    assert decisions["nn.cross_entropy"]["backend"] == "triton"
     torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grads, expected_grads, rtol=1e-6, atol=1e-7)
+
+
+def test_compiled_dropouts_of_one_tensor_draw_different_masks() -> None:
+    # AOTAutograd's common-subexpression pass would merge two identical pure calls into one mask.
+    def twice(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.dropout(x, 0.5), F.dropout(x, 0.5)
+
+    x = torch.ones(64, 64, requires_grad=True)
+    first, second = torch.compile(twice, backend="aot_eager", fullgraph=True)(x)
+    assert not torch.equal(first != 0, second != 0)
