@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.optim.optimizer import _get_capturable_supported_devices as _capturable_supported_devices
 
 from torchopt_lab import backend as _backend
+from torchopt_lab.optim import _cpu_fused
 
 try:  # Triton is optional (Linux only): without it, rules run their torch update.
     import triton
@@ -281,8 +282,13 @@ class RuleOptimizer(torch.optim.Optimizer):
             )
             for h in rule.hyperparameters
         ]
-        # Beside torch's arguments, as every torchopt_lab optimizer: which backend runs the step
-        # (an attribute of the optimizer, not of its param groups, so state dicts stay torch's).
+        # Beside torch's arguments, as every torchopt_lab optimizer: whether the step is fused
+        # (a rule's own extension where torch.optim has none) and which backend runs it
+        # (attributes of the optimizer, not of its param groups, so state dicts stay torch's).
+        if "fused" not in names:
+            parameters.append(
+                inspect.Parameter("fused", inspect.Parameter.KEYWORD_ONLY, default=None)
+            )
         parameters.append(
             inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto")
         )
@@ -307,16 +313,19 @@ class RuleOptimizer(torch.optim.Optimizer):
         values = dict(bound.arguments)
         params = values.pop("params")
         self.backend = _backend.check_backend(values.pop("backend"))
+        self.fused = values.pop("fused", None)
         for check in self.rule.checks:
             check(values[check.name])
         super().__init__(params, values)
+        _cpu_fused.check_flags(self.fused, values)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "backend": self.backend}
+        return {**super().__getstate__(), "backend": self.backend, "fused": self.fused}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("fused", None)
         defaults = {h.name: h.default for h in self.rule.hyperparameters}
         defaults.update(self.rule.setstate_defaults)
         for group in self.param_groups:
@@ -414,9 +423,11 @@ class RuleOptimizer(torch.optim.Optimizer):
             fused = self._kernel_members(device, dtype, members, differentiable)
             if fused:
                 self._kernel_update(fused, maximize)
-            for p, state, scalars in members:
-                if not any(p is q for q, _, _ in fused):
-                    self._torch_update(p, state, scalars, maximize)
+            rest = [m for m in members if not any(m[0] is q for q, _, _ in fused)]
+            if rest and self.fused:  # fused=True beside the Triton kernel: on the CPU, compiled
+                rest = _cpu_fused.fused_step(self, device, rest, maximize)
+            for p, state, scalars in rest:
+                self._torch_update(p, state, scalars, maximize)
 
     def _kernel_members(
         self,
