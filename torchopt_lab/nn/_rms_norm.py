@@ -1,5 +1,6 @@
 """Root-mean-square layer normalisation (Zhang & Sennrich, 2019), ``torch.nn.functional.rms_norm``:
-the functional, its validation, its Function with a hand-written backward, and the module.
+paired with ``triton_kernels/nn/rms_norm.py``: the functional with its validation, the torch-path
+Function with a hand-written backward, the Triton-path Function on the kernels, and the module.
 
 Over the trailing ``normalized_shape`` dimensions (``n`` elements): ``r = 1 / √(mean(x²) + eps)``,
 ``x̂ = x r``, ``y = w x̂``. With ``g = dL/dy``:
