@@ -89,6 +89,18 @@ def benchmarks(device: torch.device, rows: int, columns: int) -> list[Benchmark]
             3 * size,
         ),
         Benchmark(
+            "silu forward",
+            lambda: kernels.bias_activation_forward(h, None, "silu"),
+            lambda: TF.silu(h),
+            2 * size,
+        ),
+        Benchmark(
+            "silu backward",
+            lambda: kernels.bias_activation_backward(g, h, None, "silu"),
+            lambda: torch.ops.aten.silu_backward(g, h),
+            3 * size,
+        ),
+        Benchmark(
             "softmax forward",
             lambda: kernels.softmax_forward(h),
             lambda: torch.softmax(h, -1),
