@@ -508,6 +508,49 @@ def test_fused_matches_forloop_and_torch_fused_in_every_float_dtype(
             _assert_runs_equal(fused, forloop, desc)
 
 
+def _fused_refusal(make: Callable[..., Any], params: list[torch.Tensor]) -> str:
+    optimizer = make(params, fused=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError) as raised:
+        optimizer.step()
+    return str(raised.value)
+
+
+@pytest.mark.parametrize("name", FUSED_ON_CPU)
+def test_fused_refuses_meta_and_complex_params_with_torchs_error(name: str) -> None:
+    assert re.match(
+        "`fused=True` requires all the params to be floating point Tensors",
+        _fused_refusal(mine(name), [torch.zeros(2, device="meta")]),
+    )
+    for params in ([torch.zeros(2, device="meta")], [torch.zeros(2, dtype=torch.complex64)]):
+        assert _fused_refusal(mine(name), params) == _fused_refusal(theirs(name), params)
+
+
+@pytest.mark.parametrize("name", FUSED_ON_CPU)
+def test_fused_steps_as_torch_once_meta_params_are_materialized(name: str) -> None:
+    results = []
+    for make in (mine(name), theirs(name)):
+        with torch.device("meta"):
+            model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+        optimizer = make(model.parameters(), fused=True)
+        with torch.device("meta"):
+            for p in model.parameters():
+                p.grad = torch.rand_like(p)
+        with pytest.raises(RuntimeError, match="`fused=True` requires all the params"):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.to_empty(device="cpu")
+        torch.manual_seed(0)
+        for p in model.parameters():
+            torch.nn.init.normal_(p)
+            p.grad = torch.rand_like(p)
+        optimizer.step()
+        results.append(list(model.parameters()))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("name", FUSED_ON_CPU)
 def test_fused_does_not_step_when_found_inf_is_set(name: str) -> None:
     for desc, kwargs in plain_inputs(name):

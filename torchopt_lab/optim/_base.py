@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _use_grad_for_differentiable
+from torch.optim.optimizer import _device_dtype_check_for_fused, _use_grad_for_differentiable
 
 from torchopt_lab import backend as _backend
 from torchopt_lab.optim._fused import Part, _local, fused_step, repeat_step
@@ -619,6 +619,11 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         """Run the torch reference update on one part (complex tensors as real views), one run of
         distinct parameters at a time, storing the state it creates after each run; its
         gradients are first multiplied by GradScaler's ``inverse_scale`` when given."""
+        if part.group.get("fused"):
+            # torch.optim's own check and message for fused=True (floating-point parameters on
+            # a device with fused kernels): complex or meta ones are refused, not run on views.
+            for param in part.tensors["params"]:
+                _device_dtype_check_for_fused(param)
         hyperparameters = self._hyperparameters(part.group)
         if inverse_scale is not None:
             factor = inverse_scale.to(part.device)
