@@ -1227,6 +1227,40 @@ def test_step_count_dtype_and_device_match_torch(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_step_supports_amp_scaling_where_torch_does(name: str) -> None:
+    for desc, kwargs in optim_inputs(name):
+        flags = []
+        for make in (mine(name), theirs(name)):
+            optimizer = make([torch.zeros(2, requires_grad=True)], **copy.deepcopy(kwargs))
+            flags.append(bool(getattr(optimizer, "_step_supports_amp_scaling", False)))
+        assert flags[0] == flags[1], desc
+
+
+@pytest.mark.parametrize("name", FUSED_ON_CPU)
+def test_grad_scaler_steps_fused_as_torch_and_skips_an_infinite_step(name: str) -> None:
+    for desc, kwargs in plain_inputs(name):
+        results = []
+        for make in (mine(name), theirs(name)):
+            generator = torch.Generator().manual_seed(0)
+            params = [torch.randn(4, 3, generator=generator).requires_grad_() for _ in range(2)]
+            options = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            optimizer = make(params, fused=True, **options)
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+            for step in range(4):
+                optimizer.zero_grad()
+                scaler.scale(sum((p**2).sum() for p in params)).backward()
+                if step == 1:
+                    params[0].grad[0, 0] = float("inf")  # this step is skipped, the scale halved
+                scaler.step(optimizer)
+                scaler.update()
+            results.append((params, scaler.get_scale()))
+        (params, scale), (reference, their_scale) = results
+        assert scale == their_scale, desc
+        for a, b in zip(params, reference, strict=True):
+            assert torch.equal(a, b), desc
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_profiler_names_the_step_as_torch(name: str) -> None:
     param = torch.randn(3, requires_grad=True)
     param.grad = torch.ones(3)

@@ -296,7 +296,10 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         unscale as they load and skip the step on the device when ``found_inf`` is set. Tensors
         that still take the torch path (sparse gradients, complex or gapped parameters, ...)
         honour both too: their gradients are unscaled, and ``found_inf`` skips the whole step
-        (read on the host, one synchronisation, only when such tensors exist)."""
+        (read on the host, one synchronisation, only when such tensors exist). Also true, as in
+        torch.optim, for ``fused=True``: on the torch path that runs torch's fused kernels."""
+        if self.defaults.get("fused"):
+            return True
         devices = {p.device for group in self.param_groups for p in group["params"]}
         component = f"optim.{type(self).__name__}"
         return bool(devices) and all(
