@@ -60,6 +60,16 @@ SPARSE = tuple(name for name in NAMES if INFOS[name].supports_sparse)
 TOLERANCES = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-6, 1e-6)}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Every tensor here is tiny: torch's intra-op threads would only contend for the cores the
+    suite's workers already share (several times the wall time on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def mine(name: str, backend: str = "torch") -> Callable[..., torch.optim.Optimizer]:
     """Our optimizer class ``name``, built on ``backend``."""
     return functools.partial(getattr(ours, name), backend=backend)
@@ -335,7 +345,7 @@ def test_sparse_gradients_step_as_dense_ones_and_as_torch(name: str, with_schedu
             options = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
             optimizer = make([param], **options)
             schedulers = [s(optimizer) for s in scheduler_inputs] if with_schedulers else []
-            for i in range(300):
+            for i in range(100):
                 with torch.enable_grad():
                     loss = _rosenbrock(param)
                 grad = torch.autograd.grad(loss, param)[0].detach()
