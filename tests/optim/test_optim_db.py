@@ -828,6 +828,55 @@ def test_state_dict_round_trip_is_deterministic(
         ), desc
 
 
+@pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_interchanges_with_torch_on_every_optim_input(name: str, direction: str) -> None:
+    for desc, kwargs in optim_inputs(name, torch.float64, skip=("differentiable",)):
+        runs = []
+        # One run switches class after 3 steps; the oracle stays with torch.optim throughout.
+        switch = (theirs(name), mine(name))
+        if direction == "ours_to_torch":
+            switch = switch[::-1]
+        for first, second in (switch, (theirs(name), theirs(name))):
+            generator = torch.Generator().manual_seed(0)
+            params = [torch.randn(4, 3, generator=generator, dtype=torch.float64) for _ in range(2)]
+            options = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            before = first(params, **options)
+            for step in range(6):
+                if step == 3:
+                    after = second(params, **copy.deepcopy(options))
+                    after.load_state_dict(copy.deepcopy(before.state_dict()))
+                    before = after
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+                before.step()
+            runs.append((params, before))
+        (params, optimizer), (reference, oracle) = runs
+        for a, b in zip(params, reference, strict=True):
+            assert_close(a, b, desc)
+        assert_same_state(optimizer, oracle)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_element_params_step_as_torch(name: str) -> None:
+    for desc, kwargs in optim_inputs(name, skip=("differentiable",)):
+        results = []
+        for make in (mine(name), theirs(name)):
+            params = [torch.zeros(0), torch.zeros(3, 0), torch.ones(2)]
+            for p in params:
+                p.grad = torch.ones_like(p)
+            options = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            optimizer = make(params, **options)
+            optimizer.step()
+            optimizer.step()
+            results.append((params, optimizer))
+        (params, optimizer), (reference, oracle) = results
+        for a, b in zip(params, reference, strict=True):
+            assert a.shape == b.shape
+            assert_close(a, b, desc)
+        assert_same_state(optimizer, oracle)
+
+
 def _conv_batchnorm() -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 2, 1, stride=2), torch.nn.BatchNorm2d(2))
