@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import io
 import pickle
 import re
@@ -310,6 +311,50 @@ def test_tensor_lr_of_any_shape_steps_as_the_float_lr(name: str, num_dim: int) -
             # torch's suite holds the tensor-lr run to the float-lr run at float32's defaults.
             torch.testing.assert_close(with_tensor[0], weight, msg=desc)
             torch.testing.assert_close(with_tensor[1], bias, msg=desc)
+
+
+WITH_BETAS = tuple(name for name in NAMES if "betas" in inspect.signature(theirs(name)).parameters)
+
+
+@pytest.mark.parametrize("name", WITH_BETAS)
+def test_tensor_betas_step_as_torchs_or_are_refused_alike(name: str) -> None:
+    # torch's tables give tensor betas only with capturable on CUDA; on the CPU each optim input
+    # with betas (and lr) as float64 tensors.
+    default = inspect.signature(theirs(name)).parameters["betas"].default
+    for desc, kwargs in plain_inputs(name):
+        outcomes = []
+        for make in (mine(name), theirs(name)):
+            betas = kwargs.get("betas", default)
+            options = {
+                **copy.deepcopy(kwargs),
+                "betas": tuple(torch.tensor(b, dtype=torch.float64) for b in betas),
+                "lr": torch.tensor(float(kwargs.get("lr", 1e-3)), dtype=torch.float64),
+            }
+            generator = torch.Generator().manual_seed(0)
+            params = [torch.randn(4, 3, generator=generator, dtype=torch.float64) for _ in range(2)]
+            try:
+                optimizer = make(params, **options)
+                for _ in range(3):
+                    for p in params:
+                        p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+                    optimizer.step()
+            except (ValueError, RuntimeError, TypeError) as error:
+                outcomes.append((type(error), str(error)))
+                continue
+            outcomes.append(params)
+        mine_, theirs_ = outcomes
+        if isinstance(theirs_, tuple):
+            assert mine_ == theirs_, desc
+            continue
+        assert not isinstance(mine_, tuple), (desc, mine_)
+        for a, b in zip(mine_, theirs_, strict=True):
+            if name == "NAdam":
+                # With a float64 tensor beta1 torch multiplies its float32 mu_product by mu in
+                # float64 (0-dim type promotion) and rounds once; with a float, as ours does with
+                # either, in float32: one float32 ulp of mu_product apart, 4e-11 in the params.
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=desc)
+            else:
+                assert_close(a, b, desc)
 
 
 # ---------------------------------------------------------------------------------------------
