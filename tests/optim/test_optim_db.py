@@ -426,8 +426,11 @@ def test_sparse_gradients_step_as_dense_ones_and_as_torch(name: str, with_schedu
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_complex_params_step_as_their_real_views(name: str) -> None:
+@pytest.mark.parametrize("foreach", [False, True], ids=["forloop", "foreach"])
+def test_complex_params_step_as_their_real_views(name: str, foreach: bool) -> None:
+    # torch's suite adds foreach=True on CUDA only; here on the CPU too.
     for desc, kwargs in optim_inputs(name, torch.complex64, skip=("differentiable", "fused")):
+        kwargs["foreach"] = foreach
         generator = torch.Generator().manual_seed(0)
         complex_params = [
             torch.randn(10, 5, dtype=torch.complex64, generator=generator),
@@ -1388,3 +1391,26 @@ def test_triton_backend_matches_torch_backend_on_the_network(name: str) -> None:
         options = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
         runs.append(_network_run(mine(name, backend), options, torch.float32))
     _assert_runs_equal(runs[1], runs[0], desc, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_triton_backend_state_dict_interchanges_with_torch(name: str) -> None:
+    desc, kwargs = plain_inputs(name)[-1]
+    runs = []
+    for second in (mine(name, "triton"), theirs(name)):
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.randn(3, 2, generator=generator) for _ in range(2)]
+        before = theirs(name)(params, **copy.deepcopy(kwargs))
+        for step in range(4):
+            if step == 2:
+                after = second(params, **copy.deepcopy(kwargs))
+                after.load_state_dict(copy.deepcopy(before.state_dict()))
+                before = after
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            before.step()
+        runs.append((params, before))
+    (params, optimizer), (reference, oracle) = runs
+    for a, b in zip(params, reference, strict=True):
+        assert_close(a, b, desc)
+    assert_same_state(optimizer, oracle)
