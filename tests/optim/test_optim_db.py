@@ -1379,6 +1379,72 @@ def test_profiler_names_the_step_as_torch(name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# test_optim.py also runs TestLRScheduler and TestSWAUtils (schedulers over torch.optim.SGD): the
+# parts that depend on the optimizer, over each of ours.
+
+
+def _scheduled_trace(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], scheduler: Any, steps: int = 8
+) -> list[Any]:
+    trace = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        sum((p * p).sum() + p.sin().sum() for p in params).backward()
+        optimizer.step()
+        scheduler.step()
+        trace.append([(g["lr"], g.get("betas"), g.get("momentum")) for g in optimizer.param_groups])
+    return trace
+
+
+SCHEDULED = {
+    # Cycles betas[0] or momentum where the optimizer has one, as torch.optim's.
+    "OneCycleLR": lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=0.05,
+        total_steps=8,
+        cycle_momentum="momentum" in opt.defaults or "betas" in opt.defaults,
+    ),
+    "SWALR": lambda opt: torch.optim.swa_utils.SWALR(opt, swa_lr=0.05, anneal_epochs=3),
+    "CyclicLR": lambda opt: torch.optim.lr_scheduler.CyclicLR(
+        opt, base_lr=0.01, max_lr=0.1, step_size_up=3, cycle_momentum="momentum" in opt.defaults
+    ),
+}
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULED)
+@pytest.mark.parametrize("name", NAMES)
+def test_schedulers_cycling_lr_and_momentum_drive_ours_as_torch(name: str, scheduler: str) -> None:
+    traces, runs = [], []
+    for make in (mine(name), theirs(name)):
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.randn(3, 2, generator=generator, dtype=torch.float64).requires_grad_()]
+        optimizer = make(params, **({"momentum": 0.9} if name in ("SGD", "RMSprop") else {}))
+        traces.append(_scheduled_trace(optimizer, params, SCHEDULED[scheduler](optimizer)))
+        runs.append(params)
+    assert traces[0] == traces[1]
+    for a, b in zip(*runs, strict=True):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scheduler_stepped_before_the_optimizer_warns_as_torch(name: str) -> None:
+    messages = []
+    for make in (mine(name), theirs(name)):
+        param = torch.zeros(2, requires_grad=True)
+        optimizer = make([param])
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            scheduler.step()  # before any optimizer.step(): torch warns
+            param.grad = torch.ones(2)
+            optimizer.step()
+            scheduler.step()  # in order: no warning
+        messages.append([str(w.message) for w in caught])
+    assert messages[0] == messages[1]
+    assert len(messages[0]) == 1 and "lr_scheduler.step()" in messages[0][0]
+
+
+# ---------------------------------------------------------------------------------------------
 # The Triton backend (interpreter on the CPU; tiny tensors): each optimizer's OptimizerInfo
 # inputs on the small network match the torch backend.
 
