@@ -5,6 +5,41 @@ optimizers (``torch.testing._internal.common_optimizers.optim_db``): its optim i
 scheduler inputs. Where torch checks only a direction (the loss went down), these tests also hold
 ours to torch.optim on the same run.
 
+torch's tests (TestOptimRenewed, and TestDifferentiableOptimizer, TestLRScheduler and
+TestSWAUtils which test_optim.py runs too) and where each is held here:
+- test_errors: test_error_input_raises_torchs_exception_and_message
+- test_forloop_goes_right_direction (contiguous or not, with LR schedulers),
+  test_param_group_with_lrscheduler_goes_right_direction: test_forloop_goes_right_direction_*,
+  test_param_group_with_lr_scheduler_*
+- test_tensor_lr (0, 1, 2 dims): test_tensor_lr_of_any_shape_*; tensor betas: test_tensor_betas_*
+- test_rosenbrock_sparse (SGD, Adagrad): test_sparse_gradients_step_as_dense_ones_and_as_torch
+- test_complex, test_complex_2d: test_complex_params_step_as_their_real_views,
+  test_complex_param_steps_as_its_real_and_imaginary_parts
+- test_foreach_matches_forloop, test_fused_matches_forloop: test_foreach_matches_forloop_*,
+  test_fused_matches_forloop_*; test_fused_error_on_params_on_meta: test_fused_refuses_meta_*,
+  test_fused_steps_as_torch_once_meta_*; test_fused_does_not_step_if_foundinf: test_fused_does_
+  not_step_when_found_inf_is_set, test_grad_scaler_*, test_step_supports_amp_scaling_*
+- test_param_groups_weight_decay, test_param_groups_lr: test_param_groups_*
+- test_step_is_noop_when_params_have_no_grad, test_step_is_noop_for_zero_grads,
+  test_non_empty_state: test_step_is_noop_*, test_one_step_leaves_every_parameter_with_state
+- test_optimizer_can_be_printed, test_deepcopy_copies_all_public_attrs: test_every_optim_input_
+  can_be_printed, test_deepcopy_and_pickle_*
+- test_state_dict_deterministic, test_can_load_older_state_dict, test_can_load_from_to_named_
+  state_dict, test_save_load_equality_with_weights_only, test_load_nontensor_step:
+  test_state_dict_round_trip_is_deterministic, test_loads_a_state_dict_without_newer_flags_*,
+  test_state_dict_loads_from_and_to_named_parameters, test_state_dict_saves_and_loads_with_
+  weights_only, test_loads_python_number_steps_*; with torch.optim both ways:
+  test_state_dict_interchanges_with_torch_*
+- test_state_dict_{pre,post,pre_post}_hook, test_load_state_dict_{pre_hook_and_prepend,post_hook,
+  pre_post_hook}: test_state_dict_pre_and_post_hooks_*, test_load_state_dict_pre_and_post_hooks_*
+- test_step_{pre,post,all}_hook: test_step_pre_and_post_hooks_*, test_global_step_hooks_*
+- TestDifferentiableOptimizer: test_differentiable_step_passes_gradcheck_*,
+  test_sgd_hyperparameter_tensors_get_gradients_through_steps
+- TestLRScheduler, TestSWAUtils (over SGD there): test_schedulers_cycling_*,
+  test_scheduler_stepped_before_the_optimizer_warns_as_torch
+- the Triton backend (interpreter, tiny tensors): no-op steps, hooks, the network run and state
+  dicts loaded from torch.optim.
+
 Behaviours of torch's suite that do not apply on the CPU, and why:
 - CUDA/MPS only: multi-GPU direction, ``test_mixed_device_dtype`` across GPUs (its CPU analogue,
   mixed dtypes in one optimizer, is here), ``test_set_default_dtype_works_with_foreach``,
@@ -19,10 +54,11 @@ Covered elsewhere, not repeated here: the rule optimizers' (NAdam, RAdam, Adamax
 inputs and optim inputs against torch step for step (tests/optim/test_rules.py); the built-ins'
 fused and differentiable results against torch's own (tests/optim/test_torch_flags.py).
 
-Stated tolerances: float64 to 1e-12, float32 to 1e-6 (relative and absolute) against torch.optim;
-bfloat16/float16 at torch.testing's defaults for the dtype (what torch's suite uses for fused vs
-forloop). Comparisons of ours with ours (state-dict round trips, tensor vs float lr, complex vs
-real views) are exact unless stated.
+Stated tolerances: against torch.optim, float64 to 1e-12 and float32 to 1e-6 (relative and
+absolute), fused kernels bit for bit in every dtype; ours against ours exact (state-dict round
+trips, foreach vs forloop, mixed dtypes) or, where torch's suite compares two paths of torch.optim
+that round differently (tensor vs float lr, complex vs real, fused vs forloop in float32/64),
+torch.testing's defaults for the dtype as torch's suite does. Each exception says why in place.
 """
 
 from __future__ import annotations
