@@ -11,8 +11,9 @@ Two kinds of rows, on ``bench-optim``'s parameter sets (``transformer``, ``small
 
 Each row also gives the one-time compile cost: the first step's time less a steady step's, with
 Inductor's on-disk caches disabled (except under ``--quick``) so that it is a cold compile; an
-update compiled for an earlier row (the same update, dtype and branch) shows about 0. Variants are timed in turns and
-each reports its best turn (``timeit``'s advice for a shared machine).
+update compiled for an earlier row (the same update, dtype and branch) shows about 0.
+Variants are timed in turns and each reports its best turn (``timeit``'s advice for a shared
+machine).
 """
 
 from __future__ import annotations
