@@ -23,6 +23,7 @@ from torchopt_lab.nn import (
     _dropout,
     _mse_loss,
     _norm,
+    _rms_norm,
     _softmax,
 )
 
@@ -42,6 +43,8 @@ CALLS: dict[str, Callable[[], Any]] = {
     "layer_norm": lambda: F.layer_norm(x, [4]),
     "batch_norm": lambda: F.batch_norm(x, None, None, training=True),
     "dropout": lambda: F.dropout(x, 0.5),
+    "silu": lambda: F.silu(x),
+    "rms_norm": lambda: F.rms_norm(x, [4]),
 }
 
 
@@ -70,6 +73,8 @@ TRITON_FUNCTIONS: dict[str, type[torch.autograd.Function]] = {
     "layer_norm": _norm.LayerNormTritonFunction,
     "batch_norm": _norm.BatchNormTritonFunction,
     "dropout": _dropout.DropoutTritonFunction,
+    "silu": _activation.ActivationTritonFunction,
+    "rms_norm": _rms_norm.RMSNormTritonFunction,
 }
 TORCH_PARTS = {
     "linear": "nn.linear.gemm",
@@ -121,6 +126,7 @@ VALIDATED: list[tuple[str, Any, str, Callable[[], Any]]] = [
     ("cross_entropy", _cross_entropy, "check_reduction", CALLS["cross_entropy"]),
     ("cross_entropy", _cross_entropy, "check_dtype", CALLS["cross_entropy"]),
     ("layer_norm", _norm, "check_normalized_shape", CALLS["layer_norm"]),
+    ("rms_norm", _rms_norm, "check_normalized_shape", CALLS["rms_norm"]),
     ("layer_norm", _norm, "check_dtype", CALLS["layer_norm"]),
     ("batch_norm", _norm, "check_dtype", CALLS["batch_norm"]),
     ("mse_loss", _mse_loss, "check_reduction", CALLS["mse_loss"]),

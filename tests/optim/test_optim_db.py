@@ -5,6 +5,41 @@ optimizers (``torch.testing._internal.common_optimizers.optim_db``): its optim i
 scheduler inputs. Where torch checks only a direction (the loss went down), these tests also hold
 ours to torch.optim on the same run.
 
+torch's tests (TestOptimRenewed, and TestDifferentiableOptimizer, TestLRScheduler and
+TestSWAUtils which test_optim.py runs too) and where each is held here:
+- test_errors: test_error_input_raises_torchs_exception_and_message
+- test_forloop_goes_right_direction (contiguous or not, with LR schedulers),
+  test_param_group_with_lrscheduler_goes_right_direction: test_forloop_goes_right_direction_*,
+  test_param_group_with_lr_scheduler_*
+- test_tensor_lr (0, 1, 2 dims): test_tensor_lr_of_any_shape_*; tensor betas: test_tensor_betas_*
+- test_rosenbrock_sparse (SGD, Adagrad): test_sparse_gradients_step_as_dense_ones_and_as_torch
+- test_complex, test_complex_2d: test_complex_params_step_as_their_real_views,
+  test_complex_param_steps_as_its_real_and_imaginary_parts
+- test_foreach_matches_forloop, test_fused_matches_forloop: test_foreach_matches_forloop_*,
+  test_fused_matches_forloop_*; test_fused_error_on_params_on_meta: test_fused_refuses_meta_*,
+  test_fused_steps_as_torch_once_meta_*; test_fused_does_not_step_if_foundinf: test_fused_does_
+  not_step_when_found_inf_is_set, test_grad_scaler_*, test_step_supports_amp_scaling_*
+- test_param_groups_weight_decay, test_param_groups_lr: test_param_groups_*
+- test_step_is_noop_when_params_have_no_grad, test_step_is_noop_for_zero_grads,
+  test_non_empty_state: test_step_is_noop_*, test_one_step_leaves_every_parameter_with_state
+- test_optimizer_can_be_printed, test_deepcopy_copies_all_public_attrs: test_every_optim_input_
+  can_be_printed, test_deepcopy_and_pickle_*
+- test_state_dict_deterministic, test_can_load_older_state_dict, test_can_load_from_to_named_
+  state_dict, test_save_load_equality_with_weights_only, test_load_nontensor_step:
+  test_state_dict_round_trip_is_deterministic, test_loads_a_state_dict_without_newer_flags_*,
+  test_state_dict_loads_from_and_to_named_parameters, test_state_dict_saves_and_loads_with_
+  weights_only, test_loads_python_number_steps_*; with torch.optim both ways:
+  test_state_dict_interchanges_with_torch_*
+- test_state_dict_{pre,post,pre_post}_hook, test_load_state_dict_{pre_hook_and_prepend,post_hook,
+  pre_post_hook}: test_state_dict_pre_and_post_hooks_*, test_load_state_dict_pre_and_post_hooks_*
+- test_step_{pre,post,all}_hook: test_step_pre_and_post_hooks_*, test_global_step_hooks_*
+- TestDifferentiableOptimizer: test_differentiable_step_passes_gradcheck_*,
+  test_sgd_hyperparameter_tensors_get_gradients_through_steps
+- TestLRScheduler, TestSWAUtils (over SGD there): test_schedulers_cycling_*,
+  test_scheduler_stepped_before_the_optimizer_warns_as_torch
+- the Triton backend (interpreter, tiny tensors): no-op steps, hooks, the network run and state
+  dicts loaded from torch.optim.
+
 Behaviours of torch's suite that do not apply on the CPU, and why:
 - CUDA/MPS only: multi-GPU direction, ``test_mixed_device_dtype`` across GPUs (its CPU analogue,
   mixed dtypes in one optimizer, is here), ``test_set_default_dtype_works_with_foreach``,
@@ -19,16 +54,18 @@ Covered elsewhere, not repeated here: the rule optimizers' (NAdam, RAdam, Adamax
 inputs and optim inputs against torch step for step (tests/optim/test_rules.py); the built-ins'
 fused and differentiable results against torch's own (tests/optim/test_torch_flags.py).
 
-Stated tolerances: float64 to 1e-12, float32 to 1e-6 (relative and absolute) against torch.optim;
-bfloat16/float16 at torch.testing's defaults for the dtype (what torch's suite uses for fused vs
-forloop). Comparisons of ours with ours (state-dict round trips, tensor vs float lr, complex vs
-real views) are exact unless stated.
+Stated tolerances: against torch.optim, float64 to 1e-12 and float32 to 1e-6 (relative and
+absolute), fused kernels bit for bit in every dtype; ours against ours exact (state-dict round
+trips, foreach vs forloop, mixed dtypes) or, where torch's suite compares two paths of torch.optim
+that round differently (tensor vs float lr, complex vs real, fused vs forloop in float32/64),
+torch.testing's defaults for the dtype as torch's suite does. Each exception says why in place.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import io
 import pickle
 import re
@@ -58,6 +95,16 @@ INFOS = {info.optim_cls.__name__: info for info in optim_db}
 FUSED_ON_CPU = tuple(name for name in NAMES if "cpu" in INFOS[name].supports_fused_on)
 SPARSE = tuple(name for name in NAMES if INFOS[name].supports_sparse)
 TOLERANCES = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-6, 1e-6)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Every tensor here is tiny: torch's intra-op threads would only contend for the cores the
+    suite's workers already share (several times the wall time on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def mine(name: str, backend: str = "torch") -> Callable[..., torch.optim.Optimizer]:
@@ -302,6 +349,50 @@ def test_tensor_lr_of_any_shape_steps_as_the_float_lr(name: str, num_dim: int) -
             torch.testing.assert_close(with_tensor[1], bias, msg=desc)
 
 
+WITH_BETAS = tuple(name for name in NAMES if "betas" in inspect.signature(theirs(name)).parameters)
+
+
+@pytest.mark.parametrize("name", WITH_BETAS)
+def test_tensor_betas_step_as_torchs_or_are_refused_alike(name: str) -> None:
+    # torch's tables give tensor betas only with capturable on CUDA; on the CPU each optim input
+    # with betas (and lr) as float64 tensors.
+    default = inspect.signature(theirs(name)).parameters["betas"].default
+    for desc, kwargs in plain_inputs(name):
+        outcomes = []
+        for make in (mine(name), theirs(name)):
+            betas = kwargs.get("betas", default)
+            options = {
+                **copy.deepcopy(kwargs),
+                "betas": tuple(torch.tensor(b, dtype=torch.float64) for b in betas),
+                "lr": torch.tensor(float(kwargs.get("lr", 1e-3)), dtype=torch.float64),
+            }
+            generator = torch.Generator().manual_seed(0)
+            params = [torch.randn(4, 3, generator=generator, dtype=torch.float64) for _ in range(2)]
+            try:
+                optimizer = make(params, **options)
+                for _ in range(3):
+                    for p in params:
+                        p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+                    optimizer.step()
+            except (ValueError, RuntimeError, TypeError) as error:
+                outcomes.append((type(error), str(error)))
+                continue
+            outcomes.append(params)
+        mine_, theirs_ = outcomes
+        if isinstance(theirs_, tuple):
+            assert mine_ == theirs_, desc
+            continue
+        assert not isinstance(mine_, tuple), (desc, mine_)
+        for a, b in zip(mine_, theirs_, strict=True):
+            if name == "NAdam":
+                # With a float64 tensor beta1 torch multiplies its float32 mu_product by mu in
+                # float64 (0-dim type promotion) and rounds once; with a float, as ours does with
+                # either, in float32: one float32 ulp of mu_product apart, 4e-11 in the params.
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=desc)
+            else:
+                assert_close(a, b, desc)
+
+
 # ---------------------------------------------------------------------------------------------
 # test_rosenbrock_sparse: sparse gradients (uncoalesced, one coordinate at a time) step as the
 # dense ones, and as torch.optim's sparse path.
@@ -335,7 +426,7 @@ def test_sparse_gradients_step_as_dense_ones_and_as_torch(name: str, with_schedu
             options = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
             optimizer = make([param], **options)
             schedulers = [s(optimizer) for s in scheduler_inputs] if with_schedulers else []
-            for i in range(300):
+            for i in range(100):
                 with torch.enable_grad():
                     loss = _rosenbrock(param)
                 grad = torch.autograd.grad(loss, param)[0].detach()
@@ -371,8 +462,11 @@ def test_sparse_gradients_step_as_dense_ones_and_as_torch(name: str, with_schedu
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_complex_params_step_as_their_real_views(name: str) -> None:
+@pytest.mark.parametrize("foreach", [False, True], ids=["forloop", "foreach"])
+def test_complex_params_step_as_their_real_views(name: str, foreach: bool) -> None:
+    # torch's suite adds foreach=True on CUDA only; here on the CPU too.
     for desc, kwargs in optim_inputs(name, torch.complex64, skip=("differentiable", "fused")):
+        kwargs["foreach"] = foreach
         generator = torch.Generator().manual_seed(0)
         complex_params = [
             torch.randn(10, 5, dtype=torch.complex64, generator=generator),
@@ -508,6 +602,49 @@ def test_fused_matches_forloop_and_torch_fused_in_every_float_dtype(
             _assert_runs_equal(fused, forloop, desc)
 
 
+def _fused_refusal(make: Callable[..., Any], params: list[torch.Tensor]) -> str:
+    optimizer = make(params, fused=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError) as raised:
+        optimizer.step()
+    return str(raised.value)
+
+
+@pytest.mark.parametrize("name", FUSED_ON_CPU)
+def test_fused_refuses_meta_and_complex_params_with_torchs_error(name: str) -> None:
+    assert re.match(
+        "`fused=True` requires all the params to be floating point Tensors",
+        _fused_refusal(mine(name), [torch.zeros(2, device="meta")]),
+    )
+    for params in ([torch.zeros(2, device="meta")], [torch.zeros(2, dtype=torch.complex64)]):
+        assert _fused_refusal(mine(name), params) == _fused_refusal(theirs(name), params)
+
+
+@pytest.mark.parametrize("name", FUSED_ON_CPU)
+def test_fused_steps_as_torch_once_meta_params_are_materialized(name: str) -> None:
+    results = []
+    for make in (mine(name), theirs(name)):
+        with torch.device("meta"):
+            model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+        optimizer = make(model.parameters(), fused=True)
+        with torch.device("meta"):
+            for p in model.parameters():
+                p.grad = torch.rand_like(p)
+        with pytest.raises(RuntimeError, match="`fused=True` requires all the params"):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.to_empty(device="cpu")
+        torch.manual_seed(0)
+        for p in model.parameters():
+            torch.nn.init.normal_(p)
+            p.grad = torch.rand_like(p)
+        optimizer.step()
+        results.append(list(model.parameters()))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("name", FUSED_ON_CPU)
 def test_fused_does_not_step_when_found_inf_is_set(name: str) -> None:
     for desc, kwargs in plain_inputs(name):
@@ -637,18 +774,21 @@ def test_step_is_noop_when_params_have_no_grad(name: str, backend: str) -> None:
         _assert_state_dicts_equal(optimizer.state_dict(), reference.state_dict(), desc)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("name", NAMES)
-def test_step_is_noop_for_zero_grads(name: str) -> None:
+def test_step_is_noop_for_zero_grads(name: str, backend: str) -> None:
     param = torch.randn(5, 1, requires_grad=True)
     before = param.detach().clone()
-    for desc, kwargs in optim_inputs(name):
+    # The Triton backend refuses differentiable=True by design (tests/optim/test_torch_flags.py).
+    skip = ("differentiable",) if backend == "triton" else ()
+    for desc, kwargs in optim_inputs(name, skip=skip):
         if kwargs.get("weight_decay", 0) != 0:
             continue  # weight decay moves a parameter whatever its gradient (so in torch)
         if name == "AdamW":
             # AdamW decays by its default weight_decay=1e-2 (times lr) with any gradient.
             kwargs["lr"] = torch.tensor(1e-5) if torch.is_tensor(kwargs.get("lr")) else 1e-5
         params = [param.clone()] if kwargs.get("differentiable") else [param]
-        optimizer = mine(name)(params, **kwargs)
+        optimizer = mine(name, backend)(params, **kwargs)
         params[0].grad = torch.zeros_like(params[0])
         optimizer.step(lambda: torch.tensor([1.0]))
         # torch's suite: equal at float32's default tolerances (AdamW's 1e-5 * 1e-2 decay).
@@ -773,6 +913,55 @@ def test_state_dict_round_trip_is_deterministic(
             _without_names(optimizer.state_dict())["param_groups"][-1]
             == _without_names(loaded.state_dict())["param_groups"][-1]
         ), desc
+
+
+@pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_interchanges_with_torch_on_every_optim_input(name: str, direction: str) -> None:
+    for desc, kwargs in optim_inputs(name, torch.float64, skip=("differentiable",)):
+        runs = []
+        # One run switches class after 3 steps; the oracle stays with torch.optim throughout.
+        switch = (theirs(name), mine(name))
+        if direction == "ours_to_torch":
+            switch = switch[::-1]
+        for first, second in (switch, (theirs(name), theirs(name))):
+            generator = torch.Generator().manual_seed(0)
+            params = [torch.randn(4, 3, generator=generator, dtype=torch.float64) for _ in range(2)]
+            options = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            before = first(params, **options)
+            for step in range(6):
+                if step == 3:
+                    after = second(params, **copy.deepcopy(options))
+                    after.load_state_dict(copy.deepcopy(before.state_dict()))
+                    before = after
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+                before.step()
+            runs.append((params, before))
+        (params, optimizer), (reference, oracle) = runs
+        for a, b in zip(params, reference, strict=True):
+            assert_close(a, b, desc)
+        assert_same_state(optimizer, oracle)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_element_params_step_as_torch(name: str) -> None:
+    for desc, kwargs in optim_inputs(name, skip=("differentiable",)):
+        results = []
+        for make in (mine(name), theirs(name)):
+            params = [torch.zeros(0), torch.zeros(3, 0), torch.ones(2)]
+            for p in params:
+                p.grad = torch.ones_like(p)
+            options = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            optimizer = make(params, **options)
+            optimizer.step()
+            optimizer.step()
+            results.append((params, optimizer))
+        (params, optimizer), (reference, oracle) = results
+        for a, b in zip(params, reference, strict=True):
+            assert a.shape == b.shape
+            assert_close(a, b, desc)
+        assert_same_state(optimizer, oracle)
 
 
 def _conv_batchnorm() -> tuple[torch.nn.Module, torch.Tensor]:
@@ -1184,6 +1373,40 @@ def test_step_count_dtype_and_device_match_torch(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_step_supports_amp_scaling_where_torch_does(name: str) -> None:
+    for desc, kwargs in optim_inputs(name):
+        flags = []
+        for make in (mine(name), theirs(name)):
+            optimizer = make([torch.zeros(2, requires_grad=True)], **copy.deepcopy(kwargs))
+            flags.append(bool(getattr(optimizer, "_step_supports_amp_scaling", False)))
+        assert flags[0] == flags[1], desc
+
+
+@pytest.mark.parametrize("name", FUSED_ON_CPU)
+def test_grad_scaler_steps_fused_as_torch_and_skips_an_infinite_step(name: str) -> None:
+    for desc, kwargs in plain_inputs(name):
+        results = []
+        for make in (mine(name), theirs(name)):
+            generator = torch.Generator().manual_seed(0)
+            params = [torch.randn(4, 3, generator=generator).requires_grad_() for _ in range(2)]
+            options = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            optimizer = make(params, fused=True, **options)
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+            for step in range(4):
+                optimizer.zero_grad()
+                scaler.scale(sum((p**2).sum() for p in params)).backward()
+                if step == 1:
+                    params[0].grad[0, 0] = float("inf")  # this step is skipped, the scale halved
+                scaler.step(optimizer)
+                scaler.update()
+            results.append((params, scaler.get_scale()))
+        (params, scale), (reference, their_scale) = results
+        assert scale == their_scale, desc
+        for a, b in zip(params, reference, strict=True):
+            assert torch.equal(a, b), desc
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_profiler_names_the_step_as_torch(name: str) -> None:
     param = torch.randn(3, requires_grad=True)
     param.grad = torch.ones(3)
@@ -1192,6 +1415,72 @@ def test_profiler_names_the_step_as_torch(name: str) -> None:
         optimizer.step()
     names = {event.name for event in profile.events()}
     assert f"Optimizer.step#{name}.step" in names
+
+
+# ---------------------------------------------------------------------------------------------
+# test_optim.py also runs TestLRScheduler and TestSWAUtils (schedulers over torch.optim.SGD): the
+# parts that depend on the optimizer, over each of ours.
+
+
+def _scheduled_trace(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], scheduler: Any, steps: int = 8
+) -> list[Any]:
+    trace = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        sum((p * p).sum() + p.sin().sum() for p in params).backward()
+        optimizer.step()
+        scheduler.step()
+        trace.append([(g["lr"], g.get("betas"), g.get("momentum")) for g in optimizer.param_groups])
+    return trace
+
+
+SCHEDULED = {
+    # Cycles betas[0] or momentum where the optimizer has one, as torch.optim's.
+    "OneCycleLR": lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=0.05,
+        total_steps=8,
+        cycle_momentum="momentum" in opt.defaults or "betas" in opt.defaults,
+    ),
+    "SWALR": lambda opt: torch.optim.swa_utils.SWALR(opt, swa_lr=0.05, anneal_epochs=3),
+    "CyclicLR": lambda opt: torch.optim.lr_scheduler.CyclicLR(
+        opt, base_lr=0.01, max_lr=0.1, step_size_up=3, cycle_momentum="momentum" in opt.defaults
+    ),
+}
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULED)
+@pytest.mark.parametrize("name", NAMES)
+def test_schedulers_cycling_lr_and_momentum_drive_ours_as_torch(name: str, scheduler: str) -> None:
+    traces, runs = [], []
+    for make in (mine(name), theirs(name)):
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.randn(3, 2, generator=generator, dtype=torch.float64).requires_grad_()]
+        optimizer = make(params, **({"momentum": 0.9} if name in ("SGD", "RMSprop") else {}))
+        traces.append(_scheduled_trace(optimizer, params, SCHEDULED[scheduler](optimizer)))
+        runs.append(params)
+    assert traces[0] == traces[1]
+    for a, b in zip(*runs, strict=True):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scheduler_stepped_before_the_optimizer_warns_as_torch(name: str) -> None:
+    messages = []
+    for make in (mine(name), theirs(name)):
+        param = torch.zeros(2, requires_grad=True)
+        optimizer = make([param])
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            scheduler.step()  # before any optimizer.step(): torch warns
+            param.grad = torch.ones(2)
+            optimizer.step()
+            scheduler.step()  # in order: no warning
+        messages.append([str(w.message) for w in caught])
+    assert messages[0] == messages[1]
+    assert len(messages[0]) == 1 and "lr_scheduler.step()" in messages[0][0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1207,3 +1496,26 @@ def test_triton_backend_matches_torch_backend_on_the_network(name: str) -> None:
         options = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
         runs.append(_network_run(mine(name, backend), options, torch.float32))
     _assert_runs_equal(runs[1], runs[0], desc, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_triton_backend_state_dict_interchanges_with_torch(name: str) -> None:
+    desc, kwargs = plain_inputs(name)[-1]
+    runs = []
+    for second in (mine(name, "triton"), theirs(name)):
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.randn(3, 2, generator=generator) for _ in range(2)]
+        before = theirs(name)(params, **copy.deepcopy(kwargs))
+        for step in range(4):
+            if step == 2:
+                after = second(params, **copy.deepcopy(kwargs))
+                after.load_state_dict(copy.deepcopy(before.state_dict()))
+                before = after
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            before.step()
+        runs.append((params, before))
+    (params, optimizer), (reference, oracle) = runs
+    for a, b in zip(params, reference, strict=True):
+        assert_close(a, b, desc)
+    assert_same_state(optimizer, oracle)

@@ -21,7 +21,8 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -85,6 +86,18 @@ def benchmarks(device: torch.device, rows: int, columns: int) -> list[Benchmark]
             "bias+gelu backward",
             lambda: kernels.bias_activation_backward(g, h, bias, "gelu", compute_grad_bias=True),
             lambda: torch.ops.aten.gelu_backward(g, h + bias).sum(0),
+            3 * size,
+        ),
+        Benchmark(
+            "silu forward",
+            lambda: kernels.bias_activation_forward(h, None, "silu"),
+            lambda: TF.silu(h),
+            2 * size,
+        ),
+        Benchmark(
+            "silu backward",
+            lambda: kernels.bias_activation_backward(g, h, None, "silu"),
+            lambda: torch.ops.aten.silu_backward(g, h),
             3 * size,
         ),
         Benchmark(
@@ -167,35 +180,52 @@ def _median_seconds(function: Callable[[], object], device: torch.device, repeat
     return statistics.median(times)
 
 
+@contextmanager
+def _backend(name: str) -> Iterator[None]:
+    """``TORCHOPT_LAB_BACKEND=name`` while the block runs (each functional call reads it)."""
+    previous = os.environ.get(backend.ENV_VAR)
+    os.environ[backend.ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[backend.ENV_VAR]
+        else:
+            os.environ[backend.ENV_VAR] = previous
+
+
 def cross_entropy_step(
     device: torch.device, rows: int, vocabulary: int, use_triton: bool, repeats: int
 ) -> tuple[float, float]:
-    """(median seconds, peak bytes beyond the inputs) of cross-entropy forward + backward."""
-    from torchopt_lab.nn._cross_entropy import CrossEntropyTritonFunction
+    """(median seconds, peak bytes beyond the inputs) of cross-entropy forward + backward:
+    ``torchopt_lab.nn.functional.cross_entropy`` with ``TORCHOPT_LAB_BACKEND=triton`` (raising
+    if it ran anything else), or torch's."""
+    from torchopt_lab.nn import functional
 
     torch.manual_seed(0)
     logits = torch.randn(rows, vocabulary, device=device, requires_grad=True)
     target = torch.randint(0, vocabulary, (rows,), device=device)
-
-    def triton_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return CrossEntropyTritonFunction.apply(logits, target, None, -100, "mean", 0.0)
-
-    loss_function = triton_loss if use_triton else TF.cross_entropy
+    loss_function = functional.cross_entropy if use_triton else TF.cross_entropy
 
     def step() -> None:
         logits.grad = None
         loss_function(logits, target).backward()
 
-    seconds = _median_seconds(step, device, repeats)
-    logits.grad = None
-    if device.type != "cuda":
-        return seconds, 0
-    torch.cuda.synchronize(device)
-    baseline = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return seconds, torch.cuda.max_memory_allocated(device) - baseline
+    with _backend("triton"):
+        seconds = _median_seconds(step, device, repeats)
+        logits.grad = None
+        if use_triton:
+            decision = backend.backend_info()["decisions"].get("nn.cross_entropy", {})
+            if decision.get("backend") != "triton":
+                raise RuntimeError(f"cross_entropy did not run on the Triton path: {decision}")
+        if device.type != "cuda":
+            return seconds, 0
+        torch.cuda.synchronize(device)
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return seconds, torch.cuda.max_memory_allocated(device) - baseline
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

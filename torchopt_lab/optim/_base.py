@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _use_grad_for_differentiable
+from torch.optim.optimizer import _device_dtype_check_for_fused, _use_grad_for_differentiable
 
 from torchopt_lab import backend as _backend
 from torchopt_lab.optim._fused import Part, _local, fused_step, repeat_step
@@ -365,7 +365,10 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         unscale as they load and skip the step on the device when ``found_inf`` is set. Tensors
         that still take the torch path (sparse gradients, complex or gapped parameters, ...)
         honour both too: their gradients are unscaled, and ``found_inf`` skips the whole step
-        (read on the host, one synchronisation, only when such tensors exist)."""
+        (read on the host, one synchronisation, only when such tensors exist). Also true, as in
+        torch.optim, for ``fused=True``: on the torch path that runs torch's fused kernels."""
+        if self.defaults.get("fused"):
+            return True
         devices = {p.device for group in self.param_groups for p in group["params"]}
         component = f"optim.{type(self).__name__}"
         return bool(devices) and all(
@@ -682,6 +685,11 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         """Run the torch reference update on one part (complex tensors as real views), one run of
         distinct parameters at a time, storing the state it creates after each run; its
         gradients are first multiplied by GradScaler's ``inverse_scale`` when given."""
+        if part.group.get("fused"):
+            # torch.optim's own check and message for fused=True (floating-point parameters on
+            # a device with fused kernels): complex or meta ones are refused, not run on views.
+            for param in part.tensors["params"]:
+                _device_dtype_check_for_fused(param)
         hyperparameters = self._hyperparameters(part.group)
         if inverse_scale is not None:
             factor = inverse_scale.to(part.device)

@@ -222,6 +222,10 @@ def fused_step(
     one device and dtype) that the Triton rule kernel did not take; returns those left to the
     rule's torch update (each recorded with its reason)."""
     name = type(optimizer).__name__
+    if torch.compiler.is_compiling():
+        # Inside a compiled step (``torch.compile(optimizer.step)``) the compiler fuses the traced
+        # torch update itself.
+        return members
     if device.type != "cpu":
         # On CUDA the fused path is the Triton rule kernel; backend='torch' asks for none.
         raise RuntimeError(

@@ -53,20 +53,24 @@ def _row_target(
     target_pointer,
     weight_pointer,
     row,
+    classes,
     ignore_index,
     has_weight: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
-    """Row ``i``'s target ``t``: whether it counts (``t != ignore_index``), ``t`` or 0 when it does
-    not (an index safe to load), and its class weight ``w_t`` (1 without weights)."""
+    """Row ``i``'s target ``t``: whether it counts (``t != ignore_index``), whether it is a class
+    (``0 ≤ t < C``), ``t`` or 0 when it does not count or is no class (an index safe to load:
+    an unchecked target outside the classes is never read), and its class weight ``w_t`` (1
+    without weights)."""
     target = tl.load(target_pointer + row)
     valid = target != ignore_index
-    safe_target = tl.where(valid, target, 0)
+    in_range = (target >= 0) & (target < classes)
+    safe_target = tl.where(valid & in_range, target, 0)
     if has_weight:
         target_weight = tl.load(weight_pointer + safe_target).to(COMPUTE_DTYPE)
     else:
         target_weight = tl.full((), 1.0, COMPUTE_DTYPE)
-    return valid, safe_target, target_weight
+    return valid, in_range, safe_target, target_weight
 
 
 @triton.jit
@@ -88,8 +92,8 @@ def _cross_entropy_forward_kernel(
     """One row: ``lse_i`` (saved) and ``ℓ_i`` in one pass over the classes."""
     row = tl.program_id(0).to(tl.int64)
     input_row = input_pointer + row * classes
-    valid, safe_target, target_weight = _row_target(
-        target_pointer, weight_pointer, row, ignore_index, has_weight, COMPUTE_DTYPE
+    valid, in_range, safe_target, target_weight = _row_target(
+        target_pointer, weight_pointer, row, classes, ignore_index, has_weight, COMPUTE_DTYPE
     )
     maximum = tl.full((), float("-inf"), COMPUTE_DTYPE)
     total = tl.full((), 0.0, COMPUTE_DTYPE)
@@ -120,6 +124,8 @@ def _cross_entropy_forward_kernel(
         # + (ε / C) (W lse - Σ_c w_c x_c)
         smoothing = tl.full((), label_smoothing, COMPUTE_DTYPE) / classes
         loss += smoothing * (weight_total * lse - weighted_sum)
+    # NaN for a counted target outside the classes (only reachable with check_target=False)
+    loss = tl.where(in_range, loss, float("nan"))
     tl.store(loss_pointer + row, tl.where(valid, loss, 0.0))
 
 
@@ -144,12 +150,14 @@ def _cross_entropy_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     input_row = input_pointer + row * classes
     grad_input_row = grad_input_pointer + row * classes
-    valid, safe_target, target_weight = _row_target(
-        target_pointer, weight_pointer, row, ignore_index, has_weight, COMPUTE_DTYPE
+    valid, in_range, safe_target, target_weight = _row_target(
+        target_pointer, weight_pointer, row, classes, ignore_index, has_weight, COMPUTE_DTYPE
     )
     lse = tl.load(log_sum_exp_pointer + row).to(COMPUTE_DTYPE)
     # γ_i v_i
-    gamma = tl.where(valid, tl.load(grad_loss_pointer + row).to(COMPUTE_DTYPE), 0.0)
+    gamma = tl.load(grad_loss_pointer + row).to(COMPUTE_DTYPE)
+    # NaN for a counted target outside the classes (only reachable with check_target=False)
+    gamma = tl.where(valid, tl.where(in_range, gamma, float("nan")), 0.0)
     # γ_i v_i (1 - ε) w_t
     hard = gamma * tl.full((), 1.0 - label_smoothing, COMPUTE_DTYPE) * target_weight
     if SMOOTHING:
@@ -322,7 +330,9 @@ def cross_entropy_forward(
     ``[rows, classes]`` (contiguous) and int64 class indices ``target`` of shape ``[rows]``.
 
     ``check_target`` refuses (IndexError, quoting it) a target outside ``[0, classes)`` that is not
-    ``ignore_index``; this costs one device-to-host sync. Pass False only when the caller checked.
+    ``ignore_index``; this costs one device-to-host sync. Without it (no sync, as a compiled
+    forward needs), such a target is never read out of bounds: its row's loss, and in the
+    backward its gradient row, are NaN.
     """
     name = "cross_entropy_forward"
     _check(name, input, target, weight, ignore_index, label_smoothing, check_target)

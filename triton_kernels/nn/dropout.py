@@ -67,17 +67,26 @@ def new_seed(generator: torch.Generator | None = None) -> int:
     return int(torch.randint(0, _MAX_SEED, (), generator=generator, device="cpu"))
 
 
+def launch_grid(numel: int) -> tuple[tuple[int], int]:
+    """``(grid, BLOCK)``: blocks of ``_BLOCK`` values, one program each, along grid axis 0
+    (CUDA's limit 2³¹ - 1): at most 2²¹ programs within
+    :data:`~triton_kernels.nn._common.MAX_NUMEL`. In-kernel offsets stay int32: a block starts at
+    a multiple of ``_BLOCK`` below ``numel``, so its last offset is at most 2³¹ - 1."""
+    return (triton.cdiv(numel, _BLOCK),), _BLOCK
+
+
 def _launch(input: torch.Tensor, output: torch.Tensor, p: float, seed: int) -> None:
     if input.numel():
-        _dropout_kernel[(triton.cdiv(input.numel(), _BLOCK),)](
+        grid, block = launch_grid(input.numel())
+        _dropout_kernel[grid](
             input,
             output,
             input.numel(),
             seed,
             p=float(p),
             COMPUTE_DTYPE=compute_dtype(input.dtype),
-            BLOCK=_BLOCK,
-            num_warps=warps(_BLOCK, input.dtype),
+            BLOCK=block,
+            num_warps=warps(block, input.dtype),
         )
 
 

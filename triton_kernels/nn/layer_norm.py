@@ -27,6 +27,8 @@ uncentred variant compiles without the mean's reduction, loads and stores.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import triton
 import triton.language as tl
@@ -452,8 +454,7 @@ def layer_norm_forward(
     output, mean, rstd = row_norm_forward(
         "layer_norm_forward", input, weight, bias, eps, centered=True
     )
-    assert mean is not None
-    return output, mean, rstd
+    return output, cast(torch.Tensor, mean), rstd
 
 
 def layer_norm_backward(

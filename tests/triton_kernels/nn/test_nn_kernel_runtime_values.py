@@ -134,6 +134,37 @@ def test_a_new_per_call_value_reuses_the_compiled_kernel(
         assert launches == first, f"{launcher}: value {value} changes the cache key (recompiles)"
 
 
+def _compiled_variants() -> int:
+    """How many compiled kernels every layer kernel's JIT cache holds, over all devices."""
+    from triton_kernels.nn import activation, cross_entropy, dropout, layer_norm
+
+    total = 0
+    for module in (activation, cross_entropy, dropout, layer_norm):
+        for name in dir(module):
+            kernel = getattr(module, name)
+            if name.endswith("_kernel") and hasattr(kernel, "device_caches"):
+                total += sum(len(cache[0]) for cache in kernel.device_caches.values())
+    return total
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("launcher", list(VALUES))
+def test_on_a_gpu_a_new_per_call_value_compiles_nothing(launcher: str) -> None:
+    # The real cache: launched on CUDA (the kernel tests' default device there), the first
+    # value compiles, the others find the kernel compiled.
+    import triton_kernels.nn as kernels
+
+    first, *others = VALUES[launcher]
+    _launch(kernels, launcher, first)
+    torch.cuda.synchronize()
+    compiled = _compiled_variants()
+    assert compiled > 0
+    for value in others:
+        _launch(kernels, launcher, value)
+    torch.cuda.synchronize()
+    assert _compiled_variants() == compiled, f"{launcher}: a new value compiled again"
+
+
 def _constexprs(kernel: Any) -> set[str]:
     """The ``tl.constexpr`` parameters of a ``@triton.jit`` kernel, interpreted or not."""
     parameters = inspect.signature(kernel.fn).parameters.values()

@@ -17,6 +17,8 @@ from torchopt_lab import cli
 KERNELS = [
     "bias+gelu forward",
     "bias+gelu backward",
+    "silu forward",
+    "silu backward",
     "softmax forward",
     "softmax backward",
     "layer_norm forward",

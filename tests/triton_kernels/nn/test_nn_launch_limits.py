@@ -16,7 +16,7 @@ import triton
 import triton_kernels.nn as K
 from torchopt_lab import backend, backend_info
 from torchopt_lab.nn import _dispatch
-from triton_kernels.nn import activation, batch_norm, layer_norm, softmax
+from triton_kernels.nn import activation, batch_norm, dropout, layer_norm, softmax
 from triton_kernels.nn._common import MAX_NUMEL, row_norm_grids
 
 AXIS_LIMITS = (2**31 - 1, 65535, 65535)
@@ -131,6 +131,16 @@ def test_row_kernel_grids_stay_within_cuda_limits_for_extreme_shapes(
     programs, _, _, _ = softmax._launch_shape(rows, columns, element_size)
     assert within_cuda_limits((programs,))
     assert within_cuda_limits((rows,))
+
+
+@pytest.mark.parametrize("numel", [1, 1025, MAX_NUMEL])
+def test_dropout_grid_stays_within_cuda_limits_and_its_offsets_within_int32(numel: int) -> None:
+    grid, block = dropout.launch_grid(numel)
+    assert within_cuda_limits(grid)
+    (programs,) = grid
+    # the last program's last offset (block start + BLOCK - 1) stays a valid int32
+    assert (programs - 1) * block + block - 1 <= 2**31 - 1
+    assert programs * block >= numel
 
 
 def test_old_two_axis_grids_would_have_passed_65535() -> None:

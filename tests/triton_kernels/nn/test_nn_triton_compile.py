@@ -15,7 +15,7 @@ import torch
 import torchopt_lab.nn as nn
 import torchopt_lab.nn.functional as F
 from torchopt_lab import backend_info
-from torchopt_lab.nn import _activation, _cross_entropy, _dropout, _norm, _softmax
+from torchopt_lab.nn import _activation, _cross_entropy, _dropout, _norm, _rms_norm, _softmax
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +58,10 @@ def test_custom_ops_pass_opcheck() -> None:
         (_norm.layer_norm_forward, (rows, None, None, 1e-3)),
         (_norm.layer_norm_backward, (torch.randn(4, 5), rows, width, mean, rstd, True)),
         (_norm.layer_norm_backward, (torch.randn(4, 5), rows, None, mean, rstd, False)),
+        (_rms_norm.rms_norm_forward, (rows, width, 1e-5)),
+        (_rms_norm.rms_norm_forward, (rows, None, 1e-3)),
+        (_rms_norm.rms_norm_backward, (torch.randn(4, 5), rows, width, rstd, True)),
+        (_rms_norm.rms_norm_backward, (torch.randn(4, 5), rows, None, rstd, False)),
     ]
     probabilities = torch.softmax(torch.randn(4, 6), 1)
     log_sum_exp = torch.logsumexp(logits, 1)
@@ -115,6 +119,28 @@ def _dropout_mlp() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     return model, (torch.randn(4, 6), torch.softmax(torch.randn(4, 3), 1))
 
 
+class _Block(torch.nn.Module):
+    """A transformer block minus attention: embedding, RMS norm, a SiLU MLP with a residual
+    connection, the output projection; its logits transposed to ``[N, classes, sequence]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(7, 8, padding_idx=0)
+        self.norm = nn.RMSNorm(8)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 7)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.embedding(tokens)
+        hidden = hidden + self.mlp(self.norm(hidden))
+        return self.head(hidden).transpose(1, 2)
+
+
+def _block() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    return _Block(), (torch.tensor([[1, 2, 0, 6], [3, 3, 5, 0]]), torch.tensor([[2, 0, 6, 1]] * 2))
+
+
 # The layers of the models that run a Triton kernel, and their backend_info component.
 TRITON_LAYERS = {
     "ReLU": "nn.relu",
@@ -122,10 +148,14 @@ TRITON_LAYERS = {
     "LayerNorm": "nn.layer_norm",
     "BatchNorm2d": "nn.batch_norm",
     "Dropout": "nn.dropout",
+    "RMSNorm": "nn.rms_norm",
+    "SiLU": "nn.silu",
 }
 
 
-@pytest.mark.parametrize("build", [_mlp, _cnn, _dropout_mlp], ids=["mlp", "cnn", "dropout"])
+@pytest.mark.parametrize(
+    "build", [_mlp, _cnn, _dropout_mlp, _block], ids=["mlp", "cnn", "dropout", "block"]
+)
 def test_triton_path_model_compiles_to_one_graph_and_matches_eager(build) -> None:
     model, (x, target) = build()
 
@@ -144,7 +174,9 @@ def test_triton_path_model_compiles_to_one_graph_and_matches_eager(build) -> Non
     actual = torch.compile(loss, backend="aot_eager", fullgraph=True)(x, target)
     grads = torch.autograd.grad(actual, list(model.parameters()))
     decisions = backend_info()["decisions"]
-    kernels = [type(layer).__name__ for layer in model if type(layer).__name__ in TRITON_LAYERS]
+    kernels = [
+        type(layer).__name__ for layer in model.modules() if type(layer).__name__ in TRITON_LAYERS
+    ]
     assert [decisions[TRITON_LAYERS[name]]["backend"] for name in kernels] == ["triton"] * len(
         kernels
     )

@@ -134,6 +134,8 @@ CASES = [
         lambda d: (leaf(d, 4, 9), [9], leaf(d, 9), leaf(d, 9)),
     ),
     case("layer_norm_two_dims", "layer_norm", lambda d: (leaf(d, 3, 2, 5), [2, 5])),
+    case("rms_norm_weighted", "rms_norm", lambda d: (leaf(d, 4, 9), [9], leaf(d, 9))),
+    case("rms_norm_two_dims", "rms_norm", lambda d: (leaf(d, 3, 2, 5), [2, 5]), eps=1e-3),
     case(
         "batch_norm_training",
         "batch_norm",
@@ -467,3 +469,16 @@ def test_triton_path_matches_torch_path_in_half_precision(
     for ours, expected in zip(results["triton"], results["torch"], strict=True):
         assert ours.dtype == dtype
         torch.testing.assert_close(ours, expected, **HALF_TOLERANCES[dtype])
+
+
+def test_rms_norm_with_a_weight_of_another_dtype_runs_the_torch_path_and_records_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # torch computes with the float32 weight unrounded; the kernel would read it in bfloat16
+    _use(monkeypatch, "triton")
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    weight = torch.randn(8)
+    output = F.rms_norm(x, [8], weight)
+    assert not output.grad_fn or not type(output.grad_fn).__name__.startswith("RMSNormTriton")
+    assert backend_info()["decisions"]["nn.rms_norm.dtype"]["backend"] == "torch"
+    torch.testing.assert_close(output, TF.rms_norm(x, [8], weight), rtol=0, atol=0)

@@ -1,0 +1,25 @@
+"""Where the layer modules were defined before each moved into its op's module: kept so that a
+model pickled whole (``torch.save(model)``) by an earlier version still loads. Import the layers
+from :mod:`torchopt_lab.nn`."""
+
+from torchopt_lab.nn import (  # noqa: F401
+    GELU,
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    CrossEntropyLoss,
+    Dropout,
+    Embedding,
+    LayerNorm,
+    LeakyReLU,
+    Linear,
+    LogSoftmax,
+    MSELoss,
+    ReLU,
+    RMSNorm,
+    Sequential,
+    Sigmoid,
+    SiLU,
+    Softmax,
+    Tanh,
+)
