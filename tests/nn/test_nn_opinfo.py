@@ -353,3 +353,33 @@ def test_opinfo_samples_pass_gradcheck(path: str, opinfo: OpInfo) -> None:
 
 def _grads_create_graph(output: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> None:
     torch.autograd.grad(output, inputs, _random_like(output), allow_unused=True, create_graph=True)
+
+
+ERROR_OPINFOS = [op for op in OPINFOS if op.error_inputs_func is not None]
+
+
+def test_the_error_inputs_cover_ops() -> None:
+    # conv2d, rms_norm, gelu and embedding have OpInfo error inputs in torch 2.13; the rest none
+    assert len(ERROR_OPINFOS) >= 4, [op.name for op in ERROR_OPINFOS]
+
+
+@pytest.mark.parametrize("opinfo", ERROR_OPINFOS, ids=[op.name for op in ERROR_OPINFOS])
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_opinfo_error_inputs_raise_torchs_exception_type(path: str, opinfo: OpInfo) -> None:
+    """Every OpInfo error input (a sample torch refuses) raises torch's exception type."""
+    ours = _ours(OPINFO_NAMES[opinfo.name])
+    failures = []
+    for error_input in opinfo.error_inputs("cpu"):
+        sample = error_input.sample_input
+        with pytest.raises(error_input.error_type, match=error_input.error_regex):
+            Call(sample)(opinfo.op)  # the oracle still refuses it
+        try:
+            Call(sample)(ours)
+        except error_input.error_type:
+            continue
+        except Exception as error:  # (reported below: the wrong type)
+            failures.append(f"{describe(sample)}: {type(error).__name__}: {error}")
+        else:
+            failures.append(f"{describe(sample)}: no error")
+        failures[-1] += f" (torch: {error_input.error_type.__name__})"
+    assert not failures, "\n".join(failures)
