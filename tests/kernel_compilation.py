@@ -10,7 +10,8 @@ kernels anew, and returns one result per request:
 Triton reports them (``ptxas -v``). The optimizer and the layer kernel tests both use it.
 
 A request names the kernel's module and name, a target capability (80, 90), the signature (Triton
-type strings, ``"*fp32"`` for a pointer), the constexprs (a dtype written ``{"dtype": "fp64"}``),
+type strings, ``"*fp32"`` for a pointer), the constexprs (a dtype written ``{"dtype": "fp64"}``, a
+``@triton.jit`` function ``{"function": "module:name"}``, a tuple as a list),
 the launcher's ``num_warps``, and which non-pointer arguments to mark divisible by 16 (as Triton's
 launcher does for such values). Every pointer gets the ``tt.divisibility`` 16 hint (torch's
 allocations are aligned).
@@ -52,6 +53,14 @@ def _constexpr(value: Any) -> Any:
 
     if isinstance(value, dict) and "dtype" in value:
         return tl.dtype(value["dtype"])
+    if isinstance(value, dict) and "function" in value:
+        # A @triton.jit function handed to a kernel as a constexpr, named "module:attribute".
+        import importlib
+
+        module, name = value["function"].split(":")
+        return getattr(importlib.import_module(module), name)
+    if isinstance(value, list):
+        return tuple(_constexpr(entry) for entry in value)
     return value
 
 

@@ -136,6 +136,22 @@ def record(component: str, requested: str, backend: str, device: torch.device, r
         _decisions[component] = Decision(component, requested, backend, str(device), reason)
 
 
+@torch.compiler.assume_constant_result
+def record_traced(component: str, requested: str, device_type: str, index: int | None) -> str:
+    """Record that ``torch.compile`` traced ``component``'s torch path on a device, and return
+    ``"torch"``. Dynamo runs this once, when it traces, and bakes the result into the graph
+    (:func:`record` takes a lock, which Dynamo cannot trace): the decision reaches
+    :func:`backend_info` without breaking the graph."""
+    record(
+        component,
+        requested,
+        "torch",
+        torch.device(device_type, index),
+        "torch.compile traces the torch path",
+    )
+    return "torch"
+
+
 def backend_info() -> dict[str, Any]:
     """What ran and why: the Triton status, and the last decision of every component."""
     module, reason = _load_kernels()

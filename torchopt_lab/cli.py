@@ -22,6 +22,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "torchopt_lab.bench.optim",
         "time optimizer steps of ours against torch.optim foreach and fused",
     ),
+    "bench-cpu-fused": (
+        "torchopt_lab.bench.cpu_fused",
+        "time fused=True on CPU (rules compiled by Inductor) against torch's fused CPU kernels",
+    ),
     "bench-optim-host": (
         "torchopt_lab.bench.optim_host",
         "time the host work of a fused step over 4096 small tensors against torch.optim's",

@@ -28,6 +28,7 @@ CASES = {
     "exploding_gradients": ["none", "clip_grad_norm_", "clip_grad_value_"],
     "optimizer_paths": ["rosenbrock/sgd", "beale/adam", "quadratic/momentum"],
     "sparse_features": ["sgd", "adagrad", "rmsprop"],
+    "hypergradient": ["sgd-lr0.1", "sgd-hd-lr0.01", "adam-hd-lr0.01"],
 }
 
 
@@ -113,6 +114,7 @@ def test_a_full_run_prints_its_verdict(experiment_module, tmp_path) -> None:
         ("linear_regression", ["--seed", "-1"], "invalid --seed -1: must be >= 0"),
         ("sparse_features", ["--p-rare", "2"], "invalid --p-rare 2.0: must be in (0, 1]"),
         ("vanishing_gradients", ["--depth", "1"], "invalid --depth 1: must be >= 2"),
+        ("hypergradient", ["--hidden", "8", "0"], "invalid --hidden (8, 0): widths must be >= 1"),
         (
             "optimizer_comparison",
             ["--device", "gpu7"],

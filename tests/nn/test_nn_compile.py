@@ -78,7 +78,24 @@ def _block() -> tuple[torch.nn.Module, Callable[..., torch.Tensor], tuple[torch.
     )
 
 
-MODELS = {"mlp": _mlp, "cnn": _cnn, "block": _block}
+def _dropout_mlp() -> tuple[torch.nn.Module, Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]:
+    """Dropout (in place too) and a class-probability cross-entropy target."""
+    model = nn.Sequential(
+        nn.Linear(6, 8),
+        nn.Dropout(0.25),
+        nn.Linear(8, 8),
+        nn.Dropout(0.5, inplace=True),
+        nn.Linear(8, 3),
+    ).double()
+
+    def loss(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x), t, label_smoothing=0.1)
+
+    x = torch.randn(4, 6, dtype=torch.float64)
+    return model, loss, (x, torch.softmax(torch.randn(4, 3, dtype=torch.float64), 1))
+
+
+MODELS = {"mlp": _mlp, "cnn": _cnn, "block": _block, "dropout": _dropout_mlp}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -94,10 +111,13 @@ def test_model_compiles_to_one_graph_without_breaks(name: str) -> None:
 def test_compiled_model_fullgraph_matches_eager(name: str) -> None:
     model, loss, inputs = MODELS[name]()
     eager_state = {k: v.clone() for k, v in model.state_dict().items()}
+    # the same seed, so dropout draws the same masks in eager and compiled
+    torch.manual_seed(1)
     expected = loss(*inputs)
     expected_grads = torch.autograd.grad(expected, list(model.parameters()))
     after_eager = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(eager_state)
+    torch.manual_seed(1)
     actual = torch.compile(loss, backend="aot_eager", fullgraph=True)(*inputs)
     grads = torch.autograd.grad(actual, list(model.parameters()))
     # float64, the same ops in the same order: equal to rounding

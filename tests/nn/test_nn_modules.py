@@ -252,3 +252,28 @@ def test_batch_norm_running_statistics_follow_torch(momentum: float | None) -> N
     for key, value in theirs.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-6, atol=1e-7)
     assert int(ours.num_batches_tracked) == 3
+
+
+def _pickled_model() -> tuple[tnn.Module, bytes]:
+    torch.manual_seed(0)
+    model = onn.Sequential(onn.Linear(3, 4), onn.ReLU(), onn.LayerNorm(4), onn.Linear(4, 2))
+    import pickle
+
+    return model, pickle.dumps(model, protocol=2)  # torch.save's protocol
+
+
+def test_a_pickled_model_names_the_public_module_of_its_layers() -> None:
+    _, data = _pickled_model()
+    assert b"ctorchopt_lab.nn\nLinear\n" in data and b"torchopt_lab.nn._" not in data
+
+
+def test_a_model_pickled_when_the_layers_lived_in_nn_modules_still_loads() -> None:
+    import pickle
+
+    model, data = _pickled_model()
+    old = data.replace(b"ctorchopt_lab.nn\n", b"ctorchopt_lab.nn.modules\n")
+    assert old != data
+    loaded = pickle.loads(old)
+    x = torch.randn(5, 3)
+    assert type(loaded[0]) is onn.Linear
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

@@ -209,17 +209,17 @@ def test_rule_optimizer_step_without_grads_is_noop(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", WITH_TORCH)
-def test_rule_optimizer_signature_is_torch_optims_plus_backend(name: str) -> None:
+def test_rule_optimizer_signature_is_torch_optims_plus_fused_and_backend(name: str) -> None:
     mine = list(inspect.signature(REGISTRY[name]).parameters.values())
     theirs = inspect.signature(getattr(torch.optim, name)).parameters.values()
-    assert [(p.name, p.kind, p.default) for p in mine[:-1]] == [
+    assert [(p.name, p.kind, p.default) for p in mine[:-2]] == [
         (p.name, p.kind, p.default) for p in theirs
     ]
-    assert (mine[-1].name, mine[-1].kind, mine[-1].default) == (
-        "backend",
-        inspect.Parameter.KEYWORD_ONLY,
-        "auto",
-    )
+    # torch's NAdam, RAdam, Adamax and Adadelta have no `fused`; ours take it as Adam's does.
+    assert [(p.name, p.kind, p.default) for p in mine[-2:]] == [
+        ("fused", inspect.Parameter.KEYWORD_ONLY, None),
+        ("backend", inspect.Parameter.KEYWORD_ONLY, "auto"),
+    ]
 
 
 @pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])

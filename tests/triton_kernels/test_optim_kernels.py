@@ -452,3 +452,33 @@ def test_kernel_matches_torch_optim_for_random_shapes_and_hyperparameters(
         run.kernel_step(grads)
         run.reference_step(grads)
         _assert_run_matches(run, torch.float64)
+
+
+def test_a_declaration_whose_update_reads_its_fields_in_another_order_raises() -> None:
+    # The order of a hyperparameter row is declared once (KernelUpdate.fields) and checked
+    # against the update's own unpacking, so a mismatch fails at import instead of giving
+    # wrong numbers.
+    from triton_kernels.optim.kernels import ADAM, KernelUpdate
+
+    swapped = (ADAM.fields[1], ADAM.fields[0], *ADAM.fields[2:])
+    with pytest.raises(ValueError, match="unpacks hyperparameters as"):
+        KernelUpdate("adam", ADAM.update, swapped, ADAM.states, ADAM.options)
+    with pytest.raises(ValueError, match="unpacks states as"):
+        KernelUpdate("adam", ADAM.update, ADAM.fields, ADAM.states[::-1], ADAM.options)
+    with pytest.raises(ValueError, match="unpacks OPTIONS as"):
+        KernelUpdate("adam", ADAM.update, ADAM.fields, ADAM.states, ADAM.options[::-1])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rmsprop", "adam"])
+def test_optimizer_rows_follow_the_declared_field_order(name: str) -> None:
+    # The optimizers write each hyperparameter row from the kernel declaration's field names.
+    from torchopt_lab.optim._fused import SPECS
+    from triton_kernels.optim.kernels import UPDATES
+
+    spec, declaration = SPECS[name], UPDATES[name]
+    names = [*declaration.fields, "betas", "maximize"]
+    group = {field: 1.0 + index for index, field in enumerate(names)}
+    group["betas"] = (0.25, 0.5)
+    expected = {**group, "beta1": 0.25, "beta2": 0.5}
+    assert spec.values(group) == [expected[field] for field in declaration.fields]
+    assert spec.state_keys == declaration.states

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from kernel_compilation import compile_kernels
 
-from triton_kernels.optim.kernels import ALGORITHMS
+from triton_kernels.optim.kernels import UPDATES
 from triton_kernels.optim.launchers import NUM_WARPS, NUM_WARPS_FLOAT64
 from triton_kernels.optim.tables import DEFAULT_BLOCK_SIZE
 
@@ -46,16 +46,14 @@ SKIPPED_NORMS_SIGNATURE = {
     "max_grad_norm": "fp32",
     **{name: STEP_SIGNATURE[name] for name in ("block_counters", "diagnostic_sums", "diagnostics")},
 }
-# algorithm -> (hyperparameter fields, its options, float32 arrays read and written per element
-# with every option off).
+# algorithm -> float32 arrays read and written per element with every option off. Its fields,
+# states and options come from its declaration (kernels.UPDATES).
 ALGORITHM_TABLE = {
-    "sgd": (4, ("MAXIMIZE", "USE_MOMENTUM", "USE_NESTEROV"), (2, 1)),
-    "adagrad": (4, ("MAXIMIZE",), (3, 2)),
-    "rmsprop": (5, ("MAXIMIZE", "CENTER", "USE_MOMENTUM"), (3, 2)),
-    "adam": (5, ("MAXIMIZE", "USE_AMSGRAD", "DECOUPLE_WEIGHT_DECAY"), (4, 3)),
+    "sgd": (2, 1),
+    "adagrad": (3, 2),
+    "rmsprop": (3, 2),
+    "adam": (4, 3),
 }
-OPTIONS = ("MAXIMIZE", "USE_MOMENTUM", "USE_NESTEROV", "CENTER", "USE_AMSGRAD")
-OPTIONS += ("DECOUPLE_WEIGHT_DECAY",)
 CONTROLS = ("UNSCALE_GRADS", "CHECK_FOUND_INF", "CLIP_GRADS", "SKIP_NONFINITE", "COUNT_SKIPPED")
 CONTROLS += ("RECORD_NORMS",)
 # variant -> (param dtype, state dtype, compute dtype, every option and control on, NUMEL_MULTIPLE,
@@ -87,16 +85,20 @@ def _requests() -> list[dict[str, Any]]:
         }
         warps = NUM_WARPS_FLOAT64 if param == "fp64" else NUM_WARPS
         for capability in capabilities:
-            for algorithm, (fields, options, _) in ALGORITHM_TABLE.items():
+            for algorithm in ALGORITHM_TABLE:
+                declaration = UPDATES[algorithm]
                 constexprs = {
-                    "ALGORITHM": algorithm,
-                    "FIELD_COUNT": fields,
+                    "UPDATE": {"function": f"{MODULE}:{declaration.update.__name__}"},
+                    "OPTIONS": [on] * len(declaration.options),
+                    "FIELD_COUNT": len(declaration.fields),
+                    "STATE_COUNT": len(declaration.states),
+                    "HAS_STEP": declaration.has_step,
                     "PARAM_DTYPE": _dtype(param),
                     "STATE_DTYPE": _dtype(state),
                     **common,
                     "NORM_SLOTS": 2 if on else 1,
                     **dict.fromkeys(CONTROLS, on),
-                    **{option: on and option in options for option in OPTIONS},
+                    "MAXIMIZE": on,
                 }
                 requests.append(
                     {
@@ -149,7 +151,7 @@ def _rows(algorithm: str) -> list[dict[str, Any]]:
 
 
 def test_the_algorithm_table_covers_every_algorithm_of_the_kernel():
-    assert set(ALGORITHM_TABLE) == set(ALGORITHMS)
+    assert set(ALGORITHM_TABLE) == set(UPDATES)
 
 
 @pytest.mark.parametrize("algorithm", [*ALGORITHM_TABLE, "norm", "skipped"])
@@ -165,7 +167,7 @@ def test_kernel_compiles_for_sm80_and_sm90_in_every_variant(algorithm):
 
 
 def _streams(algorithm: str) -> tuple[int, int]:
-    return (1, 0) if algorithm == "norm" else ALGORITHM_TABLE[algorithm][2]
+    return (1, 0) if algorithm == "norm" else ALGORITHM_TABLE[algorithm]
 
 
 @pytest.mark.parametrize("algorithm", [*ALGORITHM_TABLE, "norm"])

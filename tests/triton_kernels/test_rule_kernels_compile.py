@@ -1,6 +1,7 @@
-"""The fused rule kernel compiles, with every registered rule's update inlined, for sm_80 and
-sm_90 in float32 and float64, moves float32 in 128-bit accesses and does not spill: checked
-without a GPU by compiling to PTX and running the bundled ptxas (tests/kernel_compilation.py).
+"""The optimizer kernel skeleton compiles, with every registered rule's update inlined and every
+control on (GradScaler, clipping, skip_nonfinite, diagnostics), for sm_80 and sm_90 in float32
+and float64, moves float32 in 128-bit accesses and does not spill: checked without a GPU by
+compiling to PTX and running the bundled ptxas (tests/kernel_compilation.py).
 
 A rule's update is a @triton.jit function, which JSON cannot carry to kernel_compilation's
 process: so one interpreter-free subprocess imports the registry and compiles every variant."""
@@ -16,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_optim_kernels_compile import CONTROLS, STEP_SIGNATURE
 
 from torchopt_lab.optim.rules import REGISTRY
+from triton_kernels.optim.launchers import NUM_WARPS, NUM_WARPS_FLOAT64
+from triton_kernels.optim.rule_kernels import DEFAULT_BLOCK
 
 _ROOT = Path(__file__).resolve().parents[2]
-NUM_WARPS = 4
-# Each of the 32 * NUM_WARPS threads moves BLOCK / (32 * NUM_WARPS) float32: 2 vectors of 4.
-VECTORS_PER_TENSOR = 1024 // (32 * NUM_WARPS * 4)
+# Each of the 32 * NUM_WARPS threads moves BLOCK / (32 * NUM_WARPS) float32, in vectors of 4.
+VECTORS_PER_TENSOR = DEFAULT_BLOCK // (32 * NUM_WARPS * 4)
 
 _SCRIPT = """
 import json, sys
@@ -31,6 +34,7 @@ import torch
 import triton.language as tl
 from kernel_compilation import _compile
 from torchopt_lab.optim.rules import REGISTRY
+from triton_kernels.optim import kernels
 
 for name, cls in sorted(REGISTRY.items()):
     rule = cls.rule
@@ -40,20 +44,21 @@ for name, cls in sorted(REGISTRY.items()):
     for capability in (80, 90):
         for dtype in ("fp32", "fp64"):
             request = {{
-                "module": "triton_kernels.optim.rule_kernels",
-                "kernel": "_rule_step_kernel",
+                "module": "triton_kernels.optim.kernels",
+                "kernel": "_optimizer_step_kernel",
                 "capability": capability,
                 "variant": f"{{name}}/{{dtype}}",
-                "signature": {{
-                    "tensor_table": "*i64", "block_table": "*i64", "tensor_count": "i32",
-                    "block_count": "i32", "scalar_table": "*fp64",
-                }},
+                "signature": {signature!r},
                 "constexprs": {{
-                    "UPDATE": rule.triton_update, "NUM_STATE": len(rule.tensor_state),
-                    "NUM_SCALARS": count, "MAXIMIZE": True, "DTYPE": tl.dtype(dtype),
-                    "COMPUTE_DTYPE": tl.dtype(dtype), "BLOCK": 1024, "ALIGNED": True,
+                    "UPDATE": kernels.rule_update, "OPTIONS": rule.triton_update,
+                    "FIELD_COUNT": count, "STATE_COUNT": len(rule.tensor_state),
+                    "HAS_STEP": False, "PARAM_DTYPE": tl.dtype(dtype),
+                    "STATE_DTYPE": tl.dtype(dtype), "COMPUTE_DTYPE": tl.dtype(dtype),
+                    "BLOCK": {block}, "NUMEL_MULTIPLE": 16, "ASSUME_ALIGNED": True,
+                    "NORM_SLOTS": 2, "MAXIMIZE": True,
+                    **dict.fromkeys({controls!r}, True),
                 }},
-                "num_warps": {warps},
+                "num_warps": {warps64} if dtype == "fp64" else {warps},
             }}
             row = _compile(request)
             row["state_count"] = len(rule.tensor_state)
@@ -63,7 +68,15 @@ for name, cls in sorted(REGISTRY.items()):
 
 @cache
 def _compiled() -> dict[tuple[str, int], dict[str, Any]]:
-    script = _SCRIPT.format(root=str(_ROOT), tests=str(_ROOT / "tests"), warps=NUM_WARPS)
+    script = _SCRIPT.format(
+        root=str(_ROOT),
+        tests=str(_ROOT / "tests"),
+        signature=STEP_SIGNATURE,
+        block=DEFAULT_BLOCK,
+        controls=CONTROLS,
+        warps=NUM_WARPS,
+        warps64=NUM_WARPS_FLOAT64,
+    )
     completed = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,

@@ -122,9 +122,23 @@ def time_pair(workload: Workload, steps: int, warmup: int) -> tuple[float, float
     return statistics.median(our_times), statistics.median(their_times)
 
 
+# The sizing options' defaults: the parser's, and what --quick refuses to see overridden.
+_SIZES = {"steps": 50, "warmup": 5}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=50, help="timed steps per model (default: 50)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=_SIZES["steps"],
+        help="timed steps per model (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=_SIZES["warmup"],
+        help="untimed steps first (default: %(default)s)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -149,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    refuse_overridden_by_quick(args, {"steps": 50, "warmup": 5})
+    refuse_overridden_by_quick(args, _SIZES)
     steps, warmup = (3, 1) if args.quick else (args.steps, args.warmup)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -19,8 +19,10 @@ import argparse
 import importlib
 import os
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -64,6 +66,11 @@ def benchmarks(device: torch.device, rows: int, columns: int) -> list[Benchmark]
     y, _ = kernels.softmax_forward(h)
     _, mean, rstd = kernels.layer_norm_forward(h, weight, bias)
     _, torch_mean, torch_rstd = torch.native_layer_norm(h, [columns], weight, bias, 1e-5)
+    _, rms_rstd = kernels.rms_norm_forward(h, weight)
+    # torch's RMSNorm backward as a user gets it: autograd through F.rms_norm (on CUDA its
+    # fused backward kernel; aten::_fused_rms_norm_backward has no CPU kernel to call directly)
+    rms_input, rms_weight = h.clone().requires_grad_(), weight.clone().requires_grad_()
+    rms_output = TF.rms_norm(rms_input, [columns], rms_weight)
     channels = 64
     images = tensor(max(rows // channels, 2), channels, columns)
     ones, zeros = torch.ones(channels, device=device), torch.zeros(channels, device=device)
@@ -79,6 +86,18 @@ def benchmarks(device: torch.device, rows: int, columns: int) -> list[Benchmark]
             "bias+gelu backward",
             lambda: kernels.bias_activation_backward(g, h, bias, "gelu", compute_grad_bias=True),
             lambda: torch.ops.aten.gelu_backward(g, h + bias).sum(0),
+            3 * size,
+        ),
+        Benchmark(
+            "silu forward",
+            lambda: kernels.bias_activation_forward(h, None, "silu"),
+            lambda: TF.silu(h),
+            2 * size,
+        ),
+        Benchmark(
+            "silu backward",
+            lambda: kernels.bias_activation_backward(g, h, None, "silu"),
+            lambda: torch.ops.aten.silu_backward(g, h),
             3 * size,
         ),
         Benchmark(
@@ -105,6 +124,18 @@ def benchmarks(device: torch.device, rows: int, columns: int) -> list[Benchmark]
             lambda: torch.ops.aten.native_layer_norm_backward(
                 g, h, [columns], torch_mean, torch_rstd, weight, bias, [True, True, True]
             ),
+            3 * size,
+        ),
+        Benchmark(
+            "rms_norm forward",
+            lambda: kernels.rms_norm_forward(h, weight),
+            lambda: TF.rms_norm(h, [columns], weight),
+            2 * size,
+        ),
+        Benchmark(
+            "rms_norm backward",
+            lambda: kernels.rms_norm_backward(g, h, weight, rms_rstd),
+            lambda: torch.autograd.grad(rms_output, (rms_input, rms_weight), g, retain_graph=True),
             3 * size,
         ),
         Benchmark(
@@ -149,31 +180,52 @@ def _median_seconds(function: Callable[[], object], device: torch.device, repeat
     return statistics.median(times)
 
 
+@contextmanager
+def _backend(name: str) -> Iterator[None]:
+    """``TORCHOPT_LAB_BACKEND=name`` while the block runs (each functional call reads it)."""
+    previous = os.environ.get(backend.ENV_VAR)
+    os.environ[backend.ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[backend.ENV_VAR]
+        else:
+            os.environ[backend.ENV_VAR] = previous
+
+
 def cross_entropy_step(
     device: torch.device, rows: int, vocabulary: int, use_triton: bool, repeats: int
 ) -> tuple[float, float]:
-    """(median seconds, peak bytes beyond the inputs) of cross-entropy forward + backward."""
-    from torchopt_lab.nn import _triton
+    """(median seconds, peak bytes beyond the inputs) of cross-entropy forward + backward:
+    ``torchopt_lab.nn.functional.cross_entropy`` with ``TORCHOPT_LAB_BACKEND=triton`` (raising
+    if it ran anything else), or torch's."""
+    from torchopt_lab.nn import functional
 
     torch.manual_seed(0)
     logits = torch.randn(rows, vocabulary, device=device, requires_grad=True)
     target = torch.randint(0, vocabulary, (rows,), device=device)
-    loss_function = _triton.cross_entropy if use_triton else TF.cross_entropy
+    loss_function = functional.cross_entropy if use_triton else TF.cross_entropy
 
     def step() -> None:
         logits.grad = None
         loss_function(logits, target).backward()
 
-    seconds = _median_seconds(step, device, repeats)
-    logits.grad = None
-    if device.type != "cuda":
-        return seconds, 0
-    torch.cuda.synchronize(device)
-    baseline = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return seconds, torch.cuda.max_memory_allocated(device) - baseline
+    with _backend("triton"):
+        seconds = _median_seconds(step, device, repeats)
+        logits.grad = None
+        if use_triton:
+            decision = backend.backend_info()["decisions"].get("nn.cross_entropy", {})
+            if decision.get("backend") != "triton":
+                raise RuntimeError(f"cross_entropy did not run on the Triton path: {decision}")
+        if device.type != "cuda":
+            return seconds, 0
+        torch.cuda.synchronize(device)
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return seconds, torch.cuda.max_memory_allocated(device) - baseline
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -214,7 +266,14 @@ def run(args: argparse.Namespace) -> int:
                 f"{error}; for a smoke run without a GPU use --device cpu --quick"
             ) from None
     if args.device == "cpu":
-        # Read when the kernels' @triton.jit runs, so before triton_kernels.nn is imported.
+        # Read when triton.language is imported (its own @triton.jit helpers, tl.max among them,
+        # are built then): too late once triton is loaded, as importing torchopt_lab does.
+        if "TRITON_INTERPRET" not in os.environ and "triton.language" in sys.modules:
+            raise UsageError(
+                "--device cpu runs the kernels in the Triton interpreter, which must be on before "
+                "triton is imported: run with TRITON_INTERPRET=1 in the environment, e.g. "
+                "TRITON_INTERPRET=1 torchopt-lab bench-nn-kernels --device cpu --quick"
+            )
         os.environ.setdefault("TRITON_INTERPRET", "1")
         if not backend.interpreter_enabled():
             raise UsageError(

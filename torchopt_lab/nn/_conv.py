@@ -1,7 +1,10 @@
-"""2-D convolution with a hand-written backward pass.
+"""2-D convolution, ``torch.nn.functional.conv2d``: the functional, its Function with a
+hand-written backward, and the module.
 
-The convolutions run on torch's convolution primitives (the speed limit on every device); which
-convolutions the backward computes is written out here.
+The convolutions run on torch's convolution primitives (the speed limit on every device; a Triton
+kernel would not beat cuDNN there); which convolutions the backward computes is written out here.
+On the Triton path the same Function runs, recorded as ``nn.conv2d.convolution`` (torch) in
+:func:`torchopt_lab.backend_info`.
 """
 
 from __future__ import annotations
@@ -9,7 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
+from torchopt_lab.nn._autocast import autocast_inputs
+from torchopt_lab.nn._dispatch import record_torch_part, use_triton
 from torchopt_lab.nn._function import apply, forward_mode
 
 
@@ -172,13 +178,17 @@ class Conv2dFunction(torch.autograd.Function):
 def conv2d(
     input: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: int | tuple[int, int],
-    padding: str | int | tuple[int, int],
-    dilation: int | tuple[int, int],
-    groups: int,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: str | int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
 ) -> torch.Tensor:
-    """The torch path of ``F.conv2d``: :class:`Conv2dFunction` with the arguments resolved."""
+    """2-D convolution, ``padding`` a number, a pair or ``"valid"``/``"same"``; see
+    :class:`Conv2dFunction`."""
+    input, weight, bias = autocast_inputs("conv2d", input, weight, bias)
+    if use_triton("conv2d", input, weight, bias):
+        record_torch_part("nn.conv2d.convolution", input.device)
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
     symmetric, extra = resolve_padding(padding, weight, stride, dilation)
     return apply(Conv2dFunction, input, weight, bias, stride, symmetric, extra, dilation, groups)
@@ -188,3 +198,21 @@ def _pad_bottom_right(input: torch.Tensor, extra_padding: tuple[int, int]) -> to
     if extra_padding == (0, 0):
         return input
     return torch.constant_pad_nd(input, (0, extra_padding[1], 0, extra_padding[0]), 0.0)
+
+
+class Conv2d(nn.Conv2d):
+    """:class:`torch.nn.Conv2d` running :func:`conv2d`.
+
+    A ``padding_mode`` other than ``"zeros"`` pads with :func:`torch.nn.functional.pad` (torch's
+    own derivative) before the convolution, as torch does.
+    """
+
+    def _conv_forward(
+        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            padded = nn.functional.pad(
+                input, self._reversed_padding_repeated_twice, mode=self.padding_mode
+            )
+            return conv2d(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)

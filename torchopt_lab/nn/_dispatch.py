@@ -1,57 +1,51 @@
-"""Where every ``torchopt_lab.nn.functional`` function chooses between the torch path and Triton.
+"""The one dispatch point of ``torchopt_lab.nn``, and what every op's Triton path shares.
 
-Each functional asks :func:`use_triton` with its name and its tensors; the choice itself is made
-by :func:`torchopt_lab.backend.resolve` (component ``"nn.<name>"``), so ``TORCHOPT_LAB_BACKEND``
-and :func:`torchopt_lab.backend_info` cover the layers too. When Triton is chosen, the functional
-calls :func:`triton_function` and hands it exactly its own arguments.
+Each op module (``_activation.py``, ``_softmax.py``, ...) holds its functional, its torch-path
+Function and its Triton-path Function side by side. The functional validates its arguments once,
+then asks :func:`use_triton` (an op with a kernel) or calls :func:`record_torch_only` (an op
+without one) and runs the Function of the chosen path itself: there is no table of names to
+keep in step. The choice is made by :func:`torchopt_lab.backend.resolve` (component
+``"nn.<name>"``), so ``TORCHOPT_LAB_BACKEND`` and :func:`torchopt_lab.backend_info` cover the
+layers too.
 
-The Triton implementations live in ``torchopt_lab.nn._triton``, a module that exposes
-``FUNCTIONS: dict[str, Callable]`` mapping a functional's name (``"relu"``, ``"cross_entropy"``,
-...) to a callable with that functional's signature, less the deprecated ``size_average`` and
-``reduce`` and softmax's ``_stacklevel``. It is called after the functional validated its
-arguments, with ``reduction`` resolved and a class-index target made ``long``. A name Triton is
-chosen for but which that table lacks raises NotImplementedError naming it: never a silent
-fallback.
+The Triton-path Functions call their kernels as PyTorch custom ops
+(``torch.library.custom_op`` with fake implementations, registered in the op's module), so
+``torch.compile`` sees one opaque op of known output shapes instead of tracing into Triton's
+launcher. A custom op's body imports the kernels through :func:`triton_kernels` when it first
+runs; importing ``torchopt_lab.nn`` never imports triton.
+
+Differentiable once: the kernels keep the log-sum-exp, ``μ`` and ``r``, or a dropout seed, not a
+graph, so a second derivative through them is refused, never silently wrong. Each Triton-path
+backward is ``@once_differentiable`` (differentiating its result raises) and, first,
+:func:`first_order_only` raises in a backward run with ``create_graph=True``:
+``once_differentiable`` alone returns a constant when the incoming gradient needs no grad
+(``loss.backward(create_graph=True)``), and the layers before this one would then compute a
+Hessian-vector product without this op's curvature. Use the torch path
+(``TORCHOPT_LAB_BACKEND=torch``) for double backward.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
-from functools import cache
+from types import ModuleType
+from typing import Any
 
 import torch
 
 from torchopt_lab import backend
 
-_TRITON_MODULE = "torchopt_lab.nn._triton"
 # The layer kernels index with int32 offsets and refuse a tensor past this many elements
 # (``triton_kernels.nn._common.MAX_NUMEL``); "auto" sends such a call down the torch path.
 MAX_KERNEL_NUMEL = 2**31 - 1
 
 
-# The Triton table, filled when a decision first picks Triton: a plain dict that torch.compile
-# reads without tracing the import.
-_LOADED: dict[str, Callable[..., torch.Tensor]] = {}
-
-
-@cache
-def _triton_functions() -> dict[str, Callable[..., torch.Tensor]]:
-    try:
-        module = importlib.import_module(_TRITON_MODULE)
-    except ModuleNotFoundError as error:
-        if error.name != _TRITON_MODULE:
-            raise
-        return {}
-    return dict(module.FUNCTIONS)
-
-
 def use_triton(name: str, *tensors: torch.Tensor | None) -> bool:
-    """Whether ``nn.<name>`` runs as Triton kernels for these tensors (the first one's device).
+    """Whether ``nn.<name>`` runs its Triton path for these tensors (the first one's device).
 
-    Raises NotImplementedError when the backend choice is Triton but no kernel is wired for
-    ``name``, and RuntimeError (from :func:`torchopt_lab.backend.resolve`) when Triton was asked
-    for explicitly and cannot run. Under "auto", a tensor past :data:`MAX_KERNEL_NUMEL` elements
+    Raises RuntimeError (from :func:`torchopt_lab.backend.resolve`) when Triton was asked for
+    explicitly and cannot run. Under "auto", a tensor past :data:`MAX_KERNEL_NUMEL` elements
     takes the torch path (recorded); asked for explicitly, the kernel's launcher refuses it.
     """
     device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
@@ -69,12 +63,6 @@ def use_triton(name: str, *tensors: torch.Tensor | None) -> bool:
             f"int32 offsets (at most {MAX_KERNEL_NUMEL})",
         )
         return False
-    if name not in _LOADED:
-        raise NotImplementedError(
-            f"nn.{name}: the Triton backend was chosen ({backend.ENV_VAR}="
-            f"{backend.default_backend()!r}, {device.type} tensors) but no Triton kernel is wired "
-            f"for {name!r}; set {backend.ENV_VAR}=torch to run the torch path"
-        )
     return True
 
 
@@ -84,11 +72,7 @@ def _resolve(name: str, device_type: str, device_index: int | None) -> str:
     at trace time and bakes into the graph as a constant (it imports triton and reads the
     environment, which Dynamo cannot trace): the backend of a compiled model is fixed when it is
     compiled, and the decision is still recorded for :func:`torchopt_lab.backend_info`."""
-    choice = backend.resolve(f"nn.{name}", "auto", torch.device(device_type, device_index))
-    if choice == "triton":
-        global _LOADED
-        _LOADED = _triton_functions()
-    return choice
+    return backend.resolve(f"nn.{name}", "auto", torch.device(device_type, device_index))
 
 
 def record_torch_only(name: str, *tensors: torch.Tensor | None) -> None:
@@ -107,6 +91,39 @@ def record_torch_only(name: str, *tensors: torch.Tensor | None) -> None:
     )
 
 
-def triton_function(name: str) -> Callable[..., torch.Tensor]:
-    """The Triton implementation of ``nn.<name>``; call only after :func:`use_triton` said yes."""
-    return _LOADED[name]
+def record_torch_part(component: str, device: torch.device) -> None:
+    """Record that ``component`` (a part of a Triton-path op, ``"nn.linear.gemm"``) ran on torch
+    (not while ``torch.compile`` traces: recording takes a lock Dynamo cannot trace)."""
+    if not torch.compiler.is_compiling():
+        backend.resolve(component, "torch", device)
+
+
+@functools.cache
+def triton_kernels() -> ModuleType:
+    """``triton_kernels.nn``, imported on first use (by a custom op's body, which only runs once
+    :func:`use_triton` chose Triton, or when called directly); raises clearly when triton or the
+    kernel package is missing (:func:`torchopt_lab.backend.kernels`)."""
+    return importlib.import_module(f"{backend.kernels().__name__}.nn")
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels keep per-row or per-channel statistics in for ``dtype`` inputs
+    (``triton_kernels.nn._common.statistics_dtype``), for the custom ops' fake implementations."""
+    return importlib.import_module(f"{triton_kernels().__name__}._common").statistics_dtype(dtype)
+
+
+def first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Make ``backward`` raise RuntimeError when run with ``create_graph=True`` (grad mode on)."""
+
+    @functools.wraps(backward)
+    def checked(ctx: Any, *grad_outputs: torch.Tensor) -> Any:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{type(ctx).__name__.removesuffix('Backward')}: the Triton path is differentiable "
+                "once, so backward with create_graph=True (double backward, Hessian-vector "
+                f"products) would give a wrong second derivative; set {backend.ENV_VAR}=torch "
+                "for the twice-differentiable torch path"
+            )
+        return backward(ctx, *grad_outputs)
+
+    return checked

@@ -1,12 +1,20 @@
-"""Dropout (Srivastava et al., 2014) with a hand-written backward pass."""
+"""Dropout (Srivastava et al., 2014), ``torch.nn.functional.dropout``, paired with
+``triton_kernels/nn/dropout.py``: the functional with its validation, the torch-path Function with
+a hand-written backward, the Triton-path Function on the seeded kernel (the
+``torchopt_lab::dropout_*`` custom ops, their seed a traced CPU tensor, so ``torch.compile``
+sees no host-side random draw), and the module.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
 
-from torchopt_lab.nn._function import forward_mode
+from torchopt_lab.nn._dispatch import first_order_only, triton_kernels, use_triton
+from torchopt_lab.nn._function import apply, forward_mode
 
 
 @forward_mode
@@ -53,3 +61,110 @@ class DropoutFunction(torch.autograd.Function):
         (noise,) = ctx.saved_tensors
         # dL/dx = g ⊙ m / (1 - p)
         return grad_output * noise, None, None
+
+
+# The Triton path: the seeded kernel as custom ops. The seed is a CPU int64 scalar tensor drawn by
+# the Function with torch.randint on torch's CPU generator (so ``torch.manual_seed`` repeats it, no
+# device sync, and ``torch.compile`` traces the draw, a random op its common-subexpression pass
+# keeps apart: two dropouts of one tensor get two seeds), an input of the forward and backward ops.
+# The launcher's seed range is [0, 2³¹ - 1] (``triton_kernels/nn/dropout.py``; it refuses others).
+_SEED_BOUND = 2**31 - 1
+
+
+@torch.library.custom_op("torchopt_lab::dropout_forward", mutates_args=())
+def dropout_forward(input: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """``input ⊙ m / (1 - p)`` on the Triton kernel, ``m`` the mask of ``seed``."""
+    return triton_kernels().dropout_forward(input, p, int(seed))
+
+
+@dropout_forward.register_fake
+def _(input: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(input)
+
+
+@torch.library.custom_op("torchopt_lab::dropout_forward_", mutates_args=("input",))
+def dropout_forward_(input: torch.Tensor, p: float, seed: torch.Tensor) -> None:
+    """``input ← input ⊙ m / (1 - p)`` in place on the Triton kernel, ``m`` the mask of
+    ``seed``."""
+    triton_kernels().dropout_forward(input, p, int(seed), out=input)
+
+
+@dropout_forward_.register_fake
+def _(input: torch.Tensor, p: float, seed: torch.Tensor) -> None:
+    return None
+
+
+@torch.library.custom_op("torchopt_lab::dropout_backward", mutates_args=())
+def dropout_backward(grad_output: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """``grad_output ⊙ m / (1 - p)`` on the Triton kernel, ``m`` regenerated from ``seed``."""
+    return triton_kernels().dropout_backward(grad_output, p, int(seed))
+
+
+@dropout_backward.register_fake
+def _(grad_output: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(grad_output)
+
+
+class DropoutTritonFunction(torch.autograd.Function):
+    """Dropout on the seeded kernel: keeps one integer seed, and the backward regenerates the
+    forward's mask from it."""
+
+    @staticmethod
+    def forward(ctx: Any, input: torch.Tensor, p: float, inplace: bool) -> torch.Tensor:
+        ctx.p = p
+        contiguous = input.contiguous()
+        seed = None
+        if p == 1:
+            # Everything dropped: zeros, no mask to draw (as torch).
+            output = input.zero_() if inplace else torch.zeros_like(input)
+        elif inplace:
+            seed = torch.randint(0, _SEED_BOUND, (), device="cpu")
+            dropout_forward_(contiguous, p, seed)
+            # (is_contiguous, not a data-pointer comparison, which torch.compile cannot trace)
+            if not input.is_contiguous():
+                input.copy_(contiguous)
+            output = input
+        else:
+            seed = torch.randint(0, _SEED_BOUND, (), device="cpu")
+            output = dropout_forward(contiguous, p, seed)
+        if inplace:
+            ctx.mark_dirty(output)
+        ctx.save_for_backward(seed)
+        return output
+
+    @staticmethod
+    @first_order_only
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (seed,) = ctx.saved_tensors
+        if seed is None:
+            # dL/dx = 0: every element was dropped
+            return torch.zeros_like(grad_output), None, None
+        # dL/dx = g m / (1 - p), m regenerated from the seed
+        return dropout_backward(grad_output.contiguous(), ctx.p, seed), None, None
+
+
+def dropout(
+    input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False
+) -> torch.Tensor:
+    """Zero each element with probability ``p`` and scale the rest by ``1 / (1 - p)`` (when
+    ``training``); see :class:`DropoutFunction`."""
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not training or p == 0 or input.numel() == 0:
+        return input
+    if not input.is_floating_point() and not input.is_complex():
+        # torch's error for an integer or bool input (its float mask cannot be cast back)
+        raise RuntimeError(
+            f"result type Float can't be cast to the desired output type {input.dtype}"
+        )
+    if use_triton("dropout", input):
+        return DropoutTritonFunction.apply(input, p, inplace)
+    return apply(DropoutFunction, input, p, inplace)[0]
+
+
+class Dropout(nn.Dropout):
+    """:class:`torch.nn.Dropout` running :func:`dropout`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return dropout(input, self.p, self.training, self.inplace)

@@ -1,5 +1,5 @@
 """Embedding lookup, ``torch.nn.functional.embedding``: the functional, its validation and its
-Function with a hand-written backward.
+Function with a hand-written backward, and the module.
 
 ``y[..., :] = W[i[...], :]`` for integer indices ``i`` into the ``N`` rows of ``W``. With
 ``g = dL/dy``: ``dL/dW_n = Σ_{k: i_k = n} g_k`` (divided by the number of such ``k`` with
@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from torchopt_lab.nn._dispatch import record_torch_only
 from torchopt_lab.nn._function import apply, forward_mode
@@ -109,3 +110,18 @@ def embedding(
             torch.embedding_renorm_(weight, input, max_norm, norm_type)
     record_torch_only("embedding", weight)
     return apply(EmbeddingFunction, weight, input, padding_idx, scale_grad_by_freq, sparse)
+
+
+class Embedding(nn.Embedding):
+    """:class:`torch.nn.Embedding` running :func:`embedding`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return embedding(
+            input,
+            self.weight,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )

@@ -1,7 +1,9 @@
-"""The affine map ``y = x Wᵀ + b`` with a hand-written backward pass.
+"""The affine map ``y = x Wᵀ + b``, ``torch.nn.functional.linear``: the functional, its Function
+with a hand-written backward, and the module.
 
-The products run on torch's GEMM (the speed limit on every device); which products the backward
-computes is written out here.
+The products run on torch's GEMM (the speed limit on every device; a Triton kernel would not beat
+cuBLAS there); which products the backward computes is written out here. On the Triton path the
+same Function runs, recorded as ``nn.linear.gemm`` (torch) in :func:`torchopt_lab.backend_info`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ import math
 from typing import Any
 
 import torch
+from torch import nn
 
+from torchopt_lab.nn._autocast import autocast_inputs
+from torchopt_lab.nn._dispatch import record_torch_part, use_triton
 from torchopt_lab.nn._function import apply, forward_mode
 
 
@@ -78,7 +83,10 @@ class LinearFunction(torch.autograd.Function):
 def linear(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The torch path of ``F.linear``: :class:`LinearFunction`, a 1-D ``weight`` as one row."""
+    """``input @ weight.T + bias``, a 1-D ``weight`` as one row; see :class:`LinearFunction`."""
+    input, weight, bias = autocast_inputs("linear", input, weight, bias)
+    if use_triton("linear", input, weight, bias):
+        record_torch_part("nn.linear.gemm", input.device)
     if weight.dim() == 1:
         if bias is not None:
             raise RuntimeError(
@@ -100,3 +108,10 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` as a matrix with its last dimension as columns (every other dimension flattened
     into rows, also when some have size 0)."""
     return tensor.reshape(math.prod(tensor.shape[:-1]), tensor.shape[-1])
+
+
+class Linear(nn.Linear):
+    """:class:`torch.nn.Linear` running :func:`linear`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return linear(input, self.weight, self.bias)

@@ -1,4 +1,8 @@
-"""Layer and batch normalisation with hand-written backward passes.
+"""Layer and batch normalisation, ``torch.nn.functional.layer_norm`` and ``batch_norm``, paired
+with ``triton_kernels/nn/layer_norm.py`` and ``batch_norm.py``: the functionals with their
+validation, the torch-path Functions with hand-written backward passes, the Triton-path Functions
+on the kernels (the ``torchopt_lab::layer_norm_*``, ``batch_norm_*`` and ``channel_affine``
+custom ops), and the modules. The two share the statistics and the derivative below.
 
 Both normalise ``x`` over a set of ``n`` elements that share statistics, then apply an affine map:
 ``μ = mean(x)``, ``σ² = mean((x - μ)²)`` (biased), ``r = 1 / √(σ² + eps)``, ``x̂ = (x - μ) r``,
@@ -15,32 +19,17 @@ recomputed from ``x`` with differentiable ops, so the second derivative sees tha
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
 
-from torchopt_lab.nn._function import forward_mode
-
-
-def check_normalized_shape(
-    op: str, input: torch.Tensor, normalized_shape: Any, separator: str
-) -> list[int]:
-    """torch's checks of ``normalized_shape`` for ``layer_norm``/``rms_norm``, with their exact
-    messages (the two differ in ``separator`` after the ``*``); returns it as a list."""
-    if not isinstance(normalized_shape, (list, tuple, torch.Size)):
-        raise TypeError(
-            f"{op}(): argument 'normalized_shape' (position 2) must be tuple of ints, not "
-            f"{type(normalized_shape).__name__}"
-        )
-    normalized_shape = list(normalized_shape)
-    count = len(normalized_shape)
-    if count == 0 or list(input.shape[input.dim() - count :]) != normalized_shape:
-        raise RuntimeError(
-            f"Given normalized_shape={normalized_shape}, expected input with shape "
-            f"[*{separator}{', '.join(map(str, normalized_shape))}], but got input of size"
-            f"{list(input.shape)}"
-        )
-    return normalized_shape
+from torchopt_lab.nn._autocast import autocast_inputs
+from torchopt_lab.nn._common import check_dtype, check_floating, check_normalized_shape
+from torchopt_lab.nn._dispatch import first_order_only, statistics_dtype, triton_kernels, use_triton
+from torchopt_lab.nn._function import apply, forward_mode
 
 
 def _variance_mean(input: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,3 +297,395 @@ class BatchNormFunction(torch.autograd.Function):
             None,
             None,
         )
+
+
+# The Triton path: the layer-norm and batch-norm kernels as custom ops.
+
+
+@torch.library.custom_op("torchopt_lab::layer_norm_forward", mutates_args=())
+def layer_norm_forward(
+    input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, μ, r)`` normalising the last dimension of contiguous rows on the Triton kernel."""
+    return triton_kernels().layer_norm_forward(input, weight, bias, eps)
+
+
+@layer_norm_forward.register_fake
+def _(
+    input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = math.prod(input.shape[:-1])
+    dtype = statistics_dtype(input.dtype)
+    return (
+        torch.empty_like(input),
+        input.new_empty(rows, dtype=dtype),
+        input.new_empty(rows, dtype=dtype),
+    )
+
+
+@torch.library.custom_op("torchopt_lab::layer_norm_backward", mutates_args=())
+def layer_norm_backward(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    compute_parameter_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dL/dx, dL/dw, dL/db)`` on the Triton kernels; the parameter gradients are empty unless
+    ``compute_parameter_grads``."""
+    grad_input, grad_weight, grad_bias = triton_kernels().layer_norm_backward(
+        grad_output, input, weight, mean, rstd, compute_parameter_grads
+    )
+    if grad_weight is None:
+        return grad_input, input.new_empty(0), input.new_empty(0)
+    return grad_input, grad_weight, grad_bias
+
+
+@layer_norm_backward.register_fake
+def _(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    compute_parameter_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    columns = input.shape[-1] if compute_parameter_grads else 0
+    return torch.empty_like(input), input.new_empty(columns), input.new_empty(columns)
+
+
+@torch.library.custom_op("torchopt_lab::batch_norm_statistics", mutates_args=())
+def batch_norm_statistics(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(μ, σ²)`` per channel of a contiguous ``[N, C, *]`` input on the Triton kernel."""
+    return triton_kernels().batch_norm_statistics(input)
+
+
+@batch_norm_statistics.register_fake
+def _(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = statistics_dtype(input.dtype)
+    return input.new_empty(input.shape[1], dtype=dtype), input.new_empty(
+        input.shape[1], dtype=dtype
+    )
+
+
+@torch.library.custom_op("torchopt_lab::batch_norm_gradient_sums", mutates_args=())
+def batch_norm_gradient_sums(
+    grad_output: torch.Tensor, input: torch.Tensor, mean: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ g, Σ g (x - μ))`` per channel on the Triton kernel."""
+    return triton_kernels().batch_norm_gradient_sums(grad_output, input, mean)
+
+
+@batch_norm_gradient_sums.register_fake
+def _(
+    grad_output: torch.Tensor, input: torch.Tensor, mean: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = statistics_dtype(input.dtype)
+    return input.new_empty(input.shape[1], dtype=dtype), input.new_empty(
+        input.shape[1], dtype=dtype
+    )
+
+
+@torch.library.custom_op("torchopt_lab::channel_affine", mutates_args=())
+def channel_affine(
+    input: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    second: torch.Tensor | None = None,
+    second_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``scale_c x + shift_c (+ second_scale_c second)`` per channel on the Triton kernel."""
+    return triton_kernels().channel_affine(input, scale, shift, second, second_scale)
+
+
+@channel_affine.register_fake
+def _(
+    input: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    second: torch.Tensor | None = None,
+    second_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return torch.empty_like(input)
+
+
+class LayerNormTritonFunction(torch.autograd.Function):
+    """Layer normalisation over the trailing ``normalized_dims`` dimensions (flattened into one
+    row) on the layer-norm kernels; keeps ``x``, ``w``, ``μ`` and ``r``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        normalized_dims: int,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+    ) -> torch.Tensor:
+        width = math.prod(input.shape[input.dim() - normalized_dims :])
+        # rows counted from the leading dimensions: reshape(-1, 0) is ambiguous for an empty row
+        rows = input.contiguous().reshape(
+            math.prod(input.shape[: input.dim() - normalized_dims]), width
+        )
+        # float32 parameters of a float16/bfloat16 input are read in the input's dtype
+        flat_weight = None if weight is None else weight.to(input.dtype).contiguous().reshape(width)
+        flat_bias = None if bias is None else bias.to(input.dtype).contiguous().reshape(width)
+        output, mean, rstd = layer_norm_forward(rows, flat_weight, flat_bias, eps)
+        ctx.shapes = (input.shape, input.shape[input.dim() - normalized_dims :])
+        ctx.save_for_backward(rows, flat_weight, mean, rstd)
+        return output.reshape(input.shape)
+
+    @staticmethod
+    @first_order_only
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, weight, mean, rstd = ctx.saved_tensors
+        input_shape, normalized_shape = ctx.shapes
+        parameters = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        # dL/dx = r (w g - x̂ c_1 - c_2); dL/dw = Σ g x̂, dL/db = Σ g (partial sums, added)
+        grad_input, grad_weight, grad_bias = layer_norm_backward(
+            grad_output.contiguous().reshape(rows.shape), rows, weight, mean, rstd, parameters
+        )
+        grad_weight = grad_weight.reshape(normalized_shape) if ctx.needs_input_grad[2] else None
+        grad_bias = grad_bias.reshape(normalized_shape) if ctx.needs_input_grad[3] else None
+        return grad_input.reshape(input_shape), None, grad_weight, grad_bias, None
+
+
+class BatchNormTritonFunction(torch.autograd.Function):
+    """Batch normalisation of ``[N, C, *]`` on the batch-norm kernels: statistics (training), the
+    per-channel affine map ``y = (w r) x + (b - μ w r)``, and in backward the per-channel sums
+    ``Σ g``, ``Σ g (x - μ)`` and the affine map ``dL/dx = (w r) g - (r² c_1) x + r (r c_1 μ -
+    c_2)``. The running statistics are updated in torch ops on the ``[C]`` vectors, as torch
+    does: ``(1 - m) running + m · batch`` with the unbiased batch variance."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+    ) -> torch.Tensor:
+        x = input.contiguous()
+        ctx.empty = x.numel() == 0
+        if ctx.empty:
+            # Nothing to normalise, no statistics to update (as in torch).
+            return x.clone()
+        channels = x.shape[1]
+        count = x.numel() // channels if channels else 0
+        statistics_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if training:
+            mean, variance = batch_norm_statistics(x)
+            with torch.no_grad():
+                if running_mean is not None:
+                    running_mean.mul_(1 - momentum).add_(
+                        mean.to(running_mean.dtype), alpha=momentum
+                    )
+                if running_var is not None:
+                    unbiased = variance * (count / max(count - 1, 1))
+                    running_var.mul_(1 - momentum).add_(
+                        unbiased.to(running_var.dtype), alpha=momentum
+                    )
+        else:
+            mean = running_mean.to(statistics_dtype).clone()
+            variance = running_var.to(statistics_dtype)
+        # r = 1 / √(σ² + eps)
+        rstd = torch.rsqrt(variance + eps)
+        affine = torch.ones_like(rstd) if weight is None else weight.to(statistics_dtype)
+        shift = -mean * affine * rstd
+        if bias is not None:
+            shift = shift + bias.to(statistics_dtype)
+        # y = (w r) x + (b - μ w r)
+        output = channel_affine(x, (affine * rstd).contiguous(), shift.contiguous())
+        ctx.options = (training, count)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return output
+
+    @staticmethod
+    @first_order_only
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.empty:
+            # dL/dx: empty like x; dL/dw = dL/db = 0, sums over no elements
+            zeros = grad_output.new_zeros(grad_output.shape[1])
+            grad_weight = zeros if ctx.needs_input_grad[3] else None
+            grad_bias = zeros.clone() if ctx.needs_input_grad[4] else None
+            grad_input = torch.zeros_like(grad_output)
+            return grad_input, None, None, grad_weight, grad_bias, None, None, None
+        x, weight, mean, rstd = ctx.saved_tensors
+        training, count = ctx.options
+        g = grad_output.contiguous()
+        affine = torch.ones_like(rstd) if weight is None else weight.to(rstd.dtype)
+        # S_g = Σ g = dL/db, and Σ g (x - μ)
+        grad_bias, centered_dot = batch_norm_gradient_sums(g, x, mean)
+        # dL/dw = Σ g x̂ = r Σ g (x - μ)
+        grad_weight = rstd * centered_dot
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            if training:
+                # c_1 = w dL/dw / n, c_2 = w dL/db / n
+                c1 = affine * grad_weight / count
+                c2 = affine * grad_bias / count
+                # dL/dx = (w r) g - (r² c_1) x + r (r c_1 μ - c_2)
+                grad_input = channel_affine(
+                    x,
+                    (-rstd * rstd * c1).contiguous(),
+                    (rstd * (rstd * c1 * mean - c2)).contiguous(),
+                    g,
+                    (affine * rstd).contiguous(),
+                )
+            else:
+                # dL/dx = (w r) g (μ and r are the running statistics, constants)
+                grad_input = channel_affine(g, (affine * rstd).contiguous(), torch.zeros_like(rstd))
+        parameter_dtype = x.dtype if weight is None else weight.dtype
+        grad_weight = grad_weight.to(parameter_dtype) if ctx.needs_input_grad[3] else None
+        grad_bias = grad_bias.to(parameter_dtype) if ctx.needs_input_grad[4] else None
+        return grad_input, None, None, grad_weight, grad_bias, None, None, None
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: list[int] | tuple[int, ...] | torch.Size,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Layer normalisation over the trailing ``normalized_shape`` dimensions; see
+    :class:`LayerNormFunction`."""
+    input, weight, bias = autocast_inputs("layer_norm", input, weight, bias)
+    normalized_shape = check_normalized_shape("layer_norm", input, normalized_shape, ", ")
+    count = len(normalized_shape)
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and list(tensor.shape) != normalized_shape:
+            raise RuntimeError(
+                f"Expected {name} to be of same shape as normalized_shape, but got {name} of "
+                f"shape {list(tensor.shape)} and normalized_shape = {normalized_shape}"
+            )
+    check_floating("layer_norm", input)
+    check_dtype("layer_norm", input, weight=weight, bias=bias)
+    if use_triton("layer_norm", input, weight, bias):
+        return LayerNormTritonFunction.apply(input, count, weight, bias, eps)
+    return apply(LayerNormFunction, input, count, weight, bias, eps)[0]
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Batch normalisation over dimension 1 of ``[N, C, *]``; in training it updates
+    ``running_mean``/``running_var`` in place (when given) as torch does; see
+    :class:`BatchNormFunction`."""
+    if training:
+        if input.dim() == 0:
+            raise IndexError("batch_norm expects an input of shape [N, C, *], got a 0-D input")
+        # torch's rule: N times the spatial size, not counting C (1 for [1, 0] too)
+        if input.shape[0] * math.prod(input.shape[2:]) == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{input.size()}"
+            )
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if input.dim() == 1 and input.numel() == 0:
+        # torch returns an empty result for an empty 1-D input, whatever the other arguments
+        return input.clone()
+    if input.dim() < 2:
+        # torch's errors: a 1-D input has no channel dimension (0 channels for the per-channel
+        # tensors, an IndexError for the rest); a 0-D one fails a size check
+        for name, tensor in (
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+            ("weight", weight),
+            ("bias", bias),
+        ):
+            if input.dim() == 1 and tensor is not None and tensor.numel():
+                raise RuntimeError(f"{name} should contain 0 elements not {tensor.numel()}")
+        error = IndexError if input.dim() == 1 else RuntimeError
+        raise error(
+            f"batch_norm expects an input of shape [N, C, *], got input of size {list(input.shape)}"
+        )
+    channels = input.shape[1]
+    for name, tensor in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
+        if tensor is not None and tensor.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {tensor.numel()}")
+    if not training and (running_mean is None or running_var is None):
+        missing = "running_mean" if running_mean is None else "running_var"
+        raise RuntimeError(f"{missing} must be defined in evaluation mode")
+    check_floating("batch_norm", input)
+    check_dtype(
+        "batch_norm",
+        input,
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
+    )
+    if use_triton("batch_norm", input, weight, bias):
+        return BatchNormTritonFunction.apply(
+            input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
+    return apply(
+        BatchNormFunction, input, running_mean, running_var, weight, bias, training, momentum, eps
+    )[0]
+
+
+class LayerNorm(nn.LayerNorm):
+    """:class:`torch.nn.LayerNorm` running :func:`layer_norm`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class _BatchNormForward:
+    """The forward of torch's ``_BatchNorm``, calling our ``batch_norm``: ``momentum=None``
+    means a cumulative moving average (factor ``1 / num_batches_tracked``)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        # Batch statistics in training, and in evaluation when no running statistics are kept.
+        use_batch_statistics = self.training or (
+            self.running_mean is None and self.running_var is None
+        )
+        # The running statistics are passed only where they are used or updated.
+        keep = not self.training or self.track_running_stats
+        return batch_norm(
+            input,
+            self.running_mean if keep else None,
+            self.running_var if keep else None,
+            self.weight,
+            self.bias,
+            use_batch_statistics,
+            factor,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
+    """:class:`torch.nn.BatchNorm1d` running :func:`batch_norm`."""
+
+
+class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
+    """:class:`torch.nn.BatchNorm2d` running :func:`batch_norm`."""

@@ -1,5 +1,6 @@
 """Root-mean-square layer normalisation (Zhang & Sennrich, 2019), ``torch.nn.functional.rms_norm``:
-the functional, its validation and its Function with a hand-written backward.
+paired with ``triton_kernels/nn/rms_norm.py``: the functional with its validation, the torch-path
+Function with a hand-written backward, the Triton-path Function on the kernels, and the module.
 
 Over the trailing ``normalized_shape`` dimensions (``n`` elements): ``r = 1 / √(mean(x²) + eps)``,
 ``x̂ = x r``, ``y = w x̂``. With ``g = dL/dy``:
@@ -7,20 +8,31 @@ Over the trailing ``normalized_shape`` dimensions (``n`` elements): ``r = 1 / �
 ``dL/dx = r (w g - x̂ c_1)``, ``c_1 = mean(x̂ ⊙ w g)``, ``dL/dw = Σ_batch g x̂``.
 
 ``eps=None`` is ``torch.finfo(x.dtype).eps``; a float16/bfloat16 input is normalised in float32
-and ``y`` has the input's dtype, as in torch. Triton: no kernel yet; every backend runs
-this torch path and records so (``nn.rms_norm`` in :func:`torchopt_lab.backend_info`).
+and ``y`` has the input's dtype, as in torch. Triton: the kernels of
+``triton_kernels/nn/rms_norm.py`` (the ``torchopt_lab::rms_norm_*`` custom ops), ``x`` flattened
+to rows of the normalised elements; a weight of another dtype than the input's (torch computes
+with it unrounded) runs the torch path, recorded as ``nn.rms_norm.dtype`` (torch).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
 
 from torchopt_lab.nn._autocast import autocast_inputs
-from torchopt_lab.nn._dispatch import record_torch_only
+from torchopt_lab.nn._common import check_normalized_shape
+from torchopt_lab.nn._dispatch import (
+    first_order_only,
+    record_torch_part,
+    statistics_dtype,
+    triton_kernels,
+    use_triton,
+)
 from torchopt_lab.nn._function import apply, forward_mode
-from torchopt_lab.nn._norm import check_normalized_shape
 
 
 def _rstd(input: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
@@ -104,6 +116,93 @@ class RMSNormFunction(torch.autograd.Function):
         return grad_input, None, grad_weight, None
 
 
+# The Triton path: the RMS-norm kernels as custom ops.
+
+
+@torch.library.custom_op("torchopt_lab::rms_norm_forward", mutates_args=())
+def rms_norm_forward(
+    input: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, r)`` normalising the last dimension of contiguous rows on the Triton kernel."""
+    return triton_kernels().rms_norm_forward(input, weight, eps)
+
+
+@rms_norm_forward.register_fake
+def _(
+    input: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = math.prod(input.shape[:-1])
+    return torch.empty_like(input), input.new_empty(rows, dtype=statistics_dtype(input.dtype))
+
+
+@torch.library.custom_op("torchopt_lab::rms_norm_backward", mutates_args=())
+def rms_norm_backward(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    compute_weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dx, dL/dw)`` on the Triton kernels; ``dL/dw`` is empty without a weight or unless
+    ``compute_weight_grad`` (a custom op returns tensors, not None)."""
+    grad_input, grad_weight = triton_kernels().rms_norm_backward(
+        grad_output, input, weight, rstd, compute_weight_grad
+    )
+    return grad_input, input.new_empty(0) if grad_weight is None else grad_weight
+
+
+@rms_norm_backward.register_fake
+def _(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    compute_weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with_weight = weight is not None and compute_weight_grad
+    return torch.empty_like(input), (
+        torch.empty_like(weight) if with_weight else input.new_empty(0)
+    )
+
+
+class RMSNormTritonFunction(torch.autograd.Function):
+    """RMS normalisation over the trailing ``normalized_dims`` dimensions (flattened into one
+    row) on the RMS-norm kernels; keeps ``x``, ``w`` and ``r``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        normalized_dims: int,
+        weight: torch.Tensor | None,
+        eps: float,
+    ) -> torch.Tensor:
+        width = math.prod(input.shape[input.dim() - normalized_dims :])
+        # rows counted from the leading dimensions: reshape(-1, 0) is ambiguous for an empty row
+        rows = input.contiguous().reshape(
+            math.prod(input.shape[: input.dim() - normalized_dims]), width
+        )
+        flat_weight = None if weight is None else weight.contiguous().reshape(width)
+        output, rstd = rms_norm_forward(rows, flat_weight, eps)
+        ctx.input_shape = input.shape
+        ctx.weight_shape = None if weight is None else weight.shape
+        ctx.save_for_backward(rows, flat_weight, rstd)
+        return output.reshape(input.shape)
+
+    @staticmethod
+    @first_order_only
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, weight, rstd = ctx.saved_tensors
+        with_weight = weight is not None and ctx.needs_input_grad[2]
+        # dL/dx = r (w g - x̂ c_1); dL/dw = Σ_rows g x̂
+        grad_input, grad_weight = rms_norm_backward(
+            grad_output.contiguous().reshape(rows.shape), rows, weight, rstd, with_weight
+        )
+        grad_weight = grad_weight.reshape(ctx.weight_shape) if with_weight else None
+        return grad_input.reshape(ctx.input_shape), None, grad_weight, None
+
+
 def rms_norm(
     input: torch.Tensor,
     normalized_shape: list[int] | tuple[int, ...] | torch.Size,
@@ -130,5 +229,15 @@ def rms_norm(
         # float16/bfloat16 inputs), not of the input's dtype (bfloat16's is 2^-7)
         low_precision = input.dtype in (torch.float16, torch.bfloat16)
         eps = torch.finfo(torch.float32 if low_precision else input.dtype).eps
-    record_torch_only("rms_norm", input)
+    if use_triton("rms_norm", input, weight):
+        if weight is None or weight.dtype == input.dtype:
+            return RMSNormTritonFunction.apply(input, count, weight, eps)
+        record_torch_part("nn.rms_norm.dtype", input.device)
     return apply(RMSNormFunction, input, count, weight, eps)[0]
+
+
+class RMSNorm(nn.RMSNorm):
+    """:class:`torch.nn.RMSNorm` running :func:`rms_norm`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return rms_norm(input, self.normalized_shape, self.weight, self.eps)

@@ -1,4 +1,7 @@
-"""Softmax and log-softmax along one dimension, with hand-written backward passes.
+"""Softmax and log-softmax along one dimension, paired with ``triton_kernels/nn/softmax.py``: the
+functionals with their validation, the torch-path Functions with hand-written backward passes,
+the Triton-path Function on the row kernels (the ``torchopt_lab::softmax_*`` custom ops), and the
+modules.
 
 Notation: ``x`` the input, ``y`` the output, ``g = dL/dy``, sums run over the softmax dimension.
 ``dtype`` casts the input before the operation (as in torch) and the gradient back after it.
@@ -6,11 +9,16 @@ Notation: ``x`` the input, ``y`` the output, ``g = dL/dy``, sums run over the so
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
 
-from torchopt_lab.nn._function import forward_mode
+from torchopt_lab.nn._autocast import autocast_inputs
+from torchopt_lab.nn._dispatch import first_order_only, triton_kernels, use_triton
+from torchopt_lab.nn._function import apply, forward_mode
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -76,3 +84,107 @@ class LogSoftmaxFunction(torch.autograd.Function):
         # dL/dx = g - softmax(x) Σ_j g_j, with softmax(x) = exp(y)
         grad_input = grad_output - output.exp() * grad_output.sum(ctx.dim, keepdim=True)
         return grad_input.to(ctx.input_dtype), None, None
+
+
+@torch.library.custom_op("torchopt_lab::softmax_forward", mutates_args=())
+def softmax_forward(input: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+    """``softmax(input, dim)`` (``log_softmax`` when ``log``) on the row kernel, contiguous."""
+    return triton_kernels().softmax_forward(input, dim, log)[0].contiguous()
+
+
+@softmax_forward.register_fake
+def _(input: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+    return input.new_empty(input.shape)
+
+
+@torch.library.custom_op("torchopt_lab::softmax_backward", mutates_args=())
+def softmax_backward(
+    grad_output: torch.Tensor, output: torch.Tensor, dim: int, log: bool
+) -> torch.Tensor:
+    """``dL/dx`` of (log-)softmax on the row kernel, contiguous."""
+    return triton_kernels().softmax_backward(grad_output, output, dim, log).contiguous()
+
+
+@softmax_backward.register_fake
+def _(grad_output: torch.Tensor, output: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+    return output.new_empty(output.shape)
+
+
+class SoftmaxTritonFunction(torch.autograd.Function):
+    """Softmax (or, with ``log``, log-softmax) along ``dim`` on the row kernels, ``dim`` moved
+    last; keeps the output."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, input: torch.Tensor, dim: int, dtype: torch.dtype | None, log: bool
+    ) -> torch.Tensor:
+        ctx.options = (dim, log, input.dtype)
+        output = softmax_forward(input if dtype is None else input.to(dtype), dim, log)
+        ctx.save_for_backward(output)
+        return output
+
+    @staticmethod
+    @first_order_only
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (output,) = ctx.saved_tensors
+        dim, log, input_dtype = ctx.options
+        # dL/dx = y (g - Σ g y), or g - exp(y) Σ g for log-softmax
+        grad_input = softmax_backward(grad_output, output, dim, log).to(input_dtype)
+        return grad_input, None, None, None
+
+
+def _softmax_dim(name: str, input: torch.Tensor, dim: int | None, stacklevel: int) -> int:
+    if dim is not None:
+        return dim
+    warnings.warn(
+        f"Implicit dimension choice for {name} has been deprecated. "
+        "Change the call to include dim=X as an argument.",
+        stacklevel=stacklevel,
+    )
+    return 0 if input.dim() in (0, 1, 3) else 1
+
+
+def softmax(
+    input: torch.Tensor,
+    dim: int | None = None,
+    _stacklevel: int = 3,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Softmax along ``dim`` (computed in ``dtype`` when given); see :class:`SoftmaxFunction`."""
+    if dtype is None:
+        (input,) = autocast_inputs("softmax", input)
+    dim = _softmax_dim("softmax", input, dim, _stacklevel)
+    if use_triton("softmax", input):
+        return SoftmaxTritonFunction.apply(input, dim, dtype, False)
+    return apply(SoftmaxFunction, input, dim, dtype)
+
+
+def log_softmax(
+    input: torch.Tensor,
+    dim: int | None = None,
+    _stacklevel: int = 3,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Log-softmax along ``dim`` (computed in ``dtype`` when given); see
+    :class:`LogSoftmaxFunction`."""
+    if dtype is None:
+        (input,) = autocast_inputs("log_softmax", input)
+    dim = _softmax_dim("log_softmax", input, dim, _stacklevel)
+    if use_triton("log_softmax", input):
+        return SoftmaxTritonFunction.apply(input, dim, dtype, True)
+    return apply(LogSoftmaxFunction, input, dim, dtype)
+
+
+class Softmax(nn.Softmax):
+    """:class:`torch.nn.Softmax` running :func:`softmax`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return softmax(input, self.dim, _stacklevel=5)
+
+
+class LogSoftmax(nn.LogSoftmax):
+    """:class:`torch.nn.LogSoftmax` running :func:`log_softmax`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return log_softmax(input, self.dim, _stacklevel=5)

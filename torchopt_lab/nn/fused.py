@@ -3,31 +3,82 @@
 On the Triton path the product runs on torch's GEMM and the bias add and activation are one kernel
 pass over its output (and one pass backward for ``dL/dz`` and ``dL/db``), where
 ``linear`` then ``relu`` would read and write the ``[*, out]`` tensor twice more; see
-:class:`torchopt_lab.nn._triton.LinearActivationFunction`. On the torch path it is
+:class:`LinearActivationTritonFunction`. On the torch path it is
 :func:`~torchopt_lab.nn.functional.linear` followed by the activation, each with its hand-written
 (twice-differentiable) backward.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
+from torch.autograd.function import once_differentiable
 
 from torchopt_lab.nn._activation import (
     GELUFunction,
     LeakyReLUFunction,
     ReLUFunction,
     SigmoidFunction,
+    SiLUFunction,
     TanhFunction,
+    bias_activation_backward,
+    bias_activation_forward,
+    saves_output,
 )
 from torchopt_lab.nn._autocast import autocast_inputs
-from torchopt_lab.nn._dispatch import triton_function, use_triton
+from torchopt_lab.nn._dispatch import first_order_only, record_torch_part, use_triton
 from torchopt_lab.nn._function import apply
 from torchopt_lab.nn._linear import LinearFunction
-from torchopt_lab.nn._silu import SiLUFunction
 
 __all__ = ["ACTIVATIONS", "linear_activation"]
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
+
+
+class LinearActivationTritonFunction(torch.autograd.Function):
+    """``y = f(x Wᵀ + b)``: the product on torch's GEMM, the bias and activation fused in one
+    Triton pass; backward ``dL/dz = g f'`` and ``dL/db = Σ dL/dz`` in one Triton pass, then
+    ``dL/dx = dL/dz W`` and ``dL/dW = dL/dzᵀ x`` on the GEMM."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        activation: str,
+        negative_slope: float,
+    ) -> torch.Tensor:
+        record_torch_part("nn.linear_activation.gemm", input.device)
+        product = input.matmul(weight.t()).contiguous()
+        output = bias_activation_forward(product, bias, activation, negative_slope)
+        ctx.options = (activation, negative_slope)
+        ctx.save_for_backward(input, weight, bias, output if saves_output(activation) else product)
+        return output
+
+    @staticmethod
+    @first_order_only
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        input, weight, bias, saved = ctx.saved_tensors
+        activation, negative_slope = ctx.options
+        with_bias = bias is not None and ctx.needs_input_grad[2]
+        # dL/dz = g f'(x Wᵀ + b), and dL/db = Σ_rows dL/dz from the same pass
+        grad_product, grad_bias = bias_activation_backward(
+            grad_output.contiguous(), saved, bias, activation, negative_slope, with_bias
+        )
+        grad_bias = grad_bias if with_bias else None
+        grad_input = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            # dL/dx = dL/dz W
+            grad_input = grad_product.matmul(weight)
+        if ctx.needs_input_grad[1]:
+            # dL/dW = dL/dzᵀ x, summed over every batch dimension
+            rows = math.prod(input.shape[:-1])
+            grad_weight = grad_product.reshape(rows, -1).t().matmul(input.reshape(rows, -1))
+        return grad_input, grad_weight, grad_bias, None, None
 
 
 def _activate(output: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
@@ -71,5 +122,5 @@ def linear_activation(
             f"linear_activation expects a bias of shape [{weight.shape[0]}], got {list(bias.shape)}"
         )
     if use_triton("linear_activation", input, weight, bias):
-        return triton_function("linear_activation")(input, weight, bias, activation, negative_slope)
+        return LinearActivationTritonFunction.apply(input, weight, bias, activation, negative_slope)
     return _activate(apply(LinearFunction, input, weight, bias), activation, negative_slope)

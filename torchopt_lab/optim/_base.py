@@ -13,6 +13,7 @@ A subclass provides three things, the rest is here:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import math
@@ -23,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _use_grad_for_differentiable
+from torch.optim.optimizer import _device_dtype_check_for_fused, _use_grad_for_differentiable
 
 from torchopt_lab import backend as _backend
 from torchopt_lab.optim._fused import Part, _local, fused_step, repeat_step
@@ -49,9 +50,16 @@ def new_step() -> Tensor:
     return torch.tensor(0.0, dtype=_scalar_dtype())
 
 
-def as_float(value: float | Tensor) -> float:
-    """A hyperparameter as a Python number (a 1-element tensor lr or beta is read once)."""
-    return value.item() if isinstance(value, Tensor) else value
+def as_float(value: float | Tensor) -> float | Tensor:
+    """A hyperparameter as a Python number (a 1-element tensor lr or beta is read once).
+
+    Under ``torch.compile`` a tensor stays a tensor (a 0-dim float64 one, as the Python number
+    would be): reading it on the host would break the graph and bake its value into it."""
+    if not isinstance(value, Tensor):
+        return value
+    if torch.compiler.is_compiling():
+        return value.reshape(()).to(torch.float64)
+    return value.item()
 
 
 def increment_steps(state_steps: list[Tensor]) -> None:
@@ -61,8 +69,15 @@ def increment_steps(state_steps: list[Tensor]) -> None:
         torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
 
 
-def read_steps(state_steps: list[Tensor]) -> list[float]:
-    """The step counts as Python numbers."""
+def read_steps(state_steps: list[Tensor]) -> list[float] | list[Tensor]:
+    """The step counts as Python numbers; under ``torch.compile``, as 0-dim float64 tensors.
+
+    A compiled step keeps the counts in the graph, as torch.optim's compiled optimizers do: a host
+    read (``tolist``, ``item``) would break the graph, and a count baked in as a constant would
+    recompile on every step. Per-step scalars computed from them with ``**``, ``*``, ``-``, ``/``
+    are float64 either way (see :func:`per_step`)."""
+    if torch.compiler.is_compiling():
+        return [step.to(torch.float64) for step in state_steps]
     if not state_steps:
         return []
     try:
@@ -70,6 +85,30 @@ def read_steps(state_steps: list[Tensor]) -> list[float]:
         return torch.stack(state_steps).tolist()
     except RuntimeError:
         return [step.item() for step in state_steps]
+
+
+def per_step(steps: list[Any], scalars: Callable[[Any], Any]) -> list[Any]:
+    """``scalars(t)`` for each step count of :func:`read_steps`, computed once per distinct count
+    (eagerly, where counts are numbers); once per tensor under ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return [scalars(t) for t in steps]
+    memo = {t: scalars(t) for t in set(steps)}
+    return [memo[t] for t in steps]
+
+
+def foreach_addcdiv_(
+    targets: list[Tensor], numerators: list[Tensor], denominators: list[Tensor], values: list[Any]
+) -> None:
+    """``targets[i] += values[i] * numerators[i] / denominators[i]``, in that order of operations
+    (torch's addcdiv kernel). Under ``torch.compile`` the values are 0-dim tensors, which
+    ``torch._foreach_addcdiv_`` cannot take as a list: the same three operations, unfused here
+    and fused by Inductor."""
+    if torch.compiler.is_compiling():
+        scaled = torch._foreach_mul(numerators, values)
+        torch._foreach_div_(scaled, denominators)
+        torch._foreach_add_(targets, scaled)
+        return
+    torch._foreach_addcdiv_(targets, numerators, denominators, values)
 
 
 def _sharing_memory(params: list[Tensor]) -> set[int]:
@@ -167,6 +206,22 @@ def _built_by_zero_redundancy_optimizer() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _use_grad_in_graph(step: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.optim's ``_use_grad_for_differentiable``, except under ``torch.compile``: torch's
+    wrapper breaks the graph on both sides of the update (``torch._dynamo.graph_break()``), so
+    ``fullgraph=True`` could not trace a step; here the grad mode is set inside the graph."""
+    eager = _use_grad_for_differentiable(step)
+
+    @functools.wraps(step)
+    def wrapper(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+                return step(self, *args, **kwargs)
+        return eager(self, *args, **kwargs)
+
+    return wrapper
 
 
 class TorchoptOptimizer(torch.optim.Optimizer):
@@ -296,7 +351,10 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         unscale as they load and skip the step on the device when ``found_inf`` is set. Tensors
         that still take the torch path (sparse gradients, complex or gapped parameters, ...)
         honour both too: their gradients are unscaled, and ``found_inf`` skips the whole step
-        (read on the host, one synchronisation, only when such tensors exist)."""
+        (read on the host, one synchronisation, only when such tensors exist). Also true, as in
+        torch.optim, for ``fused=True``: on the torch path that runs torch's fused kernels."""
+        if self.defaults.get("fused"):
+            return True
         devices = {p.device for group in self.param_groups for p in group["params"]}
         component = f"optim.{type(self).__name__}"
         return bool(devices) and all(
@@ -342,7 +400,7 @@ class TorchoptOptimizer(torch.optim.Optimizer):
     def _finish_group(self, group: dict[str, Any], tensors: TensorLists) -> None:
         """Store state the reference update created (SGD's first momentum buffers)."""
 
-    @_use_grad_for_differentiable
+    @_use_grad_in_graph
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimization step; ``closure`` re-evaluates the model and returns the loss."""
         loss = None
@@ -456,13 +514,7 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                 by_kind.setdefault((param.device, param.dtype), []).append(index)
             for (device, dtype), indices in by_kind.items():
                 if self.backend != "torch":
-                    _backend.record(
-                        component,
-                        self.backend,
-                        "torch",
-                        device,
-                        "torch.compile traces the torch path",
-                    )
+                    _backend.record_traced(component, self.backend, device.type, device.index)
                 count = len(tensors["params"])
                 part_tensors = {
                     name: [values[i] for i in indices] if len(values) == count else values
@@ -619,6 +671,11 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         """Run the torch reference update on one part (complex tensors as real views), one run of
         distinct parameters at a time, storing the state it creates after each run; its
         gradients are first multiplied by GradScaler's ``inverse_scale`` when given."""
+        if part.group.get("fused"):
+            # torch.optim's own check and message for fused=True (floating-point parameters on
+            # a device with fused kernels): complex or meta ones are refused, not run on views.
+            for param in part.tensors["params"]:
+                _device_dtype_check_for_fused(param)
         hyperparameters = self._hyperparameters(part.group)
         if inverse_scale is not None:
             factor = inverse_scale.to(part.device)

@@ -14,6 +14,7 @@ options onto its kernel.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 import operator
@@ -31,59 +32,93 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _GRAD = operator.attrgetter("grad")
 
 
+def _beta(index: int) -> Callable[[dict[str, Any]], Any]:
+    return lambda group: group["betas"][index]
+
+
 @dataclass(frozen=True)
 class KernelSpec:
-    """How one optimizer's tensor lists and param-group options map onto its kernel."""
+    """How one optimizer's tensor lists and param-group options map onto its kernel update.
 
-    launcher: str  # the triton_kernels.optim launcher
-    values: Callable[[dict[str, Any]], list[float | Tensor]]  # hyperparameter row of a group
-    flags: Callable[[dict[str, Any]], dict[str, bool]]  # launch-level options of a group
-    state_lists: tuple[str, ...]  # names of the TensorLists holding the state rows
-    state_keys: tuple[str, ...]  # the same state, as keys of optimizer.state[p]
-    has_step: bool = True
+    The update's hyperparameter fields, state and options, with their orders, are declared once,
+    by its :class:`triton_kernels.optim.kernels.KernelUpdate` (``declaration``, imported when
+    first needed: Triton is optional); this only says where each of them lives in a param group
+    and in the optimizer's tensor lists.
+    """
+
+    update: str  # the KernelUpdate's name in triton_kernels.optim.kernels.UPDATES
+    state_lists: dict[str, str]  # state key (a declared state) -> the TensorLists holding it
+    options: Callable[[dict[str, Any]], dict[str, bool]]  # the update's options for a group
+    # Fields not stored in a param group under their own name, and how to read them.
+    readers: dict[str, Callable[[dict[str, Any]], Any]] = field(default_factory=dict)
+
+    @functools.cached_property
+    def declaration(self) -> Any:
+        declaration = importlib.import_module("triton_kernels.optim.kernels").UPDATES[self.update]
+        if set(self.state_lists) != set(declaration.states):
+            raise ValueError(
+                f"{self.update}: state lists for {sorted(self.state_lists)}, but the kernel "
+                f"update declares {list(declaration.states)}"
+            )
+        return declaration
+
+    @functools.cached_property
+    def _field_readers(self) -> tuple[Callable[[dict[str, Any]], Any], ...]:
+        return tuple(
+            self.readers.get(name, operator.itemgetter(name)) for name in self.declaration.fields
+        )
+
+    def values(self, group: dict[str, Any]) -> list[float | Tensor]:
+        """The hyperparameter row of a group, in the declared field order."""
+        return [reader(group) for reader in self._field_readers]
+
+    def flags(self, group: dict[str, Any]) -> dict[str, bool]:
+        """The launch-level options of a group: the update's, and ``maximize``."""
+        return {**self.options(group), "maximize": bool(group["maximize"])}
+
+    @property
+    def state_keys(self) -> tuple[str, ...]:
+        return self.declaration.states
+
+    @property
+    def state_list_names(self) -> tuple[str, ...]:
+        return tuple(self.state_lists[key] for key in self.declaration.states)
+
+    @property
+    def has_step(self) -> bool:
+        return self.declaration.has_step
 
 
 SPECS: dict[str, KernelSpec] = {
     "sgd": KernelSpec(
-        launcher="sgd_step",
-        values=lambda g: [g["lr"], g["momentum"], g["dampening"], g["weight_decay"]],
-        flags=lambda g: {
-            "momentum": g["momentum"] != 0,
-            "nesterov": g["nesterov"],
-            "maximize": g["maximize"],
-        },
-        state_lists=("momentum_buffer_list",),
-        state_keys=("momentum_buffer",),
-        has_step=False,
+        update="sgd",
+        state_lists={"momentum_buffer": "momentum_buffer_list"},
+        options=lambda g: {"momentum": g["momentum"] != 0, "nesterov": g["nesterov"]},
     ),
     "adagrad": KernelSpec(
-        launcher="adagrad_step",
-        values=lambda g: [g["lr"], g["lr_decay"], g["weight_decay"], g["eps"]],
-        flags=lambda g: {"maximize": g["maximize"]},
-        state_lists=("state_sums",),
-        state_keys=("sum",),
+        update="adagrad", state_lists={"sum": "state_sums"}, options=lambda g: {}
     ),
     "rmsprop": KernelSpec(
-        launcher="rmsprop_step",
-        values=lambda g: [g["lr"], g["alpha"], g["eps"], g["weight_decay"], g["momentum"]],
-        flags=lambda g: {
-            "centered": g["centered"],
-            "momentum": g["momentum"] > 0,
-            "maximize": g["maximize"],
+        update="rmsprop",
+        state_lists={
+            "square_avg": "square_avgs",
+            "grad_avg": "grad_avgs",
+            "momentum_buffer": "momentum_buffer_list",
         },
-        state_lists=("square_avgs", "grad_avgs", "momentum_buffer_list"),
-        state_keys=("square_avg", "grad_avg", "momentum_buffer"),
+        options=lambda g: {"centered": g["centered"], "momentum": g["momentum"] > 0},
     ),
     "adam": KernelSpec(
-        launcher="adam_step",
-        values=lambda g: [g["lr"], g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"]],
-        flags=lambda g: {
+        update="adam",
+        state_lists={
+            "exp_avg": "exp_avgs",
+            "exp_avg_sq": "exp_avg_sqs",
+            "max_exp_avg_sq": "max_exp_avg_sqs",
+        },
+        options=lambda g: {
             "amsgrad": g["amsgrad"],
-            "maximize": g["maximize"],
             "decoupled_weight_decay": g["decoupled_weight_decay"],
         },
-        state_lists=("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
-        state_keys=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+        readers={"beta1": _beta(0), "beta2": _beta(1)},
     ),
 }
 
@@ -212,7 +247,7 @@ def _prepare_state(
     upcast = float32_state and part.dtype in _LOW_PRECISION
     rows: list[list[Tensor | None]] = []
     flags = [0] * len(params)
-    for name, key in zip(spec.state_lists, spec.state_keys, strict=True):
+    for name, key in zip(spec.state_list_names, spec.state_keys, strict=True):
         values = part.tensors.get(name, [])
         if len(values) != len(params):
             rows.append([None] * len(params))
@@ -381,7 +416,7 @@ def _keep_fresh_state(
     fresh = [
         (part, index)
         for part in parts
-        for index, key in enumerate(spec.state_lists)
+        for index, key in enumerate(spec.state_list_names)
         if len(part.tensors.get(key, [])) == len(part.tensors["params"])
     ]
     created = any(flag for entry in prepared for flag in entry.tensor_flags)
@@ -400,7 +435,7 @@ def _keep_fresh_state(
     dropped = []
     for part, index in fresh:
         key = spec.state_keys[index]
-        values = part.tensors[spec.state_lists[index]]
+        values = part.tensors[spec.state_list_names[index]]
         for position, param in enumerate(part.tensors["params"]):
             if optimizer.state.get(param, {}).get(key) is not None:
                 continue
@@ -543,8 +578,15 @@ def _launch_all(
             skipped_steps=skipped,
             record_norms=optimizer.record_norms,
         )
-        getattr(kernels, spec.launcher)(
-            entry.launch.table, hyperparameters, controls=controls, **dict(entry.key[2])
+        options = dict(entry.key[2])
+        maximize = options.pop("maximize")
+        kernels.step(
+            spec.declaration,
+            entry.launch.table,
+            hyperparameters,
+            options=options,
+            maximize=maximize,
+            controls=controls,
         )
         if optimizer.record_norms:
             for row, param in enumerate(entry.originals):

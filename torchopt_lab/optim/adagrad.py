@@ -12,8 +12,10 @@ from torchopt_lab.optim._base import (
     TensorLists,
     TorchoptOptimizer,
     as_float,
+    foreach_addcdiv_,
     increment_steps,
     new_step,
+    per_step,
     read_steps,
 )
 
@@ -55,7 +57,7 @@ def adagrad(
     increment_steps(state_steps)
     steps = read_steps(state_steps)
     # Decayed step size: lr_t = lr / (1 + (t - 1) * lr_decay).
-    step_sizes = [-lr / (1 + (t - 1) * lr_decay) for t in steps]
+    step_sizes = per_step(steps, lambda t: -lr / (1 + (t - 1) * lr_decay))
     if maximize:
         grads = torch._foreach_neg(grads)
     if any(map(attrgetter("is_sparse"), grads)):
@@ -80,7 +82,7 @@ def adagrad(
     # theta <- theta - lr_t * g / (sqrt(s) + eps).
     denominators = torch._foreach_sqrt(state_sums)
     torch._foreach_add_(denominators, eps)
-    torch._foreach_addcdiv_(params, grads, denominators, step_sizes)
+    foreach_addcdiv_(params, grads, denominators, step_sizes)
 
 
 class Adagrad(TorchoptOptimizer):

@@ -11,8 +11,10 @@ from torchopt_lab.optim._base import (
     TensorLists,
     TorchoptOptimizer,
     as_float,
+    foreach_addcdiv_,
     increment_steps,
     new_step,
+    per_step,
     read_steps,
 )
 
@@ -63,11 +65,11 @@ def adam(
     # Bias corrections folded into two scalars per step count (one pass fewer than dividing
     # sqrt(v) by c2): theta <- theta - (lr * c2 / c1) * m / (sqrt(v) + eps * c2),
     # c1 = 1 - beta1^t, c2 = sqrt(1 - beta2^t).
-    scalars = {t: ((1 - beta2**t) ** 0.5, 1 - beta1**t) for t in set(steps)}
+    scalars = per_step(steps, lambda t: ((1 - beta2**t) ** 0.5, 1 - beta1**t))
     denominators = torch._foreach_sqrt(max_exp_avg_sqs if amsgrad else exp_avg_sqs)
-    torch._foreach_add_(denominators, [eps * scalars[t][0] for t in steps])
-    step_sizes = [-lr * scalars[t][0] / scalars[t][1] for t in steps]
-    torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
+    torch._foreach_add_(denominators, [eps * c2 for c2, _ in scalars])
+    step_sizes = [-lr * c2 / c1 for c2, c1 in scalars]
+    foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
 
 
 class Adam(TorchoptOptimizer):

@@ -17,6 +17,7 @@ from torchopt_lab.optim.rules import (
     State,
     adam_checks,
     register,
+    scalar_value,
     tl,
     triton_jit,
 )
@@ -29,7 +30,7 @@ def _scalars(group: Mapping[str, Any], step: float, state: dict[str, Tensor]) ->
     mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
     mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
     state["mu_product"] *= mu
-    mu_product = state["mu_product"].item()
+    mu_product = scalar_value(state["mu_product"])
     return {
         "lr": lr,
         "beta1": beta1,

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from torchopt_lab.optim._moments import decayed_moments, triton_decayed_moments
@@ -29,11 +30,18 @@ def _scalars(group: Mapping[str, Any], step: float, state: dict[str, Tensor]) ->
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
     rectified = rho_t > 5.0
-    rect = (
-        math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
-        if rectified
-        else 0.0
-    )
+    if isinstance(rho_t, Tensor):
+        # Under torch.compile the step is a tensor (rules.scalar_value): no host branch, the
+        # rectifier is selected in the graph (clamped first: the square root's argument is
+        # negative on the steps that do not use it).
+        ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+        rect = torch.where(rectified, ratio.clamp(min=0).sqrt(), 0.0)
+    else:
+        rect = (
+            math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+            if rectified
+            else 0.0
+        )
     return {
         "lr": group["lr"],
         "beta1": beta1,
@@ -77,7 +85,12 @@ def _update(
         decoupled_weight_decay=decoupled_weight_decay,
     )
     bias_corrected_exp_avg = exp_avg / bias_correction1
-    if rectified:
+    if isinstance(rectified, Tensor):
+        # Under torch.compile: both branches, selected in the graph (see _scalars).
+        adaptive_lr = sqrt_bias_correction2 / (exp_avg_sq.sqrt() + eps)
+        adam = param - bias_corrected_exp_avg * lr * adaptive_lr * rect
+        param = torch.where(rectified, adam, param - bias_corrected_exp_avg * lr)
+    elif rectified:
         # Adam's step, scaled by the rectifier r_t, once the variance is tractable (rho_t > 5).
         adaptive_lr = sqrt_bias_correction2 / (exp_avg_sq.sqrt() + eps)
         param = param - bias_corrected_exp_avg * lr * adaptive_lr * rect

@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.optim.optimizer import _get_capturable_supported_devices as _capturable_supported_devices
 
 from torchopt_lab import backend as _backend
+from torchopt_lab.optim import _cpu_fused
 
 try:  # Triton is optional (Linux only): without it, rules run their torch update.
     import triton
@@ -65,6 +66,7 @@ __all__ = [
     "adam_checks",
     "lr_checks",
     "register",
+    "scalar_value",
     "tl",
     "triton_jit",
     "triton_lerp",
@@ -224,12 +226,23 @@ def _scalar_dtype() -> torch.dtype:
 
 
 def _as_number(value: Any) -> Any:
-    """A tensor hyperparameter (or a tuple of them) as Python numbers, as torch reads them."""
+    """A tensor hyperparameter (or a tuple of them) as Python numbers, as torch reads them; under
+    ``torch.compile``, as 0-dim float64 tensors (a host read would break the graph)."""
     if isinstance(value, Tensor):
-        return value.item()
+        return scalar_value(value.reshape(()))
     if isinstance(value, tuple):
         return tuple(_as_number(entry) for entry in value)
     return value
+
+
+def scalar_value(value: Tensor) -> float | Tensor:
+    """A 0-dim tensor (the step count, scalar state such as NAdam's ``mu_product``) as
+    :meth:`Rule.scalars` reads it: a Python number eagerly; under ``torch.compile`` a float64
+    0-dim tensor, kept in the graph (as torch.optim's ``_get_value``), so that the compiled step
+    neither breaks the graph on a host read nor bakes the count in and recompiles every step."""
+    if torch.compiler.is_compiling():
+        return value.to(torch.float64)
+    return value.item()
 
 
 def _real(tensor: Tensor) -> Tensor:
@@ -281,8 +294,13 @@ class RuleOptimizer(torch.optim.Optimizer):
             )
             for h in rule.hyperparameters
         ]
-        # Beside torch's arguments, as every torchopt_lab optimizer: which backend runs the step
-        # (an attribute of the optimizer, not of its param groups, so state dicts stay torch's).
+        # Beside torch's arguments, as every torchopt_lab optimizer: whether the step is fused
+        # (a rule's own extension where torch.optim has none) and which backend runs it
+        # (attributes of the optimizer, not of its param groups, so state dicts stay torch's).
+        if "fused" not in names:
+            parameters.append(
+                inspect.Parameter("fused", inspect.Parameter.KEYWORD_ONLY, default=None)
+            )
         parameters.append(
             inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto")
         )
@@ -307,16 +325,19 @@ class RuleOptimizer(torch.optim.Optimizer):
         values = dict(bound.arguments)
         params = values.pop("params")
         self.backend = _backend.check_backend(values.pop("backend"))
+        self.fused = values.pop("fused", None)
         for check in self.rule.checks:
             check(values[check.name])
         super().__init__(params, values)
+        _cpu_fused.check_flags(self.fused, values)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "backend": self.backend}
+        return {**super().__getstate__(), "backend": self.backend, "fused": self.fused}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("fused", None)
         defaults = {h.name: h.default for h in self.rule.hyperparameters}
         defaults.update(self.rule.setstate_defaults)
         for group in self.param_groups:
@@ -396,11 +417,12 @@ class RuleOptimizer(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             state = self._init_state(p, group)
-            if group.get("capturable"):
+            if group.get("capturable") and not torch.compiler.is_compiling():
+                # (Dynamo sets capturable=True in the groups it traces.)
                 self._check_capturable(p, state)
             state["step"] += 1
-            step = state["step"].item()
-            if rule.scalar_state:
+            step = scalar_value(state["step"])
+            if rule.scalar_state or torch.compiler.is_compiling():
                 scalars = rule.scalars(
                     hyperparameters, step, {name: state[name] for name in rule.scalar_state}
                 )
@@ -414,9 +436,13 @@ class RuleOptimizer(torch.optim.Optimizer):
             fused = self._kernel_members(device, dtype, members, differentiable)
             if fused:
                 self._kernel_update(fused, maximize)
-            for p, state, scalars in members:
-                if not any(p is q for q, _, _ in fused):
-                    self._torch_update(p, state, scalars, maximize)
+            rest = [m for m in members if not any(m[0] is q for q, _, _ in fused)]
+            if (
+                rest and self.fused and not torch.compiler.is_compiling()
+            ):  # fused=True beside the Triton kernel: on the CPU, compiled
+                rest = _cpu_fused.fused_step(self, device, rest, maximize)
+            for p, state, scalars in rest:
+                self._torch_update(p, state, scalars, maximize)
 
     def _kernel_members(
         self,
@@ -429,6 +455,10 @@ class RuleOptimizer(torch.optim.Optimizer):
         them when the backend is Triton and the kernel can, else none, with the reason recorded
         (an explicit ``backend="triton"`` raises instead of falling back)."""
         component = f"optim.{type(self).__name__}"
+        if torch.compiler.is_compiling():
+            # The kernels are opaque to Dynamo: a compiled step traces the torch update.
+            _backend.record_traced(component, self.backend, device.type, device.index)
+            return []
         if _backend.resolve(component, self.backend, device) != "triton":
             return []
         kernels = importlib.import_module("triton_kernels.optim.rule_kernels")

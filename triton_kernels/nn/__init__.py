@@ -20,6 +20,7 @@ from triton_kernels.nn.cross_entropy import (
 )
 from triton_kernels.nn.dropout import dropout_backward, dropout_forward, new_seed
 from triton_kernels.nn.layer_norm import layer_norm_backward, layer_norm_forward
+from triton_kernels.nn.rms_norm import rms_norm_backward, rms_norm_forward
 from triton_kernels.nn.softmax import softmax_backward, softmax_forward
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "layer_norm_backward",
     "layer_norm_forward",
     "new_seed",
+    "rms_norm_backward",
+    "rms_norm_forward",
     "softmax_backward",
     "softmax_forward",
 ]

@@ -50,12 +50,12 @@ _MAX_BLOCK_COLUMNS = 1024
 
 
 @triton.jit
-def _activate(z, NEGATIVE_SLOPE: tl.constexpr, ACTIVATION: tl.constexpr):
+def _activate(z, negative_slope, ACTIVATION: tl.constexpr):
     if ACTIVATION == "relu":
         # z where not negative: NaN stays NaN (as torch's clamp; tl.maximum(NaN, 0) would be 0)
         y = tl.where(z < 0, 0.0, z)
     elif ACTIVATION == "leaky_relu":
-        y = tl.where(z > 0, z, z * NEGATIVE_SLOPE)
+        y = tl.where(z > 0, z, z * negative_slope)
     elif ACTIVATION == "sigmoid":
         y = tl.sigmoid(z)
     elif ACTIVATION == "tanh":
@@ -75,12 +75,12 @@ def _activate(z, NEGATIVE_SLOPE: tl.constexpr, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _derivative(saved, NEGATIVE_SLOPE: tl.constexpr, ACTIVATION: tl.constexpr):
+def _derivative(saved, negative_slope, ACTIVATION: tl.constexpr):
     """``f'`` from ``saved``: ``y`` for the activations of OUTPUT_DERIVATIVE, ``z`` otherwise
     (relu's backward selects ``g`` instead, see the backward kernel)."""
     if ACTIVATION == "leaky_relu":
         one = tl.full(saved.shape, 1.0, saved.dtype)
-        d = tl.where(saved > 0, one, tl.full(saved.shape, NEGATIVE_SLOPE, saved.dtype))
+        d = tl.where(saved > 0, one, tl.full(saved.shape, negative_slope, saved.dtype))
     elif ACTIVATION == "sigmoid":
         d = saved * (1.0 - saved)
     elif ACTIVATION == "tanh":
@@ -111,7 +111,7 @@ def _bias_activation_forward_kernel(
     output_pointer,
     rows,
     columns,
-    NEGATIVE_SLOPE: tl.constexpr,
+    negative_slope: tl.float64,
     ACTIVATION: tl.constexpr,
     add_bias: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
@@ -132,7 +132,8 @@ def _bias_activation_forward_kernel(
     if add_bias:
         bias = tl.load(bias_pointer + column, mask=column < columns).to(COMPUTE_DTYPE)
         z += bias[None, :]
-    y = _activate(z, NEGATIVE_SLOPE, ACTIVATION)
+    # the slope in the compute dtype (a float64 scalar would promote z)
+    y = _activate(z, tl.full((), negative_slope, COMPUTE_DTYPE), ACTIVATION)
     tl.store(output_pointer + offsets, y.to(output_pointer.dtype.element_ty), mask=mask)
 
 
@@ -145,7 +146,7 @@ def _bias_activation_backward_kernel(
     grad_bias_partial_pointer,
     rows,
     columns,
-    NEGATIVE_SLOPE: tl.constexpr,
+    negative_slope: tl.float64,
     ACTIVATION: tl.constexpr,
     add_bias: tl.constexpr,
     reduce_bias: tl.constexpr,
@@ -174,7 +175,8 @@ def _bias_activation_backward_kernel(
         grad = tl.where(mask & ~(saved <= 0), g, 0.0)
     else:
         # dL/dz = g f'
-        grad = tl.where(mask, g * _derivative(saved, NEGATIVE_SLOPE, ACTIVATION), 0.0)
+        slope = tl.full((), negative_slope, COMPUTE_DTYPE)
+        grad = tl.where(mask, g * _derivative(saved, slope, ACTIVATION), 0.0)
     tl.store(grad_input_pointer + offsets, grad.to(grad_input_pointer.dtype.element_ty), mask=mask)
     if reduce_bias:
         partial = tl.sum(grad, axis=0)
@@ -245,7 +247,7 @@ def bias_activation_forward(
         out,
         rows,
         columns,
-        NEGATIVE_SLOPE=float(negative_slope),
+        negative_slope=float(negative_slope),
         ACTIVATION=activation,
         add_bias=bias is not None,
         COMPUTE_DTYPE=compute_dtype(input.dtype),
@@ -295,7 +297,7 @@ def bias_activation_backward(
         partial,
         rows,
         columns,
-        NEGATIVE_SLOPE=float(negative_slope),
+        negative_slope=float(negative_slope),
         ACTIVATION=activation,
         add_bias=bias_to_add is not None,
         reduce_bias=compute_grad_bias,

@@ -20,6 +20,13 @@ Class probabilities ``t_{i,c}`` (same shape as the logits): with ``q_{i,c} = w_c
 The reduction over rows (``"mean"`` divides by ``Σ_i v_i w_{t_i}``, or by the number of rows for
 probabilities) is left to the caller, in torch ops on the ``[rows]`` losses; it scales ``γ``
 accordingly.
+
+``ε`` is a runtime argument (float64, rounded in the kernel to the compute dtype), so every
+smoothing value shares one compiled kernel per dtype. The class-index kernels also take the
+constexpr ``SMOOTHING = ε > 0``: without smoothing they skip the class-weight loads and the
+``Σ_c w_c x_c`` reduction (the common case pays nothing for the feature), so at most two
+variants compile, ``ε = 0`` and ``ε > 0``. The probability kernels need no such flag: their
+``q_c`` costs the same with or without smoothing.
 """
 
 from __future__ import annotations
@@ -46,20 +53,24 @@ def _row_target(
     target_pointer,
     weight_pointer,
     row,
+    classes,
     ignore_index,
     has_weight: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
-    """Row ``i``'s target ``t``: whether it counts (``t != ignore_index``), ``t`` or 0 when it does
-    not (an index safe to load), and its class weight ``w_t`` (1 without weights)."""
+    """Row ``i``'s target ``t``: whether it counts (``t != ignore_index``), whether it is a class
+    (``0 ≤ t < C``), ``t`` or 0 when it does not count or is no class (an index safe to load:
+    an unchecked target outside the classes is never read), and its class weight ``w_t`` (1
+    without weights)."""
     target = tl.load(target_pointer + row)
     valid = target != ignore_index
-    safe_target = tl.where(valid, target, 0)
+    in_range = (target >= 0) & (target < classes)
+    safe_target = tl.where(valid & in_range, target, 0)
     if has_weight:
         target_weight = tl.load(weight_pointer + safe_target).to(COMPUTE_DTYPE)
     else:
         target_weight = tl.full((), 1.0, COMPUTE_DTYPE)
-    return valid, safe_target, target_weight
+    return valid, in_range, safe_target, target_weight
 
 
 @triton.jit
@@ -72,7 +83,8 @@ def _cross_entropy_forward_kernel(
     log_sum_exp_pointer,
     classes,
     ignore_index,
-    LABEL_SMOOTHING: tl.constexpr,
+    label_smoothing: tl.float64,
+    SMOOTHING: tl.constexpr,
     has_weight: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -80,8 +92,8 @@ def _cross_entropy_forward_kernel(
     """One row: ``lse_i`` (saved) and ``ℓ_i`` in one pass over the classes."""
     row = tl.program_id(0).to(tl.int64)
     input_row = input_pointer + row * classes
-    valid, safe_target, target_weight = _row_target(
-        target_pointer, weight_pointer, row, ignore_index, has_weight, COMPUTE_DTYPE
+    valid, in_range, safe_target, target_weight = _row_target(
+        target_pointer, weight_pointer, row, classes, ignore_index, has_weight, COMPUTE_DTYPE
     )
     maximum = tl.full((), float("-inf"), COMPUTE_DTYPE)
     total = tl.full((), 0.0, COMPUTE_DTYPE)
@@ -94,7 +106,7 @@ def _cross_entropy_forward_kernel(
         shift = tl.where(new_maximum == float("-inf"), 0.0, new_maximum)
         total = total * tl.exp(maximum - shift) + tl.sum(tl.exp(x - shift), axis=0)
         maximum = new_maximum
-        if LABEL_SMOOTHING > 0:
+        if SMOOTHING:
             if has_weight:
                 w = tl.load(weight_pointer + column, mask=mask, other=0.0).to(COMPUTE_DTYPE)
             else:
@@ -105,12 +117,15 @@ def _cross_entropy_forward_kernel(
     tl.store(log_sum_exp_pointer + row, lse)
     target_logit = tl.load(input_row + safe_target).to(COMPUTE_DTYPE)
     # (1 - ε) w_t (lse - x_t), as log s + (m - x_t): exact where lse - x_t would cancel
-    loss = (1.0 - LABEL_SMOOTHING) * target_weight * (tl.log(total) + (maximum - target_logit))
-    if LABEL_SMOOTHING > 0:
+    hard_scale = tl.full((), 1.0 - label_smoothing, COMPUTE_DTYPE)
+    loss = hard_scale * target_weight * (tl.log(total) + (maximum - target_logit))
+    if SMOOTHING:
         weight_total = tl.load(weight_total_pointer).to(COMPUTE_DTYPE)
         # + (ε / C) (W lse - Σ_c w_c x_c)
-        smoothing = tl.full((), LABEL_SMOOTHING, COMPUTE_DTYPE) / classes
+        smoothing = tl.full((), label_smoothing, COMPUTE_DTYPE) / classes
         loss += smoothing * (weight_total * lse - weighted_sum)
+    # NaN for a counted target outside the classes (only reachable with check_target=False)
+    loss = tl.where(in_range, loss, float("nan"))
     tl.store(loss_pointer + row, tl.where(valid, loss, 0.0))
 
 
@@ -125,7 +140,8 @@ def _cross_entropy_backward_kernel(
     grad_input_pointer,
     classes,
     ignore_index,
-    LABEL_SMOOTHING: tl.constexpr,
+    label_smoothing: tl.float64,
+    SMOOTHING: tl.constexpr,
     has_weight: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -134,17 +150,19 @@ def _cross_entropy_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     input_row = input_pointer + row * classes
     grad_input_row = grad_input_pointer + row * classes
-    valid, safe_target, target_weight = _row_target(
-        target_pointer, weight_pointer, row, ignore_index, has_weight, COMPUTE_DTYPE
+    valid, in_range, safe_target, target_weight = _row_target(
+        target_pointer, weight_pointer, row, classes, ignore_index, has_weight, COMPUTE_DTYPE
     )
     lse = tl.load(log_sum_exp_pointer + row).to(COMPUTE_DTYPE)
     # γ_i v_i
-    gamma = tl.where(valid, tl.load(grad_loss_pointer + row).to(COMPUTE_DTYPE), 0.0)
+    gamma = tl.load(grad_loss_pointer + row).to(COMPUTE_DTYPE)
+    # NaN for a counted target outside the classes (only reachable with check_target=False)
+    gamma = tl.where(valid, tl.where(in_range, gamma, float("nan")), 0.0)
     # γ_i v_i (1 - ε) w_t
-    hard = gamma * (1.0 - LABEL_SMOOTHING) * target_weight
-    if LABEL_SMOOTHING > 0:
+    hard = gamma * tl.full((), 1.0 - label_smoothing, COMPUTE_DTYPE) * target_weight
+    if SMOOTHING:
         # γ_i v_i ε / C
-        soft = gamma * (tl.full((), LABEL_SMOOTHING, COMPUTE_DTYPE) / classes)
+        soft = gamma * (tl.full((), label_smoothing, COMPUTE_DTYPE) / classes)
         weight_total = tl.load(weight_total_pointer).to(COMPUTE_DTYPE)
     for start in range(0, classes, BLOCK):
         column = start + tl.arange(0, BLOCK)
@@ -154,7 +172,7 @@ def _cross_entropy_backward_kernel(
         p = tl.exp(x - lse)
         # (1 - ε) w_t (p_c - 1[c = t]) part
         grad = hard * (p - tl.where(column == safe_target, 1.0, 0.0))
-        if LABEL_SMOOTHING > 0:
+        if SMOOTHING:
             if has_weight:
                 w = tl.load(weight_pointer + column, mask=mask).to(COMPUTE_DTYPE)
             else:
@@ -173,7 +191,7 @@ def _cross_entropy_probabilities_forward_kernel(
     log_sum_exp_pointer,
     mass_pointer,
     classes,
-    LABEL_SMOOTHING: tl.constexpr,
+    label_smoothing: tl.float64,
     has_weight: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -183,7 +201,8 @@ def _cross_entropy_probabilities_forward_kernel(
     row = tl.program_id(0).to(tl.int64)
     input_row = input_pointer + row * classes
     target_row = target_pointer + row * classes
-    smoothing = tl.full((), LABEL_SMOOTHING, COMPUTE_DTYPE) / classes
+    smoothing = tl.full((), label_smoothing, COMPUTE_DTYPE) / classes
+    hard_scale = tl.full((), 1.0 - label_smoothing, COMPUTE_DTYPE)
     maximum = tl.full((), float("-inf"), COMPUTE_DTYPE)
     total = tl.full((), 0.0, COMPUTE_DTYPE)
     mass = tl.full((), 0.0, COMPUTE_DTYPE)
@@ -195,7 +214,7 @@ def _cross_entropy_probabilities_forward_kernel(
         x = tl.load(input_row + column, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
         t = tl.load(target_row + column, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         # q_c = w_c ((1 - ε) t_c + ε / C)
-        q = tl.where(mask, (1.0 - LABEL_SMOOTHING) * t + smoothing, 0.0)
+        q = tl.where(mask, hard_scale * t + smoothing, 0.0)
         if has_weight:
             q *= tl.load(weight_pointer + column, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         new_maximum = tl.maximum(maximum, tl.max(x, axis=0))
@@ -223,7 +242,7 @@ def _cross_entropy_probabilities_backward_kernel(
     mass_pointer,
     grad_input_pointer,
     classes,
-    LABEL_SMOOTHING: tl.constexpr,
+    label_smoothing: tl.float64,
     has_weight: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -233,7 +252,8 @@ def _cross_entropy_probabilities_backward_kernel(
     input_row = input_pointer + row * classes
     target_row = target_pointer + row * classes
     grad_input_row = grad_input_pointer + row * classes
-    smoothing = tl.full((), LABEL_SMOOTHING, COMPUTE_DTYPE) / classes
+    smoothing = tl.full((), label_smoothing, COMPUTE_DTYPE) / classes
+    hard_scale = tl.full((), 1.0 - label_smoothing, COMPUTE_DTYPE)
     gamma = tl.load(grad_loss_pointer + row).to(COMPUTE_DTYPE)
     lse = tl.load(log_sum_exp_pointer + row).to(COMPUTE_DTYPE)
     mass = tl.load(mass_pointer + row).to(COMPUTE_DTYPE)
@@ -243,7 +263,7 @@ def _cross_entropy_probabilities_backward_kernel(
         x = tl.load(input_row + column, mask=mask).to(COMPUTE_DTYPE)
         t = tl.load(target_row + column, mask=mask).to(COMPUTE_DTYPE)
         # q_c = w_c ((1 - ε) t_c + ε / C)
-        q = (1.0 - LABEL_SMOOTHING) * t + smoothing
+        q = hard_scale * t + smoothing
         if has_weight:
             q *= tl.load(weight_pointer + column, mask=mask).to(COMPUTE_DTYPE)
         # dL/dx_c = γ (p_c Q - q_c), p_c = exp(x_c - lse)
@@ -310,7 +330,9 @@ def cross_entropy_forward(
     ``[rows, classes]`` (contiguous) and int64 class indices ``target`` of shape ``[rows]``.
 
     ``check_target`` refuses (IndexError, quoting it) a target outside ``[0, classes)`` that is not
-    ``ignore_index``; this costs one device-to-host sync. Pass False only when the caller checked.
+    ``ignore_index``; this costs one device-to-host sync. Without it (no sync, as a compiled
+    forward needs), such a target is never read out of bounds: its row's loss, and in the
+    backward its gradient row, are NaN.
     """
     name = "cross_entropy_forward"
     _check(name, input, target, weight, ignore_index, label_smoothing, check_target)
@@ -329,7 +351,8 @@ def cross_entropy_forward(
             lse,
             classes,
             ignore_index,
-            LABEL_SMOOTHING=float(label_smoothing),
+            label_smoothing=float(label_smoothing),
+            SMOOTHING=label_smoothing > 0,
             has_weight=weight is not None,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK=block_size(classes, input.element_size()),
@@ -367,7 +390,8 @@ def cross_entropy_backward(
             grad_input,
             classes,
             ignore_index,
-            LABEL_SMOOTHING=float(label_smoothing),
+            label_smoothing=float(label_smoothing),
+            SMOOTHING=label_smoothing > 0,
             has_weight=weight is not None,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK=block_size(classes, input.element_size()),
@@ -424,7 +448,7 @@ def cross_entropy_probabilities_forward(
             lse,
             mass,
             classes,
-            LABEL_SMOOTHING=float(label_smoothing),
+            label_smoothing=float(label_smoothing),
             has_weight=weight is not None,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK=block,
@@ -462,7 +486,7 @@ def cross_entropy_probabilities_backward(
             mass.to(dtype).contiguous(),
             grad_input,
             classes,
-            LABEL_SMOOTHING=float(label_smoothing),
+            label_smoothing=float(label_smoothing),
             has_weight=weight is not None,
             COMPUTE_DTYPE=compute_dtype(input.dtype),
             BLOCK=block,

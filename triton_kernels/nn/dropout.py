@@ -33,17 +33,21 @@ def _dropout_kernel(
     output_pointer,
     numel,
     seed,
-    P: tl.constexpr,
+    p: tl.float64,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """``y_i = x_i 1[rand(seed, i) ≥ p] / (1 - p)`` on one block of the flat tensor."""
+    """``y_i = x_i 1[rand(seed, i) ≥ p] / (1 - p)`` on one block of the flat tensor; ``p`` a
+    runtime argument (one compile for every probability)."""
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
     x = tl.load(input_pointer + offsets, mask=mask).to(COMPUTE_DTYPE)
-    keep = tl.rand(seed, offsets) >= P
-    # x / (1 - p) where kept, 0 elsewhere
-    y = tl.where(keep, x * (1.0 / (1.0 - P)), 0.0)
+    # u_i ≥ p compared in float32, u's own type (as the constexpr p was before)
+    keep = tl.rand(seed, offsets) >= tl.full((), p, tl.float32)
+    # x / (1 - p) where kept, 0 elsewhere; 1 / (1 - p) in float64 (torch's host scalar), then
+    # rounded once to the compute dtype
+    scale = tl.full((), 1.0 / (1.0 - p), COMPUTE_DTYPE)
+    y = tl.where(keep, x * scale, 0.0)
     tl.store(output_pointer + offsets, y.to(output_pointer.dtype.element_ty), mask=mask)
 
 
@@ -63,17 +67,26 @@ def new_seed(generator: torch.Generator | None = None) -> int:
     return int(torch.randint(0, _MAX_SEED, (), generator=generator, device="cpu"))
 
 
+def launch_grid(numel: int) -> tuple[tuple[int], int]:
+    """``(grid, BLOCK)``: blocks of ``_BLOCK`` values, one program each, along grid axis 0
+    (CUDA's limit 2³¹ - 1): at most 2²¹ programs within
+    :data:`~triton_kernels.nn._common.MAX_NUMEL`. In-kernel offsets stay int32: a block starts at
+    a multiple of ``_BLOCK`` below ``numel``, so its last offset is at most 2³¹ - 1."""
+    return (triton.cdiv(numel, _BLOCK),), _BLOCK
+
+
 def _launch(input: torch.Tensor, output: torch.Tensor, p: float, seed: int) -> None:
     if input.numel():
-        _dropout_kernel[(triton.cdiv(input.numel(), _BLOCK),)](
+        grid, block = launch_grid(input.numel())
+        _dropout_kernel[grid](
             input,
             output,
             input.numel(),
             seed,
-            P=float(p),
+            p=float(p),
             COMPUTE_DTYPE=compute_dtype(input.dtype),
-            BLOCK=_BLOCK,
-            num_warps=warps(_BLOCK, input.dtype),
+            BLOCK=block,
+            num_warps=warps(block, input.dtype),
         )
 
 

@@ -18,35 +18,35 @@ whole, so they take the wide kernels: the forward reads a row twice in slices (`
 merged slice by slice with Chan's update, then the output); the backward finds ``c_1`` and
 ``c_2`` per row in one pass, then a grid of (programs, column slices) writes ``dL/dx`` and the
 partial parameter sums, each program striding over the rows of its column slice.
+
+RMSNorm (:mod:`triton_kernels.nn.rms_norm`) is this normalisation with ``μ = 0``, no bias and
+``c_2 = 0``: the kernels take the constexpr ``CENTERED`` (True here, False there), so both
+share one set of kernels, tilings and grids (the shared helpers are in ``_common``), and the
+uncentred variant compiles without the mean's reduction, loads and stores.
 """
 
 from __future__ import annotations
 
-import math
+from typing import cast
 
 import torch
 import triton
 import triton.language as tl
 
 from triton_kernels.nn._common import (
+    backward_grid,
+    backward_program_limit,
+    block_shape,
     chan_merge,
     check_contiguous,
-    check_floating,
-    check_numel,
+    check_rows,
     check_same,
     check_shape,
     compute_dtype,
+    row_norm_grids,
     statistics_dtype,
     warps,
 )
-
-# A whole row in registers up to this many bytes of the compute dtype (ptxas spills beyond it).
-_MAX_WHOLE_ROW_BYTES = 32768
-# Column slices of the wide kernels, in bytes of the compute dtype.
-_WIDE_BLOCK_BYTES = 8192
-_TILE = 4096
-_MAX_BLOCK_ROWS = 64
-_WIDE_BLOCK_ROWS = 4
 
 
 @triton.jit
@@ -59,7 +59,8 @@ def _layer_norm_forward_kernel(
     rstd_pointer,
     rows,
     columns,
-    EPS: tl.constexpr,
+    eps: tl.float64,
+    CENTERED: tl.constexpr,
     has_weight: tl.constexpr,
     has_bias: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
@@ -67,7 +68,7 @@ def _layer_norm_forward_kernel(
     BLOCK_COLUMNS: tl.constexpr,
 ):
     """``y = w (x - μ) r + b`` for ``BLOCK_ROWS`` rows of the ``[rows, columns]`` input; saves
-    ``μ`` and ``r`` per row."""
+    ``μ`` and ``r`` per row. Not ``CENTERED`` (RMSNorm): ``μ = 0``, neither computed nor saved."""
     row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     column = tl.arange(0, BLOCK_COLUMNS)
     row_mask = row < rows
@@ -75,19 +76,23 @@ def _layer_norm_forward_kernel(
     mask = row_mask[:, None] & column_mask[None, :]
     offsets = row[:, None] * columns + column[None, :]
     x = tl.load(input_pointer + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-    # μ = mean(x)
-    mean = tl.sum(x, axis=1) / columns
-    centered = tl.where(mask, x - mean[:, None], 0.0)
+    if CENTERED:
+        # μ = mean(x)
+        mean = tl.sum(x, axis=1) / columns
+        centered = tl.where(mask, x - mean[:, None], 0.0)
+    else:
+        centered = x
     # σ² = mean((x - μ)²), r = 1 / √(σ² + eps)
     variance = tl.sum(centered * centered, axis=1) / columns
-    rstd = 1.0 / tl.sqrt(variance + EPS)
+    rstd = 1.0 / tl.sqrt(variance + tl.full((), eps, COMPUTE_DTYPE))
     y = centered * rstd[:, None]
     if has_weight:
         y *= tl.load(weight_pointer + column, mask=column_mask).to(COMPUTE_DTYPE)[None, :]
     if has_bias:
         y += tl.load(bias_pointer + column, mask=column_mask).to(COMPUTE_DTYPE)[None, :]
     tl.store(output_pointer + offsets, y.to(output_pointer.dtype.element_ty), mask=mask)
-    tl.store(mean_pointer + row, mean, mask=row_mask)
+    if CENTERED:
+        tl.store(mean_pointer + row, mean, mask=row_mask)
     tl.store(rstd_pointer + row, rstd, mask=row_mask)
 
 
@@ -105,6 +110,7 @@ def _layer_norm_backward_kernel(
     grad_bias_partial_pointer,
     rows,
     columns,
+    CENTERED: tl.constexpr,
     has_weight: tl.constexpr,
     reduce_parameters: tl.constexpr,
     coefficients_given: tl.constexpr,
@@ -119,7 +125,8 @@ def _layer_norm_backward_kernel(
 
     Whole rows (one column slice): ``c_1`` and ``c_2`` are computed here. Wide rows
     (``coefficients_given``): they are read from ``c1_pointer`` and ``c2_pointer``, which
-    :func:`_layer_norm_wide_coefficients_kernel` filled.
+    :func:`_layer_norm_wide_coefficients_kernel` filled. Not ``CENTERED`` (RMSNorm): ``μ = 0``
+    and ``c_2 = 0``, neither read, and no bias partials.
     """
     program = tl.program_id(1)
     programs = tl.num_programs(1)
@@ -128,7 +135,8 @@ def _layer_norm_backward_kernel(
     if has_weight:
         weight = tl.load(weight_pointer + column, mask=column_mask).to(COMPUTE_DTYPE)
     grad_weight = tl.zeros((BLOCK_COLUMNS,), COMPUTE_DTYPE)
-    grad_bias = tl.zeros((BLOCK_COLUMNS,), COMPUTE_DTYPE)
+    if CENTERED:
+        grad_bias = tl.zeros((BLOCK_COLUMNS,), COMPUTE_DTYPE)
     for tile in range(program, tl.cdiv(rows, BLOCK_ROWS), programs):
         if coefficients_given:
             # Wide rows: fewer than 2³¹ / 8192 of them, so no row index nears 2³¹ (and the
@@ -144,21 +152,32 @@ def _layer_norm_backward_kernel(
         offsets = row[:, None] * columns + column[None, :]
         x = tl.load(input_pointer + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         g = tl.load(grad_output_pointer + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        mean = tl.load(mean_pointer + row, mask=row_mask, other=0.0)
+        if CENTERED:
+            mean = tl.load(mean_pointer + row, mask=row_mask, other=0.0)
         rstd = tl.load(rstd_pointer + row, mask=row_mask, other=0.0)
-        # x̂ = (x - μ) r
-        normalized = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if CENTERED:
+            # x̂ = (x - μ) r
+            normalized = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        else:
+            # x̂ = x r (masked lanes loaded as 0)
+            normalized = x * rstd[:, None]
         # w g
         grad_normalized = g * weight[None, :] if has_weight else g
         if coefficients_given:
             c1 = tl.load(c1_pointer + row, mask=row_mask, other=0.0)
-            c2 = tl.load(c2_pointer + row, mask=row_mask, other=0.0)
+            if CENTERED:
+                c2 = tl.load(c2_pointer + row, mask=row_mask, other=0.0)
         else:
             # c_1 = mean(x̂ ⊙ w g), c_2 = mean(w g)
             c1 = tl.sum(normalized * grad_normalized, axis=1) / columns
-            c2 = tl.sum(grad_normalized, axis=1) / columns
-        # dL/dx = r (w g - x̂ c_1 - c_2)
-        grad_input = rstd[:, None] * (grad_normalized - normalized * c1[:, None] - c2[:, None])
+            if CENTERED:
+                c2 = tl.sum(grad_normalized, axis=1) / columns
+        if CENTERED:
+            # dL/dx = r (w g - x̂ c_1 - c_2)
+            grad_input = rstd[:, None] * (grad_normalized - normalized * c1[:, None] - c2[:, None])
+        else:
+            # dL/dx = r (w g - x̂ c_1)
+            grad_input = rstd[:, None] * (grad_normalized - normalized * c1[:, None])
         tl.store(
             grad_input_pointer + offsets,
             grad_input.to(grad_input_pointer.dtype.element_ty),
@@ -167,11 +186,13 @@ def _layer_norm_backward_kernel(
         if reduce_parameters:
             # dL/dw += Σ g x̂, dL/db += Σ g (this tile's rows)
             grad_weight += tl.sum(g * normalized, axis=0)
-            grad_bias += tl.sum(g, axis=0)
+            if CENTERED:
+                grad_bias += tl.sum(g, axis=0)
     if reduce_parameters:
         partial = program * columns + column
         tl.store(grad_weight_partial_pointer + partial, grad_weight, mask=column_mask)
-        tl.store(grad_bias_partial_pointer + partial, grad_bias, mask=column_mask)
+        if CENTERED:
+            tl.store(grad_bias_partial_pointer + partial, grad_bias, mask=column_mask)
 
 
 @triton.jit
@@ -183,32 +204,42 @@ def _layer_norm_wide_forward_kernel(
     mean_pointer,
     rstd_pointer,
     columns,
-    EPS: tl.constexpr,
+    eps: tl.float64,
+    CENTERED: tl.constexpr,
     has_weight: tl.constexpr,
     has_bias: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One wide row in ``BLOCK`` slices: ``μ``, ``σ²`` merged slice by slice, then ``y``."""
+    """One wide row in ``BLOCK`` slices: ``μ``, ``σ²`` merged slice by slice, then ``y``. Not
+    ``CENTERED`` (RMSNorm): ``μ = 0`` and ``M₂ = Σ x²``, summed slice by slice."""
     row = tl.program_id(0).to(tl.int64)
     input_row = input_pointer + row * columns
     output_row = output_pointer + row * columns
     count = tl.full((), 0.0, COMPUTE_DTYPE)
     mean = tl.full((), 0.0, COMPUTE_DTYPE)
     m2 = tl.full((), 0.0, COMPUTE_DTYPE)
+    squares = tl.zeros((BLOCK,), COMPUTE_DTYPE)
     for start in range(0, columns, BLOCK):
         column = start + tl.arange(0, BLOCK)
         mask = column < columns
         x = tl.load(input_row + column, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        block_count = tl.sum(mask.to(COMPUTE_DTYPE), axis=0)
-        block_mean = tl.sum(x, axis=0) / block_count
-        centered = tl.where(mask, x - block_mean, 0.0)
-        count, mean, m2 = chan_merge(
-            count, mean, m2, block_count, block_mean, tl.sum(centered * centered, axis=0)
-        )
+        if CENTERED:
+            block_count = tl.sum(mask.to(COMPUTE_DTYPE), axis=0)
+            block_mean = tl.sum(x, axis=0) / block_count
+            centered = tl.where(mask, x - block_mean, 0.0)
+            count, mean, m2 = chan_merge(
+                count, mean, m2, block_count, block_mean, tl.sum(centered * centered, axis=0)
+            )
+        else:
+            # Σ x², lane by lane (no cancellation: every term is positive)
+            squares += x * x
+    if not CENTERED:
+        m2 = tl.sum(squares, axis=0)
     # r = 1 / √(σ² + eps), σ² = M₂ / n
-    rstd = 1.0 / tl.sqrt(m2 / columns + EPS)
-    tl.store(mean_pointer + row, mean)
+    rstd = 1.0 / tl.sqrt(m2 / columns + tl.full((), eps, COMPUTE_DTYPE))
+    if CENTERED:
+        tl.store(mean_pointer + row, mean)
     tl.store(rstd_pointer + row, rstd)
     for start in range(0, columns, BLOCK):
         column = start + tl.arange(0, BLOCK)
@@ -233,13 +264,15 @@ def _layer_norm_wide_coefficients_kernel(
     c1_pointer,
     c2_pointer,
     columns,
+    CENTERED: tl.constexpr,
     has_weight: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One wide row in slices: ``c_1 = mean(x̂ ⊙ w g)`` and ``c_2 = mean(w g)``."""
+    """One wide row in slices: ``c_1 = mean(x̂ ⊙ w g)`` and ``c_2 = mean(w g)`` (not
+    ``CENTERED``: ``μ = 0``, and ``c_2`` is not needed)."""
     row = tl.program_id(0).to(tl.int64)
-    mean = tl.load(mean_pointer + row)
+    mean = tl.load(mean_pointer + row) if CENTERED else tl.full((), 0.0, COMPUTE_DTYPE)
     rstd = tl.load(rstd_pointer + row)
     c1 = tl.zeros((BLOCK,), COMPUTE_DTYPE)
     c2 = tl.zeros((BLOCK,), COMPUTE_DTYPE)
@@ -255,56 +288,158 @@ def _layer_norm_wide_coefficients_kernel(
         c1 += tl.where(mask, (x.to(COMPUTE_DTYPE) - mean) * rstd, 0.0) * g
         c2 += g
     tl.store(c1_pointer + row, tl.sum(c1, axis=0) / columns)
-    tl.store(c2_pointer + row, tl.sum(c2, axis=0) / columns)
+    if CENTERED:
+        tl.store(c2_pointer + row, tl.sum(c2, axis=0) / columns)
 
 
-def block_shape(
-    shape: tuple[int, ...] | torch.Size, dtype: torch.dtype
-) -> tuple[int, int, bool, int, int]:
-    """``(rows, columns, wide, BLOCK_ROWS, BLOCK_COLUMNS)`` for an input of ``shape`` and
-    ``dtype``: whole rows in registers up to 32 KB in the compute dtype, else the wide kernels
-    with their column slices. The forward grids are ``(cdiv(rows, BLOCK_ROWS),)`` and, wide,
-    ``(rows,)``: axis 0 only (CUDA's limit 2³¹ - 1)."""
-    columns = shape[-1] if len(shape) else 1
-    # counted from the leading dimensions, so rows of width 0 still count
-    rows = math.prod(shape[:-1])
-    compute_size = 8 if dtype == torch.float64 else 4
-    wide = columns * compute_size > _MAX_WHOLE_ROW_BYTES
-    if wide:
-        return rows, columns, True, _WIDE_BLOCK_ROWS, _WIDE_BLOCK_BYTES // compute_size
-    block_columns = triton.next_power_of_2(max(columns, 1))
-    block_rows = max(1, min(_TILE // block_columns, _MAX_BLOCK_ROWS))
-    block_rows = min(block_rows, triton.next_power_of_2(max(rows, 1)))
-    return rows, columns, False, block_rows, block_columns
+__all__ = [
+    "backward_grid",
+    "block_shape",
+    "layer_norm_backward",
+    "layer_norm_forward",
+    "row_norm_backward",
+    "row_norm_forward",
+    "row_norm_grids",
+]
 
 
-def _blocks(input: torch.Tensor) -> tuple[int, int, bool, int, int]:
-    return block_shape(input.shape, input.dtype)
+def row_norm_forward(
+    name: str,
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    centered: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(y, μ, r)`` of layer norm (``centered``) or RMSNorm (``μ`` None, not computed) over
+    the last dimension of ``input``, checked under ``name``."""
+    check_rows(name, input, weight=weight, bias=bias)
+    rows, columns, wide, block_rows, block_columns = block_shape(input.shape, input.dtype)
+    grid, _ = row_norm_grids(input.shape, input.dtype, 1)
+    output = torch.empty_like(input)
+    dtype = statistics_dtype(input.dtype)
+    # Rows of width 0 launch nothing: their statistics over no values stay NaN.
+    mean = torch.full((rows,), float("nan"), dtype=dtype, device=input.device) if centered else None
+    rstd = torch.full((rows,), float("nan"), dtype=dtype, device=input.device)
+    common = {
+        "eps": float(eps),
+        "CENTERED": centered,
+        "has_weight": weight is not None,
+        "has_bias": bias is not None,
+        "COMPUTE_DTYPE": compute_dtype(input.dtype),
+    }
+    pointers = (
+        input,
+        input if weight is None else weight,
+        input if bias is None else bias,
+        output,
+        rstd if mean is None else mean,  # not read or written unless centered
+        rstd,
+    )
+    if input.numel() and wide:
+        _layer_norm_wide_forward_kernel[grid](
+            *pointers,
+            columns,
+            **common,
+            BLOCK=block_columns,
+            num_warps=warps(block_columns, input.dtype),
+        )
+    elif input.numel():
+        _layer_norm_forward_kernel[grid](
+            *pointers,
+            rows,
+            columns,
+            **common,
+            BLOCK_ROWS=block_rows,
+            BLOCK_COLUMNS=block_columns,
+            num_warps=warps(block_rows * block_columns, input.dtype),
+        )
+    return output, mean, rstd
 
 
-def backward_grid(
-    rows: int, columns: int, block_rows: int, block_columns: int, program_limit: int
-) -> tuple[int, int]:
-    """The backward kernel's grid ``(column slices, programs)``: at most ``program_limit``
-    programs, each striding over row tiles, along axis 1 (limit 65535), and the column slices
-    along axis 0 (limit 2³¹ - 1), as a row wider than 65535 slices (134M float32 values) has
-    more than axis 1 allows."""
-    programs = max(1, min(triton.cdiv(rows, block_rows), program_limit))
-    return triton.cdiv(columns, block_columns), programs
-
-
-def _check(
-    name: str, input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
-) -> None:
-    check_floating(name, "input", input)
-    if input.dim() == 0:
-        raise RuntimeError(f"{name}: expected an input of at least 1 dimension, got a 0-D input")
-    check_contiguous(name, input=input, weight=weight, bias=bias)
-    check_numel(name, input)
-    check_same(name, input, weight=weight, bias=bias)
-    for argument, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is not None:
-            check_shape(name, argument, tensor, (input.shape[-1],))
+def row_norm_backward(
+    name: str,
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor,
+    compute_parameter_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(dL/dx, dL/dw, dL/db)`` of layer norm (``mean`` given) or RMSNorm (``mean`` None; then
+    ``dL/db`` is None); the parameter gradients are None unless ``compute_parameter_grads``."""
+    check_rows(name, input, weight=weight)
+    check_same(name, input, grad_output=grad_output)
+    check_shape(name, "grad_output", grad_output, tuple(input.shape))
+    check_contiguous(name, grad_output=grad_output)
+    rows, columns, wide, block_rows, block_columns = block_shape(input.shape, input.dtype)
+    dtype = statistics_dtype(input.dtype)
+    centered = mean is not None
+    for argument, tensor in (("mean", mean), ("rstd", rstd)):
+        if tensor is None:
+            continue
+        check_shape(name, argument, tensor, (rows,))
+        if tensor.dtype != dtype:
+            raise RuntimeError(f"{name}: expected {argument} of dtype {dtype}, got {tensor.dtype}")
+        if tensor.device != input.device:
+            raise RuntimeError(
+                f"{name}: expected {argument} on {input.device}, got {tensor.device}"
+            )
+    grad_input = torch.empty_like(input)
+    _, grid = row_norm_grids(input.shape, input.dtype, backward_program_limit(input.device))
+    programs = grid[1]
+    partial_weight = torch.zeros(programs, columns, dtype=dtype, device=input.device)
+    partial_bias = (
+        torch.zeros(programs, columns, dtype=dtype, device=input.device) if centered else rstd
+    )
+    statistics = (rstd if mean is None else mean, rstd)  # the mean is read only if centered
+    if input.numel() and wide:
+        c1, c2 = (torch.empty(rows, dtype=dtype, device=input.device) for _ in range(2))
+        _layer_norm_wide_coefficients_kernel[(rows,)](
+            grad_output,
+            input,
+            input if weight is None else weight,
+            *statistics,
+            c1,
+            c2,
+            columns,
+            CENTERED=centered,
+            has_weight=weight is not None,
+            COMPUTE_DTYPE=compute_dtype(input.dtype),
+            BLOCK=block_columns,
+            num_warps=warps(block_columns, input.dtype),
+        )
+    else:
+        c1 = c2 = rstd  # not read: whole rows compute their coefficients in the kernel
+    if input.numel():
+        _layer_norm_backward_kernel[grid](
+            grad_output,
+            input,
+            input if weight is None else weight,
+            *statistics,
+            c1,
+            c2,
+            grad_input,
+            partial_weight,
+            partial_bias,
+            rows,
+            columns,
+            CENTERED=centered,
+            has_weight=weight is not None,
+            # layer norm's dL/db needs no weight; RMSNorm without a weight has no parameter
+            reduce_parameters=compute_parameter_grads and (centered or weight is not None),
+            coefficients_given=wide,
+            COMPUTE_DTYPE=compute_dtype(input.dtype),
+            BLOCK_ROWS=block_rows,
+            BLOCK_COLUMNS=block_columns,
+            num_warps=warps(block_rows * block_columns, input.dtype),
+        )
+    if not compute_parameter_grads:
+        return grad_input, None, None
+    if not centered:
+        # RMSNorm's only parameter is its weight
+        return grad_input, None if weight is None else partial_weight.sum(0).to(input.dtype), None
+    return grad_input, partial_weight.sum(0).to(input.dtype), partial_bias.sum(0).to(input.dtype)
 
 
 def layer_norm_forward(
@@ -316,56 +451,10 @@ def layer_norm_forward(
     """``(y, μ, r)`` normalising the last dimension of the contiguous ``input``; ``weight`` and
     ``bias`` of shape ``[columns]`` or None; ``μ`` and ``r`` of shape ``[rows]`` in the compute
     dtype."""
-    name = "layer_norm_forward"
-    _check(name, input, weight, bias)
-    rows, columns, wide, block_rows, block_columns = _blocks(input)
-    output = torch.empty_like(input)
-    dtype = statistics_dtype(input.dtype)
-    # Rows of width 0 launch nothing: their mean and variance over no values stay NaN.
-    mean = torch.full((rows,), float("nan"), dtype=dtype, device=input.device)
-    rstd = torch.full((rows,), float("nan"), dtype=dtype, device=input.device)
-    if input.numel() and wide:
-        _layer_norm_wide_forward_kernel[(rows,)](
-            input,
-            input if weight is None else weight,
-            input if bias is None else bias,
-            output,
-            mean,
-            rstd,
-            columns,
-            EPS=float(eps),
-            has_weight=weight is not None,
-            has_bias=bias is not None,
-            COMPUTE_DTYPE=compute_dtype(input.dtype),
-            BLOCK=block_columns,
-            num_warps=warps(block_columns, input.dtype),
-        )
-    elif input.numel():
-        _layer_norm_forward_kernel[(triton.cdiv(rows, block_rows),)](
-            input,
-            input if weight is None else weight,
-            input if bias is None else bias,
-            output,
-            mean,
-            rstd,
-            rows,
-            columns,
-            EPS=float(eps),
-            has_weight=weight is not None,
-            has_bias=bias is not None,
-            COMPUTE_DTYPE=compute_dtype(input.dtype),
-            BLOCK_ROWS=block_rows,
-            BLOCK_COLUMNS=block_columns,
-            num_warps=warps(block_rows * block_columns, input.dtype),
-        )
-    return output, mean, rstd
-
-
-def _program_limit(device: torch.device) -> int:
-    """Backward programs: two per streaming multiprocessor on a GPU, so the partials stay small."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
+    output, mean, rstd = row_norm_forward(
+        "layer_norm_forward", input, weight, bias, eps, centered=True
+    )
+    return output, cast(torch.Tensor, mean), rstd
 
 
 def layer_norm_backward(
@@ -378,62 +467,6 @@ def layer_norm_backward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(dL/dx, dL/dw, dL/db)`` from ``grad_output`` and the forward's ``input``, ``weight``,
     ``μ`` and ``r``; the parameter gradients are None unless ``compute_parameter_grads``."""
-    name = "layer_norm_backward"
-    _check(name, input, weight, None)
-    check_same(name, input, grad_output=grad_output)
-    check_shape(name, "grad_output", grad_output, tuple(input.shape))
-    check_contiguous(name, grad_output=grad_output)
-    rows, columns, wide, block_rows, block_columns = _blocks(input)
-    dtype = statistics_dtype(input.dtype)
-    for argument, tensor in (("mean", mean), ("rstd", rstd)):
-        check_shape(name, argument, tensor, (rows,))
-        if tensor.dtype != dtype:
-            raise RuntimeError(f"{name}: expected {argument} of dtype {dtype}, got {tensor.dtype}")
-    grad_input = torch.empty_like(input)
-    grid = backward_grid(rows, columns, block_rows, block_columns, _program_limit(input.device))
-    programs = grid[1]
-    partial_weight = torch.zeros(programs, columns, dtype=dtype, device=input.device)
-    partial_bias = torch.zeros(programs, columns, dtype=dtype, device=input.device)
-    if input.numel() and wide:
-        c1, c2 = (torch.empty(rows, dtype=dtype, device=input.device) for _ in range(2))
-        _layer_norm_wide_coefficients_kernel[(rows,)](
-            grad_output,
-            input,
-            input if weight is None else weight,
-            mean,
-            rstd,
-            c1,
-            c2,
-            columns,
-            has_weight=weight is not None,
-            COMPUTE_DTYPE=compute_dtype(input.dtype),
-            BLOCK=block_columns,
-            num_warps=warps(block_columns, input.dtype),
-        )
-    else:
-        c1 = c2 = mean  # not read: whole rows compute their coefficients in the kernel
-    if input.numel():
-        _layer_norm_backward_kernel[grid](
-            grad_output,
-            input,
-            input if weight is None else weight,
-            mean,
-            rstd,
-            c1,
-            c2,
-            grad_input,
-            partial_weight,
-            partial_bias,
-            rows,
-            columns,
-            has_weight=weight is not None,
-            reduce_parameters=compute_parameter_grads,
-            coefficients_given=wide,
-            COMPUTE_DTYPE=compute_dtype(input.dtype),
-            BLOCK_ROWS=block_rows,
-            BLOCK_COLUMNS=block_columns,
-            num_warps=warps(block_rows * block_columns, input.dtype),
-        )
-    if not compute_parameter_grads:
-        return grad_input, None, None
-    return grad_input, partial_weight.sum(0).to(input.dtype), partial_bias.sum(0).to(input.dtype)
+    return row_norm_backward(
+        "layer_norm_backward", grad_output, input, weight, mean, rstd, compute_parameter_grads
+    )

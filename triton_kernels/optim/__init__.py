@@ -1,6 +1,6 @@
 """Fused multi-tensor optimizer steps: one kernel launch per (device, dtype) group per step."""
 
-from triton_kernels.optim.kernels import DIAGNOSTIC_FIELDS
+from triton_kernels.optim.kernels import DIAGNOSTIC_FIELDS, UPDATES, KernelUpdate
 from triton_kernels.optim.launchers import (
     ADAGRAD_FIELDS,
     ADAM_FIELDS,
@@ -12,6 +12,7 @@ from triton_kernels.optim.launchers import (
     grad_square_norm,
     rmsprop_step,
     sgd_step,
+    step,
 )
 from triton_kernels.optim.tables import (
     DEFAULT_BLOCK_SIZE,
@@ -29,6 +30,8 @@ __all__ = [
     "RMSPROP_FIELDS",
     "SGD_FIELDS",
     "SUPPORTED_DTYPES",
+    "UPDATES",
+    "KernelUpdate",
     "MultiTensorTable",
     "StepControls",
     "adagrad_step",
@@ -37,5 +40,6 @@ __all__ = [
     "rmsprop_step",
     "same_layout",
     "sgd_step",
+    "step",
     "updatable_in_place",
 ]

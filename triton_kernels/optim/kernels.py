@@ -1,19 +1,23 @@
 """Multi-tensor optimizer-step kernels: one launch updates every tensor of a (device, dtype) group.
 
 The update rules are documented once, next to the torch reference path, in
-``torchopt_lab/optim/{sgd,adagrad,rmsprop,adam}.py``; each ``_*_update`` helper here follows those
-lines in the same order. One kernel, :func:`_optimizer_step_kernel`, runs every algorithm: it
-loads the parameter and gradient, unscales and clips the gradient, hands both to the algorithm's
-update helper (chosen by the ``ALGORITHM`` constexpr, so each compiled variant holds one), stores
-the new parameter and counts the block done. These kernels are private: call them through
-:mod:`triton_kernels.optim.launchers`, which checks the inputs and builds the tables below.
+``torchopt_lab/optim/{sgd,adagrad,rmsprop,adam}.py``; each ``*_update`` function here follows those
+lines in the same order. One kernel skeleton, :func:`_optimizer_step_kernel`, runs every
+algorithm, the built-in ones and every rule of :mod:`torchopt_lab.optim.rules` alike: it loads
+the parameter, gradient, state and hyperparameter row, unscales and clips the gradient, calls the
+update (a ``@triton.jit`` function passed as the ``UPDATE`` constexpr, so each compiled variant
+inlines one), stores the new parameter and state and counts the block done. Each built-in
+algorithm is one :class:`KernelUpdate` declaration (its update, hyperparameter fields, states and
+options), from which the launchers and the optimizers read every order. These kernels are
+private: call them through :mod:`triton_kernels.optim.launchers`, which checks the inputs and
+builds the tables below.
 
 **Tables.** A launch covers ``tensor_count`` tensors cut into blocks of ``BLOCK`` elements:
 
 - ``tensor_table``: int64, shape ``[TABLE_ROWS, tensor_count]``. Rows: the addresses
   (``data_ptr()``) of the parameter, its gradient, up to three state tensors and the ``step``
-  scalar, then the element count, the hyperparameter row (param group) and a per-tensor flag
-  (SGD: "initialise the momentum buffer from this gradient").
+  scalar, then the element count, the hyperparameter row (param group, or a rule's per-step
+  scalars) and a per-tensor flag (SGD: "initialise the momentum buffer from this gradient").
 - ``block_table``: int64, shape ``[2, block_count]``: for each program, its tensor and the offset
   of its first element in that tensor.
 - ``hyperparameters``: float64, shape ``[group_count, FIELD_COUNT]``, read on the device, so a
@@ -37,6 +41,12 @@ in float64 from float64 hyperparameters, as torch does on the host in Python flo
 element-wise arithmetic runs in ``COMPUTE_DTYPE`` (float32, or float64 for float64 parameters).
 """
 
+import ast
+import inspect
+import textwrap
+from dataclasses import dataclass
+from typing import Any
+
 import triton
 import triton.language as tl
 
@@ -54,8 +64,8 @@ TABLE_ROWS = 9
 # ``[tensor_count, 3]``) that ``RECORD_NORMS`` fills.
 DIAGNOSTIC_FIELDS = ("grad_sq_norm", "update_sq_norm", "param_sq_norm")
 
-# ``ALGORITHM`` values of :func:`_optimizer_step_kernel`.
-ALGORITHMS = ("sgd", "adagrad", "rmsprop", "adam")
+# State rows of ``tensor_table`` (rows ``STATE_ROW`` to ``STATE_ROW + STATE_SLOTS - 1``).
+STATE_SLOTS = 3
 
 
 @triton.jit
@@ -402,109 +412,92 @@ def _grad_square_norm_kernel(
 
 
 @triton.jit
-def _sgd_update(
-    param,
-    grad,
-    row,
-    fresh,
-    buffer_pointer,
-    offsets,
-    numel,
-    full,
-    COMPUTE_DTYPE: tl.constexpr,
-    USE_MOMENTUM: tl.constexpr,
-    USE_NESTEROV: tl.constexpr,
-):
-    """SGD; see torchopt_lab/optim/sgd.py. Fields: lr, momentum, dampening, weight_decay. State:
-    momentum_buffer, which starts as this step's gradient where the tensor's flag (``fresh``) is
-    set (torch's first step)."""
-    lr = tl.load(row + 0).to(COMPUTE_DTYPE)
-    momentum = tl.load(row + 1).to(COMPUTE_DTYPE)
-    one_minus_dampening = (1.0 - tl.load(row + 2)).to(COMPUTE_DTYPE)
-    weight_decay = tl.load(row + 3).to(COMPUTE_DTYPE)
+def load_state(state, dtype: tl.constexpr):
+    """This block of a state tensor (an entry of an update's ``states``) in ``dtype``."""
+    pointer, offsets, numel, full = state
+    return _load(pointer, offsets, numel, full, dtype)
+
+
+@triton.jit
+def store_state(state, values):
+    """Store ``values`` as this block of a state tensor, in the state's dtype."""
+    pointer, offsets, numel, full = state
+    _store(pointer, offsets, numel, full, values)
+
+
+@triton.jit
+def sgd_update(param, grad, states, hyperparameters, step, fresh, OPTIONS: tl.constexpr):
+    """SGD; see torchopt_lab/optim/sgd.py. State: momentum_buffer, which starts as this step's
+    gradient where the tensor's flag (``fresh``) is set (torch's first step)."""
+    MOMENTUM, NESTEROV = OPTIONS
+    lr, momentum, dampening, weight_decay = hyperparameters
+    (momentum_buffer,) = states
+    compute = param.dtype
+    lr = lr.to(compute)
+    one_minus_dampening = (1.0 - dampening).to(compute)
+    momentum = momentum.to(compute)
+    weight_decay = weight_decay.to(compute)
     if weight_decay != 0.0:
         grad = grad + param * weight_decay
-    if USE_MOMENTUM:
+    if MOMENTUM:
         if fresh != 0:
             buffer = grad
         else:
-            buffer = _load(buffer_pointer, offsets, numel, full, COMPUTE_DTYPE)
+            buffer = load_state(momentum_buffer, compute)
             buffer = buffer * momentum + grad * one_minus_dampening
-        _store(buffer_pointer, offsets, numel, full, buffer)
-        grad = grad + buffer * momentum if USE_NESTEROV else buffer
+        store_state(momentum_buffer, buffer)
+        grad = grad + buffer * momentum if NESTEROV else buffer
     return param + grad * -lr
 
 
 @triton.jit
-def _adagrad_update(
-    param,
-    grad,
-    row,
-    step,
-    sum_pointer,
-    offsets,
-    numel,
-    full,
-    COMPUTE_DTYPE: tl.constexpr,
-):
-    """Adagrad; see torchopt_lab/optim/adagrad.py. Fields: lr, lr_decay, weight_decay, eps.
-    State: sum (initialised with ``initial_accumulator_value`` by the optimizer)."""
-    lr = tl.load(row + 0)
-    lr_decay = tl.load(row + 1)
-    weight_decay = tl.load(row + 2).to(COMPUTE_DTYPE)
-    eps = tl.load(row + 3).to(COMPUTE_DTYPE)
-    clr = (lr / (1.0 + (step - 1.0) * lr_decay)).to(COMPUTE_DTYPE)
+def adagrad_update(param, grad, states, hyperparameters, step, fresh, OPTIONS: tl.constexpr):
+    """Adagrad; see torchopt_lab/optim/adagrad.py. State: sum (initialised with
+    ``initial_accumulator_value`` by the optimizer)."""
+    lr, lr_decay, weight_decay, eps = hyperparameters
+    (sum,) = states  # the state's name, as the declaration checks
+    compute = param.dtype
+    weight_decay = weight_decay.to(compute)
+    eps = eps.to(compute)
+    clr = (lr / (1.0 + (step - 1.0) * lr_decay)).to(compute)
     if weight_decay != 0.0:
         grad = grad + param * weight_decay
     # torch's addcmul rounds once: fma.
-    state_sum = tl.fma(grad, grad, _load(sum_pointer, offsets, numel, full, COMPUTE_DTYPE))
-    _store(sum_pointer, offsets, numel, full, state_sum)
+    state_sum = tl.fma(grad, grad, load_state(sum, compute))
+    store_state(sum, state_sum)
     std = tl.sqrt(state_sum) + eps
     return param + grad * -clr / std
 
 
 @triton.jit
-def _rmsprop_update(
-    param,
-    grad,
-    row,
-    square_avg_pointer,
-    grad_avg_pointer,
-    buffer_pointer,
-    offsets,
-    numel,
-    full,
-    COMPUTE_DTYPE: tl.constexpr,
-    CENTER: tl.constexpr,
-    USE_MOMENTUM: tl.constexpr,
-):
-    """RMSprop; see torchopt_lab/optim/rmsprop.py. Fields: lr, alpha, eps, weight_decay,
-    momentum. State: square_avg, grad_avg (centered), momentum_buffer (momentum > 0)."""
-    lr = tl.load(row + 0).to(COMPUTE_DTYPE)
-    alpha = tl.load(row + 1)
-    one_minus_alpha = (1.0 - alpha).to(COMPUTE_DTYPE)
-    alpha = alpha.to(COMPUTE_DTYPE)
-    eps = tl.load(row + 2).to(COMPUTE_DTYPE)
-    weight_decay = tl.load(row + 3).to(COMPUTE_DTYPE)
-    momentum = tl.load(row + 4).to(COMPUTE_DTYPE)
+def rmsprop_update(param, grad, states, hyperparameters, step, fresh, OPTIONS: tl.constexpr):
+    """RMSprop; see torchopt_lab/optim/rmsprop.py. State: square_avg, grad_avg (centered),
+    momentum_buffer (momentum > 0)."""
+    CENTERED, MOMENTUM = OPTIONS
+    lr, alpha, eps, weight_decay, momentum = hyperparameters
+    square_avg, grad_avg, momentum_buffer = states
+    compute = param.dtype
+    lr = lr.to(compute)
+    one_minus_alpha = (1.0 - alpha).to(compute)
+    alpha = alpha.to(compute)
+    eps = eps.to(compute)
+    weight_decay = weight_decay.to(compute)
+    momentum = momentum.to(compute)
     if weight_decay != 0.0:
         grad = grad + param * weight_decay
-    square_avg = _load(square_avg_pointer, offsets, numel, full, COMPUTE_DTYPE)
     # torch's mul_ then addcmul_, whose multiply-add rounds once (fma), as on the CPU and GPU.
-    square_avg = tl.fma(one_minus_alpha * grad, grad, square_avg * alpha)
-    _store(square_avg_pointer, offsets, numel, full, square_avg)
-    if CENTER:
-        grad_avg = _load(grad_avg_pointer, offsets, numel, full, COMPUTE_DTYPE)
-        grad_avg = _lerp(grad_avg, grad, one_minus_alpha)
-        _store(grad_avg_pointer, offsets, numel, full, grad_avg)
+    average = tl.fma(one_minus_alpha * grad, grad, load_state(square_avg, compute) * alpha)
+    store_state(square_avg, average)
+    if CENTERED:
+        mean = _lerp(load_state(grad_avg, compute), grad, one_minus_alpha)
+        store_state(grad_avg, mean)
         # addcmul(v, m, m, value=-1) rounds once: alpha=0 can give sqrt(-ulp) = NaN, as in torch.
-        avg = tl.sqrt(tl.fma(-grad_avg, grad_avg, square_avg)) + eps
+        avg = tl.sqrt(tl.fma(-mean, mean, average)) + eps
     else:
-        avg = tl.sqrt(square_avg) + eps
-    if USE_MOMENTUM:
-        buffer = _load(buffer_pointer, offsets, numel, full, COMPUTE_DTYPE)
-        buffer = buffer * momentum + grad / avg
-        _store(buffer_pointer, offsets, numel, full, buffer)
+        avg = tl.sqrt(average) + eps
+    if MOMENTUM:
+        buffer = load_state(momentum_buffer, compute) * momentum + grad / avg
+        store_state(momentum_buffer, buffer)
         new_param = param + buffer * -lr
     else:
         new_param = param + grad * -lr / avg
@@ -512,53 +505,141 @@ def _rmsprop_update(
 
 
 @triton.jit
-def _adam_update(
-    param,
-    grad,
-    row,
-    step,
-    exp_avg_pointer,
-    exp_avg_sq_pointer,
-    max_exp_avg_sq_pointer,
-    offsets,
-    numel,
-    full,
-    COMPUTE_DTYPE: tl.constexpr,
-    USE_AMSGRAD: tl.constexpr,
-    DECOUPLE_WEIGHT_DECAY: tl.constexpr,
-):
-    """Adam and AdamW; see torchopt_lab/optim/adam.py. Fields: lr, beta1, beta2, eps,
-    weight_decay. State: exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad)."""
-    lr = tl.load(row + 0)
-    beta1 = tl.load(row + 1)
-    beta2 = tl.load(row + 2)
-    eps = tl.load(row + 3).to(COMPUTE_DTYPE)
-    weight_decay = tl.load(row + 4)
-    step_size = (lr / (1.0 - _power(beta1, step))).to(COMPUTE_DTYPE)
-    bias_correction2_sqrt = tl.sqrt(1.0 - _power(beta2, step)).to(COMPUTE_DTYPE)
+def adam_update(param, grad, states, hyperparameters, step, fresh, OPTIONS: tl.constexpr):
+    """Adam and AdamW; see torchopt_lab/optim/adam.py. State: exp_avg, exp_avg_sq,
+    max_exp_avg_sq (amsgrad)."""
+    AMSGRAD, DECOUPLED_WEIGHT_DECAY = OPTIONS
+    lr, beta1, beta2, eps, weight_decay = hyperparameters
+    exp_avg, exp_avg_sq, max_exp_avg_sq = states
+    compute = param.dtype
+    eps = eps.to(compute)
+    step_size = (lr / (1.0 - _power(beta1, step))).to(compute)
+    bias_correction2_sqrt = tl.sqrt(1.0 - _power(beta2, step)).to(compute)
     # A zero weight decay leaves param and grad untouched (inf * 0 would be NaN), as in torch.
     decayed = param
     if weight_decay != 0.0:
-        if DECOUPLE_WEIGHT_DECAY:
-            decayed = param * (1.0 - lr * weight_decay).to(COMPUTE_DTYPE)
+        if DECOUPLED_WEIGHT_DECAY:
+            decayed = param * (1.0 - lr * weight_decay).to(compute)
         else:
-            grad = grad + param * weight_decay.to(COMPUTE_DTYPE)
-    exp_avg = _load(exp_avg_pointer, offsets, numel, full, COMPUTE_DTYPE)
-    exp_avg = _lerp(exp_avg, grad, (1.0 - beta1).to(COMPUTE_DTYPE))
-    _store(exp_avg_pointer, offsets, numel, full, exp_avg)
-    exp_avg_sq = _load(exp_avg_sq_pointer, offsets, numel, full, COMPUTE_DTYPE)
-    exp_avg_sq = tl.fma(
-        (1.0 - beta2).to(COMPUTE_DTYPE) * grad, grad, exp_avg_sq * beta2.to(COMPUTE_DTYPE)
-    )
-    _store(exp_avg_sq_pointer, offsets, numel, full, exp_avg_sq)
-    if USE_AMSGRAD:
-        max_exp_avg_sq = _load(max_exp_avg_sq_pointer, offsets, numel, full, COMPUTE_DTYPE)
-        max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
-        _store(max_exp_avg_sq_pointer, offsets, numel, full, max_exp_avg_sq)
-        denom = tl.sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
-    else:
-        denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
-    return decayed + exp_avg * -step_size / denom
+            grad = grad + param * weight_decay.to(compute)
+    first = _lerp(load_state(exp_avg, compute), grad, (1.0 - beta1).to(compute))
+    store_state(exp_avg, first)
+    second = load_state(exp_avg_sq, compute)
+    second = tl.fma((1.0 - beta2).to(compute) * grad, grad, second * beta2.to(compute))
+    store_state(exp_avg_sq, second)
+    if AMSGRAD:
+        second = tl.maximum(
+            load_state(max_exp_avg_sq, compute), second, propagate_nan=tl.PropagateNan.ALL
+        )
+        store_state(max_exp_avg_sq, second)
+    denom = tl.sqrt(second) / bias_correction2_sqrt + eps
+    return decayed + first * -step_size / denom
+
+
+@triton.jit
+def rule_update(param, grad, states, hyperparameters, step, fresh, OPTIONS: tl.constexpr):
+    """The adapter that runs a rule's ``triton_update`` (``OPTIONS``; see
+    :mod:`torchopt_lab.optim.rules`) in the skeleton: it loads every state, hands the rule its
+    per-step scalars (computed on the host in float64, held in the hyperparameter row) in the
+    compute dtype (as torch rounds a Python-number scalar to its op's dtype), and stores the
+    states the rule returns."""
+    values = ()
+    for k in tl.static_range(len(states)):
+        values = values + (load_state(states[k], param.dtype),)  # noqa: RUF005
+    scalars = ()
+    for k in tl.static_range(len(hyperparameters)):
+        scalars = scalars + (hyperparameters[k].to(param.dtype),)  # noqa: RUF005
+    param, values = OPTIONS(param, grad, values, scalars)
+    for k in tl.static_range(len(states)):
+        store_state(states[k], values[k])
+    return param
+
+
+@dataclass(frozen=True)
+class KernelUpdate:
+    """One algorithm of :func:`_optimizer_step_kernel`, declared once: its ``@triton.jit``
+    update, the names of its hyperparameter row (``fields``, in row order), of its state rows
+    (``states``) and of its launch-level options (``options``, lowercase, in the order of the
+    ``OPTIONS`` tuple), and whether the kernel counts its ``step``.
+
+    The update unpacks ``hyperparameters``, ``states`` and ``OPTIONS`` by position; the
+    declaration checks (at import) that those unpackings name exactly ``fields``, ``states`` and
+    ``options`` in this order, so the launcher, the optimizer (which writes the row from
+    ``fields``) and the kernel cannot disagree about an order.
+    """
+
+    name: str
+    update: Any
+    fields: tuple[str, ...]
+    states: tuple[str, ...]
+    options: tuple[str, ...] = ()
+    has_step: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.states) > STATE_SLOTS:
+            raise ValueError(f"{self.name}: at most {STATE_SLOTS} states, got {self.states}")
+        unpacked = _unpackings(self.update)
+        for argument, declared in (
+            ("hyperparameters", self.fields),
+            ("states", self.states),
+            ("OPTIONS", self.options),
+        ):
+            names = unpacked.get(argument, ())
+            if not declared and argument == "OPTIONS" and not names:
+                continue
+            if [name.lower() for name in names] != [name.lower() for name in declared]:
+                raise ValueError(
+                    f"{self.name}: the update unpacks {argument} as {list(names)}, but the "
+                    f"declaration lists {list(declared)}; they must name the same entries in the "
+                    "same order"
+                )
+
+
+def _unpackings(function: Any) -> dict[str, tuple[str, ...]]:
+    """``{argument: names}`` for each ``a, b, ... = argument`` in ``function``'s source (the
+    first such line per argument); a jit function or its interpreter wrapper."""
+    source = textwrap.dedent(inspect.getsource(getattr(function, "fn", function)))
+    found: dict[str, tuple[str, ...]] = {}
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Name)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Tuple)
+            and all(isinstance(element, ast.Name) for element in node.targets[0].elts)
+        ):
+            found.setdefault(node.value.id, tuple(e.id for e in node.targets[0].elts))
+    return found
+
+
+SGD = KernelUpdate(
+    "sgd",
+    sgd_update,
+    fields=("lr", "momentum", "dampening", "weight_decay"),
+    states=("momentum_buffer",),
+    options=("momentum", "nesterov"),
+    has_step=False,
+)
+ADAGRAD = KernelUpdate(
+    "adagrad", adagrad_update, fields=("lr", "lr_decay", "weight_decay", "eps"), states=("sum",)
+)
+RMSPROP = KernelUpdate(
+    "rmsprop",
+    rmsprop_update,
+    fields=("lr", "alpha", "eps", "weight_decay", "momentum"),
+    states=("square_avg", "grad_avg", "momentum_buffer"),
+    options=("centered", "momentum"),
+)
+ADAM = KernelUpdate(
+    "adam",
+    adam_update,
+    fields=("lr", "beta1", "beta2", "eps", "weight_decay"),
+    states=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    options=("amsgrad", "decoupled_weight_decay"),
+)
+#: The built-in algorithms of :func:`_optimizer_step_kernel`, by name.
+UPDATES: dict[str, KernelUpdate] = {kind.name: kind for kind in (SGD, ADAGRAD, RMSPROP, ADAM)}
+ALGORITHMS = tuple(UPDATES)
 
 
 @triton.jit
@@ -576,8 +657,11 @@ def _optimizer_step_kernel(
     block_counters,
     diagnostic_sums,
     diagnostics,
-    ALGORITHM: tl.constexpr,
+    UPDATE: tl.constexpr,
+    OPTIONS: tl.constexpr,
     FIELD_COUNT: tl.constexpr,
+    STATE_COUNT: tl.constexpr,
+    HAS_STEP: tl.constexpr,
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
@@ -592,16 +676,20 @@ def _optimizer_step_kernel(
     COUNT_SKIPPED: tl.constexpr,
     RECORD_NORMS: tl.constexpr,
     MAXIMIZE: tl.constexpr,
-    USE_MOMENTUM: tl.constexpr,
-    USE_NESTEROV: tl.constexpr,
-    CENTER: tl.constexpr,
-    USE_AMSGRAD: tl.constexpr,
-    DECOUPLE_WEIGHT_DECAY: tl.constexpr,
 ):
-    """One step of ``ALGORITHM`` (one of :data:`ALGORITHMS`) on one block of one tensor.
+    """One step of the update ``UPDATE`` on one block of one tensor: the skeleton every
+    algorithm shares (table walking, loads and stores, unscaling, clipping, skipping, the step
+    counter, diagnostics), with the update inlined.
 
-    ``FIELD_COUNT`` hyperparameters per param group, in the order the ``_*_update`` helper reads
-    them. Options that do not belong to ``ALGORITHM`` are ignored (the launcher passes False).
+    ``UPDATE(param, grad, states, hyperparameters, step, fresh, OPTIONS) -> param``: ``param``
+    and ``grad`` blocks in ``COMPUTE_DTYPE`` (the gradient unscaled, clipped and negated for
+    ``MAXIMIZE``); ``states`` a tuple of ``STATE_COUNT`` handles of the block in state rows 0, 1,
+    2, which the update reads with :func:`load_state` and writes with :func:`store_state` where
+    it uses them (a row an option leaves out is never touched; storing each state as soon as it
+    is computed keeps register pressure where the compile checks want it); ``hyperparameters``
+    the tensor's row of ``FIELD_COUNT`` float64 values; ``step`` the float64 step count
+    including this step (``HAS_STEP``, else 0); ``fresh`` the tensor's flag; ``OPTIONS`` the
+    update's constexpr (a tuple of flags; a rule's ``triton_update`` for :func:`rule_update`).
     """
     skip, inverse_scale, clip_coefficient = _grad_multiplier(
         grad_scale,
@@ -624,21 +712,15 @@ def _optimizer_step_kernel(
     group = tl.load(tensor_table + GROUP_ROW * tensor_count + tensor)
     row = hyperparameters + group * FIELD_COUNT
     step = 0.0
-    if ALGORITHM != "sgd":
+    if HAS_STEP:
         step_pointer = _address(tensor_table, STEP_ROW, tensor, tensor_count, tl.float32, False)
         step = tl.load(step_pointer).to(tl.float64) + 1.0
+    fresh = tl.load(tensor_table + FLAG_ROW * tensor_count + tensor)
     param_pointer = _address(
         tensor_table, PARAM_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
     )
     grad_pointer = _address(
         tensor_table, GRAD_ROW, tensor, tensor_count, PARAM_DTYPE, ASSUME_ALIGNED
-    )
-    state_0 = _address(tensor_table, STATE_ROW, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED)
-    state_1 = _address(
-        tensor_table, STATE_ROW + 1, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
-    )
-    state_2 = _address(
-        tensor_table, STATE_ROW + 2, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
     )
     param = _load(param_pointer, offsets, numel, full, COMPUTE_DTYPE)
     grad = _load(grad_pointer, offsets, numel, full, COMPUTE_DTYPE)
@@ -646,61 +728,23 @@ def _optimizer_step_kernel(
     used_grad = grad
     if MAXIMIZE:
         grad = -grad
-    if ALGORITHM == "sgd":
-        fresh = tl.load(tensor_table + FLAG_ROW * tensor_count + tensor)
-        new_param = _sgd_update(
-            param,
-            grad,
-            row,
-            fresh,
-            state_0,
-            offsets,
-            numel,
-            full,
-            COMPUTE_DTYPE,
-            USE_MOMENTUM,
-            USE_NESTEROV,
+    # Tuples grow by concatenation: Triton's frontend has no starred unpacking in a tuple display.
+    states = ()
+    for k in tl.static_range(STATE_COUNT):
+        pointer = _address(
+            tensor_table, STATE_ROW + k, tensor, tensor_count, STATE_DTYPE, ASSUME_ALIGNED
         )
-    elif ALGORITHM == "adagrad":
-        new_param = _adagrad_update(
-            param, grad, row, step, state_0, offsets, numel, full, COMPUTE_DTYPE
-        )
-    elif ALGORITHM == "rmsprop":
-        new_param = _rmsprop_update(
-            param,
-            grad,
-            row,
-            state_0,
-            state_1,
-            state_2,
-            offsets,
-            numel,
-            full,
-            COMPUTE_DTYPE,
-            CENTER,
-            USE_MOMENTUM,
-        )
-    else:
-        tl.static_assert(ALGORITHM == "adam", "ALGORITHM must be one of ALGORITHMS")
-        new_param = _adam_update(
-            param,
-            grad,
-            row,
-            step,
-            state_0,
-            state_1,
-            state_2,
-            offsets,
-            numel,
-            full,
-            COMPUTE_DTYPE,
-            USE_AMSGRAD,
-            DECOUPLE_WEIGHT_DECAY,
-        )
+        states = states + ((pointer, offsets, numel, full),)  # noqa: RUF005
+    fields = ()
+    for k in tl.static_range(FIELD_COUNT):
+        fields = fields + (tl.load(row + k),)  # noqa: RUF005
+
+    new_param = UPDATE(param, grad, states, fields, step, fresh, OPTIONS)
+
     _store(param_pointer, offsets, numel, full, new_param)
     if RECORD_NORMS:
         _record_norms(diagnostic_sums, tensor, used_grad, new_param - param, param, offsets, numel)
-    if ALGORITHM != "sgd" or RECORD_NORMS:
+    if HAS_STEP or RECORD_NORMS:
         _finish_block(
             tensor_table,
             tensor,
@@ -711,6 +755,6 @@ def _optimizer_step_kernel(
             diagnostic_sums,
             diagnostics,
             BLOCK,
-            ALGORITHM != "sgd",
+            HAS_STEP,
             RECORD_NORMS,
         )

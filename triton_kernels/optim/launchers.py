@@ -19,10 +19,11 @@ from torch import Tensor
 from triton_kernels.optim import kernels
 from triton_kernels.optim.tables import MultiTensorTable
 
-SGD_FIELDS = ("lr", "momentum", "dampening", "weight_decay")
-ADAGRAD_FIELDS = ("lr", "lr_decay", "weight_decay", "eps")
-RMSPROP_FIELDS = ("lr", "alpha", "eps", "weight_decay", "momentum")
-ADAM_FIELDS = ("lr", "beta1", "beta2", "eps", "weight_decay")
+# Each algorithm's hyperparameter fields, in row order: read from its one declaration.
+SGD_FIELDS = kernels.SGD.fields
+ADAGRAD_FIELDS = kernels.ADAGRAD.fields
+RMSPROP_FIELDS = kernels.RMSPROP.fields
+ADAM_FIELDS = kernels.ADAM.fields
 
 _TRITON_DTYPES = {
     torch.float32: tl.float32,
@@ -175,27 +176,56 @@ def _control_arguments(table: MultiTensorTable, controls: StepControls) -> tuple
     return arguments, constexprs
 
 
-# Options of ``_optimizer_step_kernel``; each launcher sets its algorithm's and leaves the rest off.
-_OPTION_FLAGS = (
-    "MAXIMIZE",
-    "USE_MOMENTUM",
-    "USE_NESTEROV",
-    "CENTER",
-    "USE_AMSGRAD",
-    "DECOUPLE_WEIGHT_DECAY",
-)
+def step(
+    kind: kernels.KernelUpdate,
+    table: MultiTensorTable,
+    hyperparameters: Tensor,
+    *,
+    options: dict[str, bool] | None = None,
+    maximize: bool = False,
+    controls: StepControls | None = None,
+) -> None:
+    """One step of ``kind`` (a :class:`~triton_kernels.optim.kernels.KernelUpdate`) for every
+    tensor of ``table``: hyperparameters of shape ``[groups, len(kind.fields)]``, state rows in
+    the order of ``kind.states`` (rows an option leaves out hold None), ``options`` by the names
+    of ``kind.options`` (every one given)."""
+    options = dict(options or {})
+    if set(options) != set(kind.options):
+        raise ValueError(
+            f"{kind.name}: options {sorted(options)} given; expected exactly {list(kind.options)}"
+        )
+    _launch_step(
+        kind.update,
+        tuple(bool(options[name]) for name in kind.options),
+        kind.fields,
+        len(kind.states),
+        kind.has_step,
+        table,
+        hyperparameters,
+        controls,
+        maximize,
+    )
 
 
-def _step(
-    algorithm: str,
-    fields: tuple[str, ...],
+def _launch_step(
+    update: Any,
+    update_options: Any,
+    fields: tuple[str, ...] | int,
+    state_count: int,
+    has_step: bool,
     table: MultiTensorTable,
     hyperparameters: Tensor,
     controls: StepControls | None,
-    **options: bool,
+    maximize: bool,
 ) -> None:
+    """Check the inputs and launch :func:`kernels._optimizer_step_kernel` (then, when a recorded
+    step may have been skipped, the skipped step's diagnostics)."""
     _check_table(table)
+    if isinstance(fields, int):
+        fields = tuple(f"scalar {k}" for k in range(fields))
     _check_hyperparameters(table, hyperparameters, fields)
+    if has_step and any(step is None for step in table.step_row):
+        raise ValueError("this algorithm counts steps: every tensor needs a step")
     arguments, constexprs = _control_arguments(table, controls or StepControls())
     step_arguments = (table.tensor_table, table.block_table, table.tensor_count, table.block_count)
     _launch(
@@ -204,10 +234,13 @@ def _step(
         *step_arguments,
         hyperparameters,
         *arguments,
-        ALGORITHM=algorithm,
+        UPDATE=update,
+        OPTIONS=update_options,
         FIELD_COUNT=len(fields),
+        STATE_COUNT=state_count,
+        HAS_STEP=has_step,
+        MAXIMIZE=maximize,
         **constexprs,
-        **dict(dict.fromkeys(_OPTION_FLAGS, False), **options),
     )
     if constexprs["RECORD_NORMS"] and (
         constexprs["CHECK_FOUND_INF"] or constexprs["SKIP_NONFINITE"]
@@ -290,15 +323,13 @@ def sgd_step(
     """
     if nesterov and not momentum:
         raise ValueError("Nesterov momentum requires a momentum")
-    _step(
-        "sgd",
-        SGD_FIELDS,
+    step(
+        kernels.SGD,
         table,
         hyperparameters,
-        controls,
-        MAXIMIZE=maximize,
-        USE_MOMENTUM=momentum,
-        USE_NESTEROV=nesterov,
+        options={"momentum": momentum, "nesterov": nesterov},
+        maximize=maximize,
+        controls=controls,
     )
 
 
@@ -311,7 +342,7 @@ def adagrad_step(
 ) -> None:
     """One Adagrad step for every tensor of ``table`` (fields :data:`ADAGRAD_FIELDS`; state row
     0: ``sum``; every tensor needs a step)."""
-    _step("adagrad", ADAGRAD_FIELDS, table, hyperparameters, controls, MAXIMIZE=maximize)
+    step(kernels.ADAGRAD, table, hyperparameters, maximize=maximize, controls=controls)
 
 
 def rmsprop_step(
@@ -325,15 +356,13 @@ def rmsprop_step(
 ) -> None:
     """One RMSprop step for every tensor of ``table`` (fields :data:`RMSPROP_FIELDS`; state rows:
     ``square_avg``, ``grad_avg`` when centered, ``momentum_buffer`` when momentum > 0)."""
-    _step(
-        "rmsprop",
-        RMSPROP_FIELDS,
+    step(
+        kernels.RMSPROP,
         table,
         hyperparameters,
-        controls,
-        MAXIMIZE=maximize,
-        CENTER=centered,
-        USE_MOMENTUM=momentum,
+        options={"centered": centered, "momentum": momentum},
+        maximize=maximize,
+        controls=controls,
     )
 
 
@@ -349,13 +378,11 @@ def adam_step(
     """One Adam (or, with ``decoupled_weight_decay``, AdamW) step for every tensor of ``table``
     (fields :data:`ADAM_FIELDS`; state rows: ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` when
     amsgrad)."""
-    _step(
-        "adam",
-        ADAM_FIELDS,
+    step(
+        kernels.ADAM,
         table,
         hyperparameters,
-        controls,
-        MAXIMIZE=maximize,
-        USE_AMSGRAD=amsgrad,
-        DECOUPLE_WEIGHT_DECAY=decoupled_weight_decay,
+        options={"amsgrad": amsgrad, "decoupled_weight_decay": decoupled_weight_decay},
+        maximize=maximize,
+        controls=controls,
     )

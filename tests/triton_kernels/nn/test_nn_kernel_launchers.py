@@ -524,3 +524,34 @@ def test_launchers_give_torch_values_for_rows_without_columns() -> None:
     loss, lse = K.cross_entropy_forward(torch.ones(2, 0), target)
     assert torch.equal(loss, torch.zeros(2))
     assert torch.equal(lse, torch.full((2,), -torch.inf))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_unchecked_out_of_range_targets_are_never_read_and_give_nan_rows(
+    smoothing: float, weighted: bool
+) -> None:
+    # check_target=False (no host sync): before, a target of 9 or -3 with 5 classes was loaded
+    # as an index (weight[t], x[t]) out of bounds. Now those rows' loss and gradient are NaN, the
+    # others exact, and an ignored row stays 0.
+    torch.manual_seed(0)
+    x = torch.randn(5, 5, dtype=torch.float64)
+    target = torch.tensor([0, 9, -3, -100, 4])
+    weight = torch.rand(5, dtype=torch.float64) + 0.5 if weighted else None
+    loss, lse = K.cross_entropy_forward(
+        x, target, weight, label_smoothing=smoothing, check_target=False
+    )
+    grad = K.cross_entropy_backward(
+        torch.ones(5, dtype=torch.float64), x, target, lse, weight, -100, smoothing
+    )
+    bad = torch.tensor([False, True, True, False, False])
+    assert loss[bad].isnan().all() and grad[bad].isnan().all()
+    good = torch.tensor([0, 4])
+    reference = x[good].requires_grad_()
+    expected = F.cross_entropy(
+        reference, target[good], weight, reduction="none", label_smoothing=smoothing
+    )
+    expected.sum().backward()
+    torch.testing.assert_close(loss[good], expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad[good], reference.grad, rtol=1e-12, atol=1e-12)
+    assert loss[3] == 0 and (grad[3] == 0).all()

@@ -4,6 +4,11 @@ a CUDA run without a GPU are refused."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,10 +17,14 @@ from torchopt_lab import cli
 KERNELS = [
     "bias+gelu forward",
     "bias+gelu backward",
+    "silu forward",
+    "silu backward",
     "softmax forward",
     "softmax backward",
     "layer_norm forward",
     "layer_norm backward",
+    "rms_norm forward",
+    "rms_norm backward",
     "dropout forward",
     "batch_norm statistics+apply",
     "cross_entropy forward",
@@ -65,3 +74,29 @@ def test_bench_nn_kernels_refuses_cuda_without_a_gpu(capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert err.startswith("torchopt-lab bench-nn-kernels: error: invalid --device 'cuda'")
     assert "--device cpu --quick" in err and err.count("\n") == 1
+
+
+def test_bench_nn_kernels_cpu_without_the_interpreter_in_the_environment_says_how_to_run() -> None:
+    # Before: the CLI set TRITON_INTERPRET itself, after importing torchopt_lab had imported
+    # triton, so the first kernel died in a traceback (tl.max "outside of the scope of a kernel").
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torchopt_lab.cli",
+            "bench-nn-kernels",
+            "--device",
+            "cpu",
+            "--quick",
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=Path(__file__).resolve().parents[3],
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert completed.stderr.startswith("torchopt-lab bench-nn-kernels: error: --device cpu")
+    assert "TRITON_INTERPRET=1" in completed.stderr and completed.stderr.count("\n") == 1

@@ -22,9 +22,9 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "output_pointer": "*T",
             "rows": "i32",
             "columns": "i32",
+            "negative_slope": "fp64",
         },
         {
-            "NEGATIVE_SLOPE": 0.01,
             "ACTIVATION": "gelu",
             "add_bias": True,
             "BLOCK_ROWS": 4,
@@ -42,9 +42,9 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "grad_bias_partial_pointer": "*C",
             "rows": "i32",
             "columns": "i32",
+            "negative_slope": "fp64",
         },
         {
-            "NEGATIVE_SLOPE": 0.01,
             "ACTIVATION": "gelu",
             "add_bias": True,
             "reduce_bias": True,
@@ -88,8 +88,9 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "log_sum_exp_pointer": "*C",
             "classes": "i32",
             "ignore_index": "i32",
+            "label_smoothing": "fp64",
         },
-        {"LABEL_SMOOTHING": 0.1, "has_weight": True, "BLOCK": 4096},
+        {"SMOOTHING": True, "has_weight": True, "BLOCK": 4096},
         ("classes",),
     ),
     "_cross_entropy_backward_kernel": (
@@ -104,8 +105,9 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "grad_input_pointer": "*T",
             "classes": "i32",
             "ignore_index": "i32",
+            "label_smoothing": "fp64",
         },
-        {"LABEL_SMOOTHING": 0.1, "has_weight": True, "BLOCK": 4096},
+        {"SMOOTHING": True, "has_weight": True, "BLOCK": 4096},
         ("classes",),
     ),
     "_cross_entropy_probabilities_forward_kernel": (
@@ -118,8 +120,9 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "log_sum_exp_pointer": "*C",
             "mass_pointer": "*C",
             "classes": "i32",
+            "label_smoothing": "fp64",
         },
-        {"LABEL_SMOOTHING": 0.1, "has_weight": True, "BLOCK": 4096},
+        {"has_weight": True, "BLOCK": 4096},
         ("classes",),
     ),
     "_cross_entropy_probabilities_backward_kernel": (
@@ -133,8 +136,9 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "mass_pointer": "*C",
             "grad_input_pointer": "*T",
             "classes": "i32",
+            "label_smoothing": "fp64",
         },
-        {"LABEL_SMOOTHING": 0.1, "has_weight": True, "BLOCK": 4096},
+        {"has_weight": True, "BLOCK": 4096},
         ("classes",),
     ),
     "_layer_norm_forward_kernel": (
@@ -148,8 +152,15 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "rstd_pointer": "*C",
             "rows": "i32",
             "columns": "i32",
+            "eps": "fp64",
         },
-        {"EPS": 1e-5, "has_weight": True, "has_bias": True, "BLOCK_ROWS": 4, "BLOCK_COLUMNS": 1024},
+        {
+            "CENTERED": True,
+            "has_weight": True,
+            "has_bias": True,
+            "BLOCK_ROWS": 4,
+            "BLOCK_COLUMNS": 1024,
+        },
         ("columns",),
     ),
     "_layer_norm_backward_kernel": (
@@ -169,6 +180,7 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "columns": "i32",
         },
         {
+            "CENTERED": True,
             "has_weight": True,
             "reduce_parameters": True,
             "coefficients_given": False,
@@ -187,8 +199,9 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "mean_pointer": "*C",
             "rstd_pointer": "*C",
             "columns": "i32",
+            "eps": "fp64",
         },
-        {"EPS": 1e-5, "has_weight": True, "has_bias": True, "BLOCK": 2048},
+        {"CENTERED": True, "has_weight": True, "has_bias": True, "BLOCK": 2048},
         ("columns",),
     ),
     "_layer_norm_wide_coefficients_kernel": (
@@ -203,13 +216,19 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], tuple[str, ...]]] 
             "c2_pointer": "*C",
             "columns": "i32",
         },
-        {"has_weight": True, "BLOCK": 2048},
+        {"CENTERED": True, "has_weight": True, "BLOCK": 2048},
         ("columns",),
     ),
     "_dropout_kernel": (
         "triton_kernels.nn.dropout",
-        {"input_pointer": "*T", "output_pointer": "*T", "numel": "i32", "seed": "i32"},
-        {"P": 0.1, "BLOCK": 1024},
+        {
+            "input_pointer": "*T",
+            "output_pointer": "*T",
+            "numel": "i32",
+            "seed": "i32",
+            "p": "fp64",
+        },
+        {"BLOCK": 1024},
         ("numel",),
     ),
     "_batch_norm_statistics_kernel": (
@@ -267,6 +286,15 @@ VECTORISED = (
     "_dropout_kernel",
     "_channel_affine_kernel",
 )
+# RMSNorm runs the layer-norm kernels uncentred (CENTERED=False: no mean, no bias).
+RMS_NORM_KERNELS = (
+    "_layer_norm_forward_kernel",
+    "_layer_norm_backward_kernel",
+    "_layer_norm_wide_forward_kernel",
+    "_layer_norm_wide_coefficients_kernel",
+)
+RMS_NORM = {"CENTERED": False}
+RMS_NORM_VECTORISED = ("_layer_norm_forward_kernel",)
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
 # (variant, element type, compute type)
 VARIANTS = {"float32": ("fp32", "fp32"), "float64": ("fp64", "fp64"), "bfloat16": ("bf16", "fp32")}
@@ -336,11 +364,33 @@ def _requests() -> list[dict[str, Any]]:
                     BLOCK_COLUMNS=2048,
                 )
             )
+    for capability in (80, 90):
+        for kernel in RMS_NORM_KERNELS:
+            for variant in ("float32", "float64", "bfloat16"):
+                rms = dict(RMS_NORM, has_bias=False) if "forward" in kernel else RMS_NORM
+                requests.append(_request(kernel, capability, variant, **rms))
+        for variant in ("float32", "float64"):
+            requests.append(
+                _request(
+                    "_layer_norm_backward_kernel",
+                    capability,
+                    variant,
+                    **RMS_NORM,
+                    coefficients_given=True,
+                    BLOCK_COLUMNS=2048,
+                )
+            )
+    for kernel in ("_layer_norm_forward_kernel", "_layer_norm_backward_kernel"):
+        # RMSNorm's widest whole rows
+        requests.append(
+            _request(kernel, 80, "float32", **RMS_NORM, BLOCK_ROWS=1, BLOCK_COLUMNS=8192)
+        )
+        requests.append(
+            _request(kernel, 90, "float64", **RMS_NORM, BLOCK_ROWS=1, BLOCK_COLUMNS=4096)
+        )
     for kernel, (_, _, defaults, _) in KERNELS.items():
         # Every flag off as well: a branch the interpreter never takes must still compile.
         flags = {name: False for name, value in defaults.items() if value is True}
-        if "LABEL_SMOOTHING" in defaults:
-            flags["LABEL_SMOOTHING"] = 0.0
         if flags:
             requests.append(_request(kernel, 80, "float32", **flags))
     return requests
@@ -370,3 +420,15 @@ def test_every_nn_kernel_compiles_for_sm80_and_sm90_without_spills_and_vectorise
     ]
     assert not scalar, "no 128-bit (ld.global.v4) loads:\n" + "\n".join(scalar)
     assert {r["kernel"] for r in results} == set(KERNELS)
+    rms_streaming = [
+        name
+        for name, r in zip(described, results, strict=True)
+        if r["kernel"] in RMS_NORM_VECTORISED and r["variant"].startswith("float32 CENTERED=False")
+    ]
+    assert len(rms_streaming) >= 2 * len(RMS_NORM_VECTORISED)
+    rms_scalar = [
+        name
+        for name, r in zip(described, results, strict=True)
+        if name in rms_streaming and r["ptx_v4_loads"] == 0
+    ]
+    assert not rms_scalar, "RMSNorm: no 128-bit (ld.global.v4) loads:\n" + "\n".join(rms_scalar)

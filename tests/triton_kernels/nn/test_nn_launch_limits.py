@@ -16,8 +16,8 @@ import triton
 import triton_kernels.nn as K
 from torchopt_lab import backend, backend_info
 from torchopt_lab.nn import _dispatch
-from triton_kernels.nn import activation, batch_norm, layer_norm, softmax
-from triton_kernels.nn._common import MAX_NUMEL
+from triton_kernels.nn import activation, batch_norm, dropout, layer_norm, softmax
+from triton_kernels.nn._common import MAX_NUMEL, row_norm_grids
 
 AXIS_LIMITS = (2**31 - 1, 65535, 65535)
 # Programs of the layer-norm backward on an H200: two per streaming multiprocessor (132).
@@ -89,6 +89,39 @@ def test_layer_norm_grids_stay_within_cuda_limits_for_extreme_shapes(
     assert backward[1] <= H200_PROGRAMS
 
 
+@pytest.mark.parametrize(("shape", "dtype"), [*LAYER_NORM_SHAPES, ((4096, 32000), torch.float16)])
+def test_rms_norm_grids_stay_within_cuda_limits_for_extreme_shapes(
+    shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    # RMSNorm launches the layer-norm kernels on the grids of row_norm_grids, the function its
+    # launchers call (one row of 2³¹ - 1 values, 2³¹ - 1 rows of one value, ...)
+    forward, backward = row_norm_grids(shape, dtype, H200_PROGRAMS)
+    assert within_cuda_limits(forward), forward
+    assert within_cuda_limits(backward), backward
+    assert backward[1] <= H200_PROGRAMS
+    rows, columns, wide, block_rows, block_columns = layer_norm.block_shape(shape, dtype)
+    # every row in one forward program (whole rows) or its own (wide), every column in a slice
+    assert forward[0] * (1 if wide else block_rows) >= rows
+    assert backward[0] * block_columns >= columns
+
+
+def test_rms_norm_wide_rows_with_column_slices_match_torch() -> None:
+    # float64 rows of 4100 values are wide: the forward's two passes, the coefficients kernel and
+    # 5 column slices of the backward along axis 0, as row_norm_grids gives them
+    torch.manual_seed(0)
+    x = torch.randn(3, 4100, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4100, dtype=torch.float64, requires_grad=True)
+    assert row_norm_grids(x.shape, x.dtype, 8) == ((3,), (5, 1))
+    expected = F.rms_norm(x, [4100], weight)
+    grad_output = torch.randn_like(expected)
+    expected.backward(grad_output)
+    output, rstd = K.rms_norm_forward(x.detach(), weight.detach())
+    grad_input, grad_weight = K.rms_norm_backward(grad_output, x.detach(), weight.detach(), rstd)
+    torch.testing.assert_close(output, expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_input, x.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_weight, weight.grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(("rows", "columns"), [(MAX_NUMEL, 1), (1, MAX_NUMEL), (46340, 46340)])
 @pytest.mark.parametrize("element_size", [2, 4, 8])
 def test_row_kernel_grids_stay_within_cuda_limits_for_extreme_shapes(
@@ -98,6 +131,16 @@ def test_row_kernel_grids_stay_within_cuda_limits_for_extreme_shapes(
     programs, _, _, _ = softmax._launch_shape(rows, columns, element_size)
     assert within_cuda_limits((programs,))
     assert within_cuda_limits((rows,))
+
+
+@pytest.mark.parametrize("numel", [1, 1025, MAX_NUMEL])
+def test_dropout_grid_stays_within_cuda_limits_and_its_offsets_within_int32(numel: int) -> None:
+    grid, block = dropout.launch_grid(numel)
+    assert within_cuda_limits(grid)
+    (programs,) = grid
+    # the last program's last offset (block start + BLOCK - 1) stays a valid int32
+    assert (programs - 1) * block + block - 1 <= 2**31 - 1
+    assert programs * block >= numel
 
 
 def test_old_two_axis_grids_would_have_passed_65535() -> None:
@@ -172,6 +215,8 @@ def test_every_launcher_refuses_more_elements_than_int32_offsets_address() -> No
     assert huge.numel() == MAX_NUMEL + 1 and math.prod(huge.shape) > MAX_NUMEL
     with pytest.raises(RuntimeError, match=str(MAX_NUMEL + 1)):
         K.softmax_forward(huge)
+    with pytest.raises(RuntimeError, match=str(MAX_NUMEL + 1)):
+        K.rms_norm_forward(huge)
 
 
 def test_auto_sends_a_tensor_past_the_int32_offsets_down_the_torch_path_and_records_why(

@@ -17,8 +17,8 @@ import torch.nn.functional as TF
 import torchopt_lab.nn.functional as F
 from torchopt_lab import backend, backend_info
 from torchopt_lab import nn as our_nn
-from torchopt_lab.nn import _triton
-from torchopt_lab.nn.fused import ACTIVATIONS, linear_activation
+from torchopt_lab.nn import _dropout
+from torchopt_lab.nn.fused import ACTIVATIONS, LinearActivationTritonFunction, linear_activation
 from torchopt_lab.testing import CHECKS, check_function
 
 # σ(z) = 1 / (1 + exp(-z)) overflows exp to inf (and σ correctly to 0) for very negative z; the
@@ -134,6 +134,8 @@ CASES = [
         lambda d: (leaf(d, 4, 9), [9], leaf(d, 9), leaf(d, 9)),
     ),
     case("layer_norm_two_dims", "layer_norm", lambda d: (leaf(d, 3, 2, 5), [2, 5])),
+    case("rms_norm_weighted", "rms_norm", lambda d: (leaf(d, 4, 9), [9], leaf(d, 9))),
+    case("rms_norm_two_dims", "rms_norm", lambda d: (leaf(d, 3, 2, 5), [2, 5]), eps=1e-3),
     case(
         "batch_norm_training",
         "batch_norm",
@@ -238,10 +240,11 @@ def test_triton_path_runs_the_kernels_or_records_that_torch_ran(
     decisions = backend_info()["decisions"]
     assert decisions[f"nn.{case.name}"]["backend"] == "triton"
     function = output.grad_fn._forward_cls
+    # The op module's own Triton-path Function (named *TritonFunction) ran, or its torch path.
     if case.kernel:
-        assert function.__module__ == _triton.__name__
+        assert function.__name__.endswith("TritonFunction")
     else:
-        assert function.__module__ != _triton.__name__
+        assert not function.__name__.endswith("TritonFunction")
         assert decisions[case.torch_component]["backend"] == "torch"
 
 
@@ -307,7 +310,7 @@ def test_linear_activation_triton_matches_torch_path(
         output = linear_activation(*copies, activation=activation, negative_slope=0.2)
         torch.manual_seed(1)
         results[name] = (output, *torch.autograd.grad(output, copies, torch.randn_like(output)))
-    assert results["triton"][0].grad_fn._forward_cls is _triton.LinearActivationFunction
+    assert results["triton"][0].grad_fn._forward_cls is LinearActivationTritonFunction
     assert backend_info()["decisions"]["nn.linear_activation.gemm"]["backend"] == "torch"
     for ours, expected in zip(results["triton"], results["torch"], strict=True):
         torch.testing.assert_close(ours, expected, **TOLERANCES[dtype])
@@ -344,7 +347,7 @@ def test_triton_dropout_scales_kept_values_and_backward_reuses_the_mask(
     x = (torch.rand(50, 40, dtype=torch.float64) + 0.5).requires_grad_()
     source = x * 1 if inplace else x
     output = F.dropout(source, 0.25, inplace=inplace)
-    assert output.grad_fn._forward_cls is _triton.DropoutFunction
+    assert output.grad_fn._forward_cls is _dropout.DropoutTritonFunction
     kept = output != 0
     # Binomial(2000, 0.75) within 5 standard deviations.
     assert abs(kept.sum().item() - 2000 * 0.75) <= 5 * (2000 * 0.25 * 0.75) ** 0.5
@@ -466,3 +469,16 @@ def test_triton_path_matches_torch_path_in_half_precision(
     for ours, expected in zip(results["triton"], results["torch"], strict=True):
         assert ours.dtype == dtype
         torch.testing.assert_close(ours, expected, **HALF_TOLERANCES[dtype])
+
+
+def test_rms_norm_with_a_weight_of_another_dtype_runs_the_torch_path_and_records_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # torch computes with the float32 weight unrounded; the kernel would read it in bfloat16
+    _use(monkeypatch, "triton")
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    weight = torch.randn(8)
+    output = F.rms_norm(x, [8], weight)
+    assert not output.grad_fn or not type(output.grad_fn).__name__.startswith("RMSNormTriton")
+    assert backend_info()["decisions"]["nn.rms_norm.dtype"]["backend"] == "torch"
+    torch.testing.assert_close(output, TF.rms_norm(x, [8], weight), rtol=0, atol=0)

@@ -1,0 +1,143 @@
+"""A compiled step is one graph: ``torch.compile(step, fullgraph=True)`` traces every optimizer
+with no graph break and no recompilation once its state exists, and matches the eager step.
+
+The step count stays a tensor input of the graph (as in torch.optim's compiled optimizers): a
+host read of it (``item``, ``tolist``) breaks the graph, and a count baked in as a constant
+recompiles on every step. Tolerance against eager: float32 to rtol/atol 1e-5 after 3 steps
+(Inductor fuses the update and reorders its float32 arithmetic; the per-step scalars are float64
+on both paths). Measured: at most 1.7e-6 absolute (SGD with nesterov and maximize), the same
+difference torch.optim.SGD compiled shows against its own eager step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchopt_lab
+import torchopt_lab.optim as ours
+from torchopt_lab.optim.rules import REGISTRY
+
+BUILT_INS = [ours.SGD, ours.Momentum, ours.Adagrad, ours.RMSprop, ours.Adam, ours.AdamW]
+EVERY = BUILT_INS + [cls for cls in REGISTRY.values() if cls not in BUILT_INS]
+
+# Option combinations torch's compiled optimizers support on the CPU, and ours beside them.
+CONFIGS = [
+    (ours.SGD, {"lr": 0.1}),
+    (ours.SGD, {"lr": 0.1, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}),
+    (ours.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True, "maximize": True}),
+    (ours.Momentum, {"lr": 0.05, "momentum": 0.8, "nesterov": True}),
+    (ours.Adagrad, {"lr": 0.1, "lr_decay": 0.01, "weight_decay": 0.01}),
+    (ours.Adagrad, {"lr": 0.1, "maximize": True, "initial_accumulator_value": 0.1}),
+    (ours.RMSprop, {"lr": 0.01, "momentum": 0.5, "centered": True, "weight_decay": 0.1}),
+    (ours.RMSprop, {"lr": 0.01, "maximize": True}),
+    (ours.Adam, {"lr": 0.01}),
+    (ours.Adam, {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1, "maximize": True}),
+    (ours.Adam, {"lr": torch.tensor(0.01)}),
+    (ours.Adam, {"lr": 0.01, "max_grad_norm": 0.05}),
+    (ours.Adam, {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1}),
+    (ours.AdamW, {"lr": 0.01, "amsgrad": True, "maximize": True}),
+    (ours.Adagrad, {"lr": torch.tensor(0.1)}),
+    (ours.NAdam, {"lr": 0.01, "weight_decay": 0.1, "momentum_decay": 0.005}),
+    (ours.NAdam, {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    (ours.NAdam, {"lr": torch.tensor(0.01), "maximize": True}),
+    (ours.RAdam, {"lr": 0.01, "weight_decay": 0.1}),
+    (ours.RAdam, {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    (ours.Adamax, {"lr": 0.01, "weight_decay": 0.1, "maximize": True}),
+    (ours.Adadelta, {"lr": 0.5, "weight_decay": 0.1, "maximize": True}),
+    (ours.Lion, {"lr": 0.01, "weight_decay": 0.1}),
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _model_and_optimizer(cls, options, **extra):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    return model, cls(model.parameters(), **options, **extra)
+
+
+def _backward(model, index):
+    torch.manual_seed(index)
+    model.zero_grad()
+    model(torch.randn(4, 6)).pow(2).sum().backward()
+
+
+def _train(cls, options, run_step, steps):
+    model, optimizer = _model_and_optimizer(cls, options, backend="torch")
+    run = run_step(optimizer)
+    for index in range(steps):
+        _backward(model, index)
+        run()
+    return model, optimizer
+
+
+def _compiled(optimizer):
+    def step():
+        optimizer.step()
+
+    return torch.compile(step, fullgraph=True)
+
+
+def _eager(optimizer):
+    return optimizer.step
+
+
+@pytest.mark.parametrize("cls", EVERY, ids=[cls.__name__ for cls in EVERY])
+def test_compiled_step_is_one_graph_without_breaks(cls):
+    options = {"lr": 0.01, "momentum": 0.9} if cls is ours.SGD else {"lr": 0.01}
+    model, optimizer = _model_and_optimizer(cls, options)
+    _backward(model, 0)
+    optimizer.step()  # the state exists: the explained step is a steady-state one
+
+    def step():
+        optimizer.step()
+
+    explanation = torch._dynamo.explain(step)()
+    reasons = [str(reason.reason).splitlines()[0] for reason in explanation.break_reasons]
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), reasons
+
+
+@pytest.mark.parametrize(
+    ("cls", "options"),
+    CONFIGS,
+    ids=[f"{cls.__name__}-{'-'.join(options)}" for cls, options in CONFIGS],
+)
+def test_fullgraph_compiled_steps_match_eager(cls, options):
+    eager, eager_optimizer = _train(cls, options, _eager, steps=3)
+    compiled, compiled_optimizer = _train(cls, options, _compiled, steps=3)
+    for a, b in zip(compiled.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
+        for key, value in eager_optimizer.state[q].items():
+            held = compiled_optimizer.state[p][key]
+            torch.testing.assert_close(held, value, rtol=1e-5, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("cls", EVERY, ids=[cls.__name__ for cls in EVERY])
+def test_compiled_steps_do_not_recompile_once_state_exists(cls):
+    model, optimizer = _model_and_optimizer(cls, {"lr": 0.01}, backend="torch")
+    run = _compiled(optimizer)
+    counts = []
+    for index in range(5):
+        _backward(model, index)
+        run()
+        counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    # The first step creates the state (one graph), the second traces with it; the step count
+    # is a graph input, so later steps reuse that graph.
+    assert counts[2:] == [counts[1]] * 3, counts
+
+
+def test_compiled_step_records_the_traced_backend():
+    model, optimizer = _model_and_optimizer(ours.NAdam, {"lr": 0.01}, backend="auto")
+    run = _compiled(optimizer)
+    _backward(model, 0)
+    run()
+    decision = torchopt_lab.backend_info()["decisions"]["optim.NAdam"]
+    assert decision["backend"] == "torch"
+    assert "torch.compile" in decision["reason"]

@@ -1,0 +1,255 @@
+"""``fused=True`` on CPU tensors for the optimizers declared as rules: the rule's element-wise
+``update`` compiled by Inductor (``torch.compile``) into one pass over each tensor's memory.
+
+The compiled function updates a *chunk* of :data:`CHUNK` tensors per call, each flattened to
+1-D: the rule's ``update`` out of place, then ``copy_`` into the parameter and state tensors,
+which Inductor turns into the stores of one loop per tensor (each element of the parameter,
+gradient and state read once, the parameter and state written once). A call costs tens of
+microseconds on the host whatever its size, so chunks amortise it over many tensors, and the
+arithmetic runs at memory bandwidth, like torch's fused CPU kernels.
+
+Compilations stay few and bounded: sizes are dynamic and never specialised (no duck sizing, no
+0/1 specialisation), and the last chunk of a step is padded with tiny scratch tensors, so a rule
+compiles once per (dtype, ``maximize``, branch its update takes on the scalars, e.g.
+``weight_decay != 0``), never per tensor count or size. Each rule's compiled function has its own
+Dynamo cache (own code object) with its own recompile limit; hitting it raises instead of
+silently running eagerly.
+
+Results match the rule's torch path (``fused=None``) to rounding: Inductor may reorder and fuse
+float operations (and, for float16 and bfloat16, computes in float32 with one rounding at the end,
+as torch's fused kernels do), so equality is not bitwise; ``tests/optim/test_cpu_fused.py`` states
+and holds the bounds. Where Inductor cannot compile (no C++ compiler, an update it cannot trace),
+the rule's torch update runs instead, recorded in :func:`torchopt_lab.backend_info` with the
+error and warned about once.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchopt_lab import backend as _backend
+
+__all__ = ["CHUNK", "DTYPES", "check_flags", "compile_count", "fused_step", "fused_update"]
+
+#: Tensors per compiled call. More amortises the host's call overhead over more tensors but
+#: lengthens the one-time compile (Inductor writes one loop per tensor of the chunk).
+CHUNK = 16
+#: Parameter dtypes the compiled path updates (complex ones as real views).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Recompilations allowed per rule (dtypes x maximize x branches on the scalars) before raising.
+_RECOMPILE_LIMIT = 64
+
+# rule.update -> its compiled chunk step; (rule.update, dtype) -> why compiling failed.
+_compiled: dict[Callable[..., Any], Callable[..., None]] = {}
+_failed: dict[tuple[Callable[..., Any], torch.dtype], str] = {}
+# (dtype, tensors per parameter, CHUNK) -> scratch (param, grad, *state) to pad the last chunk.
+_scratch: dict[tuple[torch.dtype, int, int], list[list[Tensor]]] = {}
+
+
+def _chunk_step(
+    update: Callable[..., tuple[Tensor, ...]],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[list[Tensor]],
+    scalars: dict[str, Any],
+    maximize: bool,
+) -> None:
+    """What the compiled function runs: ``update`` over each tensor of a chunk, written back."""
+    for i in range(len(params)):
+        grad = -grads[i] if maximize else grads[i]
+        results = update(params[i], grad, *(state[i] for state in states), **scalars)
+        params[i].copy_(results[0])
+        for state, result in zip(states, results[1:], strict=True):
+            state[i].copy_(result)
+
+
+def _compiled_step(update: Callable[..., Any]) -> Callable[..., None]:
+    step = _compiled.get(update)
+    if step is None:
+        # A code object of its own per rule: Dynamo keeps its cache and recompile count per code
+        # object, so rules do not crowd each other out of one shared limit.
+        name = f"_fused_{getattr(update, '__module__', 'rule').replace('.', '_')}"
+        code = _chunk_step.__code__.replace(co_name=name)
+        function = types.FunctionType(code, _chunk_step.__globals__, name)
+        step = torch.compile(
+            function,
+            fullgraph=True,
+            dynamic=True,
+            options={"cpp.dynamic_threads": True},
+        )
+        _compiled[update] = step
+    return step
+
+
+def compile_count(update: Callable[..., Any]) -> int:
+    """How many variants of the rule's compiled step exist (one per dtype, ``maximize`` and
+    branch of its update on the scalars): Dynamo's cache entries for its code object."""
+    step = _compiled.get(update)
+    if step is None:
+        return 0
+    code = step._torchdynamo_orig_callable.__code__
+    return len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(code))
+
+
+def _scratch_tensors(dtype: torch.dtype, count: int) -> list[list[Tensor]]:
+    """Two-element (parameter, gradient, *state) to pad a chunk: updating them is harmless, and
+    each pad has tensors of its own (aliased inputs would change the compiled graph)."""
+    pads = _scratch.get((dtype, count, CHUNK))
+    if pads is None:
+        pads = [[torch.zeros(2, dtype=dtype) for _ in range(count)] for _ in range(CHUNK)]
+        _scratch[(dtype, count, CHUNK)] = pads
+    return pads
+
+
+def _flat(tensor: Tensor) -> Tensor:
+    """``tensor`` as 1-D, without a ``_base``: Dynamo guards on the shape of a view's base, so
+    views of differently shaped tensors would recompile."""
+    tensor = torch.view_as_real(tensor) if tensor.is_complex() else tensor
+    return tensor.view(-1).detach()
+
+
+def unsupported(tensors: Sequence[Tensor]) -> str | None:
+    """Why the compiled path cannot update these tensors of one parameter, or None."""
+    first = tensors[0]
+    real = first.dtype.to_real() if first.dtype.is_complex else first.dtype
+    if real not in DTYPES:
+        return f"the fused CPU path updates {list(DTYPES)}, not {first.dtype}"
+    if not all(t.is_contiguous() for t in tensors):
+        return "a parameter, gradient or state tensor is not contiguous"
+    return None
+
+
+def _call(step: Callable[..., None], *args: Any) -> None:
+    with (
+        torch.fx.experimental._config.patch(use_duck_shape=False, backed_size_oblivious=True),
+        torch._dynamo.config.patch(
+            recompile_limit=_RECOMPILE_LIMIT,
+            fail_on_recompile_limit_hit=True,
+        ),
+    ):
+        step(*args)
+
+
+def fused_update(
+    component: str,
+    update: Callable[..., tuple[Tensor, ...]],
+    members: list[tuple[list[Tensor], dict[str, Any]]],
+    maximize: bool,
+) -> list[int]:
+    """Update ``members`` (each: [param, grad, *state] of one parameter, all of one dtype, and the
+    scalars of its step) with the compiled ``update``; return the indices of the members it did
+    not update (the caller runs the torch update for them), recording why."""
+    rest: list[int] = []
+    chunks: dict[tuple[Any, ...], list[int]] = {}
+    for index, (tensors, scalars) in enumerate(members):
+        why = unsupported(tensors)
+        if why is not None:
+            _backend.record(component, "fused", "torch", tensors[0].device, why)
+            rest.append(index)
+            continue
+        key = tuple((name, value) for name, value in scalars.items())
+        chunks.setdefault(key, []).append(index)
+    if not chunks:
+        return rest
+    dtype = _flat(members[chunks[next(iter(chunks))][0]][0][0]).dtype
+    failure = _failed.get((update, dtype))
+    if failure is not None:
+        _backend.record(component, "fused", "torch", torch.device("cpu"), failure)
+        return sorted(rest + [i for indices in chunks.values() for i in indices])
+    step = _compiled_step(update)
+    scratch = _scratch_tensors(dtype, len(members[0][0]))
+    calls = [
+        (members[indices[0]][1], indices[start : start + CHUNK])
+        for indices in chunks.values()
+        for start in range(0, len(indices), CHUNK)
+    ]
+    for done, (scalars, indices) in enumerate(calls):
+        chunk = [[_flat(t) for t in members[i][0]] for i in indices]
+        chunk += scratch[: CHUNK - len(chunk)]
+        columns = list(zip(*chunk, strict=True))
+        try:
+            _call(
+                step,
+                update,
+                list(columns[0]),
+                list(columns[1]),
+                [list(column) for column in columns[2:]],
+                scalars,
+                maximize,
+            )
+        except Exception as error:  # Inductor failed: the torch update runs instead
+            why = f"Inductor could not compile the rule's update: {type(error).__name__}: {error}"
+            _failed[(update, dtype)] = why
+            _backend.record(component, "fused", "torch", torch.device("cpu"), why)
+            warnings.warn(
+                f"{component}: fused=True runs the rule's torch update: {why}", stacklevel=4
+            )
+            left = [i for _, later in calls[done:] for i in later]
+            return sorted(rest + left)
+    _backend.record(
+        component,
+        "fused",
+        "inductor",
+        torch.device("cpu"),
+        f"fused=True on CPU: the rule's update compiled by Inductor, {CHUNK} tensors per call",
+    )
+    return rest
+
+
+def check_flags(fused: bool | None, hyperparameters: dict[str, Any]) -> None:
+    """torch.optim's refusals of ``fused=True`` with flags it cannot honour, in torch's words."""
+    if not fused:
+        return
+    if hyperparameters.get("differentiable"):
+        raise RuntimeError("`fused` does not support `differentiable`")
+    if hyperparameters.get("foreach"):
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def fused_step(
+    optimizer: Any,
+    device: torch.device,
+    members: list[tuple[Tensor, dict[str, Any], dict[str, Any]]],
+    maximize: bool,
+) -> list[tuple[Tensor, dict[str, Any], dict[str, Any]]]:
+    """The ``fused=True`` step of a rule optimizer's ``members`` (``(param, state, scalars)`` of
+    one device and dtype) that the Triton rule kernel did not take; returns those left to the
+    rule's torch update (each recorded with its reason)."""
+    name = type(optimizer).__name__
+    if torch.compiler.is_compiling():
+        # Inside a compiled step (``torch.compile(optimizer.step)``) the compiler fuses the traced
+        # torch update itself.
+        return members
+    if device.type != "cpu":
+        # On CUDA the fused path is the Triton rule kernel; backend='torch' asks for none.
+        raise RuntimeError(
+            f"{name}: fused=True on {device.type} tensors runs the fused Triton rule kernel, "
+            f"which backend={optimizer.backend!r} did not run (see torchopt_lab.backend_info()); "
+            "pass backend='auto' or 'triton', or fused=None"
+        )
+    rule = optimizer.rule
+    if rule.complex_as_real is False and any(p.is_complex() for p, _, _ in members):
+        # The compiled update takes real tensors; this rule's update reads complex ones.
+        complex_members = [m for m in members if m[0].is_complex()]
+        _backend.record(
+            f"optim.{name} (fused)",
+            "fused",
+            "torch",
+            device,
+            "the rule updates complex tensors as complex, which the fused CPU path does not",
+        )
+        members = [m for m in members if not m[0].is_complex()]
+    else:
+        complex_members = []
+    updated = [
+        ([p, p.grad, *(state[key] for key in rule.tensor_state)], scalars)
+        for p, state, scalars in members
+    ]
+    rest = fused_update(f"optim.{name} (fused)", rule.update, updated, maximize)
+    return complex_members + [members[i] for i in rest]
