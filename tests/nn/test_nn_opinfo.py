@@ -41,7 +41,7 @@ weight gradient over a single element: exactly 0, torch's float32 gives 1.6e-5, 
 Which OpInfos: the ``op_db`` entry of each public function of ``torchopt_lab.nn.functional``
 (``OPINFO_NAMES``; a test holds that every public function has one), every variant whose CPU
 dtypes include the dtype under test (not ``silu``'s ``complex`` variant, complex dtypes only, nor
-``batch_norm``'s ``without_cudnn``, the plain entry's samples with cuDNN off, CUDA dtypes only).
+``batch_norm``'s ``without_cudnn``, the plain entry's samples with cuDNN off: no CPU dtypes).
 ``torchopt_lab.nn.fused.linear_activation`` has no op_db entry (no torch namesake). No sample is
 skipped; only the large inputs above are cut.
 """
