@@ -1,19 +1,27 @@
 """Every ``torchopt_lab.nn.functional`` op on PyTorch's own OpInfo samples (``op_db``), on both
 paths (``TORCHOPT_LAB_BACKEND=torch`` and ``=triton``, the kernels under the Triton interpreter).
 
-For each op and each sample of its OpInfo (``sample_inputs("cpu", dtype, requires_grad=True)``,
-float32 and float64, torch's seed 0):
+For each op and each of its OpInfo's reference inputs (``reference_inputs("cpu", dtype,
+requires_grad=True)``: the samples, and for the elementwise ops also NaN, infinities, large values,
+non-contiguous, expanded and empty inputs; float32 and float64, torch's seed 0; an input past
+4096 elements cut to its leading 64-long block per dimension, strides kept: relu's, silu's,
+sigmoid's and tanh's 1029 x 917 and 1024 x 1024 take minutes through the interpreter):
 
 * the value equals torch's (and tensors torch updates in place, batch norm's running statistics,
   are updated the same), and the sample's inputs are left as they were;
 * the gradient of a random-weighted sum of the output with respect to every input that requires
   grad equals torch's (a plain sum's gradient through softmax or a normalisation is zero up to
   rounding, so it would compare only noise);
-* a sample torch refuses raises torch's exception type;
-* in float64, ``torch.autograd.gradcheck`` passes; on the torch path ``gradgradcheck`` too, and on
-  the Triton path (first-order only) a ``create_graph=True`` backward either raises a
-  RuntimeError that says so or, where the op has no first-order-only Triton backward, passes
-  ``gradgradcheck``: a wrong second derivative is never returned silently.
+* a sample torch refuses raises torch's exception type, and so does each of the OpInfo's
+  ``error_inputs`` (conv2d's, rms_norm's, gelu's and embedding's);
+* on the Triton path, an op with a kernel (``KERNEL_OPS``) is recorded in ``backend_info()`` as
+  run by Triton (the test is not vacuous);
+* for each of its samples (``sample_inputs``, finite), in float64, ``torch.autograd.gradcheck``
+  passes; on the torch path ``gradgradcheck`` too, and on the Triton path (first-order only) a
+  ``create_graph=True`` backward either raises a RuntimeError that says so or, where the op has
+  no first-order-only Triton backward (linear, conv2d, mse_loss, embedding, batch norm's and
+  dropout's trivial cases), passes ``gradgradcheck``: a wrong second derivative is never
+  returned silently.
 
 Dropout's samples with ``p > 0`` in training draw a random mask, so they are checked for the mask's
 semantics instead of torch's values: every output element is 0 or ``x / (1 - p)``, and the
@@ -31,10 +39,11 @@ weight gradient over a single element: exactly 0, torch's float32 gives 1.6e-5, 
 ``x - mean`` rounding residual times ``1/sqrt(eps)``). Output dtypes are torch's float32 ones.
 
 Which OpInfos: the ``op_db`` entry of each public function of ``torchopt_lab.nn.functional``
-(``OPINFO_NAMES``), every variant whose CPU dtypes include the dtype under test (``silu``'s
-``complex`` variant has only complex dtypes; ``batch_norm``'s ``without_cudnn`` lists no float64 on
-the CPU, and its float32 samples are those of the plain entry). Every sample is checked: none is
-skipped or subsampled.
+(``OPINFO_NAMES``; a test holds that every public function has one), every variant whose CPU
+dtypes include the dtype under test (not ``silu``'s ``complex`` variant, complex dtypes only, nor
+``batch_norm``'s ``without_cudnn``, the plain entry's samples with cuDNN off: no CPU dtypes).
+``torchopt_lab.nn.fused.linear_activation`` has no op_db entry (no torch namesake). No sample is
+skipped; only the large inputs above are cut.
 """
 
 from __future__ import annotations
@@ -51,6 +60,12 @@ import torchopt_lab.nn.functional as F
 from torchopt_lab import backend, backend_info
 
 PATHS = ["torch", "triton"]
+# The reference inputs hold infinities and NaN: the interpreter's numpy warns where a GPU would
+# not (exp overflows, inf * 0); the values are still compared with torch's.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+]
 DTYPES = [torch.float32, torch.float64]
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float32: {"rtol": 1.3e-6, "atol": 1e-5},
@@ -93,6 +108,7 @@ KERNEL_OPS = {
     "layer_norm",
     "batch_norm",
     "dropout",
+    "rms_norm",
 }
 
 
@@ -119,11 +135,44 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
     yield request.param
 
 
-def _samples(opinfo: OpInfo, dtype: torch.dtype) -> list[SampleInput]:
+# A reference input past this many elements is cut to its leading 64-long block in each
+# dimension (strides kept): relu's, silu's, sigmoid's and tanh's 1029 x 917 and 1024 x 1024 inputs
+# take minutes through the interpreter.
+LARGEST = 4096
+
+
+def _as_leaves(sample: SampleInput) -> SampleInput:
+    """The sample with every tensor that requires grad a leaf of the same strides, the input cut
+    to its leading block past LARGEST elements. (Some of torch's reference inputs are views made
+    under no_grad, expanded ones among them: a gradient does not reach them, through torch's own
+    op either.)"""
+
+    def leaf(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or not value.requires_grad:
+            return value
+        return value.detach().requires_grad_()
+
+    x = sample.input
+    if isinstance(x, torch.Tensor) and x.numel() > LARGEST:
+        x = x[tuple(slice(0, 64) for _ in range(x.dim()))]
+    return SampleInput(
+        leaf(x),
+        args=tuple(map(leaf, sample.args)),
+        kwargs={key: leaf(value) for key, value in sample.kwargs.items()},
+    )
+
+
+def _samples(opinfo: OpInfo, dtype: torch.dtype, reference: bool = False) -> list[SampleInput]:
+    """The OpInfo's samples (``reference``: its reference inputs, the samples and more: NaN,
+    infinities, large values, non-contiguous views, for the elementwise ops)."""
     if dtype not in opinfo.supported_dtypes("cpu"):
         return []
     torch.manual_seed(0)
-    samples = list(opinfo.sample_inputs("cpu", dtype, requires_grad=True))
+    if reference:
+        inputs = opinfo.reference_inputs("cpu", dtype, requires_grad=True)
+        samples = [_as_leaves(sample) for sample in inputs]
+    else:
+        samples = list(opinfo.sample_inputs("cpu", dtype, requires_grad=True))
     assert samples, opinfo.name
     return samples
 
@@ -242,7 +291,8 @@ def _check_sample(
         return
     output = mine(ours)
     for leaf, before in zip(leaves(sample), snapshot, strict=True):
-        assert torch.equal(leaf.detach(), before), "the op changed its input"
+        # the op left its input as it was
+        torch.testing.assert_close(leaf.detach(), before, rtol=0, atol=0, equal_nan=True)
     assert output.dtype == expected.dtype
     assert output.requires_grad == expected.requires_grad
     if opinfo.name == "nn.functional.dropout" and _dropout_draws_a_mask(sample):
@@ -264,10 +314,13 @@ def _check_sample(
 
 
 def _check_all(
-    opinfo: OpInfo, dtype: torch.dtype, check: Callable[[SampleInput], None]
+    opinfo: OpInfo,
+    dtype: torch.dtype,
+    check: Callable[[SampleInput], None],
+    reference: bool = False,
 ) -> list[str]:
     failures = []
-    for index, sample in enumerate(_samples(opinfo, dtype)):
+    for index, sample in enumerate(_samples(opinfo, dtype, reference)):
         try:
             check(sample)
         except Exception as error:  # (collected: every failing sample is reported)
@@ -297,7 +350,7 @@ def test_opinfo_samples_match_torch_in_value_and_gradient(
         _check_sample(opinfo, ours, sample, dtype)
         ran.add(_ran(name))
 
-    failures = _check_all(opinfo, dtype, check)
+    failures = _check_all(opinfo, dtype, check, reference=True)
     assert not failures, f"{opinfo.name} on the {path} path, {dtype}:\n" + "\n".join(failures)
     if path == "triton" and name in KERNEL_OPS and dtype in opinfo.supported_dtypes("cpu"):
         assert "triton" in ran, f"no sample of {name} ran on the Triton kernels: {ran}"
@@ -353,3 +406,33 @@ def test_opinfo_samples_pass_gradcheck(path: str, opinfo: OpInfo) -> None:
 
 def _grads_create_graph(output: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> None:
     torch.autograd.grad(output, inputs, _random_like(output), allow_unused=True, create_graph=True)
+
+
+ERROR_OPINFOS = [op for op in OPINFOS if op.error_inputs_func is not None]
+
+
+def test_the_error_inputs_cover_ops() -> None:
+    # conv2d, rms_norm, gelu and embedding have OpInfo error inputs in torch 2.13; the rest none
+    assert len(ERROR_OPINFOS) >= 4, [op.name for op in ERROR_OPINFOS]
+
+
+@pytest.mark.parametrize("opinfo", ERROR_OPINFOS, ids=[op.name for op in ERROR_OPINFOS])
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_opinfo_error_inputs_raise_torchs_exception_type(path: str, opinfo: OpInfo) -> None:
+    """Every OpInfo error input (a sample torch refuses) raises torch's exception type."""
+    ours = _ours(OPINFO_NAMES[opinfo.name])
+    failures = []
+    for error_input in opinfo.error_inputs("cpu"):
+        sample = error_input.sample_input
+        with pytest.raises(error_input.error_type, match=error_input.error_regex):
+            Call(sample)(opinfo.op)  # the oracle still refuses it
+        try:
+            Call(sample)(ours)
+        except error_input.error_type:
+            continue
+        except Exception as error:  # (reported below: the wrong type)
+            failures.append(f"{describe(sample)}: {type(error).__name__}: {error}")
+        else:
+            failures.append(f"{describe(sample)}: no error")
+        failures[-1] += f" (torch: {error_input.error_type.__name__})"
+    assert not failures, "\n".join(failures)
