@@ -232,3 +232,27 @@ def test_fused_step_inside_torch_compile_matches_the_torch_path() -> None:
         plain_opt.step()
     for a, b in zip(fused, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"max_grad_norm": 0.5}, "max_grad_norm"),
+        ({"record_norms": True}, "record_norms"),
+        ({"max_grad_norm": 0.5, "float32_state": True}, "max_grad_norm, float32_state"),
+    ],
+)
+def test_fused_with_an_engine_option_runs_the_torch_update_and_says_so(
+    options: dict[str, Any], named: str
+) -> None:
+    """The compiled update takes the gradient as it is: clipping, float32 state and norm records
+    take the rule's torch update, bit for bit, recorded (never a silent unclipped step)."""
+    cls = REGISTRY["NAdam"]
+    fused, plain, fused_opt, plain_opt = _pair(cls, SHAPES[:2], **options)
+    for seed in range(3):
+        _step_both(fused, plain, fused_opt, plain_opt, seed)
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    decision = torchopt_lab.backend_info()["decisions"]["optim.NAdam (fused)"]
+    assert decision["backend"] == "torch"
+    assert f"does not take {named}" in decision["reason"]

@@ -209,16 +209,24 @@ def test_rule_optimizer_step_without_grads_is_noop(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", WITH_TORCH)
-def test_rule_optimizer_signature_is_torch_optims_plus_fused_and_backend(name: str) -> None:
+def test_rule_optimizer_signature_is_torch_optims_plus_fused_backend_and_engine_options(
+    name: str,
+) -> None:
     mine = list(inspect.signature(REGISTRY[name]).parameters.values())
     theirs = inspect.signature(getattr(torch.optim, name)).parameters.values()
-    assert [(p.name, p.kind, p.default) for p in mine[:-2]] == [
+    # torch's NAdam, RAdam, Adamax and Adadelta have no `fused`; ours take it as Adam's does,
+    # then backend, max_grad_norm, skip_nonfinite, float32_state and record_norms.
+    ours_only = 6
+    assert [(p.name, p.kind, p.default) for p in mine[:-ours_only]] == [
         (p.name, p.kind, p.default) for p in theirs
     ]
-    # torch's NAdam, RAdam, Adamax and Adadelta have no `fused`; ours take it as Adam's does.
-    assert [(p.name, p.kind, p.default) for p in mine[-2:]] == [
+    assert [(p.name, p.kind, p.default) for p in mine[-ours_only:]] == [
         ("fused", inspect.Parameter.KEYWORD_ONLY, None),
         ("backend", inspect.Parameter.KEYWORD_ONLY, "auto"),
+        ("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, None),
+        ("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY, False),
+        ("float32_state", inspect.Parameter.KEYWORD_ONLY, False),
+        ("record_norms", inspect.Parameter.KEYWORD_ONLY, False),
     ]
 
 
@@ -445,7 +453,8 @@ def _rule(**overrides: Any) -> Rule:
         ({"state": (State("step"),)}, "not 'step'"),
         ({"state": (State("m"), State("m"))}, "must be unique"),
         ({"hyperparameters": (Hyperparameter("lr", 0.1),) * 2}, "must be unique"),
-        ({"hyperparameters": (Hyperparameter("backend", "x"),)}, "not 'params' or 'backend'"),
+        ({"hyperparameters": (Hyperparameter("backend", "x"),)}, "constructor's own"),
+        ({"hyperparameters": (Hyperparameter("max_grad_norm", 1.0),)}, "constructor's own"),
     ],
 )
 def test_rule_declaration_mistakes_are_refused_at_class_creation(

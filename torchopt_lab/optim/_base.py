@@ -238,6 +238,46 @@ def _use_grad_in_graph(step: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+#: The options every torchopt_lab optimizer takes beside torch's (keyword-only, after
+#: ``backend``), held as attributes of the optimizer, not in its param groups.
+ENGINE_OPTIONS: dict[str, Any] = {
+    "max_grad_norm": None,
+    "skip_nonfinite": False,
+    "float32_state": False,
+    "record_norms": False,
+}
+
+
+def set_engine_options(
+    optimizer: torch.optim.Optimizer,
+    *,
+    backend: str = "auto",
+    max_grad_norm: float | None = None,
+    skip_nonfinite: bool = False,
+    float32_state: bool = False,
+    record_norms: bool = False,
+) -> None:
+    """Check and set ``backend`` and :data:`ENGINE_OPTIONS` on ``optimizer`` (built-in or rule)."""
+    optimizer.backend = _backend.check_backend(backend)
+    optimizer.max_grad_norm = check_max_grad_norm(max_grad_norm)
+    if optimizer.max_grad_norm is not None and _built_by_zero_redundancy_optimizer():
+        raise ValueError(
+            f"{type(optimizer).__name__}: max_grad_norm={max_grad_norm} cannot be used inside "
+            "ZeroRedundancyOptimizer: each rank holds only its partition of the parameters, "
+            "so the clip would use that partition's norm, not the global one. Clip with "
+            "torch.nn.utils.clip_grad_norm_(model.parameters(), ...) before step() instead"
+        )
+    if skip_nonfinite and optimizer.max_grad_norm is None:
+        raise ValueError(
+            "skip_nonfinite=True needs max_grad_norm: the step is skipped when the gradient "
+            "norm computed for clipping is not finite"
+        )
+    optimizer.skip_nonfinite = bool(skip_nonfinite)
+    optimizer.float32_state = bool(float32_state)
+    optimizer.record_norms = bool(record_norms)
+    optimizer._skipped_on_host = 0
+
+
 class TorchoptOptimizer(torch.optim.Optimizer):
     """Base of every torchopt_lab optimizer (private: use the optimizers themselves).
 
@@ -268,24 +308,14 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         float32_state: bool = False,
         record_norms: bool = False,
     ) -> None:
-        self.backend = _backend.check_backend(backend)
-        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
-        if self.max_grad_norm is not None and _built_by_zero_redundancy_optimizer():
-            raise ValueError(
-                f"{type(self).__name__}: max_grad_norm={max_grad_norm} cannot be used inside "
-                "ZeroRedundancyOptimizer: each rank holds only its partition of the parameters, "
-                "so the clip would use that partition's norm, not the global one. Clip with "
-                "torch.nn.utils.clip_grad_norm_(model.parameters(), ...) before step() instead"
-            )
-        if skip_nonfinite and self.max_grad_norm is None:
-            raise ValueError(
-                "skip_nonfinite=True needs max_grad_norm: the step is skipped when the gradient "
-                "norm computed for clipping is not finite"
-            )
-        self.skip_nonfinite = bool(skip_nonfinite)
-        self.float32_state = bool(float32_state)
-        self.record_norms = bool(record_norms)
-        self._skipped_on_host = 0
+        set_engine_options(
+            self,
+            backend=backend,
+            max_grad_norm=max_grad_norm,
+            skip_nonfinite=skip_nonfinite,
+            float32_state=float32_state,
+            record_norms=record_norms,
+        )
         super().__init__(params, defaults)
         if defaults.get("fused") and defaults.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")

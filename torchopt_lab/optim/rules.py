@@ -25,7 +25,9 @@ Subclassing :class:`RuleOptimizer` with a ``rule`` turns a declaration into a
 with torch's keys (so ``state_dict`` interchanges with torch.optim's), ``__setstate__`` defaults
 for older state dicts, ``step(closure)`` with ``maximize``, complex parameters, tensor ``lr`` and
 ``differentiable=True`` (gradients flow through the step to tensor hyperparameters and to the
-parameters before it). :func:`register` adds the class to :data:`REGISTRY`, which the tests,
+parameters before it), and the engine's options every built-in optimizer takes (``max_grad_norm``,
+``skip_nonfinite``, ``float32_state``, ``record_norms``; GradScaler works as with torch.optim).
+:func:`register` adds the class to :data:`REGISTRY`, which the tests,
 ``torchopt-lab compare`` and the benchmarks iterate.
 
 What a rule cannot express: an update that is not element-wise (reads more than one element of a
@@ -48,6 +50,8 @@ from torch.optim.optimizer import _get_capturable_supported_devices as _capturab
 
 from torchopt_lab import backend as _backend
 from torchopt_lab.optim import _cpu_fused
+from torchopt_lab.optim._base import ENGINE_OPTIONS, TorchoptOptimizer, set_engine_options
+from torchopt_lab.optim.clip import _clip_coefficient, _total_norm
 
 try:  # Triton is optional (Linux only): without it, rules run their torch update.
     import triton
@@ -253,12 +257,22 @@ class RuleOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` derived from the class attribute ``rule`` (a :class:`Rule`).
 
     Subclasses set ``rule`` and a docstring; the constructor, its signature, ``step`` and
-    ``__setstate__`` come from here. The constructor takes torch's arguments plus ``backend``
-    (``"auto"``, ``"torch"`` or ``"triton"``, as every torchopt_lab optimizer; an attribute, not a
-    param-group key). Each (device, dtype) part of a param group runs either the fused rule kernel
-    (one launch, :mod:`triton_kernels.optim.rule_kernels`) or ``rule.update`` per parameter (the
-    torch reference path), as :func:`torchopt_lab.backend.resolve` decides; ``foreach`` is
-    accepted and stored as torch does, and gives the same numbers.
+    ``__setstate__`` come from here. The constructor takes torch's arguments plus, keyword-only,
+    ``backend`` (``"auto"``, ``"torch"`` or ``"triton"``) and the options of every torchopt_lab
+    optimizer: ``max_grad_norm`` (clip the global gradient norm as ``clip_grad_norm_`` before the
+    update, the gradients left as they were), ``skip_nonfinite`` (skip a step whose norm is not
+    finite; counted in ``skipped_steps``), ``float32_state`` (float16/bfloat16 parameters keep
+    float32 state and are updated in float32) and ``record_norms`` (``norm_diagnostics()``); all
+    attributes, not param-group keys. Each (device, dtype) part of a param group runs either the
+    optimizer kernel skeleton with the rule's update inlined (one launch, clipping and diagnostics
+    fused; :mod:`triton_kernels.optim.rule_kernels`) or ``rule.update`` per parameter (the torch
+    reference path), as :func:`torchopt_lab.backend.resolve` decides; ``foreach`` is accepted and
+    stored as torch does, and gives the same numbers.
+
+    Steps are counted on the host, where the rule's per-step scalars are computed from them, so
+    a step is skipped on the host before any count moves: ``skip_nonfinite`` reads the norm (one
+    synchronisation per step), and GradScaler unscales and checks for infs itself (a rule does
+    not set ``_step_supports_amp_scaling``).
     """
 
     rule: ClassVar[Rule]
@@ -270,10 +284,11 @@ class RuleOptimizer(torch.optim.Optimizer):
             return
         rule = cls.rule
         names = [h.name for h in rule.hyperparameters]
-        if len(set(names)) != len(names) or {"params", "backend"} & set(names):
+        own = {"params", "backend", *ENGINE_OPTIONS}
+        if len(set(names)) != len(names) or own & set(names):
             raise TypeError(
-                f"{cls.__name__}.rule: hyperparameter names must be unique and not 'params' or "
-                f"'backend' (the constructor's own): {names}"
+                f"{cls.__name__}.rule: hyperparameter names must be unique and not one of the "
+                f"constructor's own {sorted(own)}: {names}"
             )
         unknown = {check.name for check in rule.checks} - set(names)
         if unknown:
@@ -304,6 +319,11 @@ class RuleOptimizer(torch.optim.Optimizer):
         parameters.append(
             inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto")
         )
+        # ... and the engine's options, as the built-in optimizers take them (attributes too).
+        parameters += [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+            for name, default in ENGINE_OPTIONS.items()
+        ]
         cls._signature = inspect.Signature(parameters)
 
         def __init__(self: RuleOptimizer, params: Any, *args: Any, **kwargs: Any) -> None:
@@ -324,7 +344,11 @@ class RuleOptimizer(torch.optim.Optimizer):
         bound.apply_defaults()
         values = dict(bound.arguments)
         params = values.pop("params")
-        self.backend = _backend.check_backend(values.pop("backend"))
+        set_engine_options(
+            self,
+            backend=values.pop("backend"),
+            **{name: values.pop(name) for name in ENGINE_OPTIONS},
+        )
         self.fused = values.pop("fused", None)
         for check in self.rule.checks:
             check(values[check.name])
@@ -332,12 +356,20 @@ class RuleOptimizer(torch.optim.Optimizer):
         _cpu_fused.check_flags(self.fused, values)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "backend": self.backend, "fused": self.fused}
+        return {
+            **super().__getstate__(),
+            "backend": self.backend,
+            "fused": self.fused,
+            **{name: getattr(self, name) for name in ENGINE_OPTIONS},
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("fused", None)
+        for name, default in ENGINE_OPTIONS.items():
+            self.__dict__.setdefault(name, default)
+        self.__dict__.setdefault("_skipped_on_host", 0)
         defaults = {h.name: h.default for h in self.rule.hyperparameters}
         defaults.update(self.rule.setstate_defaults)
         for group in self.param_groups:
@@ -366,9 +398,32 @@ class RuleOptimizer(torch.optim.Optimizer):
                     )
                 else:
                     state[entry.name] = torch.full_like(
-                        p, entry.init, memory_format=torch.preserve_format
+                        p,
+                        entry.init,
+                        dtype=torch.float32 if self._float32(p) else None,
+                        memory_format=torch.preserve_format,
                     )
+        elif self._float32(p):
+            # State created or loaded in the parameter's low precision: float32 from now on.
+            for name in self.rule.tensor_state:
+                if state[name].dtype != torch.float32:
+                    state[name] = state[name].float()
         return state
+
+    def _float32(self, p: Tensor) -> bool:
+        """Whether ``float32_state`` keeps this parameter's state (and update) in float32."""
+        return self.float32_state and p.dtype in (torch.float16, torch.bfloat16)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's ``load_state_dict``; with ``float32_state``, the state of low-precision
+        parameters stays float32 (as for the built-in optimizers)."""
+        super().load_state_dict(state_dict)
+        if self.float32_state:
+            TorchoptOptimizer._load_float32_state(self, state_dict)  # type: ignore[arg-type]
+
+    # The engine's diagnostics and counters, shared with the built-in optimizers.
+    norm_diagnostics = TorchoptOptimizer.norm_diagnostics
+    skipped_steps = TorchoptOptimizer.skipped_steps
 
     def _check_capturable(self, p: Tensor, state: Mapping[str, Any]) -> None:
         supported = _capturable_supported_devices()
@@ -391,13 +446,56 @@ class RuleOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        clip = self._clip()
+        if clip is False:
+            return loss  # skip_nonfinite: nothing changes, no step is counted
+        if self.record_norms:
+            self._norm_state().norms.clear()
         # As torch.optim: autograd records the update only when the optimizer is differentiable.
         with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
-            for group in self.param_groups:
-                self._step_group(group)
+            for index, group in enumerate(self.param_groups):
+                self._step_group(group, clip, index)
         return loss
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def _clip(self) -> tuple[Tensor, Tensor] | bool | None:
+        """``max_grad_norm``: the global gradient norm (torch's, as ``clip_grad_norm_``) and the
+        clip coefficient; None without clipping; False when ``skip_nonfinite`` skips the step.
+
+        The skip is decided here, on the host (one synchronisation), before any step count
+        moves: a rule's per-step scalars are computed on the host from the step count, so a step
+        skipped later, inside the kernel, would leave the counts ahead of the parameters.
+        GradScaler likewise unscales and skips on the host for rules
+        (``_step_supports_amp_scaling`` is not set)."""
+        if self.max_grad_norm is None:
+            return None
+        grads = [
+            p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
+        ]
+        if not grads:
+            return None
+        if any(grad.is_sparse for grad in grads):
+            raise NotImplementedError(
+                f"{type(self).__name__}: max_grad_norm cannot clip sparse gradients (torch has "
+                "no norm for them); clip the dense gradients yourself or drop max_grad_norm"
+            )
+        with torch.no_grad():
+            total_norm = _total_norm([grad.detach() for grad in grads])
+        if self.skip_nonfinite and not torch.isfinite(total_norm).item():
+            self._skipped_on_host += 1
+            return False
+        return total_norm, _clip_coefficient(total_norm, self.max_grad_norm)
+
+    def _norm_state(self) -> Any:
+        """Where ``record_norms`` keeps each parameter's norms (read by ``norm_diagnostics``)."""
+        state = self.__dict__.get("_fused_state")
+        if state is None:
+            fused = importlib.import_module("torchopt_lab.optim._fused")
+            state = self.__dict__["_fused_state"] = fused.FusedState()
+        return state
+
+    def _step_group(
+        self, group: dict[str, Any], clip: tuple[Tensor, Tensor] | None = None, index: int = 0
+    ) -> None:
         rule = self.rule
         differentiable = bool(group.get("differentiable", False))
         maximize = bool(group.get("maximize", False))
@@ -435,14 +533,43 @@ class RuleOptimizer(torch.optim.Optimizer):
         for (device, dtype), members in parts.items():
             fused = self._kernel_members(device, dtype, members, differentiable)
             if fused:
-                self._kernel_update(fused, maximize)
+                self._kernel_update(fused, maximize, clip, (index, device, dtype))
             rest = [m for m in members if not any(m[0] is q for q, _, _ in fused)]
-            if (
-                rest and self.fused and not torch.compiler.is_compiling()
-            ):  # fused=True beside the Triton kernel: on the CPU, compiled
-                rest = _cpu_fused.fused_step(self, device, rest, maximize)
+            if rest and self.fused and not torch.compiler.is_compiling():
+                rest = self._cpu_fused_update(device, rest, maximize, clip)
             for p, state, scalars in rest:
-                self._torch_update(p, state, scalars, maximize)
+                self._torch_update(p, state, scalars, maximize, clip)
+
+    def _cpu_fused_update(
+        self,
+        device: torch.device,
+        members: list[tuple[Tensor, dict, dict]],
+        maximize: bool,
+        clip: tuple[Tensor, Tensor] | None,
+    ) -> list[tuple[Tensor, dict, dict]]:
+        """``fused=True``'s compiled CPU update (:mod:`torchopt_lab.optim._cpu_fused`) of the
+        members the Triton kernel did not take; returns those left to the torch update. The
+        compiled update takes the gradient as it is: with clipping, float32 state or norm records
+        the torch update runs instead, and :func:`torchopt_lab.backend_info` says so."""
+        options = [
+            name
+            for name, active in (
+                ("max_grad_norm", clip is not None),
+                ("float32_state", self.float32_state),
+                ("record_norms", self.record_norms),
+            )
+            if active
+        ]
+        if options and device.type == "cpu":
+            _backend.record(
+                f"optim.{type(self).__name__} (fused)",
+                "fused",
+                "torch",
+                device,
+                f"the fused CPU update does not take {', '.join(options)}: the torch update ran",
+            )
+            return members
+        return _cpu_fused.fused_step(self, device, members, maximize)
 
     def _kernel_members(
         self,
@@ -468,7 +595,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             why = "the rule declares no triton_update"
         elif differentiable:
             why = "differentiable=True needs autograd, which the torch update records"
-        elif real not in kernels.RULE_DTYPES:
+        elif real not in kernels.RULE_DTYPES or self._float32(members[0][0]):
             why = f"the rule kernel updates {list(kernels.RULE_DTYPES)}, not {dtype}"
         elif len(self.rule.tensor_state) > kernels.MAX_STATE:
             why = f"the rule kernel takes at most {kernels.MAX_STATE} state tensors"
@@ -485,16 +612,31 @@ class RuleOptimizer(torch.optim.Optimizer):
         _backend.record(component, self.backend, "torch", device, why)
         return []
 
-    def _kernel_update(self, members: list[tuple[Tensor, dict, dict]], maximize: bool) -> None:
-        """One launch of the fused rule kernel over ``members`` (one device and dtype)."""
+    def _kernel_update(
+        self,
+        members: list[tuple[Tensor, dict, dict]],
+        maximize: bool,
+        clip: tuple[Tensor, Tensor] | None,
+        key: tuple[int, torch.device, torch.dtype],
+    ) -> None:
+        """One launch of the kernel skeleton with the rule's update over ``members`` (one device
+        and dtype of one param group): clipping (the norm computed by :meth:`_clip`) and
+        ``record_norms`` happen inside it."""
         kernels = importlib.import_module("triton_kernels.optim.rule_kernels")
+        launchers = importlib.import_module("triton_kernels.optim.launchers")
+        device = key[1]
         rows: dict[tuple[float, ...], int] = {}
         row_of = []
         for _, _, scalars in members:
             row = tuple(float(value) for value in scalars.values())
             row_of.append(rows.setdefault(row, len(rows)))
+        controls = launchers.StepControls(record_norms=self.record_norms)
+        if clip is not None:
+            controls.square_norms = (clip[0].to(device, torch.float64) ** 2).reshape(1)
+            controls.max_grad_norm = self.max_grad_norm
+        tables = self.__dict__.setdefault("_rule_tables", {})
         names = self.rule.tensor_state
-        kernels.rule_step(
+        tables[key] = kernels.rule_step(
             self.rule.triton_update,
             [_real(p.detach()) for p, _, _ in members],
             [_real(p.grad) for p, _, _ in members],
@@ -502,19 +644,42 @@ class RuleOptimizer(torch.optim.Optimizer):
             list(rows),
             row_of,
             maximize=maximize,
+            table=tables.get(key),
+            controls=controls,
         )
+        if self.record_norms:
+            norms = self._norm_state().norms
+            for row, (p, _, _) in enumerate(members):
+                norms[id(p)] = (tables[key].diagnostics, row)
 
     def _torch_update(
-        self, p: Tensor, state: dict, scalars: dict[str, Any], maximize: bool
+        self,
+        p: Tensor,
+        state: dict,
+        scalars: dict[str, Any],
+        maximize: bool,
+        clip: tuple[Tensor, Tensor] | None = None,
     ) -> None:
-        """The rule's torch update of one parameter, its results copied into place."""
+        """The rule's torch update of one parameter, its results copied into place (computed in
+        float32 under ``float32_state`` for a low-precision parameter); ``clip``'s coefficient
+        scales the gradient first, out of place."""
         rule = self.rule
-        grad = -p.grad if maximize else p.grad
+        grad = p.grad
+        if clip is not None:
+            grad = grad * clip[1].to(grad.device, grad.dtype)
+        used = grad
+        if maximize:
+            grad = -grad
         targets = [p, *(state[name] for name in rule.tensor_state)]
+        inputs = [p.float(), *targets[1:]] if self._float32(p) else list(targets)
+        if self._float32(p):
+            grad = grad.float()
+        before = p.detach().clone() if self.record_norms else None
         if rule.complex_as_real:
             targets = [_real(t) for t in targets]
+            inputs = [_real(t) for t in inputs]
             grad = _real(grad)
-        results = rule.update(targets[0], grad, *targets[1:], **scalars)
+        results = rule.update(inputs[0], grad, *inputs[1:], **scalars)
         if len(results) != len(targets):
             raise RuntimeError(
                 f"{type(self).__name__}: rule.update returned {len(results)} tensors; "
@@ -522,3 +687,10 @@ class RuleOptimizer(torch.optim.Optimizer):
             )
         for target, result in zip(targets, results, strict=True):
             target.copy_(result)
+        if before is not None:
+            # What the kernels record: squared norms of the gradient used (unscaled, clipped),
+            # of the update and of the parameter before it, float32 on the parameter's device.
+            with torch.no_grad():
+                values = [used.detach(), p.detach() - before, before]
+                norms = torch.stack([_real(v).double().square().sum() for v in values]).float()
+            self._norm_state().norms[id(p)] = (norms.reshape(1, 3), 0)

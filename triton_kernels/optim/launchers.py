@@ -224,8 +224,6 @@ def _launch_step(
     if isinstance(fields, int):
         fields = tuple(f"scalar {k}" for k in range(fields))
     _check_hyperparameters(table, hyperparameters, fields)
-    if has_step and any(step is None for step in table.step_row):
-        raise ValueError("this algorithm counts steps: every tensor needs a step")
     arguments, constexprs = _control_arguments(table, controls or StepControls())
     step_arguments = (table.tensor_table, table.block_table, table.tensor_count, table.block_count)
     _launch(
