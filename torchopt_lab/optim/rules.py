@@ -246,7 +246,10 @@ class RuleOptimizer(torch.optim.Optimizer):
     param-group key). Each (device, dtype) part of a param group runs either the fused rule kernel
     (one launch, :mod:`triton_kernels.optim.rule_kernels`) or ``rule.update`` per parameter (the
     torch reference path), as :func:`torchopt_lab.backend.resolve` decides; ``foreach`` is
-    accepted and stored as torch does, and gives the same numbers.
+    accepted and stored as torch does, and gives the same numbers. ``fused=True`` (keyword-only,
+    beside ``backend``; torch's Adam has it, torch's rule-like optimizers do not) runs the rule's
+    update compiled by Inductor on CPU tensors (:mod:`torchopt_lab.optim._cpu_fused`) and the
+    fused rule kernel on CUDA; with ``differentiable`` or ``foreach`` it raises as torch does.
     """
 
     rule: ClassVar[Rule]
