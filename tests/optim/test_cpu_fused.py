@@ -114,12 +114,22 @@ def test_fused_cpu_step_matches_the_rules_torch_path(name: str) -> None:
     assert _cpu_fused.compile_count(cls.rule.update) >= 1
 
 
-def test_fused_cpu_step_compiles_once_whatever_the_sizes_and_number_of_tensors() -> None:
+def test_fused_cpu_step_compiles_once_whatever_the_sizes_and_number_of_tensors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Tensors from 100 elements take the parallel compiled step here: both kinds run and compile
+    # once each (the default threshold, 32768 elements, would need larger tensors).
+    monkeypatch.setattr(_cpu_fused, "PARALLEL_NUMEL", 100)
     cls = REGISTRY["Lion"]
     options = {**_options(cls), "maximize": True}
     fused, plain, fused_opt, plain_opt = _pair(cls, SHAPES[:3], **options)
+    fused.append(torch.randn(128, requires_grad=True))
+    plain.append(fused[-1].detach().clone().requires_grad_())
+    fused_opt.add_param_group({"params": [fused[-1]]})
+    plain_opt.add_param_group({"params": [plain[-1]]})
     _step_both(fused, plain, fused_opt, plain_opt, 0)
     compiled = _cpu_fused.compile_count(cls.rule.update)
+    assert {parallel for _, parallel in _cpu_fused._compiled} >= {False, True}
     # Other sizes, another number of tensors, another optimizer: no new compile.
     shapes = [((11, 3), torch.float32), ((1,), torch.float32), ((4096,), torch.float32)] * 3
     fused, plain, fused_opt, plain_opt = _pair(cls, shapes, **options)
@@ -155,7 +165,7 @@ def test_fused_keeps_through_pickle() -> None:
 def test_fused_cpu_step_falls_back_to_the_torch_update_when_inductor_fails_and_says_so(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def no_compiler(update: Any) -> Any:
+    def no_compiler(update: Any, parallel: bool) -> Any:
         def step(*args: Any) -> None:
             raise RuntimeError("no C++ compiler found")
 

@@ -8,9 +8,12 @@ gradient and state read once, the parameter and state written once). A call cost
 microseconds on the host whatever its size, so chunks amortise it over many tensors, and the
 arithmetic runs at memory bandwidth, like torch's fused CPU kernels.
 
+Tensors of :data:`PARALLEL_NUMEL` elements or more are updated by all threads (an OpenMP loop
+each, in one parallel region per call), smaller ones by one thread, in chunks of their own.
+
 Compilations stay few and bounded: sizes are dynamic and never specialised (no duck sizing, no
 0/1 specialisation), and the last chunk of a step is padded with tiny scratch tensors, so a rule
-compiles once per (dtype, ``maximize``, branch its update takes on the scalars, e.g.
+compiles once per (threading, dtype, ``maximize``, branch its update takes on the scalars, e.g.
 ``weight_decay != 0``), never per tensor count or size. Each rule's compiled function has its own
 Dynamo cache (own code object) with its own recompile limit; hitting it raises instead of
 silently running eagerly.
@@ -35,18 +38,31 @@ from torch import Tensor
 
 from torchopt_lab import backend as _backend
 
-__all__ = ["CHUNK", "DTYPES", "check_flags", "compile_count", "fused_step", "fused_update"]
+__all__ = [
+    "CHUNK",
+    "DTYPES",
+    "PARALLEL_NUMEL",
+    "check_flags",
+    "compile_count",
+    "fused_step",
+    "fused_update",
+]
 
 #: Tensors per compiled call. More amortises the host's call overhead over more tensors but
 #: lengthens the one-time compile (Inductor writes one loop per tensor of the chunk).
 CHUNK = 16
 #: Parameter dtypes the compiled path updates (complex ones as real views).
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Tensors of at least this many elements are updated by all threads (one OpenMP loop each);
+#: smaller ones by one thread each, in chunks of their own, as torch's fused kernels do below
+#: their grain size (a parallel loop's barrier costs more than a small tensor's update, and far
+#: more when the machine's cores are busy).
+PARALLEL_NUMEL = 32768
 # Recompilations allowed per rule (dtypes x maximize x branches on the scalars) before raising.
 _RECOMPILE_LIMIT = 64
 
-# rule.update -> its compiled chunk step; (rule.update, dtype) -> why compiling failed.
-_compiled: dict[Callable[..., Any], Callable[..., None]] = {}
+# (rule.update, parallel) -> its compiled chunk step; (rule.update, dtype) -> why compiling failed.
+_compiled: dict[tuple[Callable[..., Any], bool], Callable[..., None]] = {}
 _failed: dict[tuple[Callable[..., Any], torch.dtype], str] = {}
 # (dtype, tensors per parameter, CHUNK) -> scratch (param, grad, *state) to pad the last chunk.
 _scratch: dict[tuple[torch.dtype, int, int], list[list[Tensor]]] = {}
@@ -69,32 +85,33 @@ def _chunk_step(
             state[i].copy_(result)
 
 
-def _compiled_step(update: Callable[..., Any]) -> Callable[..., None]:
-    step = _compiled.get(update)
+def _compiled_step(update: Callable[..., Any], parallel: bool) -> Callable[..., None]:
+    step = _compiled.get((update, parallel))
     if step is None:
-        # A code object of its own per rule: Dynamo keeps its cache and recompile count per code
-        # object, so rules do not crowd each other out of one shared limit.
-        name = f"_fused_{getattr(update, '__module__', 'rule').replace('.', '_')}"
+        # A code object of its own per rule and threading: Dynamo keeps its cache and recompile
+        # count per code object, so rules do not crowd each other out of one shared limit.
+        kind = "parallel" if parallel else "serial"
+        name = f"_fused_{kind}_{getattr(update, '__module__', 'rule').replace('.', '_')}"
         code = _chunk_step.__code__.replace(co_name=name)
         function = types.FunctionType(code, _chunk_step.__globals__, name)
-        step = torch.compile(
-            function,
-            fullgraph=True,
-            dynamic=True,
-            options={"cpp.dynamic_threads": True},
-        )
-        _compiled[update] = step
+        # Inductor decides each loop's threading from the sizes of the first call; these options
+        # make it fixed: every loop parallel (OpenMP splits it at run time), or none.
+        options = {"cpp.dynamic_threads": True} if parallel else {"cpp.threads": 1}
+        step = torch.compile(function, fullgraph=True, dynamic=True, options=options)
+        _compiled[(update, parallel)] = step
     return step
 
 
 def compile_count(update: Callable[..., Any]) -> int:
-    """How many variants of the rule's compiled step exist (one per dtype, ``maximize`` and
-    branch of its update on the scalars): Dynamo's cache entries for its code object."""
-    step = _compiled.get(update)
-    if step is None:
-        return 0
-    code = step._torchdynamo_orig_callable.__code__
-    return len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(code))
+    """How many variants of the rule's compiled step exist (one per threading, dtype,
+    ``maximize`` and branch of its update on the scalars): Dynamo's cache entries."""
+    count = 0
+    for parallel in (False, True):
+        step = _compiled.get((update, parallel))
+        if step is not None:
+            code = step._torchdynamo_orig_callable.__code__
+            count += len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(code))
+    return count
 
 
 def _scratch_tensors(dtype: torch.dtype, count: int) -> list[list[Tensor]]:
@@ -153,7 +170,8 @@ def fused_update(
             _backend.record(component, "fused", "torch", tensors[0].device, why)
             rest.append(index)
             continue
-        key = tuple((name, value) for name, value in scalars.items())
+        parallel = tensors[0].numel() >= PARALLEL_NUMEL
+        key = (parallel, *((name, value) for name, value in scalars.items()))
         chunks.setdefault(key, []).append(index)
     if not chunks:
         return rest
@@ -162,14 +180,14 @@ def fused_update(
     if failure is not None:
         _backend.record(component, "fused", "torch", torch.device("cpu"), failure)
         return sorted(rest + [i for indices in chunks.values() for i in indices])
-    step = _compiled_step(update)
     scratch = _scratch_tensors(dtype, len(members[0][0]))
     calls = [
-        (members[indices[0]][1], indices[start : start + CHUNK])
-        for indices in chunks.values()
+        (key[0], members[indices[0]][1], indices[start : start + CHUNK])
+        for key, indices in chunks.items()
         for start in range(0, len(indices), CHUNK)
     ]
-    for done, (scalars, indices) in enumerate(calls):
+    for done, (parallel, scalars, indices) in enumerate(calls):
+        step = _compiled_step(update, parallel)
         chunk = [[_flat(t) for t in members[i][0]] for i in indices]
         chunk += scratch[: CHUNK - len(chunk)]
         columns = list(zip(*chunk, strict=True))
@@ -190,7 +208,7 @@ def fused_update(
             warnings.warn(
                 f"{component}: fused=True runs the rule's torch update: {why}", stacklevel=4
             )
-            left = [i for _, later in calls[done:] for i in later]
+            left = [i for _, _, later in calls[done:] for i in later]
             return sorted(rest + left)
     _backend.record(
         component,

@@ -267,7 +267,11 @@ class RuleOptimizer(torch.optim.Optimizer):
     optimizer kernel skeleton with the rule's update inlined (one launch, clipping and diagnostics
     fused; :mod:`triton_kernels.optim.rule_kernels`) or ``rule.update`` per parameter (the torch
     reference path), as :func:`torchopt_lab.backend.resolve` decides; ``foreach`` is accepted and
-    stored as torch does, and gives the same numbers.
+    stored as torch does, and gives the same numbers. ``fused=True`` (keyword-only, before
+    ``backend``; torch's Adam has it, torch's rule-like optimizers do not) runs the rule's update
+    compiled by Inductor on CPU tensors (:mod:`torchopt_lab.optim._cpu_fused`; with clipping,
+    float32 state or norm records the torch update runs instead, recorded) and the fused rule
+    kernel on CUDA; with ``differentiable`` or ``foreach`` it raises as torch does.
 
     Steps are counted on the host, where the rule's per-step scalars are computed from them, so
     a step is skipped on the host before any count moves: ``skip_nonfinite`` reads the norm (one
