@@ -34,6 +34,8 @@ CONFIGS = [
     (ours.Adam, {"lr": 0.01}),
     (ours.Adam, {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1, "maximize": True}),
     (ours.Adam, {"lr": torch.tensor(0.01)}),
+    (ours.Adam, {"lr": torch.tensor(0.01), "betas": (torch.tensor(0.9), torch.tensor(0.99))}),
+    (ours.NAdam, {"lr": 0.01, "betas": (torch.tensor(0.9), torch.tensor(0.99))}),
     (ours.Adam, {"lr": 0.01, "max_grad_norm": 0.05}),
     (ours.Adam, {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1}),
     (ours.AdamW, {"lr": 0.01, "amsgrad": True, "maximize": True}),
