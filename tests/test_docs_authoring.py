@@ -37,3 +37,42 @@ def test_authoring_tutorial_runs_as_written(
     assert "check_optimizer(Signum): passed" in capsys.readouterr().out
     # The last block held the fused path to the reference: the rule kernel ran.
     assert backend.backend_info()["decisions"]["optim.Signum"]["backend"] == "triton"
+
+
+def test_authoring_tutorial_rule_compiles_to_one_graph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tutorial's Signum, as a user would compile its step: one graph, no break (its scalars
+    # are written with operations valid on numbers and 0-dim tensors), equal to the eager step.
+    import torch
+
+    module = _code_blocks()[0]
+    name = re.match(r"# (\w+)\.py\n", module)
+    assert name
+    (tmp_path / f"{name[1]}.py").write_text(module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name[1], raising=False)
+    try:
+        signum = __import__(name[1]).Signum
+        torch._dynamo.reset()
+        results = []
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            params = [torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True)]
+            optimizer = signum(params, lr=torch.tensor(0.01), weight_decay=0.1, backend="torch")
+
+            def step(optimizer: torch.optim.Optimizer = optimizer) -> None:
+                optimizer.step()
+
+            run = torch.compile(step, backend="eager", fullgraph=True) if compiled else step
+            for index in range(3):
+                torch.manual_seed(index)
+                for p in params:
+                    p.grad = torch.randn_like(p)
+                run()
+            results.append(params)
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    finally:
+        sys.modules.pop(name[1], None)
+        torch._dynamo.reset()

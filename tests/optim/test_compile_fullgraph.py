@@ -34,6 +34,8 @@ CONFIGS = [
     (ours.Adam, {"lr": 0.01}),
     (ours.Adam, {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1, "maximize": True}),
     (ours.Adam, {"lr": torch.tensor(0.01)}),
+    (ours.Adam, {"lr": torch.tensor(0.01), "betas": (torch.tensor(0.9), torch.tensor(0.99))}),
+    (ours.NAdam, {"lr": 0.01, "betas": (torch.tensor(0.9), torch.tensor(0.99))}),
     (ours.Adam, {"lr": 0.01, "max_grad_norm": 0.05}),
     (ours.Adam, {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1}),
     (ours.AdamW, {"lr": 0.01, "amsgrad": True, "maximize": True}),
@@ -155,3 +157,31 @@ def test_compiled_step_records_the_traced_backend():
     decision = torchopt_lab.backend_info()["decisions"]["optim.NAdam"]
     assert decision["backend"] == "torch"
     assert "torch.compile" in decision["reason"]
+
+
+@pytest.mark.parametrize("cls", BUILT_INS, ids=[cls.__name__ for cls in BUILT_INS])
+def test_skip_nonfinite_is_decided_in_the_graph_and_matches_eager(cls):
+    # skip_nonfinite needs the gradient norm: a host read (item) would break the graph, so the
+    # compiled step selects every updated tensor back where the norm is not finite.
+    options = {"lr": 0.01, "max_grad_norm": 0.5, "skip_nonfinite": True}
+    if cls is ours.SGD:
+        options["momentum"] = 0.9
+    results = []
+    for run_step in (_eager, _compiled):
+        torch._dynamo.reset()
+        model, optimizer = _model_and_optimizer(cls, options, backend="torch")
+        run = run_step(optimizer)
+        for index in range(4):
+            _backward(model, index)
+            if index == 2:
+                next(model.parameters()).grad[0, 0] = float("inf")
+            run()
+        results.append((model, optimizer))
+    (eager, eager_optimizer), (compiled, compiled_optimizer) = results
+    assert compiled_optimizer.skipped_steps == eager_optimizer.skipped_steps == 1
+    for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=2e-6)
+        for key, value in eager_optimizer.state[q].items():
+            torch.testing.assert_close(
+                compiled_optimizer.state[p][key], value, rtol=1e-6, atol=2e-6, msg=key
+            )

@@ -2,9 +2,10 @@
 
 Two CPU timings, each against PyTorch in the same run:
 
-- an optimizer step, ``@torch.compile def step(): optimizer.step()``, Adam over bench-optim's
-  transformer set: ours eager, ours compiled, torch.optim foreach eager, torch.optim compiled
-  (best of 5 turns x 3 steps, and the first call, which includes the compile);
+- an optimizer step, ``@torch.compile def step(): optimizer.step()``, Adam (built in) and NAdam
+  (a rule optimizer) over bench-optim's transformer set: ours eager, ours compiled (with
+  ``fullgraph=True``: one graph, no break), torch.optim foreach eager, torch.optim compiled (best
+  of 5 turns x 3 steps, and the first call, which includes the compile);
 - forward + backward of an MLP of our layers compiled, against the same torch.nn MLP compiled
   (median of 20 steps, 1 thread, the torch path).
 """
@@ -33,8 +34,8 @@ def _best_of(fn: Callable[[], None], turns: int = 5, steps: int = 3) -> float:
     return best
 
 
-def optimizer_step(set_name: str = "transformer") -> list[str]:
-    """Rows of the optimizer-step table."""
+def optimizer_step(set_name: str = "transformer", name: str = "Adam") -> list[str]:
+    """Rows of the optimizer-step table for optimizer ``name`` (in torch.optim and ours)."""
     shapes = PARAM_SETS[set_name][0]()
     rows = []
     for mode in ("ours eager", "ours compiled", "torch foreach eager", "torch compiled"):
@@ -43,19 +44,23 @@ def optimizer_step(set_name: str = "transformer") -> list[str]:
         for param in params:
             param.grad = 1e-3 * torch.randn(param.shape, generator=generator)
         if mode.startswith("torch"):
-            optimizer = torch.optim.Adam(params, lr=1e-3, foreach=True)
+            optimizer = getattr(torch.optim, name)(params, lr=1e-3, foreach=True)
         else:
-            optimizer = ours_optim.Adam(params, lr=1e-3, backend="torch")
+            optimizer = getattr(ours_optim, name)(params, lr=1e-3, backend="torch")
 
         def step(optimizer: torch.optim.Optimizer = optimizer) -> None:
             optimizer.step()
 
         torch._dynamo.reset()
-        run = torch.compile(step) if "compiled" in mode else step
+        # Ours must trace as one graph; torch.optim's step breaks the graph around the update
+        # (its _use_grad_for_differentiable), so it cannot take fullgraph=True.
+        run = torch.compile(step, fullgraph=mode == "ours compiled") if "compiled" in mode else step
         start = time.perf_counter()
         run()
         first = time.perf_counter() - start
-        rows.append(f"| {mode} | {_best_of(run) * 1e3:.1f} ms | first call {first:.1f} s |")
+        rows.append(
+            f"| {name} | {mode} | {_best_of(run) * 1e3:.1f} ms | first call {first:.1f} s |"
+        )
     return rows
 
 
@@ -103,11 +108,12 @@ def mlp_forward_backward() -> str:
 def main() -> None:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     torch.set_num_threads(2)
-    print(f"# {when}: torch {torch.__version__}, Adam lr=1e-3 over the transformer set, 2 threads")
-    print("| step | best of 5 turns x 3 steps | first call (compile included) |")
-    print("|---|---|---|")
-    for row in optimizer_step():
-        print(row, flush=True)
+    print(f"# {when}: torch {torch.__version__}, lr=1e-3 over the transformer set, 2 threads")
+    print("| optimizer | step | best of 5 turns x 3 steps | first call (compile included) |")
+    print("|---|---|---|---|")
+    for name in ("Adam", "NAdam"):
+        for row in optimizer_step(name=name):
+            print(row, flush=True)
     torch.set_num_threads(1)
     print(f"# MLP forward + backward, 1 thread, median of 20: {mlp_forward_backward()}")
 

@@ -276,6 +276,8 @@ def set_engine_options(
     optimizer.float32_state = bool(float32_state)
     optimizer.record_norms = bool(record_norms)
     optimizer._skipped_on_host = 0
+    # Steps skip_nonfinite skipped inside compiled steps (counted there, without a host read).
+    optimizer._skipped_traced = torch.zeros((), dtype=torch.int64)
 
 
 class TorchoptOptimizer(torch.optim.Optimizer):
@@ -433,7 +435,9 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         state = self.__dict__.get("_fused_state")
         counters = state.skipped_steps.values() if state is not None else ()
         # Every device sees the same global norm, so they skip together: count a step once.
-        return self._skipped_on_host + max((int(c.item()) for c in counters), default=0)
+        traced = self.__dict__.get("_skipped_traced")
+        in_graph = 0 if traced is None else int(traced.item())
+        return self._skipped_on_host + in_graph + max((int(c.item()) for c in counters), default=0)
 
     def _group_tensors(self, group: dict[str, Any]) -> TensorLists:
         raise NotImplementedError
@@ -546,12 +550,22 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         """
         component = f"optim.{type(self).__name__}"
         groups = [(group, self._group_tensors(group)) for group in self.param_groups]
-        controls = self._torch_path_controls(
+        inverse_scale, clip_coefficient, skip = self._traced_controls(
             [grad for _, tensors in groups for grad in tensors["grads"]]
         )
-        if controls is None:
-            return loss  # skipped, as on the eager paths
-        inverse_scale, _, clip_coefficient = controls
+        kept: list[tuple[Tensor, Tensor]] = []
+        if skip is not None:
+            # A data-dependent skip without a host read (which would break the graph): every
+            # tensor the step updates is selected back to its value before the step where
+            # ``skip`` is set (Inductor fuses the selection into the update's kernels).
+            kept = [
+                (t, t.clone())
+                for _, tensors in groups
+                for name, values in tensors.items()
+                if name != "grads"
+                for t in values
+                if t is not None
+            ]
         for group_index, (group, tensors) in enumerate(groups):
             by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
             for index, param in enumerate(tensors["params"]):
@@ -567,7 +581,52 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                 part = Part(group, group_index, indices, part_tensors, device, dtype, "torch")
                 # stores the state it creates
                 self._reference_step(part, clip_coefficient, inverse_scale)
+        if skip is not None:
+            for tensor, before in kept:
+                tensor.copy_(torch.where(skip, before, tensor))
+            held = {id(tensor) for tensor, _ in kept}
+            for _, tensors in groups:
+                for p in tensors["params"]:
+                    for value in self.state[p].values():
+                        if torch.is_tensor(value) and id(value) not in held:
+                            # State the skipped step created (SGD's first momentum buffers):
+                            # zero, not the non-finite direction.
+                            value.copy_(torch.where(skip, torch.zeros_like(value), value))
         return loss
+
+    def _traced_controls(
+        self, grads: list[Tensor]
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """:meth:`_torch_path_controls` under ``torch.compile``: GradScaler's inverse scale, the
+        clip coefficient, and whether to skip the step as a 0-dim bool tensor (GradScaler's
+        ``found_inf``, or ``skip_nonfinite`` with a non-finite norm; None when neither can skip),
+        decided in the graph instead of on the host. ``skipped_steps`` counts it on the device."""
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        skip = None if found_inf is None else found_inf != 0
+        inverse_scale = None if grad_scale is None else (1.0 / grad_scale.double()).float()
+        clip_coefficient = None
+        if self.max_grad_norm is not None and grads:
+            total_norm = _total_norm(grads)
+            if self.skip_nonfinite:
+                nonfinite = ~torch.isfinite(total_norm)
+                counted = nonfinite if skip is None else nonfinite & ~skip.to(nonfinite.device)
+                self._skipped_in_graph().add_(counted.to(torch.int64).cpu())
+                skip = nonfinite if skip is None else skip.to(nonfinite.device) | nonfinite
+            unscaled = total_norm
+            if inverse_scale is not None:
+                unscaled = (total_norm.double() * inverse_scale.double().to(total_norm.device)).to(
+                    total_norm.dtype
+                )
+            clip_coefficient = _clip_coefficient(unscaled, self.max_grad_norm)
+        return inverse_scale, clip_coefficient, skip
+
+    def _skipped_in_graph(self) -> Tensor:
+        """The count of steps ``skip_nonfinite`` skipped in compiled steps (a CPU tensor)."""
+        counter = self.__dict__.get("_skipped_traced")
+        if counter is None:
+            counter = self._skipped_traced = torch.zeros((), dtype=torch.int64)
+        return counter
 
     def _dispatch(self, groups: list[tuple[dict[str, Any], TensorLists]]) -> list[Part]:
         """The one dispatch point: split each param group's tensors by (device, dtype) and ask

@@ -11,7 +11,13 @@ A :class:`Rule` states everything an element-wise optimizer is:
   shaped and typed like its parameter or a scalar kept like ``step``, with its initial value);
 - its **per-step scalars**, ``scalars(group, step, state) -> dict``: computed on the host in
   float64 from the param group's hyperparameters and the step count (bias corrections), once per
-  step value; it may update the rule's scalar state (NAdam's ``mu_product``) in place;
+  step value; it may update the rule's scalar state (NAdam's ``mu_product``) in place. Under
+  ``torch.compile`` the step count, tensor hyperparameters and scalar state reach it as 0-dim
+  float64 tensors instead (:func:`scalar_value`), kept in the graph so that a compiled step is
+  one graph reused on every step: write it with operations valid on both Python numbers and
+  0-dim tensors (``+ - * / **``; not ``math`` functions, ``float()`` or ``min``), select with
+  ``torch.where`` rather than an ``if`` on a value (RAdam's rectifier), and update scalar state
+  in its own dtype (NAdam);
 - its **element-wise update**, ``update(param, grad, *state, **scalars) -> (param, *state)``,
   written once, out of place, over tensors of one parameter (complex ones as real views);
 - optionally the same update for the fused Triton kernel, ``triton_update(param, grad, states,
