@@ -144,17 +144,22 @@ def _single_func_grad(ctx: Any) -> bool:
     return kinds.count(TransformType.Grad) + kinds.count(TransformType.Jvp) <= 1
 
 
-def no_forward_mode(name: str) -> Callable[..., Any]:
+def forward_mode_error(name: str) -> RuntimeError:
+    """The error of forward-mode AD (``torch.func.jvp``, ``jacfwd``, ``hessian``) through the
+    Triton path of ``nn.<name>``."""
+    return RuntimeError(
+        f"nn.{name}: the Triton path is first-order (reverse mode, differentiable once): it has "
+        "no forward-mode derivative (torch.func.jvp, jacfwd, hessian) and no double backward; "
+        f"set {backend.ENV_VAR}=torch for the torch path, which has both"
+    )
+
+
+def no_forward_mode(name: str) -> Any:
     """A ``jvp`` staticmethod for a Triton-path Function (set aside for ``torch.compile`` by
-    :func:`torchopt_lab.nn._function.forward_mode`): forward-mode AD (``torch.func.jvp``,
-    ``jacfwd``, ``hessian``) raises, naming ``nn.<name>`` and the torch path."""
+    :func:`torchopt_lab.nn._function.forward_mode`) that raises :func:`forward_mode_error`."""
 
     def jvp(ctx: Any, *tangents: Any) -> Any:
-        raise RuntimeError(
-            f"nn.{name}: the Triton path is first-order (reverse mode, differentiable once): it "
-            "has no forward-mode derivative (torch.func.jvp, jacfwd, hessian) and no double "
-            f"backward; set {backend.ENV_VAR}=torch for the torch path, which has both"
-        )
+        raise forward_mode_error(name)
 
     return staticmethod(jvp)
 
