@@ -164,22 +164,13 @@ def no_forward_mode(name: str) -> Any:
     return staticmethod(jvp)
 
 
-def register_vmap_by_slices(op: Any, *, random: bool = False) -> None:
+def register_vmap_by_slices(op: Any) -> None:
     """Give the custom op ``op`` a vmap rule that runs it once per slice of the vmapped dimension
     and stacks the results: exact for every op (per-slice statistics included, as
-    ``batch_norm`` needs under ``vmap``), one launch per slice.
-
-    ``random`` ops (whose seed the Function draws with ``torch.randint``, which follows vmap's
-    ``randomness``) raise torch's error under "error"; "different" gives each slice its own
-    seed, "same" one seed, so equal masks for every slice."""
+    ``batch_norm`` needs under ``vmap``), one launch per slice. (Dropout's seed is drawn with
+    ``torch.randint`` outside the op, so vmap's ``randomness`` governs it as torch's dropout.)"""
 
     def rule(info: Any, in_dims: tuple[Any, ...], *args: Any) -> tuple[Any, Any]:
-        if random and info.randomness == "error":
-            raise RuntimeError(
-                "vmap: called random operation while in randomness error mode. Please either "
-                "use the 'same' or 'different' randomness flags on vmap or perform the "
-                "randomness operation out of vmap"
-            )
         results = []
         for index in range(info.batch_size):
             sliced = [
