@@ -137,8 +137,10 @@ def _single_func_grad(ctx: Any) -> bool:
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-    forward_class = getattr(type(ctx), "_forward_cls", object)
-    if not issubclass(forward_class, torch.autograd.function._SingleLevelFunction):
+    # torch.func runs the Function through a generated _SingleLevelFunction that, unlike every
+    # torch.autograd.Function, is not a Function subclass
+    forward_class = getattr(type(ctx), "_forward_cls", torch.autograd.Function)
+    if issubclass(forward_class, torch.autograd.Function):
         return False
     kinds = [interpreter.key() for interpreter in retrieve_all_functorch_interpreters()]
     return kinds.count(TransformType.Grad) + kinds.count(TransformType.Jvp) <= 1
