@@ -96,14 +96,28 @@ def per_step(steps: list[Any], scalars: Callable[[Any], Any]) -> list[Any]:
     return [memo[t] for t in steps]
 
 
+def foreach_add_(targets: list[Tensor], tensors: list[Tensor], alpha: float | Tensor) -> None:
+    """``targets[i] += alpha * tensors[i]``; ``alpha`` a number, or under ``torch.compile`` a
+    0-dim tensor (a tensor ``lr``, see :func:`as_float`), which ``alpha=`` cannot take."""
+    if isinstance(alpha, Tensor):
+        torch._foreach_add_(targets, torch._foreach_mul(tensors, alpha))
+        return
+    torch._foreach_add_(targets, tensors, alpha=alpha)
+
+
 def foreach_addcdiv_(
-    targets: list[Tensor], numerators: list[Tensor], denominators: list[Tensor], values: list[Any]
+    targets: list[Tensor],
+    numerators: list[Tensor],
+    denominators: list[Tensor],
+    values: list[Any] | float | Tensor,
 ) -> None:
-    """``targets[i] += values[i] * numerators[i] / denominators[i]``, in that order of operations
-    (torch's addcdiv kernel). Under ``torch.compile`` the values are 0-dim tensors, which
-    ``torch._foreach_addcdiv_`` cannot take as a list: the same three operations, unfused here
-    and fused by Inductor."""
-    if torch.compiler.is_compiling():
+    """``targets[i] += values[i] * numerators[i] / denominators[i]`` (``values`` a list, or one
+    value for all), in that order of operations (torch's addcdiv kernel). Under
+    ``torch.compile`` the values are 0-dim tensors, which ``torch._foreach_addcdiv_`` cannot
+    take: the same three operations, unfused here and fused by Inductor."""
+    if torch.compiler.is_compiling() or isinstance(values, Tensor):
+        if not isinstance(values, list):
+            values = [values] * len(targets)
         scaled = torch._foreach_mul(numerators, values)
         torch._foreach_div_(scaled, denominators)
         torch._foreach_add_(targets, scaled)

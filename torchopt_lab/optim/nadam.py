@@ -29,7 +29,9 @@ def _scalars(group: Mapping[str, Any], step: float, state: dict[str, Tensor]) ->
     # Momentum schedule mu_t = beta1 (1 - 0.96^(t psi) / 2), and its running product.
     mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
     mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
-    state["mu_product"] *= mu
+    # Multiplied in the state's dtype, as torch.optim does with a Python number: under
+    # torch.compile mu is a float64 tensor, which would multiply in float64 and round otherwise.
+    state["mu_product"] *= mu.to(state["mu_product"].dtype) if isinstance(mu, Tensor) else mu
     mu_product = scalar_value(state["mu_product"])
     return {
         "lr": lr,

@@ -11,6 +11,8 @@ from torchopt_lab.optim._base import (
     TensorLists,
     TorchoptOptimizer,
     as_float,
+    foreach_add_,
+    foreach_addcdiv_,
     increment_steps,
     new_step,
 )
@@ -59,10 +61,10 @@ def rmsprop(
         # b <- momentum * b + g / denominator; theta <- theta - lr * b.
         torch._foreach_mul_(momentum_buffer_list, momentum)
         torch._foreach_addcdiv_(momentum_buffer_list, grads, denominators)
-        torch._foreach_add_(params, momentum_buffer_list, alpha=-lr)
+        foreach_add_(params, momentum_buffer_list, -lr)
     else:
         # theta <- theta - lr * g / denominator.
-        torch._foreach_addcdiv_(params, grads, denominators, value=-lr)
+        foreach_addcdiv_(params, grads, denominators, -lr)
 
 
 class RMSprop(TorchoptOptimizer):

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from torchopt_lab.optim._base import TensorLists, TorchoptOptimizer, as_float
+from torchopt_lab.optim._base import TensorLists, TorchoptOptimizer, as_float, foreach_add_
 
 __all__ = ["SGD", "Momentum", "sgd"]
 
@@ -58,7 +58,7 @@ def sgd(
         for param, grad in zip(params, grads, strict=True):
             param.add_(grad, alpha=-lr)
     else:
-        torch._foreach_add_(params, grads, alpha=-lr)
+        foreach_add_(params, grads, -lr)
 
 
 class SGD(TorchoptOptimizer):
