@@ -490,6 +490,7 @@ class LayerNormTritonFunction(torch.autograd.Function):
         return grad_input.reshape(input.shape), None, grad_weight, grad_bias, None
 
 
+@forward_mode
 class BatchNormTritonFunction(torch.autograd.Function):
     """Batch normalisation of ``[N, C, *]`` on the batch-norm kernels: statistics (training), the
     per-channel affine map ``y = (w r) x + (b - μ w r)``, and in backward the per-channel sums
