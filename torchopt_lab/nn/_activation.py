@@ -340,7 +340,8 @@ class ActivationTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Any) -> Any:
-        raise forward_mode_error(ctx.options[0])
+        # (gelu(approximate="tanh") is the kernels' "gelu_tanh")
+        raise forward_mode_error(ctx.options[0].removesuffix("_tanh"))
 
     @staticmethod
     def forward(

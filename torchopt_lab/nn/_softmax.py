@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 from torchopt_lab.nn._autocast import autocast_inputs
 from torchopt_lab.nn._dispatch import (
     first_order_only,
-    no_forward_mode,
+    forward_mode_error,
     register_vmap_by_slices,
     triton_kernels,
     use_triton,
@@ -126,7 +126,10 @@ class SoftmaxTritonFunction(torch.autograd.Function):
     last; keeps the output."""
 
     generate_vmap_rule = True
-    jvp = no_forward_mode("softmax")
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> Any:
+        raise forward_mode_error("log_softmax" if ctx.options[1] else "softmax")
 
     @staticmethod
     def forward(
