@@ -1,6 +1,8 @@
-"""``torch.func`` transforms through ``torchopt_lab.nn`` on the torch path match the same
-transforms through ``torch.nn`` in float64: ``grad``, ``vmap`` (per-sample gradients), ``jacrev``,
-``jvp`` and ``hessian``. Tolerances: float64 with the same formulas up to rounding, 1e-10."""
+"""``torch.func`` transforms through ``torchopt_lab.nn`` match the same transforms through
+``torch.nn`` in float64: ``grad``, ``vmap`` (per-sample gradients) and ``jacrev`` on both paths
+(the Triton path under the interpreter), ``jvp``/``jacfwd`` and ``hessian`` on the torch path; the
+Triton path, first-order, refuses forward mode and a second derivative with an error naming the
+op and the torch path. Tolerances: float64 with the same formulas up to rounding, 1e-10."""
 
 from __future__ import annotations
 
@@ -14,14 +16,20 @@ from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import torchopt_lab.nn as nn
 import torchopt_lab.nn.functional as F
+from torchopt_lab import backend
 
 TOLERANCE = {"rtol": 1e-10, "atol": 1e-10}
+PATHS = ["torch", "triton"]
 
 
 @pytest.fixture(autouse=True)
 def _torch_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("TORCHOPT_LAB_BACKEND", "torch")
+    monkeypatch.setenv(backend.ENV_VAR, "torch")
     yield
+
+
+def _use(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    monkeypatch.setenv(backend.ENV_VAR, path)
 
 
 def x64(*shape: int) -> torch.Tensor:
@@ -72,8 +80,10 @@ LABELS, PROBS = torch.tensor([0, 3, -100]), torch.softmax(x64(3, 4), 1)
 IDS = [op[0] for op in OPS]
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("op", OPS, ids=IDS)
-def test_jacrev_matches_torch(op) -> None:
+def test_jacrev_matches_torch(op, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _use(monkeypatch, path)
     _, fn, make = op
     x = make()
     torch.testing.assert_close(
@@ -95,8 +105,10 @@ def test_jvp_and_jacfwd_match_torch(op) -> None:
     )
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("op", OPS, ids=IDS)
-def test_vmap_matches_torch(op) -> None:
+def test_vmap_matches_torch(op, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _use(monkeypatch, path)
     _, fn, make = op
     xs = torch.stack([make(), make()])
     torch.testing.assert_close(
@@ -150,14 +162,20 @@ MODELS = {
 }
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", MODELS)
-def test_grad_and_per_sample_gradients_match_torch_nn(name: str) -> None:
+def test_grad_and_per_sample_gradients_match_torch_nn(
+    name: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _use(monkeypatch, path)
     build, data = MODELS[name]
     ours, theirs = _models(build)
     x, t = data()
     params = {k: v.detach() for k, v in theirs.named_parameters()}
     losses = _loss(ours, F), _loss(theirs, TF)
-    torch.testing.assert_close(grad(losses[0])(params, x, t), grad(losses[1])(params, x, t))
+    torch.testing.assert_close(
+        grad(losses[0])(params, x, t), grad(losses[1])(params, x, t), **TOLERANCE
+    )
 
     def per_sample(loss: Callable[..., torch.Tensor]) -> dict[str, torch.Tensor]:
         one = lambda p, x, t: loss(p, x.unsqueeze(0), t.unsqueeze(0))  # noqa: E731
@@ -193,3 +211,52 @@ def test_vmapped_cross_entropy_refuses_an_out_of_range_target(bad: int) -> None:
     targets = torch.tensor([[0, 1, 2], [0, bad, 1]])
     with pytest.raises(RuntimeError, match="out of bounds"):
         vmap(lambda x, t: F.cross_entropy(x, t))(x64(2, 3, 4), targets)
+
+
+@pytest.mark.parametrize(
+    "op", [op for op in OPS if op[0] not in ("linear", "conv2d", "mse_loss")], ids=lambda op: op[0]
+)
+def test_triton_path_refuses_forward_mode_naming_the_op_and_the_torch_path(
+    op, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _use(monkeypatch, "triton")
+    name, fn, make = op
+    x = make()
+    op_name = name.removesuffix("_eval").removesuffix("_tanh").removesuffix("_probabilities")
+    message = rf"nn\.{op_name}: the Triton path is first-order.*{backend.ENV_VAR}=torch"
+    with pytest.raises(RuntimeError, match=message):
+        jvp(lambda x: fn(F, x), (x,), (make(),))
+    with pytest.raises(RuntimeError, match=message):
+        jacfwd(lambda x: fn(F, x))(x)
+    with pytest.raises(RuntimeError, match=message):
+        hessian(lambda x: fn(F, x).sum())(x)
+
+
+def test_triton_path_refuses_a_second_reverse_derivative(monkeypatch: pytest.MonkeyPatch) -> None:
+    _use(monkeypatch, "triton")
+    x = x64(3, 4)
+    # grad of grad: the inner backward would run under a second differentiating level
+    with pytest.raises(RuntimeError, match=f"differentiable once.*{backend.ENV_VAR}=torch"):
+        grad(lambda x: grad(lambda x: F.gelu(x).sum())(x).sum())(x)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_dropout_under_vmap_follows_torchs_randomness_rules(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _use(monkeypatch, path)
+    x = torch.ones(4, 64, dtype=torch.float64)
+    for module in (F, TF):
+        with pytest.raises(RuntimeError, match="randomness error mode"):
+            vmap(lambda x, module=module: module.dropout(x, 0.5))(x)
+    same = vmap(lambda x: F.dropout(x, 0.5), randomness="same")(x)
+    different = vmap(lambda x: F.dropout(x, 0.5), randomness="different")(x)
+    for output in (same, different):
+        assert set(output.unique().tolist()) <= {0.0, 2.0}
+    # one mask for every slice, or one per slice (equal by chance with probability 2^-64 each)
+    assert (same == same[0]).all()
+    assert not (different == different[0]).all(dim=1)[1:].any()
+    # per-sample gradients through dropout: each slice's gradient is its own mask / (1 - p)
+    per_sample = vmap(grad(lambda x: F.dropout(x, 0.5).sum()), randomness="different")(x)
+    assert set(per_sample.unique().tolist()) <= {0.0, 2.0}
+    assert not (per_sample == per_sample[0]).all(dim=1)[1:].any()

@@ -19,7 +19,9 @@ from torch.autograd.function import once_differentiable
 
 from torchopt_lab.nn._dispatch import (
     first_order_only,
+    forward_mode_error,
     record_torch_part,
+    register_vmap_by_slices,
     triton_kernels,
     use_triton,
 )
@@ -325,30 +327,45 @@ def saves_output(activation: str) -> bool:
     return activation in triton_kernels().OUTPUT_DERIVATIVE
 
 
+register_vmap_by_slices(bias_activation_forward)
+register_vmap_by_slices(bias_activation_backward)
+
+
+@forward_mode
 class ActivationTritonFunction(torch.autograd.Function):
     """``y = f(x)`` on the bias + activation kernels (no bias). Keeps ``y`` where ``f'`` is a
     function of ``y`` (and in place, where ``x`` survives only as ``y``), else ``x``."""
 
+    generate_vmap_rule = True
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> Any:
+        # (gelu(approximate="tanh") is the kernels' "gelu_tanh")
+        raise forward_mode_error(ctx.options[0].removesuffix("_tanh"))
+
     @staticmethod
     def forward(
-        ctx: Any, input: torch.Tensor, activation: str, negative_slope: float, inplace: bool
+        input: torch.Tensor, activation: str, negative_slope: float, inplace: bool
     ) -> torch.Tensor:
         contiguous = input.contiguous()
+        if not inplace:
+            return bias_activation_forward(contiguous, None, activation, negative_slope)
+        bias_activation_forward_(contiguous, activation, negative_slope)
+        # (is_contiguous, not a data-pointer comparison, which torch.compile cannot trace)
+        if not input.is_contiguous():
+            input.copy_(contiguous)
+        return input
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        input, activation, negative_slope, inplace = inputs
         if inplace:
-            bias_activation_forward_(contiguous, activation, negative_slope)
-            # (is_contiguous, not a data-pointer comparison, which torch.compile cannot trace)
-            if not input.is_contiguous():
-                input.copy_(contiguous)
-            output = input
             ctx.mark_dirty(output)
-        else:
-            output = bias_activation_forward(contiguous, None, activation, negative_slope)
         # In place, leaky_relu's f' is read from y: 1[y > 0] = 1[x > 0] for a slope >= 0 (the
         # functional refuses a negative slope in place when differentiated).
         from_output = inplace or saves_output(activation)
         ctx.options = (activation, negative_slope)
-        ctx.save_for_backward(output if from_output else contiguous)
-        return output
+        ctx.save_for_backward(output if from_output else input)
 
     @staticmethod
     @first_order_only
@@ -395,7 +412,7 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         on_torch = _on_torch_unless_real_float("relu", input, ReLUFunction, inplace)
         if on_torch is not None:
             return on_torch
-        return ActivationTritonFunction.apply(input, "relu", 0.0, inplace)
+        return apply(ActivationTritonFunction, input, "relu", 0.0, inplace)
     return apply(ReLUFunction, input, inplace)
 
 
@@ -416,7 +433,7 @@ def leaky_relu(
             "dtype"
         )
     if use_triton("leaky_relu", input):
-        return ActivationTritonFunction.apply(input, "leaky_relu", negative_slope, inplace)
+        return apply(ActivationTritonFunction, input, "leaky_relu", negative_slope, inplace)
     return apply(LeakyReLUFunction, input, negative_slope, inplace)
 
 
@@ -427,7 +444,7 @@ def sigmoid(input: torch.Tensor) -> torch.Tensor:
         on_torch = _on_torch_unless_real_float("sigmoid", input, SigmoidFunction)
         if on_torch is not None:
             return on_torch
-        return ActivationTritonFunction.apply(input, "sigmoid", 0.0, False)
+        return apply(ActivationTritonFunction, input, "sigmoid", 0.0, False)
     return apply(SigmoidFunction, input)
 
 
@@ -438,7 +455,7 @@ def tanh(input: torch.Tensor) -> torch.Tensor:
         on_torch = _on_torch_unless_real_float("tanh", input, TanhFunction)
         if on_torch is not None:
             return on_torch
-        return ActivationTritonFunction.apply(input, "tanh", 0.0, False)
+        return apply(ActivationTritonFunction, input, "tanh", 0.0, False)
     return apply(TanhFunction, input)
 
 
@@ -451,7 +468,7 @@ def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
         )
     if use_triton("gelu", input):
         activation = "gelu_tanh" if approximate == "tanh" else "gelu"
-        return ActivationTritonFunction.apply(input, activation, 0.0, False)
+        return apply(ActivationTritonFunction, input, activation, 0.0, False)
     return apply(GELUFunction, input, approximate)
 
 
@@ -465,7 +482,7 @@ def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         )
     source = input.clone() if inplace else input
     if use_triton("silu", input):
-        output = ActivationTritonFunction.apply(source, "silu", 0.0, False)
+        output = apply(ActivationTritonFunction, source, "silu", 0.0, False)
     else:
         output = apply(SiLUFunction, source)
     return input.copy_(output) if inplace else output

@@ -26,7 +26,14 @@ from torchopt_lab.nn._common import (
     reduce,
     reduction_gradient,
 )
-from torchopt_lab.nn._dispatch import first_order_only, statistics_dtype, triton_kernels, use_triton
+from torchopt_lab.nn._dispatch import (
+    first_order_only,
+    no_forward_mode,
+    register_vmap_by_slices,
+    statistics_dtype,
+    triton_kernels,
+    use_triton,
+)
 from torchopt_lab.nn._function import apply, forward_mode
 from torchopt_lab.nn._softmax import LogSoftmaxFunction
 
@@ -412,29 +419,42 @@ def _unrows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return rows.reshape(shape)
 
 
+register_vmap_by_slices(cross_entropy_forward)
+register_vmap_by_slices(cross_entropy_backward)
+register_vmap_by_slices(cross_entropy_probabilities_forward)
+register_vmap_by_slices(cross_entropy_probabilities_backward)
+
+
+def _kernel_weight(weight: torch.Tensor | None, input: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` as the kernels read it: float32 weights of a float16/bfloat16 input are read in
+    the input's dtype."""
+    return None if weight is None else weight.to(input.dtype).contiguous()
+
+
+@forward_mode
 class CrossEntropyTritonFunction(torch.autograd.Function):
-    """Cross-entropy against class indices on the LSE-only kernels: the forward keeps the logits
-    (which the caller's graph holds anyway) and one log-sum-exp per row; the backward recomputes
-    the softmax from them. ``"mean"`` divides by ``D = Σ_i v_i w_{t_i}``."""
+    """Cross-entropy against class indices on the LSE-only kernels: keeps the logits (which the
+    caller's graph holds anyway) and, as the second and third outputs, one log-sum-exp per row
+    and the denominator ``D = Σ_i v_i w_{t_i}`` that ``"mean"`` divides by; the backward
+    recomputes the softmax from them."""
+
+    generate_vmap_rule = True
+    jvp = no_forward_mode("cross_entropy")
 
     @staticmethod
     def forward(
-        ctx: Any,
         input: torch.Tensor,
         target: torch.Tensor,
         weight: torch.Tensor | None,
         ignore_index: int,
         reduction: str,
         label_smoothing: float,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
-        logits = _rows(input, classes)
         rows_target = target.reshape(-1).contiguous()
-        if weight is not None:
-            # float32 weights of a float16/bfloat16 input are read in the input's dtype
-            weight = weight.to(input.dtype).contiguous()
+        weight = _kernel_weight(weight, input)
         loss, lse = cross_entropy_forward(
-            logits, rows_target, weight, ignore_index, label_smoothing
+            _rows(input, classes), rows_target, weight, ignore_index, label_smoothing
         )
         valid = rows_target != ignore_index
         # D = Σ_i v_i w_{t_i}
@@ -442,69 +462,95 @@ class CrossEntropyTritonFunction(torch.autograd.Function):
             denominator = valid.sum().to(loss.dtype)
         else:
             denominator = (weight[rows_target.clamp(0, classes - 1)].to(loss.dtype) * valid).sum()
-        ctx.options = (input.shape, ignore_index, reduction, label_smoothing)
-        ctx.save_for_backward(logits, rows_target, weight, lse, denominator)
         if reduction == "none":
-            return loss.reshape(target.shape).to(input.dtype)
+            return loss.reshape(target.shape).to(input.dtype), lse, denominator
         if reduction == "sum":
-            return loss.sum().to(input.dtype)
-        return (loss.sum() / denominator).to(input.dtype)
+            return loss.sum().to(input.dtype), lse, denominator
+        return (loss.sum() / denominator).to(input.dtype), lse, denominator
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], outputs: tuple[torch.Tensor, ...]) -> None:
+        input, target, weight, ignore_index, reduction, label_smoothing = inputs
+        ctx.options = (ignore_index, reduction, label_smoothing)
+        ctx.mark_non_differentiable(*outputs[1:])
+        ctx.save_for_backward(input, target, weight, *outputs[1:])
 
     @staticmethod
     @first_order_only
     @once_differentiable
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        logits, target, weight, lse, denominator = ctx.saved_tensors
-        shape, ignore_index, reduction, label_smoothing = ctx.options
+    def backward(ctx: Any, grad_output: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        input, target, weight, lse, denominator = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing = ctx.options
+        classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
         # γ_i = dL/dℓ_i: g_i, g, or g / D
         gamma = grad_output.reshape(-1) if reduction == "none" else grad_output.reshape(1)
         if reduction == "mean":
             gamma = gamma / denominator
         # dL/dx = γ_i [p s_i - q_i], p recomputed from the saved lse
         grad = cross_entropy_backward(
-            gamma, logits, target, lse, weight, ignore_index, label_smoothing
+            gamma,
+            _rows(input, classes),
+            target.reshape(-1).contiguous(),
+            lse,
+            _kernel_weight(weight, input),
+            ignore_index,
+            label_smoothing,
         )
-        return _unrows(grad, shape), None, None, None, None, None
+        return _unrows(grad, input.shape), None, None, None, None, None
 
 
+@forward_mode
 class CrossEntropyProbabilitiesTritonFunction(torch.autograd.Function):
     """Cross-entropy against class probabilities on the kernels, keeping per row only ``lse_i``
-    and the target mass ``Q_i``. ``"mean"`` divides by the number of rows (samples), as torch.
-    With ``log p = x - lse`` rebuilt only when asked for:
+    and the target mass ``Q_i`` (the second and third outputs). ``"mean"`` divides by the number
+    of rows (samples), as torch. With ``log p = x - lse`` rebuilt only when asked for:
     ``dL/dt_{i,c} = -γ_i (1 - ε) w_c log p_{i,c}``, ``dL/dw_c = -Σ_i γ_i t'_{i,c} log p_{i,c}``."""
+
+    generate_vmap_rule = True
+    jvp = no_forward_mode("cross_entropy")
 
     @staticmethod
     def forward(
-        ctx: Any,
         input: torch.Tensor,
         target: torch.Tensor,
         weight: torch.Tensor | None,
         reduction: str,
         label_smoothing: float,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
         logits = _rows(input, classes)
-        target_rows = _rows(target.to(input.dtype), classes)
-        kernel_weight = None if weight is None else weight.to(input.dtype).contiguous()
         loss, lse, mass = cross_entropy_probabilities_forward(
-            logits, target_rows, kernel_weight, label_smoothing
+            logits,
+            _rows(target.to(input.dtype), classes),
+            _kernel_weight(weight, input),
+            label_smoothing,
         )
-        ctx.options = (input.shape, target.dtype, reduction, label_smoothing)
-        ctx.save_for_backward(logits, target_rows, weight, kernel_weight, lse, mass)
         if reduction == "none":
             sample_shape = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else ()
-            return loss.reshape(sample_shape).to(input.dtype)
+            return loss.reshape(sample_shape).to(input.dtype), lse, mass
         total = loss.sum()
         if reduction == "mean":
             total = total / logits.shape[0] if logits.shape[0] else total.new_tensor(float("nan"))
-        return total.to(input.dtype)
+        return total.to(input.dtype), lse, mass
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], outputs: tuple[torch.Tensor, ...]) -> None:
+        input, target, weight, reduction, label_smoothing = inputs
+        ctx.options = (reduction, label_smoothing)
+        ctx.mark_non_differentiable(*outputs[1:])
+        ctx.save_for_backward(input, target, weight, *outputs[1:])
 
     @staticmethod
     @first_order_only
     @once_differentiable
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        logits, target, weight, kernel_weight, lse, mass = ctx.saved_tensors
-        shape, target_dtype, reduction, label_smoothing = ctx.options
+    def backward(ctx: Any, grad_output: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        input, target_input, weight, lse, mass = ctx.saved_tensors
+        reduction, label_smoothing = ctx.options
+        shape, classes = input.shape, (input.shape[1] if input.dim() >= 2 else input.shape[0])
+        logits = _rows(input, classes)
+        target = _rows(target_input.to(input.dtype), classes)
+        kernel_weight = _kernel_weight(weight, input)
+        target_dtype = target_input.dtype
         # γ_i = dL/dℓ_i: g_i, g, or g / rows
         gamma = grad_output.reshape(-1) if reduction == "none" else grad_output.reshape(1)
         if reduction == "mean":
@@ -590,12 +636,23 @@ def cross_entropy(
         target = target.long()
     if use_triton("cross_entropy", input, target, weight):
         if probabilities:
-            return CrossEntropyProbabilitiesTritonFunction.apply(
-                input, target, weight, reduction, label_smoothing
-            )
-        return CrossEntropyTritonFunction.apply(
-            input, target, weight, ignore_index, reduction, label_smoothing
-        )
+            return apply(
+                CrossEntropyProbabilitiesTritonFunction,
+                input,
+                target,
+                weight,
+                reduction,
+                label_smoothing,
+            )[0]
+        return apply(
+            CrossEntropyTritonFunction,
+            input,
+            target,
+            weight,
+            ignore_index,
+            reduction,
+            label_smoothing,
+        )[0]
     if probabilities:
         return apply(
             CrossEntropyProbabilitiesFunction,

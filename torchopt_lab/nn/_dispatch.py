@@ -117,7 +117,7 @@ def first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(backward)
     def checked(ctx: Any, *grad_outputs: torch.Tensor) -> Any:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and not _single_func_grad(ctx):
             raise RuntimeError(
                 f"{type(ctx).__name__.removesuffix('Backward')}: the Triton path is differentiable "
                 "once, so backward with create_graph=True (double backward, Hessian-vector "
@@ -127,3 +127,62 @@ def first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
         return backward(ctx, *grad_outputs)
 
     return checked
+
+
+def _single_func_grad(ctx: Any) -> bool:
+    """Whether this backward is ``torch.func``'s (``grad``, ``vjp``, ``jacrev``, under any
+    ``vmap``s) with at most one reverse- or forward-mode level alive: ``torch.func`` always
+    differentiates with ``create_graph=True``, but with no second differentiating level that
+    graph is never differentiated again, so the first-order backward is exact."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    # torch.func runs the Function through a generated _SingleLevelFunction that, unlike every
+    # torch.autograd.Function, is not a Function subclass
+    forward_class = getattr(type(ctx), "_forward_cls", torch.autograd.Function)
+    if issubclass(forward_class, torch.autograd.Function):
+        return False
+    kinds = [interpreter.key() for interpreter in retrieve_all_functorch_interpreters()]
+    return kinds.count(TransformType.Grad) + kinds.count(TransformType.Jvp) <= 1
+
+
+def forward_mode_error(name: str) -> RuntimeError:
+    """The error of forward-mode AD (``torch.func.jvp``, ``jacfwd``, ``hessian``) through the
+    Triton path of ``nn.<name>``."""
+    return RuntimeError(
+        f"nn.{name}: the Triton path is first-order (reverse mode, differentiable once): it has "
+        "no forward-mode derivative (torch.func.jvp, jacfwd, hessian) and no double backward; "
+        f"set {backend.ENV_VAR}=torch for the torch path, which has both"
+    )
+
+
+def no_forward_mode(name: str) -> Any:
+    """A ``jvp`` staticmethod for a Triton-path Function (set aside for ``torch.compile`` by
+    :func:`torchopt_lab.nn._function.forward_mode`) that raises :func:`forward_mode_error`."""
+
+    def jvp(ctx: Any, *tangents: Any) -> Any:
+        raise forward_mode_error(name)
+
+    return staticmethod(jvp)
+
+
+def register_vmap_by_slices(op: Any) -> None:
+    """Give the custom op ``op`` a vmap rule that runs it once per slice of the vmapped dimension
+    and stacks the results: exact for every op (per-slice statistics included, as
+    ``batch_norm`` needs under ``vmap``), one launch per slice. (Dropout's seed is drawn with
+    ``torch.randint`` outside the op, so vmap's ``randomness`` governs it as torch's dropout.)"""
+
+    def rule(info: Any, in_dims: tuple[Any, ...], *args: Any) -> tuple[Any, Any]:
+        results = []
+        for index in range(info.batch_size):
+            sliced = [
+                arg if dim is None else arg.select(dim, index)
+                for arg, dim in zip(args, in_dims, strict=True)
+            ]
+            results.append(op(*sliced))
+        if isinstance(results[0], tuple):
+            stacked = tuple(torch.stack(parts) for parts in zip(*results, strict=True))
+            return stacked, (0,) * len(stacked)
+        return torch.stack(results), 0
+
+    torch.library.register_vmap(op, rule)

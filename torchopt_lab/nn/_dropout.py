@@ -13,7 +13,13 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from torchopt_lab.nn._dispatch import first_order_only, triton_kernels, use_triton
+from torchopt_lab.nn._dispatch import (
+    first_order_only,
+    no_forward_mode,
+    register_vmap_by_slices,
+    triton_kernels,
+    use_triton,
+)
 from torchopt_lab.nn._function import apply, forward_mode
 
 
@@ -105,39 +111,50 @@ def _(grad_output: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(grad_output)
 
 
+register_vmap_by_slices(dropout_forward)
+register_vmap_by_slices(dropout_backward)
+
+
+@forward_mode
 class DropoutTritonFunction(torch.autograd.Function):
-    """Dropout on the seeded kernel: keeps one integer seed, and the backward regenerates the
-    forward's mask from it."""
+    """Dropout on the seeded kernel: keeps one integer seed (the second output; empty for
+    ``p = 1``), and the backward regenerates the forward's mask from it. Under ``vmap`` the seed
+    is drawn with ``torch.randint``, so vmap's ``randomness`` applies as to torch's dropout:
+    "error" raises, "different" draws a mask per slice, "same" one mask for all."""
+
+    generate_vmap_rule = True
+    jvp = no_forward_mode("dropout")
 
     @staticmethod
-    def forward(ctx: Any, input: torch.Tensor, p: float, inplace: bool) -> torch.Tensor:
-        ctx.p = p
-        contiguous = input.contiguous()
-        seed = None
+    def forward(input: torch.Tensor, p: float, inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if p == 1:
             # Everything dropped: zeros, no mask to draw (as torch).
             output = input.zero_() if inplace else torch.zeros_like(input)
-        elif inplace:
-            seed = torch.randint(0, _SEED_BOUND, (), device="cpu")
-            dropout_forward_(contiguous, p, seed)
-            # (is_contiguous, not a data-pointer comparison, which torch.compile cannot trace)
-            if not input.is_contiguous():
-                input.copy_(contiguous)
-            output = input
-        else:
-            seed = torch.randint(0, _SEED_BOUND, (), device="cpu")
-            output = dropout_forward(contiguous, p, seed)
+            return output, torch.empty(0, dtype=torch.long)
+        seed = torch.randint(0, _SEED_BOUND, (), device="cpu")
+        if not inplace:
+            return dropout_forward(input.contiguous(), p, seed), seed
+        contiguous = input.contiguous()
+        dropout_forward_(contiguous, p, seed)
+        # (is_contiguous, not a data-pointer comparison, which torch.compile cannot trace)
+        if not input.is_contiguous():
+            input.copy_(contiguous)
+        return input, seed
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], outputs: tuple[torch.Tensor, ...]) -> None:
+        _, ctx.p, inplace = inputs
         if inplace:
-            ctx.mark_dirty(output)
-        ctx.save_for_backward(seed)
-        return output
+            ctx.mark_dirty(outputs[0])
+        ctx.mark_non_differentiable(outputs[1])
+        ctx.save_for_backward(outputs[1])
 
     @staticmethod
     @first_order_only
     @once_differentiable
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_output: torch.Tensor, _: Any) -> tuple[torch.Tensor | None, ...]:
         (seed,) = ctx.saved_tensors
-        if seed is None:
+        if ctx.p == 1:
             # dL/dx = 0: every element was dropped
             return torch.zeros_like(grad_output), None, None
         # dL/dx = g m / (1 - p), m regenerated from the seed
@@ -159,7 +176,7 @@ def dropout(
             f"result type Float can't be cast to the desired output type {input.dtype}"
         )
     if use_triton("dropout", input):
-        return DropoutTritonFunction.apply(input, p, inplace)
+        return apply(DropoutTritonFunction, input, p, inplace)[0]
     return apply(DropoutFunction, input, p, inplace)[0]
 
 

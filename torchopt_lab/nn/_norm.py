@@ -28,7 +28,14 @@ from torch.autograd.function import once_differentiable
 
 from torchopt_lab.nn._autocast import autocast_inputs
 from torchopt_lab.nn._common import check_dtype, check_floating, check_normalized_shape
-from torchopt_lab.nn._dispatch import first_order_only, statistics_dtype, triton_kernels, use_triton
+from torchopt_lab.nn._dispatch import (
+    first_order_only,
+    no_forward_mode,
+    register_vmap_by_slices,
+    statistics_dtype,
+    triton_kernels,
+    use_triton,
+)
 from torchopt_lab.nn._function import apply, forward_mode
 
 
@@ -410,58 +417,93 @@ def _(
     return torch.empty_like(input)
 
 
+register_vmap_by_slices(layer_norm_forward)
+register_vmap_by_slices(layer_norm_backward)
+register_vmap_by_slices(batch_norm_statistics)
+register_vmap_by_slices(batch_norm_gradient_sums)
+register_vmap_by_slices(channel_affine)
+
+
+def _rows(input: torch.Tensor, normalized_dims: int) -> torch.Tensor:
+    """``input`` as contiguous ``[rows, width]``, the trailing ``normalized_dims`` flattened;
+    rows counted from the leading dimensions (reshape(-1, 0) is ambiguous for an empty row)."""
+    leading = input.dim() - normalized_dims
+    return input.contiguous().reshape(
+        math.prod(input.shape[:leading]), math.prod(input.shape[leading:])
+    )
+
+
+def _flat(parameter: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    """A weight or bias as one contiguous row; float32 parameters of a float16/bfloat16 input are
+    read in the input's dtype."""
+    if parameter is None:
+        return None
+    return parameter.to(rows.dtype).contiguous().reshape(rows.shape[1])
+
+
+@forward_mode
 class LayerNormTritonFunction(torch.autograd.Function):
     """Layer normalisation over the trailing ``normalized_dims`` dimensions (flattened into one
-    row) on the layer-norm kernels; keeps ``x``, ``w``, ``μ`` and ``r``."""
+    row) on the layer-norm kernels; keeps ``x``, ``w``, and ``μ`` and ``r`` (the second and third
+    outputs)."""
+
+    generate_vmap_rule = True
+    jvp = no_forward_mode("layer_norm")
 
     @staticmethod
     def forward(
-        ctx: Any,
         input: torch.Tensor,
         normalized_dims: int,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         eps: float,
-    ) -> torch.Tensor:
-        width = math.prod(input.shape[input.dim() - normalized_dims :])
-        # rows counted from the leading dimensions: reshape(-1, 0) is ambiguous for an empty row
-        rows = input.contiguous().reshape(
-            math.prod(input.shape[: input.dim() - normalized_dims]), width
-        )
-        # float32 parameters of a float16/bfloat16 input are read in the input's dtype
-        flat_weight = None if weight is None else weight.to(input.dtype).contiguous().reshape(width)
-        flat_bias = None if bias is None else bias.to(input.dtype).contiguous().reshape(width)
-        output, mean, rstd = layer_norm_forward(rows, flat_weight, flat_bias, eps)
-        ctx.shapes = (input.shape, input.shape[input.dim() - normalized_dims :])
-        ctx.save_for_backward(rows, flat_weight, mean, rstd)
-        return output.reshape(input.shape)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = _rows(input, normalized_dims)
+        output, mean, rstd = layer_norm_forward(rows, _flat(weight, rows), _flat(bias, rows), eps)
+        return output.reshape(input.shape), mean, rstd
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], outputs: tuple[torch.Tensor, ...]) -> None:
+        input, ctx.normalized_dims, weight, _, _ = inputs
+        ctx.mark_non_differentiable(*outputs[1:])
+        ctx.save_for_backward(input, weight, *outputs[1:])
 
     @staticmethod
     @first_order_only
     @once_differentiable
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        rows, weight, mean, rstd = ctx.saved_tensors
-        input_shape, normalized_shape = ctx.shapes
+    def backward(ctx: Any, grad_output: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        input, weight, mean, rstd = ctx.saved_tensors
+        rows = _rows(input, ctx.normalized_dims)
+        normalized_shape = input.shape[input.dim() - ctx.normalized_dims :]
         parameters = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         # dL/dx = r (w g - x̂ c_1 - c_2); dL/dw = Σ g x̂, dL/db = Σ g (partial sums, added)
         grad_input, grad_weight, grad_bias = layer_norm_backward(
-            grad_output.contiguous().reshape(rows.shape), rows, weight, mean, rstd, parameters
+            grad_output.contiguous().reshape(rows.shape),
+            rows,
+            _flat(weight, rows),
+            mean,
+            rstd,
+            parameters,
         )
         grad_weight = grad_weight.reshape(normalized_shape) if ctx.needs_input_grad[2] else None
         grad_bias = grad_bias.reshape(normalized_shape) if ctx.needs_input_grad[3] else None
-        return grad_input.reshape(input_shape), None, grad_weight, grad_bias, None
+        return grad_input.reshape(input.shape), None, grad_weight, grad_bias, None
 
 
+@forward_mode
 class BatchNormTritonFunction(torch.autograd.Function):
     """Batch normalisation of ``[N, C, *]`` on the batch-norm kernels: statistics (training), the
     per-channel affine map ``y = (w r) x + (b - μ w r)``, and in backward the per-channel sums
     ``Σ g``, ``Σ g (x - μ)`` and the affine map ``dL/dx = (w r) g - (r² c_1) x + r (r c_1 μ -
     c_2)``. The running statistics are updated in torch ops on the ``[C]`` vectors, as torch
-    does: ``(1 - m) running + m · batch`` with the unbiased batch variance."""
+    does: ``(1 - m) running + m · batch`` with the unbiased batch variance. ``μ`` and ``r`` are
+    the second and third outputs."""
+
+    generate_vmap_rule = True
+    jvp = no_forward_mode("batch_norm")
 
     @staticmethod
     def forward(
-        ctx: Any,
         input: torch.Tensor,
         running_mean: torch.Tensor | None,
         running_var: torch.Tensor | None,
@@ -470,12 +512,11 @@ class BatchNormTritonFunction(torch.autograd.Function):
         training: bool,
         momentum: float,
         eps: float,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = input.contiguous()
-        ctx.empty = x.numel() == 0
-        if ctx.empty:
+        if x.numel() == 0:
             # Nothing to normalise, no statistics to update (as in torch).
-            return x.clone()
+            return x.clone(), x.new_empty(0), x.new_empty(0)
         channels = x.shape[1]
         count = x.numel() // channels if channels else 0
         statistics_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -502,14 +543,21 @@ class BatchNormTritonFunction(torch.autograd.Function):
             shift = shift + bias.to(statistics_dtype)
         # y = (w r) x + (b - μ w r)
         output = channel_affine(x, (affine * rstd).contiguous(), shift.contiguous())
-        ctx.options = (training, count)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        return output
+        return output, mean, rstd
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], outputs: tuple[torch.Tensor, ...]) -> None:
+        input, _, _, weight, _, training, _, _ = inputs
+        ctx.empty = input.numel() == 0
+        channels = input.shape[1] if input.dim() > 1 else 0
+        ctx.options = (training, input.numel() // channels if channels else 0)
+        ctx.mark_non_differentiable(*outputs[1:])
+        ctx.save_for_backward(input, weight, *outputs[1:])
 
     @staticmethod
     @first_order_only
     @once_differentiable
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_output: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         if ctx.empty:
             # dL/dx: empty like x; dL/dw = dL/db = 0, sums over no elements
             zeros = grad_output.new_zeros(grad_output.shape[1])
@@ -517,7 +565,8 @@ class BatchNormTritonFunction(torch.autograd.Function):
             grad_bias = zeros.clone() if ctx.needs_input_grad[4] else None
             grad_input = torch.zeros_like(grad_output)
             return grad_input, None, None, grad_weight, grad_bias, None, None, None
-        x, weight, mean, rstd = ctx.saved_tensors
+        input, weight, mean, rstd = ctx.saved_tensors
+        x = input.contiguous()
         training, count = ctx.options
         g = grad_output.contiguous()
         affine = torch.ones_like(rstd) if weight is None else weight.to(rstd.dtype)
@@ -569,7 +618,7 @@ def layer_norm(
     check_floating("layer_norm", input)
     check_dtype("layer_norm", input, weight=weight, bias=bias)
     if use_triton("layer_norm", input, weight, bias):
-        return LayerNormTritonFunction.apply(input, count, weight, bias, eps)
+        return apply(LayerNormTritonFunction, input, count, weight, bias, eps)[0]
     return apply(LayerNormFunction, input, count, weight, bias, eps)[0]
 
 
@@ -639,9 +688,17 @@ def batch_norm(
         running_var=running_var,
     )
     if use_triton("batch_norm", input, weight, bias):
-        return BatchNormTritonFunction.apply(
-            input, running_mean, running_var, weight, bias, training, momentum, eps
-        )
+        return apply(
+            BatchNormTritonFunction,
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+        )[0]
     return apply(
         BatchNormFunction, input, running_mean, running_var, weight, bias, training, momentum, eps
     )[0]

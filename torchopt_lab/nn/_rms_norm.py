@@ -27,7 +27,9 @@ from torchopt_lab.nn._autocast import autocast_inputs
 from torchopt_lab.nn._common import check_normalized_shape
 from torchopt_lab.nn._dispatch import (
     first_order_only,
+    no_forward_mode,
     record_torch_part,
+    register_vmap_by_slices,
     statistics_dtype,
     triton_kernels,
     use_triton,
@@ -165,42 +167,56 @@ def _(
     )
 
 
+register_vmap_by_slices(rms_norm_forward)
+register_vmap_by_slices(rms_norm_backward)
+
+
+def _rows(input: torch.Tensor, normalized_dims: int) -> torch.Tensor:
+    """``input`` as contiguous ``[rows, width]``, the trailing ``normalized_dims`` flattened;
+    rows counted from the leading dimensions (reshape(-1, 0) is ambiguous for an empty row)."""
+    leading = input.dim() - normalized_dims
+    return input.contiguous().reshape(
+        math.prod(input.shape[:leading]), math.prod(input.shape[leading:])
+    )
+
+
+@forward_mode
 class RMSNormTritonFunction(torch.autograd.Function):
     """RMS normalisation over the trailing ``normalized_dims`` dimensions (flattened into one
-    row) on the RMS-norm kernels; keeps ``x``, ``w`` and ``r``."""
+    row) on the RMS-norm kernels; keeps ``x``, ``w`` and ``r`` (the second output)."""
+
+    generate_vmap_rule = True
+    jvp = no_forward_mode("rms_norm")
 
     @staticmethod
     def forward(
-        ctx: Any,
-        input: torch.Tensor,
-        normalized_dims: int,
-        weight: torch.Tensor | None,
-        eps: float,
-    ) -> torch.Tensor:
-        width = math.prod(input.shape[input.dim() - normalized_dims :])
-        # rows counted from the leading dimensions: reshape(-1, 0) is ambiguous for an empty row
-        rows = input.contiguous().reshape(
-            math.prod(input.shape[: input.dim() - normalized_dims]), width
-        )
-        flat_weight = None if weight is None else weight.contiguous().reshape(width)
+        input: torch.Tensor, normalized_dims: int, weight: torch.Tensor | None, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = _rows(input, normalized_dims)
+        flat_weight = None if weight is None else weight.contiguous().reshape(rows.shape[1])
         output, rstd = rms_norm_forward(rows, flat_weight, eps)
-        ctx.input_shape = input.shape
-        ctx.weight_shape = None if weight is None else weight.shape
-        ctx.save_for_backward(rows, flat_weight, rstd)
-        return output.reshape(input.shape)
+        return output.reshape(input.shape), rstd
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], outputs: tuple[torch.Tensor, ...]) -> None:
+        input, ctx.normalized_dims, weight, _ = inputs
+        ctx.mark_non_differentiable(outputs[1])
+        ctx.save_for_backward(input, weight, outputs[1])
 
     @staticmethod
     @first_order_only
     @once_differentiable
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        rows, weight, rstd = ctx.saved_tensors
+    def backward(ctx: Any, grad_output: torch.Tensor, _: Any) -> tuple[torch.Tensor | None, ...]:
+        input, weight, rstd = ctx.saved_tensors
+        rows = _rows(input, ctx.normalized_dims)
+        flat_weight = None if weight is None else weight.contiguous().reshape(rows.shape[1])
         with_weight = weight is not None and ctx.needs_input_grad[2]
         # dL/dx = r (w g - x̂ c_1); dL/dw = Σ_rows g x̂
         grad_input, grad_weight = rms_norm_backward(
-            grad_output.contiguous().reshape(rows.shape), rows, weight, rstd, with_weight
+            grad_output.contiguous().reshape(rows.shape), rows, flat_weight, rstd, with_weight
         )
-        grad_weight = grad_weight.reshape(ctx.weight_shape) if with_weight else None
-        return grad_input.reshape(ctx.input_shape), None, grad_weight, None
+        grad_weight = grad_weight.reshape(weight.shape) if with_weight else None
+        return grad_input.reshape(input.shape), None, grad_weight, None
 
 
 def rms_norm(
@@ -231,7 +247,7 @@ def rms_norm(
         eps = torch.finfo(torch.float32 if low_precision else input.dtype).eps
     if use_triton("rms_norm", input, weight):
         if weight is None or weight.dtype == input.dtype:
-            return RMSNormTritonFunction.apply(input, count, weight, eps)
+            return apply(RMSNormTritonFunction, input, count, weight, eps)[0]
         record_torch_part("nn.rms_norm.dtype", input.device)
     return apply(RMSNormFunction, input, count, weight, eps)[0]
 

@@ -17,7 +17,13 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from torchopt_lab.nn._autocast import autocast_inputs
-from torchopt_lab.nn._dispatch import first_order_only, triton_kernels, use_triton
+from torchopt_lab.nn._dispatch import (
+    first_order_only,
+    forward_mode_error,
+    register_vmap_by_slices,
+    triton_kernels,
+    use_triton,
+)
 from torchopt_lab.nn._function import apply, forward_mode
 
 
@@ -110,18 +116,32 @@ def _(grad_output: torch.Tensor, output: torch.Tensor, dim: int, log: bool) -> t
     return output.new_empty(output.shape)
 
 
+register_vmap_by_slices(softmax_forward)
+register_vmap_by_slices(softmax_backward)
+
+
+@forward_mode
 class SoftmaxTritonFunction(torch.autograd.Function):
     """Softmax (or, with ``log``, log-softmax) along ``dim`` on the row kernels, ``dim`` moved
     last; keeps the output."""
 
+    generate_vmap_rule = True
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> Any:
+        raise forward_mode_error("log_softmax" if ctx.options[1] else "softmax")
+
     @staticmethod
     def forward(
-        ctx: Any, input: torch.Tensor, dim: int, dtype: torch.dtype | None, log: bool
+        input: torch.Tensor, dim: int, dtype: torch.dtype | None, log: bool
     ) -> torch.Tensor:
+        return softmax_forward(input if dtype is None else input.to(dtype), dim, log)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        input, dim, _, log = inputs
         ctx.options = (dim, log, input.dtype)
-        output = softmax_forward(input if dtype is None else input.to(dtype), dim, log)
         ctx.save_for_backward(output)
-        return output
 
     @staticmethod
     @first_order_only
@@ -156,7 +176,7 @@ def softmax(
         (input,) = autocast_inputs("softmax", input)
     dim = _softmax_dim("softmax", input, dim, _stacklevel)
     if use_triton("softmax", input):
-        return SoftmaxTritonFunction.apply(input, dim, dtype, False)
+        return apply(SoftmaxTritonFunction, input, dim, dtype, False)
     return apply(SoftmaxFunction, input, dim, dtype)
 
 
@@ -172,7 +192,7 @@ def log_softmax(
         (input,) = autocast_inputs("log_softmax", input)
     dim = _softmax_dim("log_softmax", input, dim, _stacklevel)
     if use_triton("log_softmax", input):
-        return SoftmaxTritonFunction.apply(input, dim, dtype, True)
+        return apply(SoftmaxTritonFunction, input, dim, dtype, True)
     return apply(LogSoftmaxFunction, input, dim, dtype)
 
 

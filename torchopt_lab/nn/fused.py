@@ -28,8 +28,13 @@ from torchopt_lab.nn._activation import (
     saves_output,
 )
 from torchopt_lab.nn._autocast import autocast_inputs
-from torchopt_lab.nn._dispatch import first_order_only, record_torch_part, use_triton
-from torchopt_lab.nn._function import apply
+from torchopt_lab.nn._dispatch import (
+    first_order_only,
+    no_forward_mode,
+    record_torch_part,
+    use_triton,
+)
+from torchopt_lab.nn._function import apply, forward_mode
 from torchopt_lab.nn._linear import LinearFunction
 
 __all__ = ["ACTIVATIONS", "linear_activation"]
@@ -37,37 +42,51 @@ __all__ = ["ACTIVATIONS", "linear_activation"]
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
 
 
+@forward_mode
 class LinearActivationTritonFunction(torch.autograd.Function):
     """``y = f(x Wᵀ + b)``: the product on torch's GEMM, the bias and activation fused in one
     Triton pass; backward ``dL/dz = g f'`` and ``dL/db = Σ dL/dz`` in one Triton pass, then
-    ``dL/dx = dL/dz W`` and ``dL/dW = dL/dzᵀ x`` on the GEMM."""
+    ``dL/dx = dL/dz W`` and ``dL/dW = dL/dzᵀ x`` on the GEMM. The second output is the
+    product ``z = x Wᵀ``, kept where ``f'`` is read from ``z``."""
+
+    generate_vmap_rule = True
+    jvp = no_forward_mode("linear_activation")
 
     @staticmethod
     def forward(
-        ctx: Any,
         input: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         activation: str,
         negative_slope: float,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         record_torch_part("nn.linear_activation.gemm", input.device)
         product = input.matmul(weight.t()).contiguous()
-        output = bias_activation_forward(product, bias, activation, negative_slope)
+        return bias_activation_forward(product, bias, activation, negative_slope), product
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], outputs: tuple[torch.Tensor, ...]) -> None:
+        input, weight, bias, activation, negative_slope = inputs
+        output, product = outputs
         ctx.options = (activation, negative_slope)
+        ctx.mark_non_differentiable(product)
         ctx.save_for_backward(input, weight, bias, output if saves_output(activation) else product)
-        return output
 
     @staticmethod
     @first_order_only
     @once_differentiable
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_output: torch.Tensor, _: Any) -> tuple[torch.Tensor | None, ...]:
         input, weight, bias, saved = ctx.saved_tensors
         activation, negative_slope = ctx.options
         with_bias = bias is not None and ctx.needs_input_grad[2]
         # dL/dz = g f'(x Wᵀ + b), and dL/db = Σ_rows dL/dz from the same pass
         grad_product, grad_bias = bias_activation_backward(
-            grad_output.contiguous(), saved, bias, activation, negative_slope, with_bias
+            grad_output.contiguous(),
+            saved.contiguous(),
+            bias,
+            activation,
+            negative_slope,
+            with_bias,
         )
         grad_bias = grad_bias if with_bias else None
         grad_input = grad_weight = None
@@ -122,5 +141,7 @@ def linear_activation(
             f"linear_activation expects a bias of shape [{weight.shape[0]}], got {list(bias.shape)}"
         )
     if use_triton("linear_activation", input, weight, bias):
-        return LinearActivationTritonFunction.apply(input, weight, bias, activation, negative_slope)
+        return apply(
+            LinearActivationTritonFunction, input, weight, bias, activation, negative_slope
+        )[0]
     return _activate(apply(LinearFunction, input, weight, bias), activation, negative_slope)

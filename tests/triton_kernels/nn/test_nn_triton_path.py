@@ -310,7 +310,7 @@ def test_linear_activation_triton_matches_torch_path(
         output = linear_activation(*copies, activation=activation, negative_slope=0.2)
         torch.manual_seed(1)
         results[name] = (output, *torch.autograd.grad(output, copies, torch.randn_like(output)))
-    assert results["triton"][0].grad_fn._forward_cls is LinearActivationTritonFunction
+    assert issubclass(results["triton"][0].grad_fn._forward_cls, LinearActivationTritonFunction)
     assert backend_info()["decisions"]["nn.linear_activation.gemm"]["backend"] == "torch"
     for ours, expected in zip(results["triton"], results["torch"], strict=True):
         torch.testing.assert_close(ours, expected, **TOLERANCES[dtype])
@@ -347,7 +347,7 @@ def test_triton_dropout_scales_kept_values_and_backward_reuses_the_mask(
     x = (torch.rand(50, 40, dtype=torch.float64) + 0.5).requires_grad_()
     source = x * 1 if inplace else x
     output = F.dropout(source, 0.25, inplace=inplace)
-    assert output.grad_fn._forward_cls is _dropout.DropoutTritonFunction
+    assert issubclass(output.grad_fn._forward_cls, _dropout.DropoutTritonFunction)
     kept = output != 0
     # Binomial(2000, 0.75) within 5 standard deviations.
     assert abs(kept.sum().item() - 2000 * 0.75) <= 5 * (2000 * 0.25 * 0.75) ** 0.5
