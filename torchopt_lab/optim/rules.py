@@ -564,6 +564,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         ``record_norms`` happen inside it."""
         kernels = importlib.import_module("triton_kernels.optim.rule_kernels")
         launchers = importlib.import_module("triton_kernels.optim.launchers")
+        self._check_scalar_order(list(members[0][2]))
         device = key[1]
         rows: dict[tuple[float, ...], int] = {}
         row_of = []
@@ -591,6 +592,23 @@ class RuleOptimizer(torch.optim.Optimizer):
             norms = self._norm_state().norms
             for row, (p, _, _) in enumerate(members):
                 norms[id(p)] = (tables[key].diagnostics, row)
+
+    def _check_scalar_order(self, keys: list[str]) -> None:
+        """Refuse a ``triton_update`` that unpacks ``scalars`` (``a, b, ... = scalars``) in
+        another order than ``rule.scalars()`` returns them: the kernel reads them by position, so
+        a mismatch would give wrong numbers, not an error. Checked once per class; an update that
+        reads its scalars otherwise (by slices, say) is left to the tests binding the two paths."""
+        cls = type(self)
+        if cls.__dict__.get("_scalar_order_checked"):
+            return
+        kernels = importlib.import_module("triton_kernels.optim.kernels")
+        names = kernels._unpackings(self.rule.triton_update).get("scalars")
+        if names is not None and list(names) != keys:
+            raise ValueError(
+                f"{cls.__name__}.rule: triton_update unpacks scalars as {list(names)}, but "
+                f"rule.scalars() returns {keys}; the kernel passes them in the dict's order"
+            )
+        cls._scalar_order_checked = True
 
     def _torch_update(
         self,
