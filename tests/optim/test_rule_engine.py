@@ -11,6 +11,7 @@ computed in float64).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -184,3 +185,25 @@ def test_rule_constructors_take_the_engine_options_keyword_only_after_backend() 
             cls([torch.zeros(2)], skip_nonfinite=True)
         with pytest.raises(ValueError, match="Invalid max_grad_norm value: -1"):
             cls([torch.zeros(2)], max_grad_norm=-1.0)
+
+
+def test_a_triton_update_unpacking_scalars_in_another_order_than_the_rule_raises() -> None:
+    # Lion's declaration with its kernel update reading lr and beta1 swapped: the kernel would
+    # take beta1 for the learning rate; the step refuses instead of giving wrong numbers.
+    from torchopt_lab.optim.lion import Lion
+    from torchopt_lab.optim.rules import RuleOptimizer, tl, triton_jit
+
+    @triton_jit
+    def swapped(param, grad, states, scalars):
+        (exp_avg,) = states
+        beta1, lr, beta2, weight_decay = scalars
+        sign = tl.where(grad > 0, 1.0, -1.0).to(param.dtype)
+        return param - lr * (sign + weight_decay * param), (exp_avg + beta1 * beta2,)
+
+    class Swapped(RuleOptimizer):
+        rule = dataclasses.replace(Lion.rule, triton_update=swapped)
+
+    param = torch.zeros(3)
+    param.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"unpacks scalars as \['beta1', 'lr'"):
+        Swapped([param], backend="triton").step()

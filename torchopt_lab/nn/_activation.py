@@ -327,8 +327,14 @@ def saves_output(activation: str) -> bool:
     return activation in triton_kernels().OUTPUT_DERIVATIVE
 
 
-register_vmap_by_slices(bias_activation_forward)
-register_vmap_by_slices(bias_activation_backward)
+# Elementwise, so the vmapped dimension folds into the rows, unless the bias is vmapped too (or,
+# in backward, its gradient is asked for: a sum over the rows of each slice, or only one of
+# grad_output and the saved tensor is vmapped, as in jacrev).
+register_vmap_by_slices(bias_activation_forward, folds=lambda in_dims, *args: in_dims[1] is None)
+register_vmap_by_slices(
+    bias_activation_backward,
+    folds=lambda in_dims, *args: None not in in_dims[:2] and in_dims[2] is None and not args[5],
+)
 
 
 @forward_mode

@@ -166,13 +166,26 @@ def no_forward_mode(name: str) -> Any:
     return staticmethod(jvp)
 
 
-def register_vmap_by_slices(op: Any) -> None:
+def register_vmap_by_slices(op: Any, folds: Callable[..., bool] | None = None) -> None:
     """Give the custom op ``op`` a vmap rule that runs it once per slice of the vmapped dimension
     and stacks the results: exact for every op (per-slice statistics included, as
     ``batch_norm`` needs under ``vmap``), one launch per slice. (Dropout's seed is drawn with
-    ``torch.randint`` outside the op, so vmap's ``randomness`` governs it as torch's dropout.)"""
+    ``torch.randint`` outside the op, so vmap's ``randomness`` governs it as torch's dropout.)
+
+    ``folds(in_dims, *args)``, when given and true for a call, says the op treats a leading
+    dimension of its batched arguments as more rows of the same computation (an elementwise op,
+    a row-wise one along a trailing dimension): the rule then moves the vmapped dimension to the
+    front and launches once."""
 
     def rule(info: Any, in_dims: tuple[Any, ...], *args: Any) -> tuple[Any, Any]:
+        if folds is not None and folds(in_dims, *args):
+            # one launch: the vmapped dimension moved to the front of the batched tensors
+            moved = [
+                arg if dim is None else arg.movedim(dim, 0).contiguous()
+                for arg, dim in zip(args, in_dims, strict=True)
+            ]
+            result = op(*moved)
+            return result, (0,) * len(result) if isinstance(result, tuple) else 0
         results = []
         for index in range(info.batch_size):
             sliced = [

@@ -28,6 +28,7 @@ error and warned about once.
 
 from __future__ import annotations
 
+import contextlib
 import types
 import warnings
 from collections.abc import Callable, Sequence
@@ -142,15 +143,20 @@ def unsupported(tensors: Sequence[Tensor]) -> str | None:
     return None
 
 
-def _call(step: Callable[..., None], *args: Any) -> None:
-    with (
-        torch.fx.experimental._config.patch(use_duck_shape=False, backed_size_oblivious=True),
+def _compile_settings() -> Any:
+    """What the compiled steps need of Dynamo when they compile: sizes neither duck-sized nor
+    0/1-specialised, and a recompile limit that raises. Entered once per step (a config patch
+    costs about a millisecond), not once per call."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(
+        torch.fx.experimental._config.patch(use_duck_shape=False, backed_size_oblivious=True)
+    )
+    stack.enter_context(
         torch._dynamo.config.patch(
-            recompile_limit=_RECOMPILE_LIMIT,
-            fail_on_recompile_limit_hit=True,
-        ),
-    ):
-        step(*args)
+            recompile_limit=_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
+        )
+    )
+    return stack
 
 
 def fused_update(
@@ -186,30 +192,32 @@ def fused_update(
         for key, indices in chunks.items()
         for start in range(0, len(indices), CHUNK)
     ]
-    for done, (parallel, scalars, indices) in enumerate(calls):
-        step = _compiled_step(update, parallel)
-        chunk = [[_flat(t) for t in members[i][0]] for i in indices]
-        chunk += scratch[: CHUNK - len(chunk)]
-        columns = list(zip(*chunk, strict=True))
-        try:
-            _call(
-                step,
-                update,
-                list(columns[0]),
-                list(columns[1]),
-                [list(column) for column in columns[2:]],
-                scalars,
-                maximize,
-            )
-        except Exception as error:  # Inductor failed: the torch update runs instead
-            why = f"Inductor could not compile the rule's update: {type(error).__name__}: {error}"
-            _failed[(update, dtype)] = why
-            _backend.record(component, "fused", "torch", torch.device("cpu"), why)
-            warnings.warn(
-                f"{component}: fused=True runs the rule's torch update: {why}", stacklevel=4
-            )
-            left = [i for _, _, later in calls[done:] for i in later]
-            return sorted(rest + left)
+    with _compile_settings():
+        for done, (parallel, scalars, indices) in enumerate(calls):
+            step = _compiled_step(update, parallel)
+            chunk = [[_flat(t) for t in members[i][0]] for i in indices]
+            chunk += scratch[: CHUNK - len(chunk)]
+            columns = list(zip(*chunk, strict=True))
+            try:
+                step(
+                    update,
+                    list(columns[0]),
+                    list(columns[1]),
+                    [list(column) for column in columns[2:]],
+                    scalars,
+                    maximize,
+                )
+            except Exception as error:  # Inductor failed: the torch update runs instead
+                why = (
+                    f"Inductor could not compile the rule's update: {type(error).__name__}: {error}"
+                )
+                _failed[(update, dtype)] = why
+                _backend.record(component, "fused", "torch", torch.device("cpu"), why)
+                warnings.warn(
+                    f"{component}: fused=True runs the rule's torch update: {why}", stacklevel=4
+                )
+                left = [i for _, _, later in calls[done:] for i in later]
+                return sorted(rest + left)
     _backend.record(
         component,
         "fused",

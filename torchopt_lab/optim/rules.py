@@ -461,11 +461,51 @@ class RuleOptimizer(torch.optim.Optimizer):
             return loss  # skip_nonfinite: nothing changes, no step is counted
         if self.record_norms:
             self._norm_state().norms.clear()
+        skip = self._traced_skip(clip)
         # As torch.optim: autograd records the update only when the optimizer is differentiable.
         with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
             for index, group in enumerate(self.param_groups):
                 self._step_group(group, clip, index)
+            if skip is not None:
+                self._undo_where(*skip)
         return loss
+
+    def _traced_skip(
+        self, clip: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]], list[Tensor]] | None:
+        """``skip_nonfinite`` under ``torch.compile``: whether to skip, as a 0-dim bool tensor
+        (a host read would break the graph), counted in ``skipped_steps``, with the values the
+        step will update (parameters and existing state) and the parameters without state yet;
+        None when nothing can skip."""
+        if not (self.skip_nonfinite and clip and torch.compiler.is_compiling()):
+            return None
+        skip = ~torch.isfinite(clip[0])
+        self._skipped_traced.add_(skip.to(torch.int64).cpu())
+        kept, fresh = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state.get(p)
+                if not state:
+                    fresh.append(p)
+                values = [p, *(v for v in (state or {}).values() if torch.is_tensor(v))]
+                kept.extend((t, t.detach().clone()) for t in values)
+        return skip, kept, fresh
+
+    def _undo_where(
+        self, skip: Tensor, kept: list[tuple[Tensor, Tensor]], fresh: list[Tensor]
+    ) -> None:
+        """Where ``skip`` is set, put back what the step changed: the kept values, and the state
+        the step created at its initial values (as if the next step were the first)."""
+        for tensor, before in kept:
+            tensor.copy_(torch.where(skip, before, tensor))
+        for p in fresh:
+            state = self.state[p]
+            state["step"].copy_(torch.where(skip, 0.0, state["step"]))
+            for entry in self.rule.state:
+                value = state[entry.name]
+                value.copy_(torch.where(skip, entry.init, value))
 
     def _clip(self) -> tuple[Tensor, Tensor] | bool | None:
         """``max_grad_norm``: the global gradient norm (torch's, as ``clip_grad_norm_``) and the
@@ -490,7 +530,11 @@ class RuleOptimizer(torch.optim.Optimizer):
             )
         with torch.no_grad():
             total_norm = _total_norm([grad.detach() for grad in grads])
-        if self.skip_nonfinite and not torch.isfinite(total_norm).item():
+        if (
+            self.skip_nonfinite
+            and not torch.compiler.is_compiling()  # decided in the graph: _traced_skip
+            and not torch.isfinite(total_norm).item()
+        ):
             self._skipped_on_host += 1
             return False
         return total_norm, _clip_coefficient(total_norm, self.max_grad_norm)
@@ -634,6 +678,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         ``record_norms`` happen inside it."""
         kernels = importlib.import_module("triton_kernels.optim.rule_kernels")
         launchers = importlib.import_module("triton_kernels.optim.launchers")
+        self._check_scalar_order(list(members[0][2]))
         device = key[1]
         rows: dict[tuple[float, ...], int] = {}
         row_of = []
@@ -661,6 +706,23 @@ class RuleOptimizer(torch.optim.Optimizer):
             norms = self._norm_state().norms
             for row, (p, _, _) in enumerate(members):
                 norms[id(p)] = (tables[key].diagnostics, row)
+
+    def _check_scalar_order(self, keys: list[str]) -> None:
+        """Refuse a ``triton_update`` that unpacks ``scalars`` (``a, b, ... = scalars``) in
+        another order than ``rule.scalars()`` returns them: the kernel reads them by position, so
+        a mismatch would give wrong numbers, not an error. Checked once per class; an update that
+        reads its scalars otherwise (by slices, say) is left to the tests binding the two paths."""
+        cls = type(self)
+        if cls.__dict__.get("_scalar_order_checked"):
+            return
+        kernels = importlib.import_module("triton_kernels.optim.kernels")
+        names = kernels._unpackings(self.rule.triton_update).get("scalars")
+        if names is not None and list(names) != keys:
+            raise ValueError(
+                f"{cls.__name__}.rule: triton_update unpacks scalars as {list(names)}, but "
+                f"rule.scalars() returns {keys}; the kernel passes them in the dict's order"
+            )
+        cls._scalar_order_checked = True
 
     def _torch_update(
         self,
