@@ -147,3 +147,17 @@ def test_softmax_without_dim_warns_and_picks_torchs_dimension(
     with pytest.warns(UserWarning, match="Implicit dimension choice"):
         theirs = getattr(TF, name)(input)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_empty_normalized_shape_gets_torchs_message(
+    name: str, backend: str, monkeypatch
+) -> None:
+    monkeypatch.setenv("TORCHOPT_LAB_BACKEND", backend)
+    input = torch.randn(2, 3)
+    with pytest.raises(RuntimeError) as theirs:
+        getattr(TF, name)(input, ())
+    with pytest.raises(RuntimeError) as ours:
+        getattr(F, name)(input, ())
+    assert str(ours.value) == str(theirs.value)

@@ -55,7 +55,12 @@ def check_normalized_shape(
         )
     normalized_shape = list(normalized_shape)
     count = len(normalized_shape)
-    if count == 0 or list(input.shape[input.dim() - count :]) != normalized_shape:
+    if count == 0:
+        raise RuntimeError(
+            "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least "
+            f"one element, but got normalized_shape = {normalized_shape}"
+        )
+    if list(input.shape[input.dim() - count :]) != normalized_shape:
         raise RuntimeError(
             f"Given normalized_shape={normalized_shape}, expected input with shape "
             f"[*{separator}{', '.join(map(str, normalized_shape))}], but got input of size"
