@@ -132,7 +132,12 @@ def test_fullgraph_compiled_steps_match_eager(cls, options):
     for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
         for key, value in eager_optimizer.state[q].items():
             held = compiled_optimizer.state[p][key]
-            torch.testing.assert_close(held, value, rtol=1e-6, atol=2e-6, msg=key)
+            # State is held relative to its scale: SGD's nesterov momentum buffer (|b| ~ 40 after
+            # three maximize steps) differs by up to 8.6e-6, about 4 float32 ulps of its largest
+            # entry, from Inductor's reordered float32 arithmetic.
+            scale = value.abs().max().item() if value.is_floating_point() else 0.0
+            atol = max(2e-6, 8 * torch.finfo(torch.float32).eps * scale)
+            torch.testing.assert_close(held, value, rtol=1e-6, atol=atol, msg=key)
 
 
 @pytest.mark.parametrize("cls", EVERY, ids=[cls.__name__ for cls in EVERY])
