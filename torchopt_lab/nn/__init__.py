@@ -47,25 +47,8 @@ __all__ = [
 # A pickle names a class by its module: the public one (``torchopt_lab.nn.Linear``), not the op
 # module it is defined in, so that a model saved whole (``torch.save(model)``) survives moving a
 # class between private modules. (``torchopt_lab.nn.modules`` keeps older pickles loading.)
-for _module_class in (
-    GELU,
-    BatchNorm1d,
-    BatchNorm2d,
-    Conv2d,
-    CrossEntropyLoss,
-    Dropout,
-    Embedding,
-    LayerNorm,
-    LeakyReLU,
-    Linear,
-    LogSoftmax,
-    MSELoss,
-    RMSNorm,
-    ReLU,
-    SiLU,
-    Sigmoid,
-    Softmax,
-    Tanh,
-):
-    _module_class.__module__ = __name__
-del _module_class
+for _name in __all__:
+    _value = globals()[_name]
+    if isinstance(_value, type) and _value.__module__.startswith(f"{__name__}._"):
+        _value.__module__ = __name__
+del _name, _value

@@ -2,24 +2,4 @@
 model pickled whole (``torch.save(model)``) by an earlier version still loads. Import the layers
 from :mod:`torchopt_lab.nn`."""
 
-from torchopt_lab.nn import (  # noqa: F401
-    GELU,
-    BatchNorm1d,
-    BatchNorm2d,
-    Conv2d,
-    CrossEntropyLoss,
-    Dropout,
-    Embedding,
-    LayerNorm,
-    LeakyReLU,
-    Linear,
-    LogSoftmax,
-    MSELoss,
-    ReLU,
-    RMSNorm,
-    Sequential,
-    Sigmoid,
-    SiLU,
-    Softmax,
-    Tanh,
-)
+from torchopt_lab.nn import *  # noqa: F403
