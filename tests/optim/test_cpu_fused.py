@@ -102,7 +102,12 @@ def _assert_same_run(fused: list, plain: list, fused_opt: Any, plain_opt: Any) -
                 _assert_close_to_scale(fused_opt.state[a][key], value)
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+# The built-ins (rule.reference set) are excluded here: their fused=True on the CPU still runs
+# torch.optim's own fused CPU kernels (torch's dtypes: no complex), not the compiled rule update.
+COMPILED = sorted(name for name, cls in REGISTRY.items() if cls.rule.reference is None)
+
+
+@pytest.mark.parametrize("name", COMPILED)
 def test_fused_cpu_step_matches_the_rules_torch_path(name: str) -> None:
     cls = REGISTRY[name]
     fused, plain, fused_opt, plain_opt = _pair(cls, SHAPES, **_options(cls))
