@@ -70,14 +70,14 @@ def increment_steps(state_steps: list[Tensor]) -> None:
 
 
 def read_steps(state_steps: list[Tensor]) -> list[float] | list[Tensor]:
-    """The step counts as Python numbers; under ``torch.compile``, as 0-dim float64 tensors.
+    """The step counts as Python numbers; under ``torch.compile``, the step tensors themselves,
+    for :func:`per_step` to read in the graph.
 
     A compiled step keeps the counts in the graph, as torch.optim's compiled optimizers do: a host
     read (``tolist``, ``item``) would break the graph, and a count baked in as a constant would
-    recompile on every step. Per-step scalars computed from them with ``**``, ``*``, ``-``, ``/``
-    are float64 either way (see :func:`per_step`)."""
+    recompile on every step."""
     if torch.compiler.is_compiling():
-        return [step.to(torch.float64) for step in state_steps]
+        return list(state_steps)
     if not state_steps:
         return []
     try:
@@ -88,12 +88,31 @@ def read_steps(state_steps: list[Tensor]) -> list[float] | list[Tensor]:
 
 
 def per_step(steps: list[Any], scalars: Callable[[Any], Any]) -> list[Any]:
-    """``scalars(t)`` for each step count of :func:`read_steps`, computed once per distinct count
-    (eagerly, where counts are numbers); once per tensor under ``torch.compile``."""
-    if torch.compiler.is_compiling():
-        return [scalars(t) for t in steps]
-    memo = {t: scalars(t) for t in set(steps)}
-    return [memo[t] for t in steps]
+    """``scalars(t)`` for each step count of :func:`read_steps` (a number, or a tuple of them),
+    computed once per distinct count where counts are numbers.
+
+    Under ``torch.compile`` the counts are evaluated together: stacked into one 1-D float64
+    tensor, which ``scalars`` computes on element-wise (with ``+ - * / **``, as on numbers), and
+    its results split per tensor; so the graph holds the scalars' computation once, not once per
+    tensor (the graph, and Inductor's compile time, would grow by all of it with each tensor).
+    Counts on different devices (a state dict loaded from elsewhere) are computed one by one."""
+    if not torch.compiler.is_compiling():
+        memo = {t: scalars(t) for t in set(steps)}
+        return [memo[t] for t in steps]
+    if len({t.device for t in steps}) != 1:
+        return [scalars(t.to(torch.float64)) for t in steps]
+    values = scalars(torch.stack(steps).to(torch.float64))
+    if isinstance(values, tuple):
+        return list(zip(*(_split(value, len(steps)) for value in values), strict=True))
+    return _split(values, len(steps))
+
+
+def _split(value: Any, count: int) -> list[Any]:
+    """One entry of a stacked result per step count (a value that does not depend on the count,
+    such as a hyperparameter, is shared)."""
+    if isinstance(value, Tensor) and value.shape == (count,):
+        return list(value.unbind(0))
+    return [value] * count
 
 
 def foreach_add_(targets: list[Tensor], tensors: list[Tensor], alpha: float | Tensor) -> None:

@@ -12,12 +12,14 @@ A :class:`Rule` states everything an element-wise optimizer is:
 - its **per-step scalars**, ``scalars(group, step, state) -> dict``: computed on the host in
   float64 from the param group's hyperparameters and the step count (bias corrections), once per
   step value; it may update the rule's scalar state (NAdam's ``mu_product``) in place. Under
-  ``torch.compile`` the step count, tensor hyperparameters and scalar state reach it as 0-dim
-  float64 tensors instead (:func:`scalar_value`), kept in the graph so that a compiled step is
-  one graph reused on every step: write it with operations valid on both Python numbers and
-  0-dim tensors (``+ - * / **``; not ``math`` functions, ``float()`` or ``min``), select with
-  ``torch.where`` rather than an ``if`` on a value (RAdam's rectifier), and update scalar state
-  in its own dtype (NAdam);
+  ``torch.compile`` tensor hyperparameters reach it as 0-dim float64 tensors instead, and the
+  step counts and scalar state of a param group's (device, dtype) part as 1-D tensors, one entry
+  per parameter (:func:`scalar_value`), kept in the graph so that a compiled step is one graph
+  reused on every step, and evaluated once for the part rather than once per parameter (the
+  graph, and the compile time, would grow by the whole computation with each parameter): write
+  it with element-wise operations valid on both Python numbers and tensors (``+ - * / **``; not
+  ``math`` functions, ``float()`` or ``min``), select with ``torch.where`` rather than an ``if``
+  on a value (RAdam's rectifier), and update scalar state in place in its own dtype (NAdam);
 - its **element-wise update**, ``update(param, grad, *state, **scalars) -> (param, *state)``,
   written once, out of place, over tensors of one parameter (complex ones as real views);
 - optionally the same update for the fused Triton kernel, ``triton_update(param, grad, states,
@@ -324,8 +326,9 @@ def _as_number(value: Any) -> Any:
 def scalar_value(value: Tensor) -> float | Tensor:
     """A 0-dim tensor (the step count, scalar state such as NAdam's ``mu_product``) as
     :meth:`Rule.scalars` reads it: a Python number eagerly; under ``torch.compile`` a float64
-    0-dim tensor, kept in the graph (as torch.optim's ``_get_value``), so that the compiled step
-    neither breaks the graph on a host read nor bakes the count in and recompiles every step."""
+    tensor (the counts of a part stacked, see :meth:`RuleOptimizer._traced_scalars`), kept in
+    the graph (as torch.optim's ``_get_value``), so that the compiled step neither breaks the
+    graph on a host read nor bakes the count in and recompiles every step."""
     if torch.compiler.is_compiling():
         return value.to(torch.float64)
     return value.item()
@@ -575,11 +578,16 @@ class RuleOptimizer(DeclaredOptimizer):
             if group.get("capturable") and not torch.compiler.is_compiling():
                 # (Dynamo sets capturable=True in the groups it traces.)
                 self._check_capturable(p, state)
+            if torch.compiler.is_compiling():
+                # Counted and computed below, once per part (_traced_scalars).
+                scalars = {}
+                parts.setdefault((p.device, p.dtype), []).append((p, state, scalars))
+                continue
             step = None
             if rule.step_state:
                 state["step"] += 1
                 step = scalar_value(state["step"])
-            if rule.scalar_state or torch.compiler.is_compiling():
+            if rule.scalar_state:
                 scalars = rule.scalars(
                     hyperparameters, step, {name: state[name] for name in rule.scalar_state}
                 )
@@ -589,6 +597,9 @@ class RuleOptimizer(DeclaredOptimizer):
                 if scalars is None:
                     scalars = by_step[step] = rule.scalars(hyperparameters, step, {})
             parts.setdefault((p.device, p.dtype), []).append((p, state, scalars))
+        if torch.compiler.is_compiling():
+            for members in parts.values():
+                self._traced_scalars(hyperparameters, members)
         for (device, dtype), members in parts.items():
             fused = self._kernel_members(device, dtype, members, differentiable)
             if fused:
@@ -598,6 +609,55 @@ class RuleOptimizer(DeclaredOptimizer):
                 rest = self._cpu_fused_update(device, rest, maximize, clip)
             for p, state, scalars in rest:
                 self._torch_update(p, state, scalars, maximize, clip)
+
+    def _traced_scalars(
+        self, hyperparameters: dict[str, Any], members: list[tuple[Tensor, dict, dict]]
+    ) -> None:
+        """Under ``torch.compile``: count the steps of one (device, dtype) part and fill in each
+        member's scalars with one trace of ``rule.scalars`` for the whole part, not one per
+        parameter (the graph, and Inductor's compile time, would grow by the scalars' whole
+        computation for every parameter).
+
+        The step counts (and the rule's scalar state) are stacked into 1-D float64 tensors, one
+        entry per parameter, which ``rule.scalars`` evaluates element-wise (its contract: ``+ - *
+        / **`` and ``torch.where``); each 1-D result is then split among the parameters, and the
+        scalar state it updated in place is copied back into each parameter's own, in its own
+        dtype. Parameters whose counts or scalar state differ in device or dtype (loaded from
+        elsewhere) are stacked apart."""
+        rule = self.rule
+        batches: dict[tuple[Any, ...], list[tuple[dict, dict]]] = {}
+        for _, state, scalars in members:
+            counted = ("step",) if rule.step_state else ()
+            key = tuple(
+                (state[name].device, state[name].dtype) for name in (*counted, *rule.scalar_state)
+            )
+            batches.setdefault(key, []).append((state, scalars))
+        for batch in batches.values():
+            step = None
+            if rule.step_state:
+                steps = [state["step"] for state, _ in batch]
+                torch._foreach_add_(steps, 1)
+                step = scalar_value(torch.stack(steps))
+            scalar_state = {
+                name: torch.stack([state[name] for state, _ in batch]) for name in rule.scalar_state
+            }
+            values = rule.scalars(hyperparameters, step, scalar_state)
+            for name, stacked in scalar_state.items():
+                torch._foreach_copy_([state[name] for state, _ in batch], stacked.unbind(0))
+            for key, value in values.items():
+                if isinstance(value, Tensor) and value.shape == (len(batch),):
+                    split: Any = value.unbind(0)
+                elif not isinstance(value, Tensor) or value.numel() == 1:
+                    split = [value] * len(batch)
+                else:
+                    raise RuntimeError(
+                        f"{type(self).__name__}: rule.scalars returned {key!r} of shape "
+                        f"{tuple(value.shape)} for {len(batch)} stacked step counts; under "
+                        "torch.compile it must compute element-wise (one value per count) or "
+                        "return a single value"
+                    )
+                for (_, scalars), entry in zip(batch, split, strict=True):
+                    scalars[key] = entry
 
     def _cpu_fused_update(
         self,
