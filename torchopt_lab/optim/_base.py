@@ -17,7 +17,6 @@ import functools
 import importlib
 import inspect
 import math
-import operator
 import sys
 from collections.abc import Callable, Iterator
 from itertools import chain
@@ -713,9 +712,9 @@ class TorchoptOptimizer(DeclaredOptimizer):
                 (entry for entry in rule.state if not entry.scalar), lists[2:], strict=False
             )
         )
-        cls._keywords = tuple(
-            (name, readers.get(name, operator.itemgetter(name))) for name in keywords
-        )
+        # (name, reader or None: read group[name]); no operator.itemgetter, which Dynamo
+        # cannot trace in a compiled step.
+        cls._keywords = tuple((name, readers.get(name)) for name in keywords)
 
     def _group_tensors(self, group: dict[str, Any]) -> TensorLists:
         """The group's tensor lists in the order of ``_reference``'s positional arguments, with
@@ -755,7 +754,7 @@ class TorchoptOptimizer(DeclaredOptimizer):
         """The keyword arguments of ``_reference`` for a group (derived from ``rule``)."""
         if getattr(type(self), "rule", None) is None:
             raise NotImplementedError
-        return {name: read(group) for name, read in self._keywords}
+        return {name: group[name] if read is None else read(group) for name, read in self._keywords}
 
     def _without_kernel(self) -> bool:
         """Whether this optimizer's rule declares no fused kernel (its steps run the reference)."""

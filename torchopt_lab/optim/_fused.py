@@ -32,10 +32,6 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _GRAD = operator.attrgetter("grad")
 
 
-def _beta(index: int) -> Callable[[dict[str, Any]], Any]:
-    return lambda group: group["betas"][index]
-
-
 @dataclass(frozen=True)
 class KernelSpec:
     """How one optimizer's tensor lists and param-group options map onto its kernel update.
@@ -118,19 +114,6 @@ SPECS: dict[str, KernelSpec] = {
             "momentum_buffer": "momentum_buffer_list",
         },
         options=lambda g: {"centered": g["centered"], "momentum": g["momentum"] > 0},
-    ),
-    "adam": KernelSpec(
-        update="adam",
-        state_lists={
-            "exp_avg": "exp_avgs",
-            "exp_avg_sq": "exp_avg_sqs",
-            "max_exp_avg_sq": "max_exp_avg_sqs",
-        },
-        options=lambda g: {
-            "amsgrad": g["amsgrad"],
-            "decoupled_weight_decay": g["decoupled_weight_decay"],
-        },
-        readers={"beta1": _beta(0), "beta2": _beta(1)},
     ),
 }
 
