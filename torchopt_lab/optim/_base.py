@@ -483,6 +483,10 @@ class DeclaredOptimizer(torch.optim.Optimizer):
             if entry.scalar:
                 state[entry.name] = torch.tensor(init, dtype=_scalar_dtype(), device=device)
             else:
+                if rule.complex_as_real and p.is_complex():
+                    # The update sees the real view: both components start at init (torch's
+                    # Adagrad fills complex(v, v)).
+                    init = complex(init, init)
                 state[entry.name] = torch.full_like(
                     p, init, dtype=dtype, memory_format=torch.preserve_format
                 )
@@ -734,17 +738,22 @@ class TorchoptOptimizer(DeclaredOptimizer):
         steps = tensors["state_steps"] if rule.step_state else None
         sparse = rule.sparse_message
         all_state = self.state
+        # A group that keeps no state (SGD without momentum) leaves self.state untouched, as
+        # torch does: no empty entries in its state_dict.
+        stateless = steps is None and not kept
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
             if sparse is not None and grad.is_sparse:
                 raise RuntimeError(sparse.format(name=type(self).__name__))
+            params.append(p)
+            grads.append(grad)
+            if stateless:
+                continue
             state = all_state[p]
             if len(state) == 0:
                 self._create_state(state, p, group)
-            params.append(p)
-            grads.append(grad)
             for name, values in kept:
                 values.append(state.get(name))
             if steps is not None:
@@ -785,7 +794,7 @@ class TorchoptOptimizer(DeclaredOptimizer):
             fused_state = self.__dict__.get("_fused_state")
             if fused_state is not None:
                 fused_state.norms.clear()  # this step's norms only, from either path
-        if repeat_step(self, type(self)._reference.__name__):
+        if repeat_step(self):
             return loss
         groups = [(group, self._group_tensors(group)) for group in self.param_groups]
         if self.max_grad_norm is not None and any(
@@ -818,7 +827,6 @@ class TorchoptOptimizer(DeclaredOptimizer):
             with_grads = sum(len(tensors["params"]) for _, tensors in groups)
             dropped = fused_step(
                 self,
-                type(self)._reference.__name__,
                 fused,
                 total_norm=total_norm,
                 complete=not reference
@@ -1246,6 +1254,12 @@ class TorchoptOptimizer(DeclaredOptimizer):
         name = type(self)._reference.__name__
         function = getattr(importlib.import_module(f"torch.optim.{name}"), name)
         accepted = inspect.signature(function).parameters
+        # The state lists go by name (torch's names for them), so a reference may take them in
+        # its state's declaration order (torch's state_dict order): RMSprop's functional update
+        # takes grad_avgs before momentum_buffer_list, its state_dict the other way round. The
+        # parameters and gradients go by position (SGD's gradients are torch's d_p_list).
+        params, grads, *_ = tensors.values()
+        lists = dict(list(tensors.items())[2:])
         keywords = {**hyperparameters, **flags, "foreach": False}
         decoupled = keywords.pop("decoupled_weight_decay", False)
         if decoupled and "decoupled_weight_decay" in accepted:
@@ -1257,7 +1271,7 @@ class TorchoptOptimizer(DeclaredOptimizer):
             keywords.pop("differentiable", None)  # SGD's update is differentiable by grad mode
         if "has_complex" in accepted:
             keywords["has_complex"] = any(p.is_complex() for p in tensors["params"])
-        unknown = set(keywords) - set(accepted)
+        unknown = (set(keywords) | set(lists)) - set(accepted)
         if unknown:
             raise RuntimeError(
                 f"{type(self).__name__}: {', '.join(sorted(flags))}=True needs torch.optim's "
@@ -1270,7 +1284,7 @@ class TorchoptOptimizer(DeclaredOptimizer):
             device,
             f"{', '.join(sorted(flags))}=True on the torch path runs torch.optim's own update",
         )
-        function(*tensors.values(), **keywords)
+        function(params, grads, **lists, **keywords)
 
     def _check_torch_path(self, group: dict[str, Any], device: torch.device) -> None:
         """Refuse what the torch reference path cannot honour, instead of ignoring it."""

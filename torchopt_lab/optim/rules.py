@@ -151,7 +151,8 @@ class State:
     ``init`` is a number, or a function of the param group returning one (Adagrad's
     ``initial_accumulator_value``), or None: the state is created by the update on the first
     step (torch's SGD sets its momentum buffer to a copy of the first gradient): the update then
-    receives None in its place and returns the new tensor.
+    receives None in its place and returns the new tensor. A complex parameter's state, updated
+    as a real view (``Rule.complex_as_real``), starts at ``init`` in both components.
 
     ``when(group)``, if given, says in which param groups the state exists (Adam's
     ``max_exp_avg_sq`` only with ``amsgrad``): elsewhere it is never created, the update
