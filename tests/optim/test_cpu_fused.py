@@ -266,3 +266,18 @@ def test_fused_with_an_engine_option_runs_the_torch_update_and_says_so(
     decision = torchopt_lab.backend_info()["decisions"]["optim.NAdam (fused)"]
     assert decision["backend"] == "torch"
     assert f"does not take {named}" in decision["reason"]
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.zeros(4, dtype=torch.complex64),  # 1-D: its real view, never itself
+        torch.zeros(4, requires_grad=True),  # a parameter: detached
+        torch.zeros(3, 2).view(-1),  # a view: without a _base
+        torch.zeros(3, 2),
+    ],
+)
+def test_flat_gives_a_real_1d_detached_tensor_without_a_base(tensor: torch.Tensor) -> None:
+    flat = _cpu_fused._flat(tensor)
+    assert flat.ndim == 1 and not flat.is_complex() and not flat.requires_grad
+    assert flat._base is None and flat.data_ptr() == tensor.data_ptr()
