@@ -65,6 +65,8 @@ def test_a_device_that_does_not_exist_is_refused_naming_it(name, tmp_path, capsy
         (["bench-optim-host", "--repeats", "0"], "got 4096 and 0"),
         (["bench-cpu-fused", "--steps", "0"], "--repeats and --steps must be >= 1, got 7 and 0"),
         (["bench-cpu-fused", "--optimizers", "Muon"], "unknown optimizer: Muon"),
+        (["bench-compiled", "--repeats", "0"], "--repeats and --steps must be >= 1, got 0 and 3"),
+        (["bench-compiled", "--optimizers", "Muon"], "unknown optimizer: Muon"),
         (["bench-nn", "--warmup", "-1"], "--warmup >= 0, got 50 and -1"),
         (["bench-nn", "--quick", "--steps", "0"], "--steps must be >= 1"),
         (["bench-nn-kernels", "--device", "cpu", "--quick", "--repeats", "0"], "got 8192, 4096, 0"),
@@ -98,6 +100,7 @@ def test_version(capsys) -> None:
     [
         (["bench-optim", "--quick", "--repeats", "5"], "--repeats 5"),
         (["bench-cpu-fused", "--quick", "--steps", "2"], "--steps 2"),
+        (["bench-compiled", "--quick", "--repeats", "3"], "--repeats 3"),
         (["bench-nn", "--quick", "--steps", "10"], "--steps 10"),
         (["bench-nn-kernels", "--device", "cpu", "--quick", "--rows", "64"], "--rows 64"),
     ],

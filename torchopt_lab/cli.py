@@ -26,6 +26,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "torchopt_lab.bench.cpu_fused",
         "time fused=True on CPU (rules compiled by Inductor) against torch's fused CPU kernels",
     ),
+    "bench-compiled": (
+        "torchopt_lab.bench.compiled",
+        "time compiled optimizer steps and layers against eager and torch's compiled ones",
+    ),
     "bench-optim-host": (
         "torchopt_lab.bench.optim_host",
         "time the host work of a fused step over 4096 small tensors against torch.optim's",

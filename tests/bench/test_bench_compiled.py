@@ -4,19 +4,37 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 import torchopt_lab.bench.compiled as compiled
 
 
 def test_compiled_step_benchmark_times_ours_and_torch_eager_and_compiled(monkeypatch) -> None:
     monkeypatch.setitem(compiled.PARAM_SETS, "tiny", (lambda: [(4, 3), (5,)], lambda: [(2,)]))
-    rows = compiled.optimizer_step("tiny")
-    assert [row.split(" | ")[:2] for row in rows] == [
-        ["| Adam", "ours eager"],
-        ["| Adam", "ours compiled"],
-        ["| Adam", "torch foreach eager"],
-        ["| Adam", "torch compiled"],
+    rows = compiled.optimizer_step("tiny", turns=1, steps=1)
+    assert [row.split(" | ")[:4] for row in rows] == [
+        ["| Adam", "tiny", "2", "ours eager"],
+        ["| Adam", "tiny", "2", "ours compiled"],
+        ["| Adam", "tiny", "2", "torch foreach eager"],
+        ["| Adam", "tiny", "2", "torch compiled"],
     ]
     for row in rows:
-        assert re.fullmatch(r"\| Adam \| [a-z ]+ \| \d+\.\d ms \| first call \d+\.\d s \|", row), (
-            row
-        )
+        pattern = r"\| Adam \| tiny \| 2 \| [a-z ]+ \| \d+\.\d ms \| first call \d+\.\d s \|"
+        assert re.fullmatch(pattern, row), row
+
+
+def test_compiled_step_benchmark_times_lion_without_a_torch_counterpart(monkeypatch) -> None:
+    monkeypatch.setitem(compiled.PARAM_SETS, "tiny", (lambda: [(3,)], lambda: [(2,)]))
+    rows = compiled.optimizer_step("tiny", "Lion", turns=1, steps=1)
+    assert [row.split(" | ")[3] for row in rows] == ["ours eager", "ours compiled"]
+
+
+def test_compiled_benchmark_cli_refuses_unknown_optimizers(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        compiled.main(["--optimizers", "Adam,Adamm", "--no-mlp"])
+    assert exit_info.value.code == 2
+    assert "unknown optimizer: Adamm" in capsys.readouterr().err
+
+
+def test_compiled_benchmark_cli_offers_all_registered_optimizers() -> None:
+    assert set(compiled.STEPPED) == set(compiled.OPTIMIZERS) | set(compiled.ours_optim.REGISTRY)

@@ -1,27 +1,49 @@
-"""``python -m torchopt_lab.bench.compiled``: torch.compile, measured against eager and torch.
+"""``torchopt-lab bench-compiled`` (or ``python -m torchopt_lab.bench.compiled``): torch.compile,
+measured against eager and torch.
 
 Two CPU timings, each against PyTorch in the same run:
 
-- an optimizer step, ``@torch.compile def step(): optimizer.step()``, Adam (built in) and NAdam
-  (a rule optimizer) over bench-optim's transformer set: ours eager, ours compiled (with
-  ``fullgraph=True``: one graph, no break), torch.optim foreach eager, torch.optim compiled (best
-  of 5 turns x 3 steps, and the first call, which includes the compile);
+- an optimizer step, ``@torch.compile def step(): optimizer.step()``, for each optimizer of
+  ``--optimizers`` (all eleven by default, with bench-optim's options) over each parameter set of
+  ``--sets`` (bench-optim's): ours eager, ours compiled (with ``fullgraph=True``: one graph, no
+  break), torch.optim foreach eager, torch.optim compiled (where torch.optim has the optimizer;
+  not Lion) (best of ``--repeats`` turns x ``--steps`` steps, and the first call, which includes
+  the compile);
 - forward + backward of an MLP of our layers compiled, against the same torch.nn MLP compiled
   (median of 20 steps, 1 thread, the torch path).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 import torchopt_lab.nn as ours_nn
 import torchopt_lab.nn.functional as ours_functional
 import torchopt_lab.optim as ours_optim
-from torchopt_lab.bench.optim import PARAM_SETS
+from torchopt_lab._arguments import UsageError, refuse_overridden_by_quick
+from torchopt_lab.bench import add_set_arguments, choices, table_header
+from torchopt_lab.bench.optim import OPTIMIZERS, PARAM_SETS
+
+#: name -> (ours, torch.optim's or None, the options both get): bench-optim's, and Lion.
+STEPPED: dict[str, tuple[type, type | None, dict[str, Any]]] = {
+    name: (spec.ours, spec.theirs, spec.options) for name, spec in OPTIMIZERS.items()
+}
+STEPPED.update(
+    (name, (cls, None, {"lr": 1e-4}))
+    for name, cls in sorted(ours_optim.REGISTRY.items())
+    if name not in STEPPED
+)
+DESCRIPTION = "time compiled optimizer steps and layers against eager and torch's compiled ones"
+_DEFAULTS = {"repeats": 5, "steps": 3}
+QUICK_NOTE = (
+    "# quick run: timings are not measurements (bench-optim's tiny sets, 2 turns of 1 step)"
+)
 
 
 def _best_of(fn: Callable[[], None], turns: int = 5, steps: int = 3) -> float:
@@ -34,19 +56,32 @@ def _best_of(fn: Callable[[], None], turns: int = 5, steps: int = 3) -> float:
     return best
 
 
-def optimizer_step(set_name: str = "transformer", name: str = "Adam") -> list[str]:
-    """Rows of the optimizer-step table for optimizer ``name`` (in torch.optim and ours)."""
-    shapes = PARAM_SETS[set_name][0]()
+def optimizer_step(
+    set_name: str = "transformer",
+    name: str = "Adam",
+    *,
+    quick: bool = False,
+    turns: int = 5,
+    steps: int = 3,
+) -> list[str]:
+    """Rows of the optimizer-step table for optimizer ``name`` (ours, and torch.optim's where it
+    has one) over parameter set ``set_name`` (its ``--quick`` shapes with ``quick``)."""
+    full, tiny = PARAM_SETS[set_name]
+    shapes = tiny() if quick else full()
+    ours_class, torch_class, options = STEPPED[name]
+    modes = ["ours eager", "ours compiled"]
+    if torch_class is not None:
+        modes += ["torch foreach eager", "torch compiled"]
     rows = []
-    for mode in ("ours eager", "ours compiled", "torch foreach eager", "torch compiled"):
+    for mode in modes:
         generator = torch.Generator().manual_seed(0)
         params = [torch.randn(shape, generator=generator).requires_grad_() for shape in shapes]
         for param in params:
             param.grad = 1e-3 * torch.randn(param.shape, generator=generator)
         if mode.startswith("torch"):
-            optimizer = getattr(torch.optim, name)(params, lr=1e-3, foreach=True)
+            optimizer = torch_class(params, **options, foreach=True)
         else:
-            optimizer = getattr(ours_optim, name)(params, lr=1e-3, backend="torch")
+            optimizer = ours_class(params, **options, backend="torch")
 
         def step(optimizer: torch.optim.Optimizer = optimizer) -> None:
             optimizer.step()
@@ -58,8 +93,10 @@ def optimizer_step(set_name: str = "transformer", name: str = "Adam") -> list[st
         start = time.perf_counter()
         run()
         first = time.perf_counter() - start
+        best = _best_of(run, turns, steps)
         rows.append(
-            f"| {name} | {mode} | {_best_of(run) * 1e3:.1f} ms | first call {first:.1f} s |"
+            f"| {name} | {set_name} | {len(shapes)} | {mode} | {best * 1e3:.1f} ms "
+            f"| first call {first:.1f} s |"
         )
     return rows
 
@@ -105,18 +142,56 @@ def mlp_forward_backward() -> str:
     )
 
 
-def main() -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_set_arguments(parser, STEPPED, PARAM_SETS, **_DEFAULTS)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sets, 2 repeats of 1 step: a smoke run, whose timings are not measurements",
+    )
+    parser.add_argument(
+        "--no-mlp", action="store_true", help="skip the MLP forward + backward timing"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    names = choices(args.optimizers, STEPPED, "optimizer")
+    set_names = choices(args.sets, PARAM_SETS, "parameter set")
+    if args.repeats < 1 or args.steps < 1:
+        raise UsageError(f"--repeats and --steps must be >= 1, got {args.repeats} and {args.steps}")
+    refuse_overridden_by_quick(args, _DEFAULTS)
+    turns, steps = (2, 1) if args.quick else (args.repeats, args.steps)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     torch.set_num_threads(2)
-    print(f"# {when}: torch {torch.__version__}, lr=1e-3 over the transformer set, 2 threads")
-    print("| optimizer | step | best of 5 turns x 3 steps | first call (compile included) |")
-    print("|---|---|---|---|")
-    for name in ("Adam", "NAdam"):
-        for row in optimizer_step(name=name):
-            print(row, flush=True)
-    torch.set_num_threads(1)
-    print(f"# MLP forward + backward, 1 thread, median of 20: {mlp_forward_backward()}")
+    print(
+        f"# bench-compiled {when}: torch {torch.__version__}, cpu, 2 threads, bench-optim's "
+        f"options, best of {turns} turns x {steps} steps"
+    )
+    if args.quick:
+        print(QUICK_NOTE)
+    print(table_header(["optimizer", "set", "tensors", "step", "best", "first call (compile)"]))
+    for set_name in set_names:
+        for name in names:
+            for row in optimizer_step(set_name, name, quick=args.quick, turns=turns, steps=steps):
+                print(row, flush=True)
+    if not args.no_mlp:
+        torch.set_num_threads(1)
+        print(f"# MLP forward + backward, 1 thread, median of 20: {mlp_forward_backward()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m torchopt_lab.bench.compiled", description=DESCRIPTION
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as error:
+        parser.error(str(error))
+        return 2
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from torchopt_lab._arguments import UsageError, refuse_overridden_by_quick
-from torchopt_lab.bench import table_header
+from torchopt_lab.bench import add_set_arguments, choices, table_header
 from torchopt_lab.bench.optim import PARAM_SETS, QUICK_NOTE
 from torchopt_lab.optim import _cpu_fused
 from torchopt_lab.optim.rules import REGISTRY
@@ -124,22 +124,7 @@ TORCH_FUSED: dict[str, TorchFused] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     names = [*TORCH_FUSED, *sorted(REGISTRY)]
-    parser.add_argument(
-        "--optimizers",
-        default=",".join(names),
-        help=f"comma-separated, from {', '.join(names)} (default: all)",
-    )
-    parser.add_argument(
-        "--sets",
-        default=",".join(PARAM_SETS),
-        help=f"comma-separated parameter sets, from {', '.join(PARAM_SETS)} (default: all)",
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=7, help="timed turns per variant (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=3, help="optimizer steps per timed turn (default: %(default)s)"
-    )
+    add_set_arguments(parser, names, PARAM_SETS)
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -211,19 +196,9 @@ def measure(name: str, shapes: list[tuple[int, ...]], repeats: int, steps: int) 
     return {**best, "baseline_name": baseline_name, "compile": max(first - best["ours"], 0.0)}
 
 
-def _choices(text: str, names: list[str], what: str) -> list[str]:
-    chosen = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in chosen if name not in names]
-    if unknown or not chosen:
-        raise UsageError(
-            f"unknown {what}: {', '.join(unknown) or repr(text)}; choose from {', '.join(names)}"
-        )
-    return chosen
-
-
 def run(args: argparse.Namespace) -> int:
-    names = _choices(args.optimizers, [*TORCH_FUSED, *sorted(REGISTRY)], "optimizer")
-    set_names = _choices(args.sets, list(PARAM_SETS), "parameter set")
+    names = choices(args.optimizers, [*TORCH_FUSED, *sorted(REGISTRY)], "optimizer")
+    set_names = choices(args.sets, list(PARAM_SETS), "parameter set")
     if args.repeats < 1 or args.steps < 1:
         raise UsageError(f"--repeats and --steps must be >= 1, got {args.repeats} and {args.steps}")
     refuse_overridden_by_quick(args, {"repeats": 7, "steps": 3})

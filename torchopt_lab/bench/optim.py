@@ -23,7 +23,7 @@ import torch
 
 import torchopt_lab.optim as ours
 from torchopt_lab._arguments import UsageError, check_device, refuse_overridden_by_quick
-from torchopt_lab.bench import optim_gpu, table_header
+from torchopt_lab.bench import add_set_arguments, choices, optim_gpu, table_header
 
 
 @dataclass(frozen=True)
@@ -80,22 +80,7 @@ PARAM_SETS: dict[str, tuple[Callable[[], list], Callable[[], list]]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--optimizers",
-        default=",".join(OPTIMIZERS),
-        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default: all)",
-    )
-    parser.add_argument(
-        "--sets",
-        default=",".join(PARAM_SETS),
-        help=f"comma-separated parameter sets, from {', '.join(PARAM_SETS)} (default: all)",
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=7, help="timed turns per variant (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=3, help="optimizer steps per timed turn (default: %(default)s)"
-    )
+    add_set_arguments(parser, OPTIMIZERS, PARAM_SETS)
     parser.add_argument(
         "--device",
         default="cpu",
@@ -114,16 +99,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="tiny sets, 2 repeats of 1 step: a smoke run, whose timings are not measurements",
     )
-
-
-def _choices(text: str, table: dict[str, Any], what: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in table]
-    if unknown or not names:
-        raise UsageError(
-            f"unknown {what}: {', '.join(unknown) or repr(text)}; choose from {', '.join(table)}"
-        )
-    return names
 
 
 def _synchronize(device: torch.device) -> None:
@@ -233,8 +208,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"# bench-optim --device cuda {when}: torch {torch.__version__}")
         print(optim_gpu.report(device), flush=True)
         return 0
-    optimizer_names = _choices(args.optimizers, OPTIMIZERS, "optimizer")
-    set_names = _choices(args.sets, PARAM_SETS, "parameter set")
+    optimizer_names = choices(args.optimizers, OPTIMIZERS, "optimizer")
+    set_names = choices(args.sets, PARAM_SETS, "parameter set")
     dtype = getattr(torch, args.dtype)
     if args.repeats < 1 or args.steps < 1:
         raise UsageError(f"--repeats and --steps must be >= 1, got {args.repeats} and {args.steps}")

@@ -431,6 +431,20 @@ def _kernel_weight(weight: torch.Tensor | None, input: torch.Tensor) -> torch.Te
     return None if weight is None else weight.to(input.dtype).contiguous()
 
 
+def _kernel_inputs(
+    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, probabilities: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What the kernels read, as forward and backward both build it: the logits as contiguous
+    ``[rows, C]``, the targets as rows (class indices flattened, or class probabilities as
+    ``[rows, C]`` in the input's dtype) and the weight (:func:`_kernel_weight`)."""
+    classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
+    if probabilities:
+        rows_target = _rows(target.to(input.dtype), classes)
+    else:
+        rows_target = target.reshape(-1).contiguous()
+    return _rows(input, classes), rows_target, _kernel_weight(weight, input)
+
+
 @forward_mode
 class CrossEntropyTritonFunction(torch.autograd.Function):
     """Cross-entropy against class indices on the LSE-only kernels: keeps the logits (which the
@@ -450,11 +464,10 @@ class CrossEntropyTritonFunction(torch.autograd.Function):
         reduction: str,
         label_smoothing: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
-        rows_target = target.reshape(-1).contiguous()
-        weight = _kernel_weight(weight, input)
+        logits, rows_target, weight = _kernel_inputs(input, target, weight, probabilities=False)
+        classes = logits.shape[1]
         loss, lse = cross_entropy_forward(
-            _rows(input, classes), rows_target, weight, ignore_index, label_smoothing
+            logits, rows_target, weight, ignore_index, label_smoothing
         )
         valid = rows_target != ignore_index
         # D = Σ_i v_i w_{t_i}
@@ -481,20 +494,16 @@ class CrossEntropyTritonFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         input, target, weight, lse, denominator = ctx.saved_tensors
         ignore_index, reduction, label_smoothing = ctx.options
-        classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
         # γ_i = dL/dℓ_i: g_i, g, or g / D
         gamma = grad_output.reshape(-1) if reduction == "none" else grad_output.reshape(1)
         if reduction == "mean":
             gamma = gamma / denominator
         # dL/dx = γ_i [p s_i - q_i], p recomputed from the saved lse
+        logits, rows_target, kernel_weight = _kernel_inputs(
+            input, target, weight, probabilities=False
+        )
         grad = cross_entropy_backward(
-            gamma,
-            _rows(input, classes),
-            target.reshape(-1).contiguous(),
-            lse,
-            _kernel_weight(weight, input),
-            ignore_index,
-            label_smoothing,
+            gamma, logits, rows_target, lse, kernel_weight, ignore_index, label_smoothing
         )
         return _unrows(grad, input.shape), None, None, None, None, None
 
@@ -517,13 +526,11 @@ class CrossEntropyProbabilitiesTritonFunction(torch.autograd.Function):
         reduction: str,
         label_smoothing: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
-        logits = _rows(input, classes)
+        logits, rows_target, kernel_weight = _kernel_inputs(
+            input, target, weight, probabilities=True
+        )
         loss, lse, mass = cross_entropy_probabilities_forward(
-            logits,
-            _rows(target.to(input.dtype), classes),
-            _kernel_weight(weight, input),
-            label_smoothing,
+            logits, rows_target, kernel_weight, label_smoothing
         )
         if reduction == "none":
             sample_shape = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else ()
@@ -546,10 +553,10 @@ class CrossEntropyProbabilitiesTritonFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         input, target_input, weight, lse, mass = ctx.saved_tensors
         reduction, label_smoothing = ctx.options
-        shape, classes = input.shape, (input.shape[1] if input.dim() >= 2 else input.shape[0])
-        logits = _rows(input, classes)
-        target = _rows(target_input.to(input.dtype), classes)
-        kernel_weight = _kernel_weight(weight, input)
+        shape = input.shape
+        logits, target, kernel_weight = _kernel_inputs(
+            input, target_input, weight, probabilities=True
+        )
         target_dtype = target_input.dtype
         # γ_i = dL/dℓ_i: g_i, g, or g / rows
         gamma = grad_output.reshape(-1) if reduction == "none" else grad_output.reshape(1)

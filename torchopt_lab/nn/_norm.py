@@ -441,6 +441,15 @@ def _flat(parameter: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | 
     return parameter.to(rows.dtype).contiguous().reshape(rows.shape[1])
 
 
+def _kernel_rows(
+    input: torch.Tensor, normalized_dims: int, weight: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the layer-norm kernels read, as forward and backward both build it: the input as rows
+    (:func:`_rows`) and the weight as one row (:func:`_flat`)."""
+    rows = _rows(input, normalized_dims)
+    return rows, _flat(weight, rows)
+
+
 @forward_mode
 class LayerNormTritonFunction(torch.autograd.Function):
     """Layer normalisation over the trailing ``normalized_dims`` dimensions (flattened into one
@@ -458,8 +467,8 @@ class LayerNormTritonFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         eps: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows = _rows(input, normalized_dims)
-        output, mean, rstd = layer_norm_forward(rows, _flat(weight, rows), _flat(bias, rows), eps)
+        rows, flat_weight = _kernel_rows(input, normalized_dims, weight)
+        output, mean, rstd = layer_norm_forward(rows, flat_weight, _flat(bias, rows), eps)
         return output.reshape(input.shape), mean, rstd
 
     @staticmethod
@@ -473,14 +482,14 @@ class LayerNormTritonFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         input, weight, mean, rstd = ctx.saved_tensors
-        rows = _rows(input, ctx.normalized_dims)
+        rows, flat_weight = _kernel_rows(input, ctx.normalized_dims, weight)
         normalized_shape = input.shape[input.dim() - ctx.normalized_dims :]
         parameters = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         # dL/dx = r (w g - x̂ c_1 - c_2); dL/dw = Σ g x̂, dL/db = Σ g (partial sums, added)
         grad_input, grad_weight, grad_bias = layer_norm_backward(
             grad_output.contiguous().reshape(rows.shape),
             rows,
-            _flat(weight, rows),
+            flat_weight,
             mean,
             rstd,
             parameters,

@@ -17,6 +17,7 @@ import functools
 import importlib
 import inspect
 import math
+import operator
 import sys
 from collections.abc import Callable, Iterator
 from itertools import chain
@@ -70,14 +71,14 @@ def increment_steps(state_steps: list[Tensor]) -> None:
 
 
 def read_steps(state_steps: list[Tensor]) -> list[float] | list[Tensor]:
-    """The step counts as Python numbers; under ``torch.compile``, as 0-dim float64 tensors.
+    """The step counts as Python numbers; under ``torch.compile``, the step tensors themselves,
+    for :func:`per_step` to read in the graph.
 
     A compiled step keeps the counts in the graph, as torch.optim's compiled optimizers do: a host
     read (``tolist``, ``item``) would break the graph, and a count baked in as a constant would
-    recompile on every step. Per-step scalars computed from them with ``**``, ``*``, ``-``, ``/``
-    are float64 either way (see :func:`per_step`)."""
+    recompile on every step."""
     if torch.compiler.is_compiling():
-        return [step.to(torch.float64) for step in state_steps]
+        return list(state_steps)
     if not state_steps:
         return []
     try:
@@ -88,12 +89,31 @@ def read_steps(state_steps: list[Tensor]) -> list[float] | list[Tensor]:
 
 
 def per_step(steps: list[Any], scalars: Callable[[Any], Any]) -> list[Any]:
-    """``scalars(t)`` for each step count of :func:`read_steps`, computed once per distinct count
-    (eagerly, where counts are numbers); once per tensor under ``torch.compile``."""
-    if torch.compiler.is_compiling():
-        return [scalars(t) for t in steps]
-    memo = {t: scalars(t) for t in set(steps)}
-    return [memo[t] for t in steps]
+    """``scalars(t)`` for each step count of :func:`read_steps` (a number, or a tuple of them),
+    computed once per distinct count where counts are numbers.
+
+    Under ``torch.compile`` the counts are evaluated together: stacked into one 1-D float64
+    tensor, which ``scalars`` computes on element-wise (with ``+ - * / **``, as on numbers), and
+    its results split per tensor; so the graph holds the scalars' computation once, not once per
+    tensor (the graph, and Inductor's compile time, would grow by all of it with each tensor).
+    Counts on different devices (a state dict loaded from elsewhere) are computed one by one."""
+    if not torch.compiler.is_compiling():
+        memo = {t: scalars(t) for t in set(steps)}
+        return [memo[t] for t in steps]
+    if len({t.device for t in steps}) != 1:
+        return [scalars(t.to(torch.float64)) for t in steps]
+    values = scalars(torch.stack(steps).to(torch.float64))
+    if isinstance(values, tuple):
+        return list(zip(*(_split(value, len(steps)) for value in values), strict=True))
+    return _split(values, len(steps))
+
+
+def _split(value: Any, count: int) -> list[Any]:
+    """One entry of a stacked result per step count (a value that does not depend on the count,
+    such as a hyperparameter, is shared)."""
+    if isinstance(value, Tensor) and value.shape == (count,):
+        return list(value.unbind(0))
+    return [value] * count
 
 
 def foreach_add_(targets: list[Tensor], tensors: list[Tensor], alpha: float | Tensor) -> None:
@@ -280,7 +300,196 @@ def set_engine_options(
     optimizer._skipped_traced = torch.zeros((), dtype=torch.int64)
 
 
-class TorchoptOptimizer(torch.optim.Optimizer):
+class DeclaredOptimizer(torch.optim.Optimizer):
+    """The class derived from a declaration, written once for both engines.
+
+    A subclass that sets the class attribute ``rule`` (a :class:`torchopt_lab.optim.rules.Rule`)
+    gets from it: ``__init__`` with the signature ``params``, the rule's hyperparameters in
+    order, ``fused`` (where the engine adds it), ``backend`` and :data:`ENGINE_OPTIONS`; the
+    rule's checks (torch's order, exception types and messages), then each hyperparameter's
+    ``convert`` and the rule's ``fixed`` keys, the param-group keys in ``group_order``; the keys
+    ``__setstate__`` fills in (``_group_defaults``) and forces (``fixed``); each parameter's state
+    created from the rule's :class:`~torchopt_lab.optim.rules.State` entries, in the constructor
+    with ``eager_state``. Two engines run the step: ``RuleOptimizer`` (the rule's per-tensor
+    update) and :class:`TorchoptOptimizer` (a built-in's ``reference`` and fused kernel).
+    """
+
+    rule: ClassVar[Any]
+    _signature: ClassVar[inspect.Signature]
+    # Whether the constructor takes ``fused`` (keyword-only, after the rule's hyperparameters,
+    # an attribute of the optimizer) when the rule does not declare it as a hyperparameter.
+    _adds_fused: ClassVar[bool] = False
+    # Param-group keys that state dicts of older versions may lack, with the value
+    # ``__setstate__`` gives them (derived from the rule; written by hand without one).
+    _group_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "rule" in cls.__dict__:
+            cls._derive()
+
+    @classmethod
+    def _derive(cls) -> None:
+        """Check ``cls.rule`` and derive the constructor, its signature and the group defaults;
+        then the engine's own parts (:meth:`_derive_engine`)."""
+        rule = cls.rule
+        names = [h.name for h in rule.hyperparameters]
+        own = {"params", "backend", *ENGINE_OPTIONS}
+        if len(set(names)) != len(names) or own & set(names):
+            raise TypeError(
+                f"{cls.__name__}.rule: hyperparameter names must be unique and not one of the "
+                f"constructor's own {sorted(own)}: {names}"
+            )
+        if set(rule.fixed) & set(names):
+            raise TypeError(
+                f"{cls.__name__}.rule: fixed keys {sorted(set(rule.fixed) & set(names))} are "
+                "hyperparameters too; a fixed key is one the constructor does not take"
+            )
+        keys = [*names, *rule.fixed]
+        unknown = {name for check in rule.checks for name in check.names} - set(keys)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.rule: checks of undeclared names {sorted(unknown)}")
+        state_names = [entry.name for entry in rule.state]
+        if "step" in state_names or len(set(state_names)) != len(state_names):
+            raise TypeError(
+                f"{cls.__name__}.rule: state names must be unique and not 'step': {state_names}"
+            )
+        if rule.group_order and sorted(rule.group_order) != sorted(keys):
+            raise TypeError(
+                f"{cls.__name__}.rule: group_order must list every hyperparameter and fixed key "
+                f"once: {list(rule.group_order)}, keys {keys}"
+            )
+        parameters = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        parameters += [
+            inspect.Parameter(
+                h.name,
+                inspect.Parameter.KEYWORD_ONLY
+                if h.keyword_only
+                else inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=h.default,
+            )
+            for h in rule.hyperparameters
+        ]
+        # Beside torch's arguments, as every torchopt_lab optimizer: whether the step is fused
+        # (a rule's own extension where torch.optim has none) and which backend runs it
+        # (attributes of the optimizer, not of its param groups, so state dicts stay torch's).
+        if cls._adds_fused and "fused" not in names:
+            parameters.append(
+                inspect.Parameter("fused", inspect.Parameter.KEYWORD_ONLY, default=None)
+            )
+        parameters.append(
+            inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto")
+        )
+        # ... and the engine's options, as every optimizer here takes them (attributes too).
+        parameters += [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+            for name, default in ENGINE_OPTIONS.items()
+        ]
+        cls._signature = inspect.Signature(parameters)
+
+        def __init__(self: DeclaredOptimizer, params: Any, *args: Any, **kwargs: Any) -> None:
+            DeclaredOptimizer._construct(self, params, args, kwargs)
+
+        __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *parameters]
+        )
+        __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+        __init__.__doc__ = f"Construct {cls.__name__}: see the class docstring."
+        cls.__init__ = __init__  # type: ignore[method-assign]
+        defaults = rule.setstate_defaults
+        if defaults is None:
+            defaults = {h.name: h.default for h in rule.hyperparameters}
+        cls._group_defaults = dict(defaults)
+        cls._derive_engine()
+
+    @classmethod
+    def _derive_engine(cls) -> None:
+        """What the engine derives from ``cls.rule`` beside the constructor (nothing here)."""
+
+    def _construct(self, params: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The derived constructor: bind, check, convert, fix, order; then :meth:`_build`."""
+        cls = type(self)
+        rule = cls.rule
+        try:
+            bound = cls._signature.bind(params, *args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{cls.__name__}(): {error}") from None
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        params = values.pop("params")
+        engine = {name: values.pop(name) for name in ("backend", *ENGINE_OPTIONS)}
+        if cls._adds_fused and all(h.name != "fused" for h in rule.hyperparameters):
+            engine["fused"] = values.pop("fused")
+        values.update(rule.fixed)
+        for check in rule.checks:
+            check(check.value(values))
+        for h in rule.hyperparameters:
+            if h.convert is not None:
+                values[h.name] = h.convert(values[h.name])
+        if rule.group_order:
+            values = {name: values[name] for name in rule.group_order}
+        self._build(params, values, engine)
+        if rule.eager_state:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self._init_state(p, group)
+
+    def _build(self, params: Any, defaults: dict[str, Any], engine: dict[str, Any]) -> None:
+        """The engine's construction from checked param-group ``defaults`` and its own options
+        (``backend``, :data:`ENGINE_OPTIONS`, and ``fused`` where the engine adds it)."""
+        raise NotImplementedError
+
+    def _fill_group_defaults(self) -> None:
+        """``__setstate__``: fill in the keys an older state dict lacks, force ``rule.fixed``."""
+        rule = getattr(type(self), "rule", None)
+        fixed = {} if rule is None else rule.fixed
+        for group in self.param_groups:
+            for key, value in self._group_defaults.items():
+                group.setdefault(key, value)
+            group.update(fixed)
+
+    def _step_device(self, p: Tensor, group: dict[str, Any]) -> torch.device | None:
+        """Where a new ``step`` (and scalar state) lives: the CPU unless ``capturable``, as
+        torch.optim keeps it (None: the CPU)."""
+        return p.device if group.get("capturable") else None
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """``self.state[p]``, created from the rule's State entries if empty (see
+        :meth:`_create_state`)."""
+        state = self.state[p]
+        if len(state) == 0:
+            self._create_state(state, p, group)
+        return state
+
+    def _create_state(
+        self,
+        state: dict[str, Any],
+        p: Tensor,
+        group: dict[str, Any],
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Fill a parameter's empty ``state``: ``step`` (with ``rule.step_state``), then each
+        State entry kept in ``group`` (``when``) with an initial value (``init`` not None):
+        tensors like ``p`` (in ``dtype`` if given), scalars like ``step``."""
+        rule = self.rule
+        device = self._step_device(p, group)
+        if rule.step_state:
+            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype(), device=device)
+        for entry in rule.state:
+            if not entry.exists(group):
+                continue
+            init = entry.initial(group)
+            if init is None:
+                continue  # created by the update on the first step
+            if entry.scalar:
+                state[entry.name] = torch.tensor(init, dtype=_scalar_dtype(), device=device)
+            else:
+                state[entry.name] = torch.full_like(
+                    p, init, dtype=dtype, memory_format=torch.preserve_format
+                )
+
+
+class TorchoptOptimizer(DeclaredOptimizer):
     """Base of every torchopt_lab optimizer (private: use the optimizers themselves).
 
     ``backend``, ``max_grad_norm`` and the fused-kernel options (``skip_nonfinite``,
@@ -353,9 +562,8 @@ class TorchoptOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._fill_group_defaults()
         for group in self.param_groups:
-            for key, value in self._group_defaults.items():
-                group.setdefault(key, value)
             for p in group["params"]:
                 # Older torch stored ``step`` as a Python number (a tensor since torch 1.12), and
                 # torch on the CPU also steps an integer tensor: both become a float step.
@@ -439,14 +647,130 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         in_graph = 0 if traced is None else int(traced.item())
         return self._skipped_on_host + in_graph + max((int(c.item()) for c in counters), default=0)
 
+    def _build(self, params: Any, defaults: dict[str, Any], engine: dict[str, Any]) -> None:
+        TorchoptOptimizer.__init__(self, params, defaults, **engine)
+
+    def _step_device(self, p: Tensor, group: dict[str, Any]) -> torch.device | None:
+        return None  # on the CPU; the fused kernels move it to the device (in-kernel counts)
+
+    @classmethod
+    def _derive_engine(cls) -> None:
+        """A built-in's rule: its ``reference`` is ``_reference``; the lists of
+        :meth:`_group_tensors` are named after the reference's positional parameters
+        (``params``, ``grads``, one per tensor State, ``state_steps``), its keywords are read
+        from the param group (or by ``rule.kernel.readers``: Adam's ``beta1``)."""
+        rule = cls.rule
+        if rule.reference is None:
+            raise TypeError(
+                f"{cls.__name__}.rule: a built-in optimizer's rule needs a reference (its "
+                "group-level multi-tensor update); a rule without one subclasses RuleOptimizer"
+            )
+        if all(h.name != "differentiable" for h in rule.hyperparameters):
+            raise TypeError(
+                f"{cls.__name__}.rule: the built-in engine needs torch's differentiable flag "
+                "among the hyperparameters (its step reads defaults['differentiable'])"
+            )
+        if any(entry.scalar for entry in rule.state):
+            raise TypeError(
+                f"{cls.__name__}.rule: the built-in engine keeps no scalar state beside step"
+            )
+        parameters = inspect.signature(rule.reference).parameters.values()
+        lists = [p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        expected = ["params", "grads", *rule.tensor_state]
+        if rule.step_state:
+            expected.append("state_steps")
+        if (
+            len(lists) != len(expected)
+            or lists[:2] != ["params", "grads"]
+            or (rule.step_state and lists[-1] != "state_steps")
+        ):
+            raise TypeError(
+                f"{cls.__name__}.rule: reference takes lists {lists}; expected params, grads, "
+                f"one per tensor state {list(rule.tensor_state)}"
+                + (", state_steps" if rule.step_state else "")
+            )
+        readers = dict(rule.kernel.readers) if rule.kernel is not None else {}
+        keys = {h.name for h in rule.hyperparameters} | set(rule.fixed)
+        keywords = [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        unread = [name for name in keywords if name not in keys and name not in readers]
+        if unread:
+            raise TypeError(
+                f"{cls.__name__}.rule: reference keywords {unread} are neither hyperparameters "
+                "nor fixed keys nor read by rule.kernel.readers"
+            )
+        if rule.kernel is not None and not set(rule.kernel.state_lists.values()) <= set(lists):
+            raise TypeError(
+                f"{cls.__name__}.rule: kernel state lists {rule.kernel.state_lists} are not "
+                f"reference lists {lists}"
+            )
+        cls._reference = staticmethod(rule.reference)
+        cls._views_complex_as_real = rule.complex_as_real
+        cls._creates_state = any(entry.init is None for entry in rule.state)
+        cls._lists = tuple(lists)
+        cls._state_entries = tuple(
+            (entry, name)
+            for entry, name in zip(
+                (entry for entry in rule.state if not entry.scalar), lists[2:], strict=False
+            )
+        )
+        cls._keywords = tuple(
+            (name, readers.get(name, operator.itemgetter(name))) for name in keywords
+        )
+
     def _group_tensors(self, group: dict[str, Any]) -> TensorLists:
-        raise NotImplementedError
+        """The group's tensor lists in the order of ``_reference``'s positional arguments, with
+        lazily created state (derived from ``rule``; a class without one writes its own)."""
+        rule = getattr(type(self), "rule", None)
+        if rule is None:
+            raise NotImplementedError
+        tensors: TensorLists = {name: [] for name in self._lists}
+        params, grads = tensors["params"], tensors["grads"]
+        # States this group keeps (``when``); the others' lists stay empty.
+        kept = [
+            (entry.name, tensors[name])
+            for entry, name in self._state_entries
+            if entry.exists(group)
+        ]
+        steps = tensors["state_steps"] if rule.step_state else None
+        sparse = rule.sparse_message
+        all_state = self.state
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if sparse is not None and grad.is_sparse:
+                raise RuntimeError(sparse.format(name=type(self).__name__))
+            state = all_state[p]
+            if len(state) == 0:
+                self._create_state(state, p, group)
+            params.append(p)
+            grads.append(grad)
+            for name, values in kept:
+                values.append(state.get(name))
+            if steps is not None:
+                steps.append(state["step"])
+        return tensors
 
     def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+        """The keyword arguments of ``_reference`` for a group (derived from ``rule``)."""
+        if getattr(type(self), "rule", None) is None:
+            raise NotImplementedError
+        return {name: read(group) for name, read in self._keywords}
+
+    def _without_kernel(self) -> bool:
+        """Whether this optimizer's rule declares no fused kernel (its steps run the reference)."""
+        rule = getattr(type(self), "rule", None)
+        return rule is not None and rule.kernel is None
 
     def _finish_group(self, group: dict[str, Any], tensors: TensorLists) -> None:
-        """Store state the reference update created (SGD's first momentum buffers)."""
+        """Store state the reference update created (``State.init=None``: SGD's first momentum
+        buffers)."""
+        if getattr(type(self), "rule", None) is None or not self._creates_state:
+            return
+        for entry, name in self._state_entries:
+            if entry.init is None and entry.exists(group):
+                for p, value in zip(tensors["params"], tensors[name], strict=True):
+                    self.state[p][entry.name] = value
 
     @_use_grad_in_graph
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -660,6 +984,15 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                             f"{component}: backend='triton' cannot run differentiable=True (the "
                             "kernels update outside autograd); use backend='auto' or 'torch'"
                         )
+                    chosen = "torch"
+                if chosen == "triton" and self._without_kernel():
+                    if self.backend == "triton":
+                        raise RuntimeError(
+                            f"{component}: backend='triton' cannot run: the rule declares no kernel"
+                        )
+                    _backend.record(
+                        component, self.backend, "torch", device, "the rule declares no kernel"
+                    )
                     chosen = "torch"
                 by_backend = {chosen: list(range(len(indices)))}
                 if chosen == "triton":

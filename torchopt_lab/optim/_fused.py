@@ -89,6 +89,18 @@ class KernelSpec:
         return self.declaration.has_step
 
 
+def kernel_spec(optimizer_class: type, algorithm: str | None = None) -> KernelSpec:
+    """The :class:`KernelSpec` of an optimizer class: its ``rule.kernel`` (a built-in declared
+    as a :class:`~torchopt_lab.optim.rules.Rule`), else the :data:`SPECS` entry of its
+    reference update's name (``algorithm``; built-ins not yet declared as rules)."""
+    rule = getattr(optimizer_class, "rule", None)
+    spec = getattr(rule, "kernel", None)
+    if spec is not None:
+        return spec
+    return SPECS[algorithm or optimizer_class._reference.__name__]
+
+
+# The built-ins not yet declared as rules; a rule's spec lives in its declaration (rule.kernel).
 SPECS: dict[str, KernelSpec] = {
     "sgd": KernelSpec(
         update="sgd",
@@ -323,7 +335,7 @@ def fused_step(
     """
     _backend.kernels()  # raises clearly if the triton_kernels found is not ours
     kernels = importlib.import_module("triton_kernels.optim")
-    spec = SPECS[algorithm]
+    spec = kernel_spec(type(optimizer), algorithm)
     state: FusedState = optimizer.__dict__.setdefault("_fused_state", FusedState())
     state.plan = None
 
@@ -463,7 +475,9 @@ def repeat_step(optimizer: torch.optim.Optimizer, algorithm: str) -> bool:
     """
     state: FusedState | None = optimizer.__dict__.get("_fused_state")
     plan = state.plan if state is not None else None
-    spec = SPECS[algorithm]
+    if plan is None:
+        return False
+    spec = kernel_spec(type(optimizer), algorithm)
     if (
         plan is None
         or plan.options != _options(optimizer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from operator import attrgetter
 from typing import Any, ClassVar
 
@@ -83,6 +84,30 @@ def adagrad(
     denominators = torch._foreach_sqrt(state_sums)
     torch._foreach_add_(denominators, eps)
     foreach_addcdiv_(params, grads, denominators, step_sizes)
+
+
+def _scalars(group: Mapping[str, Any], step: Any, state: dict[str, Tensor]) -> dict[str, Any]:
+    """Adagrad's per-step values: the decayed step size lr / (1 + (t - 1) * lr_decay)."""
+    return {
+        "clr": group["lr"] / (1 + (step - 1) * group["lr_decay"]),
+        "weight_decay": group["weight_decay"],
+        "eps": group["eps"],
+    }
+
+
+def _update(
+    param: Tensor, grad: Tensor, state_sum: Tensor, *, clr: Any, weight_decay: Any, eps: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`adagrad` for one dense tensor, out of place (the engine negates g under
+    maximize)."""
+    if weight_decay != 0:
+        # L2 penalty: g <- g + lambda * theta.
+        grad = grad + weight_decay * param
+    # Accumulated squares: s <- s + g^2.
+    state_sum = state_sum + grad * grad
+    # theta <- theta - lr_t * g / (sqrt(s) + eps), in addcdiv's order: (lr_t * g) / denominator.
+    param = param - clr * grad / (state_sum.sqrt() + eps)
+    return param, state_sum
 
 
 class Adagrad(TorchoptOptimizer):

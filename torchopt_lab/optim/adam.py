@@ -62,14 +62,18 @@ def adam(
     if amsgrad:
         # AMSGrad normalizes by the running maximum of v.
         torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
-    # Bias corrections folded into two scalars per step count (one pass fewer than dividing
-    # sqrt(v) by c2): theta <- theta - (lr * c2 / c1) * m / (sqrt(v) + eps * c2),
-    # c1 = 1 - beta1^t, c2 = sqrt(1 - beta2^t).
-    scalars = per_step(steps, lambda t: ((1 - beta2**t) ** 0.5, 1 - beta1**t))
+
+    def bias_corrected(t: Any) -> tuple[Any, Any]:
+        # Bias corrections folded into two scalars per step count (one pass fewer than dividing
+        # sqrt(v) by c2): theta <- theta - (lr * c2 / c1) * m / (sqrt(v) + eps * c2),
+        # c1 = 1 - beta1^t, c2 = sqrt(1 - beta2^t).
+        c1, c2 = 1 - beta1**t, (1 - beta2**t) ** 0.5
+        return eps * c2, -lr * c2 / c1
+
+    scalars = per_step(steps, bias_corrected)
     denominators = torch._foreach_sqrt(max_exp_avg_sqs if amsgrad else exp_avg_sqs)
-    torch._foreach_add_(denominators, [eps * c2 for c2, _ in scalars])
-    step_sizes = [-lr * c2 / c1 for c2, c1 in scalars]
-    foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
+    torch._foreach_add_(denominators, [eps_c2 for eps_c2, _ in scalars])
+    foreach_addcdiv_(params, exp_avgs, denominators, [step_size for _, step_size in scalars])
 
 
 class Adam(TorchoptOptimizer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -65,6 +66,49 @@ def rmsprop(
     else:
         # theta <- theta - lr * g / denominator.
         foreach_addcdiv_(params, grads, denominators, -lr)
+
+
+def _scalars(group: Mapping[str, Any], step: Any, state: dict[str, Tensor]) -> dict[str, Any]:
+    """RMSprop's per-step values: its hyperparameters as they are (no bias correction)."""
+    return {
+        key: group[key] for key in ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
+    }
+
+
+def _update(
+    param: Tensor,
+    grad: Tensor,
+    square_avg: Tensor,
+    momentum_buffer: Tensor | None,
+    grad_avg: Tensor | None,
+    *,
+    lr: Any,
+    alpha: float,
+    eps: float,
+    weight_decay: Any,
+    momentum: float,
+    centered: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """:func:`rmsprop` for one tensor, out of place: ``momentum_buffer`` is None unless
+    ``momentum > 0``, ``grad_avg`` unless ``centered`` (returned as None). The state comes in
+    torch's state-dict order; the engine negates g under maximize."""
+    if weight_decay != 0:
+        # L2 penalty: g <- g + lambda * theta.
+        grad = grad + weight_decay * param
+    # Mean square: v <- alpha * v + (1 - alpha) * g^2.
+    square_avg = square_avg * alpha + (1 - alpha) * grad * grad
+    if centered:
+        # Centered: mean gradient m <- alpha * m + (1 - alpha) * g, denominator sqrt(v - m^2).
+        grad_avg = torch.lerp(grad_avg, grad, 1 - alpha)
+        denominator = (square_avg - grad_avg * grad_avg).sqrt() + eps
+    else:
+        denominator = square_avg.sqrt() + eps
+    if momentum > 0:
+        # b <- momentum * b + g / denominator; theta <- theta - lr * b.
+        momentum_buffer = momentum_buffer * momentum + grad / denominator
+        return param - lr * momentum_buffer, square_avg, momentum_buffer, grad_avg
+    # theta <- theta - lr * g / denominator, in addcdiv's order: (lr * g) / denominator.
+    return param - lr * grad / denominator, square_avg, momentum_buffer, grad_avg
 
 
 class RMSprop(TorchoptOptimizer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from operator import attrgetter
 from typing import Any, ClassVar
 
@@ -59,6 +60,40 @@ def sgd(
             param.add_(grad, alpha=-lr)
     else:
         foreach_add_(params, grads, -lr)
+
+
+def _scalars(group: Mapping[str, Any], step: Any, state: dict[str, Tensor]) -> dict[str, Any]:
+    """SGD's per-step values: its hyperparameters as they are (it has no step count)."""
+    return {key: group[key] for key in ("lr", "weight_decay", "momentum", "dampening", "nesterov")}
+
+
+def _update(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    *,
+    lr: Any,
+    weight_decay: Any,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`sgd` for one tensor, out of place: ``momentum_buffer`` is None without momentum
+    (returned as None) and on the first step (returned as the new buffer)."""
+    # Direction d = g + weight_decay * p (the engine negates g under maximize).
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    if momentum != 0:
+        if momentum_buffer is None:
+            # The first step's buffer is the direction itself, undamped (detached, as torch's).
+            momentum_buffer = grad.detach().clone()
+        else:
+            # b <- momentum * b + (1 - dampening) * d.
+            momentum_buffer = momentum_buffer * momentum + (1 - dampening) * grad
+        # Nesterov: d <- d + momentum * b; heavy ball: d <- b.
+        grad = grad + momentum * momentum_buffer if nesterov else momentum_buffer
+    # p <- p - lr * d.
+    return param - lr * grad, momentum_buffer
 
 
 class SGD(TorchoptOptimizer):
