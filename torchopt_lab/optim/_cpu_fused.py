@@ -6,7 +6,19 @@ The compiled function updates a *chunk* of :data:`CHUNK` tensors per call, each 
 which Inductor turns into the stores of one loop per tensor (each element of the parameter,
 gradient and state read once, the parameter and state written once). A call costs tens of
 microseconds on the host whatever its size, so chunks amortise it over many tensors, and the
-arithmetic runs at memory bandwidth, like torch's fused CPU kernels.
+arithmetic runs at memory bandwidth, like torch's fused CPU kernels. Where the host time goes
+(measured, 1 thread, 16 tensors a call): Dynamo's guards and argument handling plus AOTAutograd's
+and Inductor's wrappers, about 10 us per tensor, which is what keeps the step above torch's fused
+kernels (about 3 us per tensor) on sets of many tensors; Inductor's per-call size asserts (off
+here: Dynamo's guards have checked the sizes) took a third of a call. The generated C++ is one
+vectorised loop per tensor (AVX-512 where the CPU has it) with a masked tail.
+
+A state absent from a parameter's group (``State.when``: Adam's ``max_exp_avg_sq`` without
+amsgrad) is None in the compiled call and stays None; a state the update creates
+(``State.init=None``: SGD's momentum buffer) is created by the torch update on that parameter's
+first step, and compiled from the next. The built-in optimizers take this path as well, by
+:func:`builtin_step`, where torch has no fused CPU kernel (RMSprop) or :data:`TORCH_KERNELS` is
+False.
 
 Tensors of :data:`PARALLEL_NUMEL` elements or more are updated by all threads (an OpenMP loop
 each, in one parallel region per call), smaller ones by one thread, in chunks of their own.
