@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.optim.optimizer import _device_dtype_check_for_fused, _use_grad_for_differentiable
 
 from torchopt_lab import backend as _backend
+from torchopt_lab.optim import _cpu_fused
 from torchopt_lab.optim._fused import FusedState, Part, _local, fused_step, repeat_step
 from torchopt_lab.optim.clip import _clip_coefficient, _total_norm
 
@@ -1233,6 +1234,16 @@ class TorchoptOptimizer(DeclaredOptimizer):
             scaled = torch._foreach_mul(tensors["grads"], clip_coefficient.to(device))
             tensors = {**tensors, "grads": scaled}
         flags = {key: True for key in _TORCH_FLAGS if group.get(key)}
+        if (
+            flags == {"fused": True}
+            and device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and _cpu_fused.compiles_builtin(self)
+        ):
+            # fused=True on CPU tensors: the rule's update compiled by Inductor (_cpu_fused.py);
+            # what it leaves (a first step that creates state, ...) takes the torch update.
+            self._compiled_cpu_update(group, tensors, hyperparameters)
+            return
         if flags and not torch.compiler.is_compiling():
             # fused, capturable or differentiable on the torch path: torch.optim's own update
             # with the same flag (its fused CPU/CUDA kernels; its differentiable single-tensor
@@ -1241,6 +1252,26 @@ class TorchoptOptimizer(DeclaredOptimizer):
             return
         self._check_torch_path(group, device)
         type(self)._reference(*tensors.values(), **hyperparameters)
+
+    def _compiled_cpu_update(
+        self, group: dict[str, Any], tensors: TensorLists, hyperparameters: dict[str, Any]
+    ) -> None:
+        """``fused=True`` on CPU tensors by the compiled rule update (:func:`_cpu_fused.\
+builtin_step`); the parameters it leaves take torch.optim's fused kernel where torch has one,
+        else the reference, and state they create is written back into the part's lists."""
+        left, rest = _cpu_fused.builtin_step(self, group, tensors)
+        if not left:
+            return
+        device = rest["params"][0].device
+        if type(self)._reference.__name__ in _cpu_fused._TORCH_FUSED_CPU:
+            self._torch_optim_update(device, rest, hyperparameters, {"fused": True})
+        else:
+            type(self)._reference(*rest.values(), **hyperparameters)
+        count = len(tensors["params"])
+        for key, values in tensors.items():
+            if len(values) == count and key not in ("params", "grads"):
+                for index, value in zip(left, rest[key], strict=True):
+                    values[index] = value
 
     def _torch_optim_update(
         self,
