@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.optim.optimizer import _device_dtype_check_for_fused, _use_grad_for_differentiable
 
 from torchopt_lab import backend as _backend
+from torchopt_lab.optim import _cpu_fused
 from torchopt_lab.optim._fused import FusedState, Part, _local, fused_step, repeat_step
 from torchopt_lab.optim.clip import _clip_coefficient, _total_norm
 
@@ -500,6 +501,10 @@ class DeclaredOptimizer(torch.optim.Optimizer):
             if entry.scalar:
                 state[entry.name] = torch.tensor(init, dtype=_scalar_dtype(), device=device)
             else:
+                if rule.complex_as_real and p.is_complex():
+                    # The update sees the real view: both components start at init (torch's
+                    # Adagrad fills complex(v, v)).
+                    init = complex(init, init)
                 state[entry.name] = torch.full_like(
                     p, init, dtype=dtype, memory_format=torch.preserve_format
                 )
@@ -734,17 +739,22 @@ class TorchoptOptimizer(DeclaredOptimizer):
         steps = tensors["state_steps"] if rule.step_state else None
         sparse = rule.sparse_message
         all_state = self.state
+        # A group that keeps no state (SGD without momentum) leaves self.state untouched, as
+        # torch does: no empty entries in its state_dict.
+        stateless = steps is None and not kept
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
             if sparse is not None and grad.is_sparse:
                 raise RuntimeError(sparse.format(name=type(self).__name__))
+            params.append(p)
+            grads.append(grad)
+            if stateless:
+                continue
             state = all_state[p]
             if len(state) == 0:
                 self._create_state(state, p, group)
-            params.append(p)
-            grads.append(grad)
             for name, values in kept:
                 values.append(state.get(name))
             if steps is not None:
@@ -785,7 +795,7 @@ class TorchoptOptimizer(DeclaredOptimizer):
             fused_state = self.__dict__.get("_fused_state")
             if fused_state is not None:
                 fused_state.norms.clear()  # this step's norms only, from either path
-        if repeat_step(self, type(self)._reference.__name__):
+        if repeat_step(self):
             return loss
         groups = [(group, self._group_tensors(group)) for group in self.param_groups]
         if self.max_grad_norm is not None and any(
@@ -818,7 +828,6 @@ class TorchoptOptimizer(DeclaredOptimizer):
             with_grads = sum(len(tensors["params"]) for _, tensors in groups)
             dropped = fused_step(
                 self,
-                type(self)._reference.__name__,
                 fused,
                 total_norm=total_norm,
                 complete=not reference
@@ -1225,6 +1234,16 @@ class TorchoptOptimizer(DeclaredOptimizer):
             scaled = torch._foreach_mul(tensors["grads"], clip_coefficient.to(device))
             tensors = {**tensors, "grads": scaled}
         flags = {key: True for key in _TORCH_FLAGS if group.get(key)}
+        if (
+            flags == {"fused": True}
+            and device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and _cpu_fused.compiles_builtin(self)
+        ):
+            # fused=True on CPU tensors: the rule's update compiled by Inductor (_cpu_fused.py);
+            # what it leaves (a first step that creates state, ...) takes the torch update.
+            self._compiled_cpu_update(group, tensors, hyperparameters)
+            return
         if flags and not torch.compiler.is_compiling():
             # fused, capturable or differentiable on the torch path: torch.optim's own update
             # with the same flag (its fused CPU/CUDA kernels; its differentiable single-tensor
@@ -1233,6 +1252,26 @@ class TorchoptOptimizer(DeclaredOptimizer):
             return
         self._check_torch_path(group, device)
         type(self)._reference(*tensors.values(), **hyperparameters)
+
+    def _compiled_cpu_update(
+        self, group: dict[str, Any], tensors: TensorLists, hyperparameters: dict[str, Any]
+    ) -> None:
+        """``fused=True`` on CPU tensors by the compiled rule update (:func:`_cpu_fused.\
+builtin_step`); the parameters it leaves take torch.optim's fused kernel where torch has one,
+        else the reference, and state they create is written back into the part's lists."""
+        left, rest = _cpu_fused.builtin_step(self, group, tensors)
+        if not left:
+            return
+        device = rest["params"][0].device
+        if type(self)._reference.__name__ in _cpu_fused._TORCH_FUSED_CPU:
+            self._torch_optim_update(device, rest, hyperparameters, {"fused": True})
+        else:
+            type(self)._reference(*rest.values(), **hyperparameters)
+        count = len(tensors["params"])
+        for key, values in tensors.items():
+            if len(values) == count and key not in ("params", "grads"):
+                for index, value in zip(left, rest[key], strict=True):
+                    values[index] = value
 
     def _torch_optim_update(
         self,
@@ -1246,6 +1285,12 @@ class TorchoptOptimizer(DeclaredOptimizer):
         name = type(self)._reference.__name__
         function = getattr(importlib.import_module(f"torch.optim.{name}"), name)
         accepted = inspect.signature(function).parameters
+        # The state lists go by name (torch's names for them), so a reference may take them in
+        # its state's declaration order (torch's state_dict order): RMSprop's functional update
+        # takes grad_avgs before momentum_buffer_list, its state_dict the other way round. The
+        # parameters and gradients go by position (SGD's gradients are torch's d_p_list).
+        params, grads, *_ = tensors.values()
+        lists = dict(list(tensors.items())[2:])
         keywords = {**hyperparameters, **flags, "foreach": False}
         decoupled = keywords.pop("decoupled_weight_decay", False)
         if decoupled and "decoupled_weight_decay" in accepted:
@@ -1257,7 +1302,7 @@ class TorchoptOptimizer(DeclaredOptimizer):
             keywords.pop("differentiable", None)  # SGD's update is differentiable by grad mode
         if "has_complex" in accepted:
             keywords["has_complex"] = any(p.is_complex() for p in tensors["params"])
-        unknown = set(keywords) - set(accepted)
+        unknown = (set(keywords) | set(lists)) - set(accepted)
         if unknown:
             raise RuntimeError(
                 f"{type(self).__name__}: {', '.join(sorted(flags))}=True needs torch.optim's "
@@ -1270,7 +1315,7 @@ class TorchoptOptimizer(DeclaredOptimizer):
             device,
             f"{', '.join(sorted(flags))}=True on the torch path runs torch.optim's own update",
         )
-        function(*tensors.values(), **keywords)
+        function(params, grads, **lists, **keywords)
 
     def _check_torch_path(self, group: dict[str, Any], device: torch.device) -> None:
         """Refuse what the torch reference path cannot honour, instead of ignoring it."""

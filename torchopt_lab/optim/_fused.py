@@ -85,37 +85,13 @@ class KernelSpec:
         return self.declaration.has_step
 
 
-def kernel_spec(optimizer_class: type, algorithm: str | None = None) -> KernelSpec:
-    """The :class:`KernelSpec` of an optimizer class: its ``rule.kernel`` (a built-in declared
-    as a :class:`~torchopt_lab.optim.rules.Rule`), else the :data:`SPECS` entry of its
-    reference update's name (``algorithm``; built-ins not yet declared as rules)."""
-    rule = getattr(optimizer_class, "rule", None)
-    spec = getattr(rule, "kernel", None)
-    if spec is not None:
-        return spec
-    return SPECS[algorithm or optimizer_class._reference.__name__]
-
-
-# The built-ins not yet declared as rules; a rule's spec lives in its declaration (rule.kernel).
-SPECS: dict[str, KernelSpec] = {
-    "sgd": KernelSpec(
-        update="sgd",
-        state_lists={"momentum_buffer": "momentum_buffer_list"},
-        options=lambda g: {"momentum": g["momentum"] != 0, "nesterov": g["nesterov"]},
-    ),
-    "adagrad": KernelSpec(
-        update="adagrad", state_lists={"sum": "state_sums"}, options=lambda g: {}
-    ),
-    "rmsprop": KernelSpec(
-        update="rmsprop",
-        state_lists={
-            "square_avg": "square_avgs",
-            "grad_avg": "grad_avgs",
-            "momentum_buffer": "momentum_buffer_list",
-        },
-        options=lambda g: {"centered": g["centered"], "momentum": g["momentum"] > 0},
-    ),
-}
+def kernel_spec(optimizer_class: type) -> KernelSpec:
+    """The :class:`KernelSpec` of an optimizer class: its ``rule.kernel`` (each built-in declares
+    its own, beside its reference, in its :class:`~torchopt_lab.optim.rules.Rule`)."""
+    spec = getattr(getattr(optimizer_class, "rule", None), "kernel", None)
+    if spec is None:
+        raise TypeError(f"{optimizer_class.__name__} declares no fused kernel (rule.kernel)")
+    return spec
 
 
 @dataclass
@@ -301,7 +277,6 @@ def _options(optimizer: torch.optim.Optimizer) -> tuple:
 
 def fused_step(
     optimizer: torch.optim.Optimizer,
-    algorithm: str,
     parts: list[Part],
     *,
     total_norm: Tensor | None,
@@ -318,7 +293,7 @@ def fused_step(
     """
     _backend.kernels()  # raises clearly if the triton_kernels found is not ours
     kernels = importlib.import_module("triton_kernels.optim")
-    spec = kernel_spec(type(optimizer), algorithm)
+    spec = kernel_spec(type(optimizer))
     state: FusedState = optimizer.__dict__.setdefault("_fused_state", FusedState())
     state.plan = None
 
@@ -446,7 +421,7 @@ def _same_objects(values: Any, expected: list) -> bool:
     return len(values) == len(expected) and all(map(operator.is_, values, expected))
 
 
-def repeat_step(optimizer: torch.optim.Optimizer, algorithm: str) -> bool:
+def repeat_step(optimizer: torch.optim.Optimizer) -> bool:
     """Run the step planned by the last :func:`fused_step` again with the current gradients, if
     nothing it depends on changed; return whether it ran.
 
@@ -460,7 +435,7 @@ def repeat_step(optimizer: torch.optim.Optimizer, algorithm: str) -> bool:
     plan = state.plan if state is not None else None
     if plan is None:
         return False
-    spec = kernel_spec(type(optimizer), algorithm)
+    spec = kernel_spec(type(optimizer))
     if (
         plan is None
         or plan.options != _options(optimizer)
