@@ -27,7 +27,8 @@ from torch import Tensor
 from torch.optim.optimizer import _device_dtype_check_for_fused, _use_grad_for_differentiable
 
 from torchopt_lab import backend as _backend
-from torchopt_lab.optim._fused import Part, _local, fused_step, repeat_step
+from torchopt_lab.optim import _cpu_fused
+from torchopt_lab.optim._fused import FusedState, Part, _local, fused_step, repeat_step
 from torchopt_lab.optim.clip import _clip_coefficient, _total_norm
 
 TensorLists = dict[str, list[Any]]
@@ -621,9 +622,10 @@ class TorchoptOptimizer(DeclaredOptimizer):
         )
 
     def norm_diagnostics(self) -> dict[Tensor, Tensor]:
-        """Per-parameter squared norms from the last fused step run with ``record_norms=True``.
+        """Per-parameter squared norms from the last step run with ``record_norms=True``.
 
-        Maps each parameter updated by the kernels to a float32 tensor on its device holding
+        Maps each parameter the step updated (by the kernels or by the torch path) to a float32
+        tensor on its device holding
         ``[grad_sq_norm, update_sq_norm, param_sq_norm]``: the squared L2 norms of the gradient
         the update used (after unscaling and clipping), of the update (new minus old parameter)
         and of the parameter before the update. They are accumulated by the update kernel as it
@@ -791,6 +793,10 @@ class TorchoptOptimizer(DeclaredOptimizer):
                 loss = closure()
         if torch.compiler.is_compiling():
             return self._traced_step(loss)
+        if self.record_norms:
+            fused_state = self.__dict__.get("_fused_state")
+            if fused_state is not None:
+                fused_state.norms.clear()  # this step's norms only, from either path
         if repeat_step(self):
             return loss
         groups = [(group, self._group_tensors(group)) for group in self.param_groups]
@@ -1126,6 +1132,9 @@ class TorchoptOptimizer(DeclaredOptimizer):
             factor = inverse_scale.to(part.device)
             scaled = [grad * factor for grad in part.tensors["grads"]]
             part = dataclasses.replace(part, tensors={**part.tensors, "grads": scaled})
+        before = None
+        if self.record_norms:
+            before = [p.detach().clone() for p in part.tensors["params"]]
         float32 = self.float32_state and part.dtype in _LOW_PRECISION
         if float32:
             self._upcast_state(part.tensors)
@@ -1138,6 +1147,28 @@ class TorchoptOptimizer(DeclaredOptimizer):
             else:
                 self._torch_update(part.group, tensors, hyperparameters, clip_coefficient)
             self._finish_group(part.group, tensors)
+        if before is not None:
+            self._record_norms(part, before, clip_coefficient)
+
+    def _record_norms(
+        self, part: Part, before: list[Tensor], clip_coefficient: Tensor | None
+    ) -> None:
+        """``record_norms`` on the torch path: what the kernels record, per parameter: squared
+        norms of the gradient used (unscaled, clipped), of the update and of the parameter
+        before it, float32 on the parameter's device (see :meth:`norm_diagnostics`)."""
+        state = self.__dict__.get("_fused_state")
+        if state is None:
+            state = self.__dict__["_fused_state"] = FusedState()
+        with torch.no_grad():
+            for p, grad, old in zip(
+                part.tensors["params"], part.tensors["grads"], before, strict=True
+            ):
+                used = grad.to_dense() if grad.is_sparse else grad.detach()
+                if clip_coefficient is not None:
+                    used = used * clip_coefficient.to(used.device, used.dtype)
+                values = [used, p.detach() - old, old]
+                norms = torch.stack([_real_view(v).double().square().sum() for v in values])
+                state.norms[id(p)] = (norms.float().reshape(1, 3), 0)
 
     def _state_lists(self, tensors: TensorLists) -> list[str]:
         """The names of the per-parameter state lists kept for this group (not the steps)."""
@@ -1205,6 +1236,16 @@ class TorchoptOptimizer(DeclaredOptimizer):
             scaled = torch._foreach_mul(tensors["grads"], clip_coefficient.to(device))
             tensors = {**tensors, "grads": scaled}
         flags = {key: True for key in _TORCH_FLAGS if group.get(key)}
+        if (
+            flags == {"fused": True}
+            and device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and _cpu_fused.compiles_builtin(self)
+        ):
+            # fused=True on CPU tensors: the rule's update compiled by Inductor (_cpu_fused.py);
+            # what it leaves (a first step that creates state, ...) takes the torch update.
+            self._compiled_cpu_update(group, tensors, hyperparameters)
+            return
         if flags and not torch.compiler.is_compiling():
             # fused, capturable or differentiable on the torch path: torch.optim's own update
             # with the same flag (its fused CPU/CUDA kernels; its differentiable single-tensor
@@ -1213,6 +1254,26 @@ class TorchoptOptimizer(DeclaredOptimizer):
             return
         self._check_torch_path(group, device)
         type(self)._reference(*tensors.values(), **hyperparameters)
+
+    def _compiled_cpu_update(
+        self, group: dict[str, Any], tensors: TensorLists, hyperparameters: dict[str, Any]
+    ) -> None:
+        """``fused=True`` on CPU tensors by the compiled rule update (:func:`_cpu_fused.\
+builtin_step`); the parameters it leaves take torch.optim's fused kernel where torch has one,
+        else the reference, and state they create is written back into the part's lists."""
+        left, rest = _cpu_fused.builtin_step(self, group, tensors)
+        if not left:
+            return
+        device = rest["params"][0].device
+        if type(self)._reference.__name__ in _cpu_fused._TORCH_FUSED_CPU:
+            self._torch_optim_update(device, rest, hyperparameters, {"fused": True})
+        else:
+            type(self)._reference(*rest.values(), **hyperparameters)
+        count = len(tensors["params"])
+        for key, values in tensors.items():
+            if len(values) == count and key not in ("params", "grads"):
+                for index, value in zip(left, rest[key], strict=True):
+                    values[index] = value
 
     def _torch_optim_update(
         self,

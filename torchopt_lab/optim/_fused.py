@@ -528,7 +528,7 @@ def _launch_all(
                 kernels.grad_square_norm(entry.launch.table, norms, slot)
             square_norms[device] = norms
 
-    state.norms.clear()
+    # (state.norms is cleared at the start of the optimizer's step: the torch path records too.)
     counted: set[torch.device] = set()
     for entry in prepared:
         device = entry.key[0]

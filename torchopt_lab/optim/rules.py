@@ -608,7 +608,7 @@ class RuleOptimizer(DeclaredOptimizer):
                 self._kernel_update(fused, maximize, clip, (index, device, dtype))
             rest = [m for m in members if not any(m[0] is q for q, _, _ in fused)]
             if rest and self.fused and not torch.compiler.is_compiling():
-                rest = self._cpu_fused_update(device, rest, maximize, clip)
+                rest = self._cpu_fused_update(group, device, rest, maximize, clip)
             for p, state, scalars in rest:
                 self._torch_update(p, state, scalars, maximize, clip)
 
@@ -663,6 +663,7 @@ class RuleOptimizer(DeclaredOptimizer):
 
     def _cpu_fused_update(
         self,
+        group: dict[str, Any],
         device: torch.device,
         members: list[tuple[Tensor, dict, dict]],
         maximize: bool,
@@ -681,18 +682,6 @@ class RuleOptimizer(DeclaredOptimizer):
             )
             if active
         ]
-        if device.type == "cpu" and any(
-            state.get(name) is None for _, state, _ in members for name in self.rule.tensor_state
-        ):
-            _backend.record(
-                f"optim.{type(self).__name__} (fused)",
-                "fused",
-                "torch",
-                device,
-                "a state tensor is absent (State.when) or created by the update "
-                "(State.init=None): the torch update ran",
-            )
-            return members
         if options and device.type == "cpu":
             _backend.record(
                 f"optim.{type(self).__name__} (fused)",
@@ -702,7 +691,7 @@ class RuleOptimizer(DeclaredOptimizer):
                 f"the fused CPU update does not take {', '.join(options)}: the torch update ran",
             )
             return members
-        return _cpu_fused.fused_step(self, device, members, maximize)
+        return _cpu_fused.fused_step(self, device, members, maximize, group)
 
     def _kernel_members(
         self,
