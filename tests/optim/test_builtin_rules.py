@@ -16,6 +16,7 @@ Python operators, so it may round differently from torch's fused ``add(alpha=)``
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 from typing import Any
@@ -295,3 +296,22 @@ def test_builtin_scalars_take_a_tensor_step_as_under_torch_compile(
                 rtol=0,
                 atol=0,
             )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=str)
+def test_adagrad_sum_starts_at_the_constructors_initial_accumulator_value_as_torch(
+    dtype: torch.dtype,
+) -> None:
+    # torch fills every sum in the constructor with its own initial_accumulator_value (a complex
+    # parameter's with complex(v, v)), whatever a param group says.
+    results = []
+    for cls in (REGISTRY["Adagrad"], torch.optim.Adagrad):
+        params = [p.requires_grad_(True) for p in _params(dtype)]
+        groups = [{"params": params[:1], "initial_accumulator_value": 0.5}, {"params": params[1:]}]
+        optimizer = cls(groups, lr=0.05, initial_accumulator_value=0.25)
+        initial = copy.deepcopy(optimizer.state_dict()["state"])
+        for p, grad in zip(params, _grads(params, 0), strict=True):
+            p.grad = grad
+        optimizer.step()
+        results.append((initial, optimizer.state_dict()["state"], [p.detach() for p in params]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)

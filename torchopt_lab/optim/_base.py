@@ -495,7 +495,9 @@ class DeclaredOptimizer(torch.optim.Optimizer):
         for entry in rule.state:
             if not entry.exists(group):
                 continue
-            init = entry.initial(group)
+            # State created in the constructor takes the constructor's values, whatever a param
+            # group overrides (torch's Adagrad fills every sum with its initial_accumulator_value).
+            init = entry.initial(self.defaults if rule.eager_state else group)
             if init is None:
                 continue  # created by the update on the first step
             if entry.scalar:

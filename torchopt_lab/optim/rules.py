@@ -194,7 +194,8 @@ class Rule:
     # ``scalars`` receives None as the step.
     step_state: bool = True
     # Whether the state is created in the constructor for every parameter (torch's Adagrad),
-    # rather than on each parameter's first step.
+    # rather than on each parameter's first step; its initial values are then the constructor's
+    # (``init`` receives the optimizer's defaults, not a param group's overrides, as torch's).
     eager_state: bool = False
     # Param-group keys with a value the constructor does not take (not in its signature), set
     # in every group and forced by ``__setstate__`` (AdamW's decoupled_weight_decay=True).
