@@ -898,3 +898,13 @@ def test_a_built_in_rule_whose_reference_lists_do_not_match_its_state_is_refused
                 ),
                 reference=reference,
             )
+
+
+@pytest.mark.parametrize("name", WITH_TORCH)
+def test_param_group_keys_and_repr_are_in_torchs_order(name: str) -> None:
+    # torch's repr and state_dict list a group's keys in the order its constructor stores them,
+    # which is not always its signature's (NAdam stores maximize before foreach).
+    mine = REGISTRY[name]([torch.zeros(2)])
+    theirs = getattr(torch.optim, name)([torch.zeros(2)])
+    assert list(mine.param_groups[0]) == list(theirs.param_groups[0])
+    assert repr(mine).splitlines()[1:-8] == repr(theirs).splitlines()[1:-1]

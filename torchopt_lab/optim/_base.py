@@ -323,6 +323,23 @@ class DeclaredOptimizer(torch.optim.Optimizer):
     # ``__setstate__`` gives them (derived from the rule; written by hand without one).
     _group_defaults: ClassVar[dict[str, Any]] = {}
 
+    def __repr__(self) -> str:
+        """torch.optim's repr (the param groups), then the options this optimizer holds outside
+        its groups: ``backend``, ``max_grad_norm`` and the fused-kernel options."""
+        options = "".join(
+            f"    {name}: {getattr(self, name)}\n"
+            for name in (
+                "backend",
+                "max_grad_norm",
+                "skip_nonfinite",
+                "float32_state",
+                "record_norms",
+            )
+        )
+        torch_repr = super().__repr__()
+        assert torch_repr.endswith(")")
+        return f"{torch_repr[:-1]}\nOptimizer options\n{options})"
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "rule" in cls.__dict__:
@@ -548,23 +565,6 @@ class TorchoptOptimizer(DeclaredOptimizer):
             "float32_state": self.float32_state,
             "record_norms": self.record_norms,
         }
-
-    def __repr__(self) -> str:
-        """torch.optim's repr (the param groups), then the options this optimizer holds outside
-        its groups: ``backend``, ``max_grad_norm`` and the fused-kernel options."""
-        options = "".join(
-            f"    {name}: {getattr(self, name)}\n"
-            for name in (
-                "backend",
-                "max_grad_norm",
-                "skip_nonfinite",
-                "float32_state",
-                "record_norms",
-            )
-        )
-        torch_repr = super().__repr__()
-        assert torch_repr.endswith(")")
-        return f"{torch_repr[:-1]}\nOptimizer options\n{options})"
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
