@@ -116,8 +116,9 @@ def test_rule_kernel_gives_each_parameter_the_scalars_of_its_own_step(name: str)
     theirs.param_groups[0]["params"].insert(0, reference[0])
     _run(mine, params, range(2, 4))
     _run(theirs, reference, range(2, 4))
-    assert mine.state[params[0]]["step"].item() == 2
-    assert mine.state[params[1]]["step"].item() == 4
+    if REGISTRY[name].rule.step_state:  # SGD keeps no step count (as torch): results only
+        assert mine.state[params[0]]["step"].item() == 2
+        assert mine.state[params[1]]["step"].item() == 4
     _assert_same(mine, params, theirs, reference)
 
 
