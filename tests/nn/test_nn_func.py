@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as TF
-from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import torchopt_lab.nn as nn
 import torchopt_lab.nn.functional as F
@@ -238,6 +238,36 @@ def test_triton_path_refuses_a_second_reverse_derivative(monkeypatch: pytest.Mon
     # grad of grad: the inner backward would run under a second differentiating level
     with pytest.raises(RuntimeError, match=f"differentiable once.*{backend.ENV_VAR}=torch"):
         grad(lambda x: grad(lambda x: F.gelu(x).sum())(x).sum())(x)
+
+
+FIRST_ORDER_OPS = [op for op in OPS if op[0] not in ("linear", "conv2d", "mse_loss")]
+
+
+@pytest.mark.parametrize("op", FIRST_ORDER_OPS, ids=lambda op: op[0])
+def test_triton_path_vjp_matches_torch_and_grad_of_vjp_is_refused(
+    op, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch.func differentiates with create_graph=True: one vjp level is first order (exact);
+    # a vjp under grad differentiates the pullback again, which the Triton backward cannot.
+    _, fn, make = op
+    torch.manual_seed(0)
+    x = make()
+    cotangent = torch.randn_like(fn(F, x))
+    pulled = {}
+    for path in PATHS:
+        _use(monkeypatch, path)
+        _, pullback = vjp(lambda x: fn(F, x), x)
+        (pulled[path],) = pullback(cotangent)
+    torch.testing.assert_close(pulled["triton"], pulled["torch"], **TOLERANCE)
+
+    def vjp_sum(x: torch.Tensor) -> torch.Tensor:
+        return vjp(lambda x: fn(F, x), x)[1](cotangent)[0].sum()
+
+    _use(monkeypatch, "torch")
+    grad(vjp_sum)(x)  # the torch path is twice differentiable
+    _use(monkeypatch, "triton")
+    with pytest.raises(RuntimeError, match=f"differentiable once.*{backend.ENV_VAR}=torch"):
+        grad(vjp_sum)(x)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -228,6 +228,12 @@ def cross_entropy_step(
         return seconds, torch.cuda.max_memory_allocated(device) - baseline
 
 
+# The sizing options' defaults: the parser's, and what --quick refuses to see overridden; and
+# the tiny sizes --quick runs instead.
+_SIZES = {"rows": 8192, "columns": 4096, "repeats": 20}
+_QUICK_SIZES = {"rows": 8, "columns": 96, "repeats": 2}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
@@ -235,11 +241,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="cuda",
         help="cuda: the measurement; cpu: only with --quick, a smoke run (default: %(default)s)",
     )
-    parser.add_argument("--rows", type=int, default=8192, help="rows per tensor (default: 8192)")
     parser.add_argument(
-        "--columns", type=int, default=4096, help="columns per tensor (default: 4096)"
+        "--rows", type=int, default=_SIZES["rows"], help="rows per tensor (default: %(default)s)"
     )
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls (default: 20)")
+    parser.add_argument(
+        "--columns",
+        type=int,
+        default=_SIZES["columns"],
+        help="columns per tensor (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=_SIZES["repeats"], help="timed calls (default: %(default)s)"
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -281,8 +294,9 @@ def run(args: argparse.Namespace) -> int:
                 f"{os.environ['TRITON_INTERPRET']!r} turns it off"
             )
     device = torch.device(args.device)
-    refuse_overridden_by_quick(args, {"rows": 8192, "columns": 4096, "repeats": 20})
-    rows, columns, repeats = (8, 96, 2) if args.quick else (args.rows, args.columns, args.repeats)
+    refuse_overridden_by_quick(args, _SIZES)
+    sizes = _QUICK_SIZES if args.quick else {name: getattr(args, name) for name in _SIZES}
+    rows, columns, repeats = sizes["rows"], sizes["columns"], sizes["repeats"]
     vocabulary_rows, vocabulary = (
         (4, 1000) if args.quick else (CROSS_ENTROPY_ROWS, CROSS_ENTROPY_VOCABULARY)
     )

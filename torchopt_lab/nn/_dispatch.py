@@ -131,9 +131,11 @@ def first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
 
 def _single_func_grad(ctx: Any) -> bool:
     """Whether this backward is ``torch.func``'s (``grad``, ``vjp``, ``jacrev``, under any
-    ``vmap``s) with at most one reverse- or forward-mode level alive: ``torch.func`` always
-    differentiates with ``create_graph=True``, but with no second differentiating level that
-    graph is never differentiated again, so the first-order backward is exact."""
+    ``vmap``s) with no reverse- or forward-mode level alive but the Function's own: ``torch.func``
+    always differentiates with ``create_graph=True``, but with no other differentiating level
+    that graph is never differentiated again, so the first-order backward is exact. A ``vjp``
+    pullback called under ``grad`` runs after its own level has ended, under the outer one, which
+    would differentiate the backward again (a silent zero second derivative): refused."""
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
@@ -142,8 +144,27 @@ def _single_func_grad(ctx: Any) -> bool:
     forward_class = getattr(type(ctx), "_forward_cls", torch.autograd.Function)
     if issubclass(forward_class, torch.autograd.Function):
         return False
-    kinds = [interpreter.key() for interpreter in retrieve_all_functorch_interpreters()]
-    return kinds.count(TransformType.Grad) + kinds.count(TransformType.Jvp) <= 1
+    levels = [
+        interpreter.level()
+        for interpreter in retrieve_all_functorch_interpreters()
+        if interpreter.key() in (TransformType.Grad, TransformType.Jvp)
+    ]
+    own = _function_level(forward_class)
+    if own is None:  # a torch without the generated forward's level: count the levels instead
+        return len(levels) <= 1
+    return all(level == own for level in levels)
+
+
+def _function_level(forward_class: type) -> int | None:
+    """The functorch level a generated _SingleLevelFunction was made for (the ``level`` its
+    ``forward`` closes over in ``torch._functorch.autograd_function``), or None."""
+    forward = forward_class.__dict__.get("forward")
+    forward = getattr(forward, "__func__", forward)
+    code, closure = getattr(forward, "__code__", None), getattr(forward, "__closure__", None)
+    if code is None or closure is None or "level" not in code.co_freevars:
+        return None
+    level = closure[code.co_freevars.index("level")].cell_contents
+    return level if isinstance(level, int) else None
 
 
 def forward_mode_error(name: str) -> RuntimeError:

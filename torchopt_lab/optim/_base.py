@@ -94,26 +94,43 @@ def per_step(steps: list[Any], scalars: Callable[[Any], Any]) -> list[Any]:
 
     Under ``torch.compile`` the counts are evaluated together: stacked into one 1-D float64
     tensor, which ``scalars`` computes on element-wise (with ``+ - * / **``, as on numbers), and
-    its results split per tensor; so the graph holds the scalars' computation once, not once per
-    tensor (the graph, and Inductor's compile time, would grow by all of it with each tensor).
-    Counts on different devices (a state dict loaded from elsewhere) are computed one by one."""
+    its results split per tensor (:func:`split_stacked`); so the graph holds the scalars'
+    computation once, not once per tensor. Counts on different devices (a state dict loaded from
+    elsewhere) are computed one by one."""
     if not torch.compiler.is_compiling():
         memo = {t: scalars(t) for t in set(steps)}
         return [memo[t] for t in steps]
     if len({t.device for t in steps}) != 1:
         return [scalars(t.to(torch.float64)) for t in steps]
     values = scalars(torch.stack(steps).to(torch.float64))
-    if isinstance(values, tuple):
-        return list(zip(*(_split(value, len(steps)) for value in values), strict=True))
-    return _split(values, len(steps))
+    single = not isinstance(values, tuple)
+    rows = split_stacked([values] if single else list(values), len(steps))
+    return [row[0] for row in rows] if single else [tuple(row) for row in rows]
 
 
-def _split(value: Any, count: int) -> list[Any]:
-    """One entry of a stacked result per step count (a value that does not depend on the count,
-    such as a hyperparameter, is shared)."""
-    if isinstance(value, Tensor) and value.shape == (count,):
-        return list(value.unbind(0))
-    return [value] * count
+def split_stacked(values: list[Any], count: int) -> list[list[Any]]:
+    """Under ``torch.compile``: ``count`` rows, one per tensor, of its entries of ``values``, each
+    value a 1-D tensor of one entry per tensor (computed on stacked step counts) or one value
+    for all (a hyperparameter).
+
+    The stacked values are gathered into one ``[count, len(values)]`` float64 table first, read
+    row by row: Inductor inlines a pointwise value into each consumer, so a value split directly
+    would have its whole arithmetic recomputed in every tensor's loop (the generated code, and
+    its compile time, growing by all of it per tensor), where the table, which every tensor
+    reads, is computed once. Entries keep their value's dtype."""
+    stacked = [
+        index
+        for index, value in enumerate(values)
+        if isinstance(value, Tensor) and value.shape == (count,)
+    ]
+    rows: list[list[Any]] = [list(values) for _ in range(count)]
+    if stacked:
+        table = torch.stack([values[index].to(torch.float64) for index in stacked], dim=1)
+        for row, entries in zip(rows, table.unbind(0), strict=True):
+            for column, index in enumerate(stacked):
+                entry, dtype = entries[column], values[index].dtype
+                row[index] = entry if dtype == torch.float64 else entry.to(dtype)
+    return rows
 
 
 def foreach_add_(targets: list[Tensor], tensors: list[Tensor], alpha: float | Tensor) -> None:

@@ -62,6 +62,7 @@ from torchopt_lab.optim._base import (
     DeclaredOptimizer,
     TorchoptOptimizer,
     set_engine_options,
+    split_stacked,
 )
 from torchopt_lab.optim._fused import KernelSpec
 from torchopt_lab.optim.clip import _clip_coefficient, _total_norm
@@ -640,26 +641,25 @@ class RuleOptimizer(DeclaredOptimizer):
                 steps = [state["step"] for state, _ in batch]
                 torch._foreach_add_(steps, 1)
                 step = scalar_value(torch.stack(steps))
+            steps_shape = (len(batch),)
             scalar_state = {
                 name: torch.stack([state[name] for state, _ in batch]) for name in rule.scalar_state
             }
             values = rule.scalars(hyperparameters, step, scalar_state)
-            for name, stacked in scalar_state.items():
-                torch._foreach_copy_([state[name] for state, _ in batch], stacked.unbind(0))
             for key, value in values.items():
-                if isinstance(value, Tensor) and value.shape == (len(batch),):
-                    split: Any = value.unbind(0)
-                elif not isinstance(value, Tensor) or value.numel() == 1:
-                    split = [value] * len(batch)
-                else:
+                if isinstance(value, Tensor) and value.numel() != 1 and value.shape != steps_shape:
                     raise RuntimeError(
                         f"{type(self).__name__}: rule.scalars returned {key!r} of shape "
                         f"{tuple(value.shape)} for {len(batch)} stacked step counts; under "
                         "torch.compile it must compute element-wise (one value per count) or "
                         "return a single value"
                     )
-                for (_, scalars), entry in zip(batch, split, strict=True):
-                    scalars[key] = entry
+            # The updated scalar state joins the table, read back per parameter.
+            rows = split_stacked([*values.values(), *scalar_state.values()], len(batch))
+            for (state, scalars), row in zip(batch, rows, strict=True):
+                scalars.update(zip(values, row[: len(values)], strict=True))
+                for name, entry in zip(scalar_state, row[len(values) :], strict=True):
+                    state[name].copy_(entry)
 
     def _cpu_fused_update(
         self,
