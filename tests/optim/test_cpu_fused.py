@@ -418,6 +418,21 @@ def test_rmsprop_fused_with_an_engine_option_stays_compiled_and_matches_fused_no
             _assert_close_to_scale(ours[a], theirs[b])
 
 
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("differentiable", "`fused` does not support `differentiable`"),
+        ("foreach", "`fused` and `foreach` cannot be `True` together."),
+    ],
+)
+def test_rmsprop_fused_with_differentiable_or_foreach_raises_as_the_rule_optimizers(
+    flag: str, message: str
+) -> None:
+    for name in ("RMSprop", "NAdam"):
+        with pytest.raises(RuntimeError, match=f"^{message}$"):
+            REGISTRY[name]([torch.zeros(2, requires_grad=True)], fused=True, **{flag: True})
+
+
 def test_rmsprop_fused_on_a_non_cpu_device_with_the_torch_backend_raises() -> None:
     # The meta device stands in for CUDA (see the Lion test above): no fused torch update there.
     param = torch.zeros(3, device="meta", requires_grad=True)
