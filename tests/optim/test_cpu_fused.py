@@ -472,3 +472,22 @@ def test_rmsprop_fused_keeps_through_pickle_and_old_pickles_default_to_none() ->
     restored = REGISTRY["RMSprop"].__new__(REGISTRY["RMSprop"])
     restored.__setstate__(old)
     assert restored.fused is None
+
+
+def test_rmsprop_fused_hands_gradscaler_its_scale_and_matches_fused_none() -> None:
+    # As torch.optim's fused=True, ours takes grad_scale/found_inf from GradScaler (the torch path
+    # unscales before the compiled update); an inf step is skipped, as GradScaler's own unscale.
+    results = []
+    for fused in (True, None):
+        param = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+        optimizer = REGISTRY["RMSprop"]([param], fused=fused, momentum=0.9, centered=True)
+        assert optimizer._step_supports_amp_scaling is bool(fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for step in range(3):
+            weights = torch.arange(5.0) if step != 1 else torch.full((5,), float("inf"))
+            scaler.scale((param * weights).sum()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+        results.append(param.detach())
+    _assert_close_to_scale(results[0], results[1])
