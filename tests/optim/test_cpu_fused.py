@@ -145,8 +145,8 @@ def test_fused_cpu_step_compiles_once_whatever_the_sizes_and_number_of_tensors(
     assert _cpu_fused.compile_count(cls.rule.update) == compiled
 
 
-# Every registered optimizer that takes fused: all but RMSprop, whose signature is torch's
-# (torch.optim.RMSprop has no fused; tests/optim/test_signatures.py).
+# Every registered optimizer: all take fused (RMSprop and the rule optimizers whose torch.optim
+# counterparts have none as an extension, an attribute; tests/optim/test_signatures.py).
 TAKE_FUSED = sorted(
     name for name, cls in REGISTRY.items() if "fused" in inspect.signature(cls).parameters
 )
@@ -360,3 +360,134 @@ def test_builtin_fused_cpu_step_runs_torchs_kernel_where_torch_has_one(name: str
     decision = torchopt_lab.backend_info()["decisions"][f"optim.{name} (fused)"]
     torch_has_one = cls._reference.__name__ in _cpu_fused._TORCH_FUSED_CPU
     assert decision["backend"] == ("torch" if torch_has_one else "inductor"), decision
+
+
+# RMSprop takes fused as an extension (torch.optim.RMSprop has none): an attribute, as the rule
+# optimizers keep it, running its declaration's update compiled on CPU tensors.
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "maximize"])
+@pytest.mark.parametrize("weight_decay", [0, 0.1], ids=["no_wd", "wd"])
+@pytest.mark.parametrize("momentum", [0, 0.9], ids=["no_momentum", "momentum"])
+@pytest.mark.parametrize("centered", [False, True], ids=["plain", "centered"])
+def test_rmsprop_fused_cpu_step_is_its_compiled_update_and_matches_fused_none(
+    centered: bool, momentum: float, weight_decay: float, maximize: bool
+) -> None:
+    cls = REGISTRY["RMSprop"]
+    options = {
+        "centered": centered,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "maximize": maximize,
+    }
+    real = [shape for shape in SHAPES if not shape[1].is_complex]
+    fused, plain, fused_opt, plain_opt = _pair(cls, real, **options)
+    assert fused_opt.fused is True and plain_opt.fused is None
+    for seed in range(STEPS):
+        _step_both(fused, plain, fused_opt, plain_opt, seed)
+        _assert_same_builtin_run(fused, plain, fused_opt, plain_opt)
+    decision = torchopt_lab.backend_info()["decisions"]["optim.RMSprop (fused)"]
+    assert decision["backend"] == "inductor", decision
+    assert _cpu_fused.compile_count(cls.rule.update) >= 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"max_grad_norm": 0.5}, {"record_norms": True}, {"max_grad_norm": 0.5, "float32_state": True}],
+    ids=["max_grad_norm", "record_norms", "float32_state"],
+)
+def test_rmsprop_fused_with_an_engine_option_stays_compiled_and_matches_fused_none(
+    options: dict[str, Any],
+) -> None:
+    """Unlike a rule optimizer's, the built-in engine hands the compiled update gradients already
+    clipped (and float32 copies, norms recorded around it): nothing falls back to the torch
+    update, and the run matches fused=None within the built-ins' bound."""
+    cls = REGISTRY["RMSprop"]
+    dtype = torch.bfloat16 if options.get("float32_state") else torch.float32
+    shapes = [((6, 5), dtype), ((7,), dtype)]
+    fused, plain, fused_opt, plain_opt = _pair(cls, shapes, centered=True, **options)
+    torchopt_lab.backend_info()["decisions"].pop("optim.RMSprop (fused)", None)
+    for seed in range(3):
+        _step_both(fused, plain, fused_opt, plain_opt, seed)
+    for a, b in zip(fused, plain, strict=True):
+        _assert_close_to_scale(a.detach().float(), b.detach().float())
+    decision = torchopt_lab.backend_info()["decisions"]["optim.RMSprop (fused)"]
+    assert decision["backend"] == "inductor", decision
+    if options.get("record_norms"):
+        ours, theirs = fused_opt.norm_diagnostics(), plain_opt.norm_diagnostics()
+        assert len(ours) == len(theirs) == len(fused)
+        for a, b in zip(fused, plain, strict=True):
+            _assert_close_to_scale(ours[a], theirs[b])
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("differentiable", "`fused` does not support `differentiable`"),
+        ("foreach", "`fused` and `foreach` cannot be `True` together."),
+    ],
+)
+def test_rmsprop_fused_with_differentiable_or_foreach_raises_as_the_rule_optimizers(
+    flag: str, message: str
+) -> None:
+    for name in ("RMSprop", "NAdam"):
+        with pytest.raises(RuntimeError, match=f"^{message}$"):
+            REGISTRY[name]([torch.zeros(2, requires_grad=True)], fused=True, **{flag: True})
+
+
+def test_rmsprop_fused_on_a_non_cpu_device_with_the_torch_backend_raises() -> None:
+    # The meta device stands in for CUDA (see the Lion test above): no fused torch update there.
+    param = torch.zeros(3, device="meta", requires_grad=True)
+    param.grad = torch.zeros(3, device="meta")
+    optimizer = REGISTRY["RMSprop"]([param], fused=True, backend="torch")
+    with pytest.raises(RuntimeError, match=r"fused=True .* torch reference path runs for meta"):
+        optimizer.step()
+
+
+def test_rmsprop_fused_keeps_torchs_state_dict_keys() -> None:
+    params = [torch.randn(4, requires_grad=True) for _ in range(2)]
+    theirs_params = [p.detach().clone().requires_grad_() for p in params]
+    options = {"momentum": 0.9, "centered": True}
+    ours = REGISTRY["RMSprop"](params, **options, fused=True)
+    theirs = torch.optim.RMSprop(theirs_params, **options)
+    for p, q in zip(params, theirs_params, strict=True):
+        p.grad = torch.ones(4)
+        q.grad = torch.ones(4)
+    ours.step()
+    theirs.step()
+    our_dict, their_dict = ours.state_dict(), theirs.state_dict()
+    assert [g.keys() for g in our_dict["param_groups"]] == [
+        g.keys() for g in their_dict["param_groups"]
+    ]
+    assert "fused" not in ours.defaults
+    assert [s.keys() for s in our_dict["state"].values()] == [
+        s.keys() for s in their_dict["state"].values()
+    ]
+    theirs.load_state_dict(our_dict)  # interchangeable with torch's
+
+
+def test_rmsprop_fused_keeps_through_pickle_and_old_pickles_default_to_none() -> None:
+    optimizer = REGISTRY["RMSprop"]([torch.zeros(2, requires_grad=True)], fused=True)
+    assert pickle.loads(pickle.dumps(optimizer)).fused is True
+    old = optimizer.__getstate__()
+    del old["fused"]  # pickled before RMSprop took fused
+    restored = REGISTRY["RMSprop"].__new__(REGISTRY["RMSprop"])
+    restored.__setstate__(old)
+    assert restored.fused is None
+
+
+def test_rmsprop_fused_hands_gradscaler_its_scale_and_matches_fused_none() -> None:
+    # As torch.optim's fused=True, ours takes grad_scale/found_inf from GradScaler (the torch path
+    # unscales before the compiled update); an inf step is skipped, as GradScaler's own unscale.
+    results = []
+    for fused in (True, None):
+        param = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+        optimizer = REGISTRY["RMSprop"]([param], fused=fused, momentum=0.9, centered=True)
+        assert optimizer._step_supports_amp_scaling is bool(fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for step in range(3):
+            weights = torch.arange(5.0) if step != 1 else torch.full((5,), float("inf"))
+            scaler.scale((param * weights).sum()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+        results.append(param.detach())
+    _assert_close_to_scale(results[0], results[1])

@@ -220,12 +220,11 @@ def test_rule_optimizer_signature_is_torch_optims_plus_fused_backend_and_engine_
 ) -> None:
     mine = list(inspect.signature(REGISTRY[name]).parameters.values())
     theirs = inspect.signature(getattr(torch.optim, name)).parameters.values()
-    # torch's NAdam, RAdam, Adamax and Adadelta have no `fused`; ours take it as Adam's does
-    # (a built-in whose torch signature has it keeps it there), then backend, max_grad_norm,
-    # skip_nonfinite, float32_state and record_norms.
+    # torch's NAdam, RAdam, Adamax, Adadelta and RMSprop have no `fused`; ours take it as Adam's
+    # does (keyword-only, first among ours; one whose torch signature has it keeps it there),
+    # then backend, max_grad_norm, skip_nonfinite, float32_state and record_norms.
     torch_has_fused = "fused" in [p.name for p in theirs]
-    # A built-in (rule.reference) keeps torch's signature as it is: RMSprop takes no fused.
-    adds_fused = not torch_has_fused and REGISTRY[name].rule.reference is None
+    adds_fused = not torch_has_fused
     ours_only = 6 if adds_fused else 5
     assert [(p.name, p.kind, p.default) for p in mine[:-ours_only]] == [
         (p.name, p.kind, p.default) for p in theirs

@@ -12,6 +12,9 @@ import torchopt_lab.optim as ours
 
 # backend and max_grad_norm (issue 2), then the fused kernels' options (issue 3).
 EXTRA = ["backend", "max_grad_norm", "skip_nonfinite", "float32_state", "record_norms"]
+# torch.optim.RMSprop has no fused: ours takes it first among its extras (keyword-only, default
+# None, before backend), as the rule optimizers whose torch counterparts lack it (issue 10).
+ADDS_FUSED = {torch.optim.RMSprop}
 
 
 def parameters(cls) -> list[inspect.Parameter]:
@@ -36,9 +39,10 @@ def test_constructor_signature_matches_torch_then_adds_ours(mine, theirs) -> Non
         (p.name, p.kind, p.default) for p in their_parameters
     ]
     extra = our_parameters[len(their_parameters) :]
-    assert [p.name for p in extra] == EXTRA
+    fused = ["fused"] if theirs in ADDS_FUSED else []
+    assert [p.name for p in extra] == [*fused, *EXTRA]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extra)
-    assert [p.default for p in extra] == ["auto", None, False, False, False]
+    assert [p.default for p in extra] == [*(None for _ in fused), "auto", None, False, False, False]
 
 
 def test_momentum_is_sgd_with_momentum_defaults() -> None:

@@ -581,6 +581,7 @@ class TorchoptOptimizer(DeclaredOptimizer):
             "skip_nonfinite": self.skip_nonfinite,
             "float32_state": self.float32_state,
             "record_norms": self.record_norms,
+            **({"fused": self.fused} if type(self)._adds_fused else {}),
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -599,6 +600,8 @@ class TorchoptOptimizer(DeclaredOptimizer):
         self.__dict__.setdefault("float32_state", False)
         self.__dict__.setdefault("record_norms", False)
         self.__dict__.setdefault("_skipped_on_host", 0)
+        if type(self)._adds_fused:
+            self.__dict__.setdefault("fused", None)  # pickled before RMSprop took fused
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's ``load_state_dict``; with ``float32_state``, the state of low-precision
@@ -630,7 +633,7 @@ class TorchoptOptimizer(DeclaredOptimizer):
         honour both too: their gradients are unscaled, and ``found_inf`` skips the whole step
         (read on the host, one synchronisation, only when such tensors exist). Also true, as in
         torch.optim, for ``fused=True``: on the torch path that runs torch's fused kernels."""
-        if self.defaults.get("fused"):
+        if self.defaults.get("fused") or self._fused_extension():
             return True
         devices = {p.device for group in self.param_groups for p in group["params"]}
         component = f"optim.{type(self).__name__}"
@@ -672,7 +675,18 @@ class TorchoptOptimizer(DeclaredOptimizer):
         return self._skipped_on_host + in_graph + max((int(c.item()) for c in counters), default=0)
 
     def _build(self, params: Any, defaults: dict[str, Any], engine: dict[str, Any]) -> None:
+        if "fused" in engine:
+            # fused as an extension (RMSprop: torch's has none), an attribute as the rule
+            # optimizers keep it, refused with differentiable or foreach in torch's words.
+            self.fused = engine.pop("fused")
         TorchoptOptimizer.__init__(self, params, defaults, **engine)
+        if "fused" in self.__dict__:
+            _cpu_fused.check_flags(self.fused, defaults)
+
+    def _fused_extension(self) -> bool:
+        """Whether ``fused=True`` was given as this optimizer's extension (an attribute, not a
+        param-group key: torch's optimizer has no ``fused``)."""
+        return bool(self.__dict__.get("fused"))
 
     def _step_device(self, p: Tensor, group: dict[str, Any]) -> torch.device | None:
         return None  # on the CPU; the fused kernels move it to the device (in-kernel counts)
@@ -1253,6 +1267,10 @@ class TorchoptOptimizer(DeclaredOptimizer):
             scaled = torch._foreach_mul(tensors["grads"], clip_coefficient.to(device))
             tensors = {**tensors, "grads": scaled}
         flags = {key: True for key in _TORCH_FLAGS if group.get(key)}
+        if self._fused_extension() and not flags and device.type == "cpu":
+            # fused=True where torch's optimizer has none (an attribute): compiled on the CPU as
+            # below; on other devices the Triton kernels run it, and _check_torch_path refuses it.
+            flags = {"fused": True}
         if (
             flags == {"fused": True}
             and device.type == "cpu"
@@ -1343,7 +1361,7 @@ builtin_step`); the parameters it leaves take torch.optim's fused kernel where t
             # A compiled step: Inductor fuses the traced update, and Dynamo itself sets
             # capturable=True on the groups of the optimizers it traces.
             return
-        if group.get("fused"):
+        if group.get("fused") or self._fused_extension():
             raise RuntimeError(
                 f"{name}: fused=True asks for the fused Triton kernels, but the torch reference "
                 f"path runs for {device.type} tensors; pass fused=None, or use CUDA tensors with "

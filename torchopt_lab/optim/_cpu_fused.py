@@ -68,11 +68,12 @@ __all__ = [
 CHUNK = 16
 #: Parameter dtypes the compiled path updates (complex ones as real views).
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-#: The built-in optimizers that take ``fused`` (SGD and Momentum, Adagrad, Adam, AdamW: torch has
-#: a fused CPU kernel for each; RMSprop takes no ``fused``, as torch's) run torch's kernel for
-#: ``fused=True`` on CPU tensors while this is True (the default); False compiles their rule's
-#: ``update`` like every rule optimizer's. Measured in one run (2026-12-03, 1 thread, CPU time,
-#: load 6-8): compiled / torch fused 1.3-1.4 on the transformer set, 4.3-4.7 on 2000 small tensors.
+#: The built-in optimizers whose torch counterpart has a fused CPU kernel (SGD and Momentum,
+#: Adagrad, Adam, AdamW) run torch's kernel for ``fused=True`` on CPU tensors while this is True
+#: (the default); False compiles their rule's ``update`` like every rule optimizer's. RMSprop
+#: (``fused`` an attribute: torch's has none) always compiles its ``update``. Measured in one run
+#: (2026-12-03, 1 thread, CPU time, load 6-8): compiled / torch fused 1.3-1.4 on the transformer
+#: set, 4.3-4.7 on 2000 small tensors.
 TORCH_KERNELS = True
 # The torch.optim functions (the built-ins' ``_reference`` names) with a fused CPU kernel.
 _TORCH_FUSED_CPU = frozenset({"sgd", "adagrad", "adam", "adamw"})

@@ -194,7 +194,14 @@ class RMSprop(TorchoptOptimizer):
     (:math:`\mu = 0` updates with :math:`g_t / (\sqrt{\tilde v_t} + \epsilon)` directly).
     Arguments (all positional, as in torch), defaults, errors, param groups and state (``step``,
     ``square_avg``, ``momentum_buffer``, ``grad_avg``) are torch.optim.RMSprop's.
-    ``fused``, ``capturable`` and ``differentiable`` behave as torch's (docs/optimizers.md).
+    ``capturable`` and ``differentiable`` behave as torch's; ``fused`` (keyword-only, before
+    ``backend``; torch's RMSprop has none) is an attribute, not a param-group key, as in the rule
+    optimizers: on CPU tensors it runs the declaration's update compiled by Inductor, on CUDA the
+    fused Triton kernel, and it refuses ``differentiable`` and ``foreach`` as torch's Adam does
+    (docs/optimizers.md).
     """
 
     rule = RMSPROP
+    # fused (keyword-only, after torch's arguments, before backend) as the rule optimizers take
+    # it: an attribute, so param groups and state dicts stay torch.optim.RMSprop's.
+    _adds_fused = True
