@@ -3,6 +3,7 @@ mismatch by the check named for it."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -109,6 +110,20 @@ class MovesWithoutGrads(GoodSGD):
         return super().step(closure)
 
 
+class EagerStateMovesWithoutGrads(RuleOptimizer):
+    """Creates its state in the constructor (as torch's Adagrad), then changes it on a step
+    without gradients."""
+
+    rule = dataclasses.replace(_sgd_rule(), eager_state=True)
+
+    def step(self, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    self.state[p]["momentum_buffer"].add_(1.0)
+        return super().step(closure)
+
+
 def test_check_optimizer_passes_a_correct_user_rule() -> None:
     assert check_optimizer(GoodSGD, sgd_reference, [{"momentum": 0.9}]).passed
 
@@ -120,8 +135,15 @@ def test_check_optimizer_passes_a_correct_user_rule() -> None:
         (WrongStateName, torch.optim.SGD, {"matches_reference", "state_dict_interchange"}),
         (HiddenState, sgd_reference, {"matches_reference", "state_dict_round_trip"}),
         (MovesWithoutGrads, sgd_reference, {"step_without_grads_is_noop"}),
+        (EagerStateMovesWithoutGrads, sgd_reference, {"step_without_grads_is_noop"}),
     ],
-    ids=["wrong_update", "wrong_state_name", "hidden_state", "moves_without_grads"],
+    ids=[
+        "wrong_update",
+        "wrong_state_name",
+        "hidden_state",
+        "moves_without_grads",
+        "eager_state_moves_without_grads",
+    ],
 )
 def test_check_optimizer_names_the_failing_check(
     optimizer_class: type, reference: Any, failing: set[str]

@@ -1017,15 +1017,23 @@ class _OptimizerContext:
         return not problems, "\n".join(problems)
 
     def noop(self) -> tuple[bool | None, str]:
-        """A step with no gradients changes no parameter and creates no state."""
+        """A step with no gradients changes no parameter and creates or changes no state (state
+        the constructor created, as torch's Adagrad does, stays as it was)."""
         problems = []
         for opts in self.options:
             params = self.params(torch.float64)
             before = [p.clone() for p in params]
             optimizer = self.build(self.optimizer_class, params, opts)
+            initial = copy.deepcopy(optimizer.state_dict()["state"])
             optimizer.step()
-            if optimizer.state_dict()["state"]:
+            state = optimizer.state_dict()["state"]
+            if state.keys() != initial.keys():
                 problems.append(f"[{_show_options(opts)}] state was created without gradients")
+            else:
+                try:
+                    torch.testing.assert_close(state, initial, rtol=0.0, atol=0.0, equal_nan=True)
+                except AssertionError:
+                    problems.append(f"[{_show_options(opts)}] state changed without gradients")
             problem = _compare("param", params, before, 0.0, 0.0)
             if problem:
                 problems.append(f"[{_show_options(opts)}] {problem}")

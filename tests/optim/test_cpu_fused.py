@@ -17,6 +17,7 @@ compiled step across tests.
 
 from __future__ import annotations
 
+import inspect
 import pickle
 import warnings
 from typing import Any
@@ -102,7 +103,12 @@ def _assert_same_run(fused: list, plain: list, fused_opt: Any, plain_opt: Any) -
                 _assert_close_to_scale(fused_opt.state[a][key], value)
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+# The built-ins (rule.reference set) are excluded here: their fused=True on the CPU still runs
+# torch.optim's own fused CPU kernels (torch's dtypes: no complex), not the compiled rule update.
+COMPILED = sorted(name for name, cls in REGISTRY.items() if cls.rule.reference is None)
+
+
+@pytest.mark.parametrize("name", COMPILED)
 def test_fused_cpu_step_matches_the_rules_torch_path(name: str) -> None:
     cls = REGISTRY[name]
     fused, plain, fused_opt, plain_opt = _pair(cls, SHAPES, **_options(cls))
@@ -139,7 +145,14 @@ def test_fused_cpu_step_compiles_once_whatever_the_sizes_and_number_of_tensors(
     assert _cpu_fused.compile_count(cls.rule.update) == compiled
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+# Every registered optimizer that takes fused: all but RMSprop, whose signature is torch's
+# (torch.optim.RMSprop has no fused; tests/optim/test_signatures.py).
+TAKE_FUSED = sorted(
+    name for name, cls in REGISTRY.items() if "fused" in inspect.signature(cls).parameters
+)
+
+
+@pytest.mark.parametrize("name", TAKE_FUSED)
 @pytest.mark.parametrize(
     ("flag", "message"),
     [
@@ -266,3 +279,84 @@ def test_fused_with_an_engine_option_runs_the_torch_update_and_says_so(
     decision = torchopt_lab.backend_info()["decisions"]["optim.NAdam (fused)"]
     assert decision["backend"] == "torch"
     assert f"does not take {named}" in decision["reason"]
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.zeros(4, dtype=torch.complex64),  # 1-D: its real view, never itself
+        torch.zeros(4, requires_grad=True),  # a parameter: detached
+        torch.zeros(3, 2).view(-1),  # a view: without a _base
+        torch.zeros(3, 2),
+    ],
+)
+def test_flat_gives_a_real_1d_detached_tensor_without_a_base(tensor: torch.Tensor) -> None:
+    flat = _cpu_fused._flat(tensor)
+    assert flat.ndim == 1 and not flat.is_complex() and not flat.requires_grad
+    assert flat._base is None and flat.data_ptr() == tensor.data_ptr()
+
+
+# The built-ins (rule.reference set) as their rules are registered: fused=True on CPU tensors runs
+# torch.optim's fused kernel where torch has one (_cpu_fused.TORCH_KERNELS), else, or with that
+# switch off, their rule's update compiled like every other rule's. No complex tensors here:
+# torch's fused=True refuses them, and ours with it.
+BUILTINS = sorted(name for name in TAKE_FUSED if REGISTRY[name].rule.reference is not None)
+BUILTIN_OPTIONS: list[dict[str, Any]] = [
+    {"weight_decay": 0.1},
+    {"weight_decay": 0.1, "maximize": True, "amsgrad": True, "momentum": 0.9, "nesterov": True},
+]
+
+
+def _builtin_options(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    names = {h.name for h in cls.rule.hyperparameters}
+    return {key: value for key, value in options.items() if key in names}
+
+
+def _assert_same_builtin_run(fused: list, plain: list, fused_opt: Any, plain_opt: Any) -> None:
+    """Parameters within ``ULPS`` eps of their largest entry; each state within ``ULPS`` eps of
+    its largest entry over all parameters: the built-ins' reference is torch's foreach update,
+    whose ``g + lambda theta`` and ``lerp`` round apart from Inductor's (contracted) ones by about
+    an eps of their inputs' scale, which a 1-element state that cancels to 1e-3 of that scale
+    (Adam's ``exp_avg`` under ``maximize``, measured) shows as 30 eps of itself."""
+    scales: dict[str, float] = {}
+    for b in plain:
+        for key, value in plain_opt.state[b].items():
+            if key != "step" and value.numel():
+                scales[key] = max(scales.get(key, 0.0), value.abs().max().item())
+    for a, b in zip(fused, plain, strict=True):
+        _assert_close_to_scale(a.detach(), b.detach())
+        for key, value in plain_opt.state[b].items():
+            if key == "step":
+                assert fused_opt.state[a][key] == value
+            elif value.numel():
+                bound = ULPS * torch.finfo(value.dtype).eps * scales[key]
+                assert (fused_opt.state[a][key] - value).abs().max().item() <= bound, key
+
+
+@pytest.mark.parametrize("options", BUILTIN_OPTIONS, ids=["weight_decay", "every_branch"])
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtin_fused_cpu_step_compiled_matches_its_torch_path(
+    name: str, options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_cpu_fused, "TORCH_KERNELS", False)
+    cls = REGISTRY[name]
+    real = [shape for shape in SHAPES if not shape[1].is_complex]
+    fused, plain, fused_opt, plain_opt = _pair(cls, real, **_builtin_options(cls, options))
+    for seed in range(STEPS):
+        _step_both(fused, plain, fused_opt, plain_opt, seed)
+        _assert_same_builtin_run(fused, plain, fused_opt, plain_opt)
+    decision = torchopt_lab.backend_info()["decisions"][f"optim.{name} (fused)"]
+    assert decision["backend"] == "inductor", decision
+    assert _cpu_fused.compile_count(cls.rule.update) >= 1
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtin_fused_cpu_step_runs_torchs_kernel_where_torch_has_one(name: str) -> None:
+    cls = REGISTRY[name]
+    assert _cpu_fused.TORCH_KERNELS  # the default
+    param = torch.randn(5, requires_grad=True)
+    param.grad = torch.randn(5)
+    cls([param], fused=True).step()
+    decision = torchopt_lab.backend_info()["decisions"][f"optim.{name} (fused)"]
+    torch_has_one = cls._reference.__name__ in _cpu_fused._TORCH_FUSED_CPU
+    assert decision["backend"] == ("torch" if torch_has_one else "inductor"), decision

@@ -92,7 +92,8 @@ def test_skip_nonfinite_skips_the_step_counts_it_and_keeps_the_step_count(
         ours.step()
         reference.step()
     assert ours.skipped_steps == 1
-    assert all(ours.state[p]["step"].item() == STEPS - 1 for p in mine)
+    if REGISTRY[name].rule.step_state:  # SGD keeps no step count, as torch's
+        assert all(ours.state[p]["step"].item() == STEPS - 1 for p in mine)
     _close(mine, theirs)
 
 
@@ -118,7 +119,8 @@ def test_grad_scaler_gives_torchs_result_and_skips_inf_steps(name: str, backend:
         for scaler in scalers:
             scaler.update()
     assert scalers[0].get_scale() == scalers[1].get_scale()
-    assert all(ours.state[p]["step"].item() == STEPS - 1 for p in mine)
+    if REGISTRY[name].rule.step_state:  # SGD keeps no step count, as torch's
+        assert all(ours.state[p]["step"].item() == STEPS - 1 for p in mine)
     _close(mine, theirs)
 
 

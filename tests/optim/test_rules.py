@@ -10,6 +10,7 @@ of place, so it may round differently from torch's in-place ops, never by more).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import pickle
 import re
@@ -21,6 +22,7 @@ import torch
 from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
 import torchopt_lab.optim as ours
+from torchopt_lab.optim._base import ENGINE_OPTIONS
 from torchopt_lab.optim.rules import REGISTRY, Check, Hyperparameter, Rule, RuleOptimizer, State
 
 TOLERANCES = {
@@ -202,8 +204,12 @@ def test_rule_optimizer_step_without_grads_is_noop(name: str) -> None:
     params = _params(torch.float32)
     before = [p.clone() for p in params]
     optimizer = REGISTRY[name](params)
+    # State exists before the first step only where the rule creates it in the constructor
+    # (Adagrad, as torch's); the step leaves it as it was.
+    state = copy.deepcopy(optimizer.state_dict()["state"])
+    assert bool(state) == REGISTRY[name].rule.eager_state
     optimizer.step()
-    assert optimizer.state_dict()["state"] == {}
+    torch.testing.assert_close(optimizer.state_dict()["state"], state, rtol=0, atol=0)
     for a, b in zip(params, before, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -214,14 +220,19 @@ def test_rule_optimizer_signature_is_torch_optims_plus_fused_backend_and_engine_
 ) -> None:
     mine = list(inspect.signature(REGISTRY[name]).parameters.values())
     theirs = inspect.signature(getattr(torch.optim, name)).parameters.values()
-    # torch's NAdam, RAdam, Adamax and Adadelta have no `fused`; ours take it as Adam's does,
-    # then backend, max_grad_norm, skip_nonfinite, float32_state and record_norms.
-    ours_only = 6
+    # torch's NAdam, RAdam, Adamax and Adadelta have no `fused`; ours take it as Adam's does
+    # (a built-in whose torch signature has it keeps it there), then backend, max_grad_norm,
+    # skip_nonfinite, float32_state and record_norms.
+    torch_has_fused = "fused" in [p.name for p in theirs]
+    # A built-in (rule.reference) keeps torch's signature as it is: RMSprop takes no fused.
+    adds_fused = not torch_has_fused and REGISTRY[name].rule.reference is None
+    ours_only = 6 if adds_fused else 5
     assert [(p.name, p.kind, p.default) for p in mine[:-ours_only]] == [
         (p.name, p.kind, p.default) for p in theirs
     ]
+    fused = [("fused", inspect.Parameter.KEYWORD_ONLY, None)] if adds_fused else []
     assert [(p.name, p.kind, p.default) for p in mine[-ours_only:]] == [
-        ("fused", inspect.Parameter.KEYWORD_ONLY, None),
+        *fused,
         ("backend", inspect.Parameter.KEYWORD_ONLY, "auto"),
         ("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, None),
         ("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY, False),
@@ -299,8 +310,12 @@ def test_rule_optimizer_closure_returns_the_loss(name: str) -> None:
         loss.backward()
         return loss
 
+    before = [p.detach().clone() for p in params]
     assert torch.is_tensor(optimizer.step(closure))
-    assert all(len(optimizer.state[p]) > 0 for p in params)
+    assert not any(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    # SGD without momentum keeps no state, as torch's; the others have some for every parameter.
+    keeps_state = REGISTRY[name].rule.step_state
+    assert all((len(optimizer.state[p]) > 0) == keeps_state for p in params)
 
 
 def _differentiable_steps(
@@ -348,9 +363,24 @@ def test_rule_optimizer_differentiable_step_passes_gradcheck(name: str) -> None:
     # The oracle is finite differences: d(params after two steps)/d(lr, params before).
     lr = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)
 
-    def two_steps(lr: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
-        return _differentiable_steps(REGISTRY[name], lr, leaf, {"weight_decay": 0.1})
+    def two_steps(lr: torch.Tensor, leaf: torch.Tensor, cls: type = REGISTRY[name]) -> Any:
+        return _differentiable_steps(cls, lr, leaf, {"weight_decay": 0.1})
 
+    if REGISTRY[name].rule.reference is not None:
+        # A built-in hands differentiable=True to torch.optim's own update, as
+        # tests/optim/test_torch_flags.py holds it to; where that raises (a tensor lr into
+        # addcdiv_'s value in Adagrad and RMSprop, Momentum's buffer updated in place after
+        # autograd saved it), ours raises alike.
+        theirs = getattr(torch.optim, "SGD" if name == "Momentum" else name)
+        extra = {"momentum": 0.9} if name == "Momentum" else {}
+        try:
+            _differentiable_steps(
+                theirs, lr, _leaf(), {"weight_decay": 0.1, **extra}
+            ).sum().backward()
+        except (RuntimeError, TypeError) as error:
+            with pytest.raises(type(error)):
+                two_steps(lr, _leaf()).sum().backward()
+            return
     assert torch.autograd.gradcheck(two_steps, (lr, _leaf()))
 
 
@@ -423,14 +453,14 @@ def test_lion_refuses_bad_hyperparameters(
 
 
 def test_every_rule_optimizer_is_registered_and_exported() -> None:
+    # Every exported class derived from a rule (a RuleOptimizer or a built-in) is registered.
     declared = {
         name
         for name, value in vars(ours).items()
-        if isinstance(value, type)
-        and issubclass(value, RuleOptimizer)
-        and value is not RuleOptimizer
+        if isinstance(value, type) and isinstance(vars(value).get("rule"), Rule)
     }
-    assert declared == set(REGISTRY) == {"NAdam", "RAdam", "Adamax", "Adadelta", "Lion"}
+    assert declared == set(REGISTRY)
+    assert set(REGISTRY) >= {"NAdam", "RAdam", "Adamax", "Adadelta", "Lion", "Adam", "AdamW"}
     assert all(name in ours.__all__ for name in REGISTRY)
 
 
@@ -476,15 +506,32 @@ def test_rule_update_returning_the_wrong_number_of_tensors_is_refused() -> None:
         Wrong([param]).step()
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+# SGD, Momentum and Adagrad take sparse gradients, as torch's SGD and Adagrad do
+# (tests/optim/test_edge_cases.py holds them to torch's results).
+@pytest.mark.parametrize(
+    "name", [name for name in sorted(REGISTRY) if REGISTRY[name].rule.sparse_message is not None]
+)
 def test_rule_optimizer_refuses_sparse_gradients_as_torch_optim_does(name: str) -> None:
     param = torch.zeros(3)
     param.grad = torch.zeros(3).to_sparse()
-    with pytest.raises(RuntimeError, match=f"^{name} does not support sparse gradients$"):
+    message = f"{name} does not support sparse gradients"
+    if name in WITH_TORCH:  # torch's own message (AdamW's is Adam's)
+        with pytest.raises(RuntimeError) as theirs:
+            getattr(torch.optim, name)([param]).step()
+        message = str(theirs.value)
+    with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
         REGISTRY[name]([param]).step()
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+# SGD, Momentum and Adagrad take no capturable argument, as torch's SGD and Adagrad.
+@pytest.mark.parametrize(
+    "name",
+    [
+        name
+        for name in sorted(REGISTRY)
+        if any(h.name == "capturable" for h in REGISTRY[name].rule.hyperparameters)
+    ],
+)
 def test_rule_optimizer_capturable_on_cpu_raises_as_torch_optim_does(name: str) -> None:
     param = torch.zeros(3)
     param.grad = torch.ones(3)
@@ -575,3 +622,289 @@ def test_first_moment_is_torch_lerp_so_an_infinite_gradient_gives_torchs_nan(nam
         results.append((param.detach().clone(), optimizer.state[param]["exp_avg"].clone()))
     for mine, theirs in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(mine, theirs, equal_nan=True, rtol=1e-6, atol=1e-6)
+
+
+# The declaration fields of stage C (State.when, State.init=None or a function of the group,
+# Rule.step_state, Rule.eager_state, tuple Check names, Hyperparameter.convert, Rule.fixed,
+# Rule.group_order, Rule.sparse_message, Rule.reference on the built-in engine), each exercised by
+# a tiny rule of a user's, held to torch.optim where torch has the same algorithm.
+
+
+def _momentum_update(param, grad, buf, *, lr, momentum):
+    """torch's SGD momentum: the buffer is created from the first gradient (init=None) and
+    exists only where momentum != 0 (when)."""
+    if momentum == 0:
+        assert buf is None
+        return param - lr * grad, None
+    buf = grad.clone() if buf is None else buf * momentum + grad
+    return param - lr * buf, buf
+
+
+class _Heavyball(RuleOptimizer):
+    rule = Rule(
+        hyperparameters=(Hyperparameter("lr", 0.1), Hyperparameter("momentum", 0.0)),
+        checks=(),
+        state=(State("momentum_buffer", init=None, when=lambda group: group["momentum"] != 0),),
+        scalars=lambda group, step, state: {"lr": group["lr"], "momentum": group["momentum"]},
+        update=_momentum_update,
+        step_state=False,
+    )
+
+
+def test_state_created_by_the_update_only_where_when_holds_matches_torch_sgd() -> None:
+    params = _params(torch.float64)
+    theirs_params = [p.clone() for p in params]
+    groups = [{"params": params[:2], "momentum": 0.9}, {"params": params[2:]}]
+    theirs_groups = [{"params": theirs_params[:2], "momentum": 0.9}, {"params": theirs_params[2:]}]
+    mine, theirs = _Heavyball(groups), torch.optim.SGD(theirs_groups, lr=0.1)
+    _run(mine, params, range(STEPS))
+    _run(theirs, theirs_params, range(STEPS))
+    for ours_p, their_p in zip(params, theirs_params, strict=True):
+        torch.testing.assert_close(ours_p, their_p, rtol=1e-12, atol=1e-12)
+    # No step (step_state=False), a buffer only where momentum != 0: torch's SGD state keys.
+    for p in params[:2]:
+        assert set(mine.state[p]) == {"momentum_buffer"} == set(theirs.state[theirs_params[0]])
+        assert mine.state[p]["momentum_buffer"] is not p.grad
+    assert "momentum_buffer" not in mine.state.get(params[2], {})
+    assert mine.state_dict()["state"][0].keys() == theirs.state_dict()["state"][0].keys()
+
+
+def test_state_created_by_the_update_for_complex_params_is_complex() -> None:
+    param = torch.randn(3, dtype=torch.complex128)
+    theirs_param = param.clone()
+    mine = _Heavyball([param], momentum=0.9)
+    theirs = torch.optim.SGD([theirs_param], lr=0.1, momentum=0.9)
+    _run(mine, [param], range(3))
+    _run(theirs, [theirs_param], range(3))
+    torch.testing.assert_close(param, theirs_param, rtol=1e-12, atol=1e-12)
+    assert mine.state[param]["momentum_buffer"].dtype == torch.complex128
+
+
+def _adagrad_update(param, grad, state_sum, *, lr, eps):
+    state_sum = state_sum + grad * grad
+    return param - lr * grad / (state_sum.sqrt() + eps), state_sum
+
+
+class _EagerAdagrad(RuleOptimizer):
+    rule = Rule(
+        hyperparameters=(
+            Hyperparameter("lr", 1e-2),
+            Hyperparameter("initial_accumulator_value", 0.0),
+            Hyperparameter("eps", 1e-10),
+        ),
+        checks=(),
+        state=(State("sum", init=lambda group: group["initial_accumulator_value"]),),
+        scalars=lambda group, step, state: {"lr": group["lr"], "eps": group["eps"]},
+        update=_adagrad_update,
+        eager_state=True,
+    )
+
+
+def test_eager_state_with_an_initial_value_from_the_group_is_torch_adagrads() -> None:
+    params = _params(torch.float64)
+    theirs_params = [p.clone() for p in params]
+    mine = _EagerAdagrad(params, lr=0.1, initial_accumulator_value=0.25)
+    theirs = torch.optim.Adagrad(theirs_params, lr=0.1, initial_accumulator_value=0.25)
+    # Created in the constructor, before any step, as torch's Adagrad does.
+    mine_state, their_state = mine.state_dict()["state"], theirs.state_dict()["state"]
+    assert mine_state.keys() == their_state.keys() == set(range(len(params)))
+    for index in their_state:
+        assert mine_state[index].keys() == their_state[index].keys()
+        torch.testing.assert_close(mine_state[index]["sum"], their_state[index]["sum"])
+    _run(mine, params, range(STEPS))
+    _run(theirs, theirs_params, range(STEPS))
+    for ours_p, their_p in zip(params, theirs_params, strict=True):
+        torch.testing.assert_close(ours_p, their_p, rtol=1e-12, atol=1e-12)
+
+
+def _checked_rule(**overrides: Any) -> Rule:
+    seen: list[Any] = []
+    fields: dict[str, Any] = {
+        "hyperparameters": (
+            Hyperparameter("lr", 0.1),
+            Hyperparameter("betas", (0.5, 0.5), convert=tuple),
+            Hyperparameter("foreach", None, keyword_only=True),
+        ),
+        "checks": (
+            Check(
+                ("lr", "foreach"),
+                lambda value: seen.append(value) or not (value[0] > 1 and value[1]),
+                "lr {value[0]} is too large for foreach={value[1]}",
+            ),
+            Check("betas", lambda betas: seen.append(betas) or True, ""),
+        ),
+        "state": (),
+        "scalars": lambda group, step, state: {"lr": group["lr"]},
+        "update": lambda param, grad, *, lr: (param - lr * grad,),
+        "fixed": {"decoupled": True},
+        "group_order": ("betas", "decoupled", "foreach", "lr"),
+    }
+    fields.update(overrides)
+    rule = Rule(**fields)
+    rule.__dict__["seen"] = seen  # frozen dataclass: the test reads what the checks saw
+    return rule
+
+
+def test_a_check_of_several_names_gets_their_values_and_quotes_them() -> None:
+    class Checked(RuleOptimizer):
+        rule = _checked_rule()
+
+    Checked([torch.zeros(1)], lr=2.0)
+    assert Checked.rule.seen[0] == (2.0, None)
+    with pytest.raises(ValueError, match=r"^lr 2.0 is too large for foreach=True$"):
+        Checked([torch.zeros(1)], lr=2.0, foreach=True)
+
+
+def test_convert_runs_after_the_checks_and_its_result_is_stored() -> None:
+    class Checked(RuleOptimizer):
+        rule = _checked_rule()
+
+    optimizer = Checked([torch.zeros(1)], betas=[0.25, 0.75])
+    assert Checked.rule.seen[-1] == [0.25, 0.75]  # the check saw the value given
+    assert optimizer.param_groups[0]["betas"] == (0.25, 0.75)  # the group holds the converted
+
+
+def test_fixed_keys_are_in_every_group_not_in_the_signature_and_forced_on_load() -> None:
+    class Checked(RuleOptimizer):
+        rule = _checked_rule()
+
+    assert "decoupled" not in inspect.signature(Checked).parameters
+    with pytest.raises(TypeError, match="decoupled"):
+        Checked([torch.zeros(1)], decoupled=False)
+    param = torch.zeros(1)
+    optimizer = Checked([param])
+    optimizer.add_param_group({"params": [torch.zeros(1)]})
+    assert [group["decoupled"] for group in optimizer.param_groups] == [True, True]
+    state = optimizer.state_dict()
+    state["param_groups"][0]["decoupled"] = False
+    del state["param_groups"][1]["decoupled"]
+    optimizer.load_state_dict(state)
+    assert [group["decoupled"] for group in optimizer.param_groups] == [True, True]
+
+
+def test_group_order_orders_the_param_group_keys() -> None:
+    class Checked(RuleOptimizer):
+        rule = _checked_rule()
+
+    optimizer = Checked([torch.zeros(1)])
+    assert list(optimizer.param_groups[0]) == ["params", "betas", "decoupled", "foreach", "lr"]
+    assert list(inspect.signature(Checked).parameters)[:4] == ["params", "lr", "betas", "foreach"]
+
+
+def test_setstate_defaults_names_the_keys_filled_in_on_load() -> None:
+    class Checked(RuleOptimizer):
+        rule = _checked_rule(setstate_defaults={"foreach": None})
+
+    optimizer = Checked([torch.zeros(1)])
+    state = optimizer.state_dict()
+    del state["param_groups"][0]["foreach"]
+    del state["param_groups"][0]["lr"]
+    optimizer.load_state_dict(state)
+    assert optimizer.param_groups[0]["foreach"] is None
+    assert "lr" not in optimizer.param_groups[0]  # as torch: only the keys it names
+
+
+def test_sparse_message_is_the_rules() -> None:
+    class Checked(RuleOptimizer):
+        rule = _checked_rule(sparse_message="{name} wants dense gradients")
+
+    param = torch.zeros(3)
+    param.grad = torch.zeros(3).to_sparse()
+    with pytest.raises(RuntimeError, match=r"^Checked wants dense gradients$"):
+        Checked([param]).step()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"fixed": {"lr": 1.0}, "group_order": ()}, "are hyperparameters too"),
+        ({"group_order": ("lr", "betas")}, "group_order must list every"),
+        (
+            {"checks": (Check(("lr", "gamma"), lambda v: True, ""),), "group_order": ()},
+            "checks of undeclared names",
+        ),
+    ],
+)
+def test_new_declaration_mistakes_are_refused_at_class_creation(
+    overrides: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(TypeError, match=message):
+
+        class Broken(RuleOptimizer):
+            rule = _checked_rule(**overrides)
+
+
+def _heavyball_reference(params, grads, momentum_buffer_list, *, lr, momentum):
+    """The same rule as a group-level reference in torch.optim's functional shape."""
+    for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
+        if momentum != 0:
+            buf = momentum_buffer_list[index]
+            if buf is None:
+                buf = momentum_buffer_list[index] = grad.detach().clone()
+            else:
+                buf.mul_(momentum).add_(grad)
+            grad = buf
+        param.add_(grad, alpha=-lr)
+
+
+def test_a_rule_with_a_reference_runs_on_the_built_in_engine_with_a_derived_class() -> None:
+    from torchopt_lab.optim._base import TorchoptOptimizer
+
+    class BuiltinHeavyball(TorchoptOptimizer):
+        rule = dataclasses.replace(
+            _Heavyball.rule,
+            hyperparameters=(
+                *_Heavyball.rule.hyperparameters,
+                Hyperparameter("differentiable", False, keyword_only=True),
+            ),
+            reference=_heavyball_reference,
+        )
+
+    # The derived signature: the rule's hyperparameters, then backend and the engine's options
+    # (no fused: the built-in engine adds none where the rule declares none).
+    names = list(inspect.signature(BuiltinHeavyball).parameters)
+    assert names == ["params", "lr", "momentum", "differentiable", "backend", *ENGINE_OPTIONS]
+    params = _params(torch.float64)
+    theirs_params = [p.clone() for p in params]
+    groups = [{"params": params[:2], "momentum": 0.9}, {"params": params[2:]}]
+    theirs_groups = [{"params": theirs_params[:2], "momentum": 0.9}, {"params": theirs_params[2:]}]
+    mine = BuiltinHeavyball(groups, backend="torch")
+    theirs = torch.optim.SGD(theirs_groups, lr=0.1)
+    tensors = mine._group_tensors(mine.param_groups[1])
+    assert list(tensors) == ["params", "grads", "momentum_buffer_list"]
+    _run(mine, params, range(STEPS))
+    _run(theirs, theirs_params, range(STEPS))
+    for ours_p, their_p in zip(params, theirs_params, strict=True):
+        torch.testing.assert_close(ours_p, their_p, rtol=1e-12, atol=1e-12)
+    assert set(mine.state[params[0]]) == {"momentum_buffer"}
+    assert "momentum_buffer" not in mine.state.get(params[2], {})
+    assert mine._hyperparameters(mine.param_groups[0]) == {"lr": 0.1, "momentum": 0.9}
+
+
+def test_a_built_in_rule_whose_reference_lists_do_not_match_its_state_is_refused() -> None:
+    from torchopt_lab.optim._base import TorchoptOptimizer
+
+    def reference(params, grads, *, lr, momentum):
+        pass
+
+    with pytest.raises(TypeError, match="reference takes lists"):
+
+        class Broken(TorchoptOptimizer):
+            rule = dataclasses.replace(
+                _Heavyball.rule,
+                hyperparameters=(
+                    *_Heavyball.rule.hyperparameters,
+                    Hyperparameter("differentiable", False, keyword_only=True),
+                ),
+                reference=reference,
+            )
+
+
+@pytest.mark.parametrize("name", WITH_TORCH)
+def test_param_group_keys_and_repr_are_in_torchs_order(name: str) -> None:
+    # torch's repr and state_dict list a group's keys in the order its constructor stores them,
+    # which is not always its signature's (NAdam stores maximize before foreach).
+    mine = REGISTRY[name]([torch.zeros(2)])
+    theirs = getattr(torch.optim, name)([torch.zeros(2)])
+    assert list(mine.param_groups[0]) == list(theirs.param_groups[0])
+    assert repr(mine).splitlines()[1:-8] == repr(theirs).splitlines()[1:-1]

@@ -87,7 +87,13 @@ def test_lion_kernel_matches_lions_torch_update(kwargs: dict[str, Any], dtype: t
     _assert_same(mine, params, theirs, reference)
 
 
-@pytest.mark.parametrize("name", WITH_TORCH)
+# The built-ins (rule.reference set) are excluded: their fused kernels update real tensors only;
+# backend="triton" refuses complex parameters, which backend="auto" sends to the torch path
+# (tests/triton_kernels/test_fused_optimizer_faults.py and tests/optim/test_optim_db.py hold both).
+RULE_KERNELS = [name for name in WITH_TORCH if REGISTRY[name].rule.reference is None]
+
+
+@pytest.mark.parametrize("name", RULE_KERNELS)
 def test_rule_kernel_matches_torch_optim_on_complex_params(name: str) -> None:
     params, reference = _params(torch.complex64), _params(torch.complex64)
     kwargs = {"lr": 0.01, "weight_decay": 0.1, "maximize": True}
@@ -110,8 +116,9 @@ def test_rule_kernel_gives_each_parameter_the_scalars_of_its_own_step(name: str)
     theirs.param_groups[0]["params"].insert(0, reference[0])
     _run(mine, params, range(2, 4))
     _run(theirs, reference, range(2, 4))
-    assert mine.state[params[0]]["step"].item() == 2
-    assert mine.state[params[1]]["step"].item() == 4
+    if REGISTRY[name].rule.step_state:  # SGD keeps no step count (as torch): results only
+        assert mine.state[params[0]]["step"].item() == 2
+        assert mine.state[params[1]]["step"].item() == 4
     _assert_same(mine, params, theirs, reference)
 
 

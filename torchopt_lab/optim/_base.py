@@ -27,7 +27,8 @@ from torch import Tensor
 from torch.optim.optimizer import _device_dtype_check_for_fused, _use_grad_for_differentiable
 
 from torchopt_lab import backend as _backend
-from torchopt_lab.optim._fused import Part, _local, fused_step, repeat_step
+from torchopt_lab.optim import _cpu_fused
+from torchopt_lab.optim._fused import FusedState, Part, _local, fused_step, repeat_step
 from torchopt_lab.optim.clip import _clip_coefficient, _total_norm
 
 TensorLists = dict[str, list[Any]]
@@ -316,7 +317,219 @@ def set_engine_options(
     optimizer._skipped_traced = torch.zeros((), dtype=torch.int64)
 
 
-class TorchoptOptimizer(torch.optim.Optimizer):
+class DeclaredOptimizer(torch.optim.Optimizer):
+    """The class derived from a declaration, written once for both engines.
+
+    A subclass that sets the class attribute ``rule`` (a :class:`torchopt_lab.optim.rules.Rule`)
+    gets from it: ``__init__`` with the signature ``params``, the rule's hyperparameters in
+    order, ``fused`` (where the engine adds it), ``backend`` and :data:`ENGINE_OPTIONS`; the
+    rule's checks (torch's order, exception types and messages), then each hyperparameter's
+    ``convert`` and the rule's ``fixed`` keys, the param-group keys in ``group_order``; the keys
+    ``__setstate__`` fills in (``_group_defaults``) and forces (``fixed``); each parameter's state
+    created from the rule's :class:`~torchopt_lab.optim.rules.State` entries, in the constructor
+    with ``eager_state``. Two engines run the step: ``RuleOptimizer`` (the rule's per-tensor
+    update) and :class:`TorchoptOptimizer` (a built-in's ``reference`` and fused kernel).
+    """
+
+    rule: ClassVar[Any]
+    _signature: ClassVar[inspect.Signature]
+    # Whether the constructor takes ``fused`` (keyword-only, after the rule's hyperparameters,
+    # an attribute of the optimizer) when the rule does not declare it as a hyperparameter.
+    _adds_fused: ClassVar[bool] = False
+    # Param-group keys that state dicts of older versions may lack, with the value
+    # ``__setstate__`` gives them (derived from the rule; written by hand without one).
+    _group_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __repr__(self) -> str:
+        """torch.optim's repr (the param groups), then the options this optimizer holds outside
+        its groups: ``backend``, ``max_grad_norm`` and the fused-kernel options."""
+        options = "".join(
+            f"    {name}: {getattr(self, name)}\n"
+            for name in (
+                "backend",
+                "max_grad_norm",
+                "skip_nonfinite",
+                "float32_state",
+                "record_norms",
+            )
+        )
+        torch_repr = super().__repr__()
+        assert torch_repr.endswith(")")
+        return f"{torch_repr[:-1]}\nOptimizer options\n{options})"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "rule" in cls.__dict__:
+            cls._derive()
+
+    @classmethod
+    def _derive(cls) -> None:
+        """Check ``cls.rule`` and derive the constructor, its signature and the group defaults;
+        then the engine's own parts (:meth:`_derive_engine`)."""
+        rule = cls.rule
+        names = [h.name for h in rule.hyperparameters]
+        own = {"params", "backend", *ENGINE_OPTIONS}
+        if len(set(names)) != len(names) or own & set(names):
+            raise TypeError(
+                f"{cls.__name__}.rule: hyperparameter names must be unique and not one of the "
+                f"constructor's own {sorted(own)}: {names}"
+            )
+        if set(rule.fixed) & set(names):
+            raise TypeError(
+                f"{cls.__name__}.rule: fixed keys {sorted(set(rule.fixed) & set(names))} are "
+                "hyperparameters too; a fixed key is one the constructor does not take"
+            )
+        keys = [*names, *rule.fixed]
+        unknown = {name for check in rule.checks for name in check.names} - set(keys)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.rule: checks of undeclared names {sorted(unknown)}")
+        state_names = [entry.name for entry in rule.state]
+        if "step" in state_names or len(set(state_names)) != len(state_names):
+            raise TypeError(
+                f"{cls.__name__}.rule: state names must be unique and not 'step': {state_names}"
+            )
+        if rule.group_order and sorted(rule.group_order) != sorted(keys):
+            raise TypeError(
+                f"{cls.__name__}.rule: group_order must list every hyperparameter and fixed key "
+                f"once: {list(rule.group_order)}, keys {keys}"
+            )
+        parameters = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        parameters += [
+            inspect.Parameter(
+                h.name,
+                inspect.Parameter.KEYWORD_ONLY
+                if h.keyword_only
+                else inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=h.default,
+            )
+            for h in rule.hyperparameters
+        ]
+        # Beside torch's arguments, as every torchopt_lab optimizer: whether the step is fused
+        # (a rule's own extension where torch.optim has none) and which backend runs it
+        # (attributes of the optimizer, not of its param groups, so state dicts stay torch's).
+        if cls._adds_fused and "fused" not in names:
+            parameters.append(
+                inspect.Parameter("fused", inspect.Parameter.KEYWORD_ONLY, default=None)
+            )
+        parameters.append(
+            inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto")
+        )
+        # ... and the engine's options, as every optimizer here takes them (attributes too).
+        parameters += [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+            for name, default in ENGINE_OPTIONS.items()
+        ]
+        cls._signature = inspect.Signature(parameters)
+
+        def __init__(self: DeclaredOptimizer, params: Any, *args: Any, **kwargs: Any) -> None:
+            DeclaredOptimizer._construct(self, params, args, kwargs)
+
+        __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *parameters]
+        )
+        __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+        __init__.__doc__ = f"Construct {cls.__name__}: see the class docstring."
+        cls.__init__ = __init__  # type: ignore[method-assign]
+        defaults = rule.setstate_defaults
+        if defaults is None:
+            defaults = {h.name: h.default for h in rule.hyperparameters}
+        cls._group_defaults = dict(defaults)
+        cls._derive_engine()
+
+    @classmethod
+    def _derive_engine(cls) -> None:
+        """What the engine derives from ``cls.rule`` beside the constructor (nothing here)."""
+
+    def _construct(self, params: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The derived constructor: bind, check, convert, fix, order; then :meth:`_build`."""
+        cls = type(self)
+        rule = cls.rule
+        try:
+            bound = cls._signature.bind(params, *args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{cls.__name__}(): {error}") from None
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        params = values.pop("params")
+        engine = {name: values.pop(name) for name in ("backend", *ENGINE_OPTIONS)}
+        if cls._adds_fused and all(h.name != "fused" for h in rule.hyperparameters):
+            engine["fused"] = values.pop("fused")
+        values.update(rule.fixed)
+        for check in rule.checks:
+            check(check.value(values))
+        for h in rule.hyperparameters:
+            if h.convert is not None:
+                values[h.name] = h.convert(values[h.name])
+        if rule.group_order:
+            values = {name: values[name] for name in rule.group_order}
+        self._build(params, values, engine)
+        if rule.eager_state:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self._init_state(p, group)
+
+    def _build(self, params: Any, defaults: dict[str, Any], engine: dict[str, Any]) -> None:
+        """The engine's construction from checked param-group ``defaults`` and its own options
+        (``backend``, :data:`ENGINE_OPTIONS`, and ``fused`` where the engine adds it)."""
+        raise NotImplementedError
+
+    def _fill_group_defaults(self) -> None:
+        """``__setstate__``: fill in the keys an older state dict lacks, force ``rule.fixed``."""
+        rule = getattr(type(self), "rule", None)
+        fixed = {} if rule is None else rule.fixed
+        for group in self.param_groups:
+            for key, value in self._group_defaults.items():
+                group.setdefault(key, value)
+            group.update(fixed)
+
+    def _step_device(self, p: Tensor, group: dict[str, Any]) -> torch.device | None:
+        """Where a new ``step`` (and scalar state) lives: the CPU unless ``capturable``, as
+        torch.optim keeps it (None: the CPU)."""
+        return p.device if group.get("capturable") else None
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """``self.state[p]``, created from the rule's State entries if empty (see
+        :meth:`_create_state`)."""
+        state = self.state[p]
+        if len(state) == 0:
+            self._create_state(state, p, group)
+        return state
+
+    def _create_state(
+        self,
+        state: dict[str, Any],
+        p: Tensor,
+        group: dict[str, Any],
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Fill a parameter's empty ``state``: ``step`` (with ``rule.step_state``), then each
+        State entry kept in ``group`` (``when``) with an initial value (``init`` not None):
+        tensors like ``p`` (in ``dtype`` if given), scalars like ``step``."""
+        rule = self.rule
+        device = self._step_device(p, group)
+        if rule.step_state:
+            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype(), device=device)
+        for entry in rule.state:
+            if not entry.exists(group):
+                continue
+            # State created in the constructor takes the constructor's values, whatever a param
+            # group overrides (torch's Adagrad fills every sum with its initial_accumulator_value).
+            init = entry.initial(self.defaults if rule.eager_state else group)
+            if init is None:
+                continue  # created by the update on the first step
+            if entry.scalar:
+                state[entry.name] = torch.tensor(init, dtype=_scalar_dtype(), device=device)
+            else:
+                if rule.complex_as_real and p.is_complex():
+                    # The update sees the real view: both components start at init (torch's
+                    # Adagrad fills complex(v, v)).
+                    init = complex(init, init)
+                state[entry.name] = torch.full_like(
+                    p, init, dtype=dtype, memory_format=torch.preserve_format
+                )
+
+
+class TorchoptOptimizer(DeclaredOptimizer):
     """Base of every torchopt_lab optimizer (private: use the optimizers themselves).
 
     ``backend``, ``max_grad_norm`` and the fused-kernel options (``skip_nonfinite``,
@@ -370,28 +583,10 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             "record_norms": self.record_norms,
         }
 
-    def __repr__(self) -> str:
-        """torch.optim's repr (the param groups), then the options this optimizer holds outside
-        its groups: ``backend``, ``max_grad_norm`` and the fused-kernel options."""
-        options = "".join(
-            f"    {name}: {getattr(self, name)}\n"
-            for name in (
-                "backend",
-                "max_grad_norm",
-                "skip_nonfinite",
-                "float32_state",
-                "record_norms",
-            )
-        )
-        torch_repr = super().__repr__()
-        assert torch_repr.endswith(")")
-        return f"{torch_repr[:-1]}\nOptimizer options\n{options})"
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._fill_group_defaults()
         for group in self.param_groups:
-            for key, value in self._group_defaults.items():
-                group.setdefault(key, value)
             for p in group["params"]:
                 # Older torch stored ``step`` as a Python number (a tensor since torch 1.12), and
                 # torch on the CPU also steps an integer tensor: both become a float step.
@@ -444,9 +639,10 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         )
 
     def norm_diagnostics(self) -> dict[Tensor, Tensor]:
-        """Per-parameter squared norms from the last fused step run with ``record_norms=True``.
+        """Per-parameter squared norms from the last step run with ``record_norms=True``.
 
-        Maps each parameter updated by the kernels to a float32 tensor on its device holding
+        Maps each parameter the step updated (by the kernels or by the torch path) to a float32
+        tensor on its device holding
         ``[grad_sq_norm, update_sq_norm, param_sq_norm]``: the squared L2 norms of the gradient
         the update used (after unscaling and clipping), of the update (new minus old parameter)
         and of the parameter before the update. They are accumulated by the update kernel as it
@@ -475,14 +671,135 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         in_graph = 0 if traced is None else int(traced.item())
         return self._skipped_on_host + in_graph + max((int(c.item()) for c in counters), default=0)
 
+    def _build(self, params: Any, defaults: dict[str, Any], engine: dict[str, Any]) -> None:
+        TorchoptOptimizer.__init__(self, params, defaults, **engine)
+
+    def _step_device(self, p: Tensor, group: dict[str, Any]) -> torch.device | None:
+        return None  # on the CPU; the fused kernels move it to the device (in-kernel counts)
+
+    @classmethod
+    def _derive_engine(cls) -> None:
+        """A built-in's rule: its ``reference`` is ``_reference``; the lists of
+        :meth:`_group_tensors` are named after the reference's positional parameters
+        (``params``, ``grads``, one per tensor State, ``state_steps``), its keywords are read
+        from the param group (or by ``rule.kernel.readers``: Adam's ``beta1``)."""
+        rule = cls.rule
+        if rule.reference is None:
+            raise TypeError(
+                f"{cls.__name__}.rule: a built-in optimizer's rule needs a reference (its "
+                "group-level multi-tensor update); a rule without one subclasses RuleOptimizer"
+            )
+        if all(h.name != "differentiable" for h in rule.hyperparameters):
+            raise TypeError(
+                f"{cls.__name__}.rule: the built-in engine needs torch's differentiable flag "
+                "among the hyperparameters (its step reads defaults['differentiable'])"
+            )
+        if any(entry.scalar for entry in rule.state):
+            raise TypeError(
+                f"{cls.__name__}.rule: the built-in engine keeps no scalar state beside step"
+            )
+        parameters = inspect.signature(rule.reference).parameters.values()
+        lists = [p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        expected = ["params", "grads", *rule.tensor_state]
+        if rule.step_state:
+            expected.append("state_steps")
+        if (
+            len(lists) != len(expected)
+            or lists[:2] != ["params", "grads"]
+            or (rule.step_state and lists[-1] != "state_steps")
+        ):
+            raise TypeError(
+                f"{cls.__name__}.rule: reference takes lists {lists}; expected params, grads, "
+                f"one per tensor state {list(rule.tensor_state)}"
+                + (", state_steps" if rule.step_state else "")
+            )
+        readers = dict(rule.kernel.readers) if rule.kernel is not None else {}
+        keys = {h.name for h in rule.hyperparameters} | set(rule.fixed)
+        keywords = [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        unread = [name for name in keywords if name not in keys and name not in readers]
+        if unread:
+            raise TypeError(
+                f"{cls.__name__}.rule: reference keywords {unread} are neither hyperparameters "
+                "nor fixed keys nor read by rule.kernel.readers"
+            )
+        if rule.kernel is not None and not set(rule.kernel.state_lists.values()) <= set(lists):
+            raise TypeError(
+                f"{cls.__name__}.rule: kernel state lists {rule.kernel.state_lists} are not "
+                f"reference lists {lists}"
+            )
+        cls._reference = staticmethod(rule.reference)
+        cls._views_complex_as_real = rule.complex_as_real
+        cls._creates_state = any(entry.init is None for entry in rule.state)
+        cls._lists = tuple(lists)
+        cls._state_entries = tuple(
+            (entry, name)
+            for entry, name in zip(
+                (entry for entry in rule.state if not entry.scalar), lists[2:], strict=False
+            )
+        )
+        # (name, reader or None: read group[name]); no operator.itemgetter, which Dynamo
+        # cannot trace in a compiled step.
+        cls._keywords = tuple((name, readers.get(name)) for name in keywords)
+
     def _group_tensors(self, group: dict[str, Any]) -> TensorLists:
-        raise NotImplementedError
+        """The group's tensor lists in the order of ``_reference``'s positional arguments, with
+        lazily created state (derived from ``rule``; a class without one writes its own)."""
+        rule = getattr(type(self), "rule", None)
+        if rule is None:
+            raise NotImplementedError
+        tensors: TensorLists = {name: [] for name in self._lists}
+        params, grads = tensors["params"], tensors["grads"]
+        # States this group keeps (``when``); the others' lists stay empty.
+        kept = [
+            (entry.name, tensors[name])
+            for entry, name in self._state_entries
+            if entry.exists(group)
+        ]
+        steps = tensors["state_steps"] if rule.step_state else None
+        sparse = rule.sparse_message
+        all_state = self.state
+        # A group that keeps no state (SGD without momentum) leaves self.state untouched, as
+        # torch does: no empty entries in its state_dict.
+        stateless = steps is None and not kept
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if sparse is not None and grad.is_sparse:
+                raise RuntimeError(sparse.format(name=type(self).__name__))
+            params.append(p)
+            grads.append(grad)
+            if stateless:
+                continue
+            state = all_state[p]
+            if len(state) == 0:
+                self._create_state(state, p, group)
+            for name, values in kept:
+                values.append(state.get(name))
+            if steps is not None:
+                steps.append(state["step"])
+        return tensors
 
     def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+        """The keyword arguments of ``_reference`` for a group (derived from ``rule``)."""
+        if getattr(type(self), "rule", None) is None:
+            raise NotImplementedError
+        return {name: group[name] if read is None else read(group) for name, read in self._keywords}
+
+    def _without_kernel(self) -> bool:
+        """Whether this optimizer's rule declares no fused kernel (its steps run the reference)."""
+        rule = getattr(type(self), "rule", None)
+        return rule is not None and rule.kernel is None
 
     def _finish_group(self, group: dict[str, Any], tensors: TensorLists) -> None:
-        """Store state the reference update created (SGD's first momentum buffers)."""
+        """Store state the reference update created (``State.init=None``: SGD's first momentum
+        buffers)."""
+        if getattr(type(self), "rule", None) is None or not self._creates_state:
+            return
+        for entry, name in self._state_entries:
+            if entry.init is None and entry.exists(group):
+                for p, value in zip(tensors["params"], tensors[name], strict=True):
+                    self.state[p][entry.name] = value
 
     @_use_grad_in_graph
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -493,7 +810,11 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if torch.compiler.is_compiling():
             return self._traced_step(loss)
-        if repeat_step(self, type(self)._reference.__name__):
+        if self.record_norms:
+            fused_state = self.__dict__.get("_fused_state")
+            if fused_state is not None:
+                fused_state.norms.clear()  # this step's norms only, from either path
+        if repeat_step(self):
             return loss
         groups = [(group, self._group_tensors(group)) for group in self.param_groups]
         if self.max_grad_norm is not None and any(
@@ -526,7 +847,6 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             with_grads = sum(len(tensors["params"]) for _, tensors in groups)
             dropped = fused_step(
                 self,
-                type(self)._reference.__name__,
                 fused,
                 total_norm=total_norm,
                 complete=not reference
@@ -697,6 +1017,15 @@ class TorchoptOptimizer(torch.optim.Optimizer):
                             "kernels update outside autograd); use backend='auto' or 'torch'"
                         )
                     chosen = "torch"
+                if chosen == "triton" and self._without_kernel():
+                    if self.backend == "triton":
+                        raise RuntimeError(
+                            f"{component}: backend='triton' cannot run: the rule declares no kernel"
+                        )
+                    _backend.record(
+                        component, self.backend, "torch", device, "the rule declares no kernel"
+                    )
+                    chosen = "torch"
                 by_backend = {chosen: list(range(len(indices)))}
                 if chosen == "triton":
                     by_backend = self._kernel_eligible(
@@ -820,6 +1149,9 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             factor = inverse_scale.to(part.device)
             scaled = [grad * factor for grad in part.tensors["grads"]]
             part = dataclasses.replace(part, tensors={**part.tensors, "grads": scaled})
+        before = None
+        if self.record_norms:
+            before = [p.detach().clone() for p in part.tensors["params"]]
         float32 = self.float32_state and part.dtype in _LOW_PRECISION
         if float32:
             self._upcast_state(part.tensors)
@@ -832,6 +1164,28 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             else:
                 self._torch_update(part.group, tensors, hyperparameters, clip_coefficient)
             self._finish_group(part.group, tensors)
+        if before is not None:
+            self._record_norms(part, before, clip_coefficient)
+
+    def _record_norms(
+        self, part: Part, before: list[Tensor], clip_coefficient: Tensor | None
+    ) -> None:
+        """``record_norms`` on the torch path: what the kernels record, per parameter: squared
+        norms of the gradient used (unscaled, clipped), of the update and of the parameter
+        before it, float32 on the parameter's device (see :meth:`norm_diagnostics`)."""
+        state = self.__dict__.get("_fused_state")
+        if state is None:
+            state = self.__dict__["_fused_state"] = FusedState()
+        with torch.no_grad():
+            for p, grad, old in zip(
+                part.tensors["params"], part.tensors["grads"], before, strict=True
+            ):
+                used = grad.to_dense() if grad.is_sparse else grad.detach()
+                if clip_coefficient is not None:
+                    used = used * clip_coefficient.to(used.device, used.dtype)
+                values = [used, p.detach() - old, old]
+                norms = torch.stack([_real_view(v).double().square().sum() for v in values])
+                state.norms[id(p)] = (norms.float().reshape(1, 3), 0)
 
     def _state_lists(self, tensors: TensorLists) -> list[str]:
         """The names of the per-parameter state lists kept for this group (not the steps)."""
@@ -899,6 +1253,16 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             scaled = torch._foreach_mul(tensors["grads"], clip_coefficient.to(device))
             tensors = {**tensors, "grads": scaled}
         flags = {key: True for key in _TORCH_FLAGS if group.get(key)}
+        if (
+            flags == {"fused": True}
+            and device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and _cpu_fused.compiles_builtin(self)
+        ):
+            # fused=True on CPU tensors: the rule's update compiled by Inductor (_cpu_fused.py);
+            # what it leaves (a first step that creates state, ...) takes the torch update.
+            self._compiled_cpu_update(group, tensors, hyperparameters)
+            return
         if flags and not torch.compiler.is_compiling():
             # fused, capturable or differentiable on the torch path: torch.optim's own update
             # with the same flag (its fused CPU/CUDA kernels; its differentiable single-tensor
@@ -907,6 +1271,26 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             return
         self._check_torch_path(group, device)
         type(self)._reference(*tensors.values(), **hyperparameters)
+
+    def _compiled_cpu_update(
+        self, group: dict[str, Any], tensors: TensorLists, hyperparameters: dict[str, Any]
+    ) -> None:
+        """``fused=True`` on CPU tensors by the compiled rule update (:func:`_cpu_fused.\
+builtin_step`); the parameters it leaves take torch.optim's fused kernel where torch has one,
+        else the reference, and state they create is written back into the part's lists."""
+        left, rest = _cpu_fused.builtin_step(self, group, tensors)
+        if not left:
+            return
+        device = rest["params"][0].device
+        if type(self)._reference.__name__ in _cpu_fused._TORCH_FUSED_CPU:
+            self._torch_optim_update(device, rest, hyperparameters, {"fused": True})
+        else:
+            type(self)._reference(*rest.values(), **hyperparameters)
+        count = len(tensors["params"])
+        for key, values in tensors.items():
+            if len(values) == count and key not in ("params", "grads"):
+                for index, value in zip(left, rest[key], strict=True):
+                    values[index] = value
 
     def _torch_optim_update(
         self,
@@ -920,6 +1304,12 @@ class TorchoptOptimizer(torch.optim.Optimizer):
         name = type(self)._reference.__name__
         function = getattr(importlib.import_module(f"torch.optim.{name}"), name)
         accepted = inspect.signature(function).parameters
+        # The state lists go by name (torch's names for them), so a reference may take them in
+        # its state's declaration order (torch's state_dict order): RMSprop's functional update
+        # takes grad_avgs before momentum_buffer_list, its state_dict the other way round. The
+        # parameters and gradients go by position (SGD's gradients are torch's d_p_list).
+        params, grads, *_ = tensors.values()
+        lists = dict(list(tensors.items())[2:])
         keywords = {**hyperparameters, **flags, "foreach": False}
         decoupled = keywords.pop("decoupled_weight_decay", False)
         if decoupled and "decoupled_weight_decay" in accepted:
@@ -931,7 +1321,7 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             keywords.pop("differentiable", None)  # SGD's update is differentiable by grad mode
         if "has_complex" in accepted:
             keywords["has_complex"] = any(p.is_complex() for p in tensors["params"])
-        unknown = set(keywords) - set(accepted)
+        unknown = (set(keywords) | set(lists)) - set(accepted)
         if unknown:
             raise RuntimeError(
                 f"{type(self).__name__}: {', '.join(sorted(flags))}=True needs torch.optim's "
@@ -944,7 +1334,7 @@ class TorchoptOptimizer(torch.optim.Optimizer):
             device,
             f"{', '.join(sorted(flags))}=True on the torch path runs torch.optim's own update",
         )
-        function(*tensors.values(), **keywords)
+        function(params, grads, **lists, **keywords)
 
     def _check_torch_path(self, group: dict[str, Any], device: torch.device) -> None:
         """Refuse what the torch reference path cannot honour, instead of ignoring it."""

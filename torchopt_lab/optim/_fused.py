@@ -32,10 +32,6 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _GRAD = operator.attrgetter("grad")
 
 
-def _beta(index: int) -> Callable[[dict[str, Any]], Any]:
-    return lambda group: group["betas"][index]
-
-
 @dataclass(frozen=True)
 class KernelSpec:
     """How one optimizer's tensor lists and param-group options map onto its kernel update.
@@ -89,38 +85,13 @@ class KernelSpec:
         return self.declaration.has_step
 
 
-SPECS: dict[str, KernelSpec] = {
-    "sgd": KernelSpec(
-        update="sgd",
-        state_lists={"momentum_buffer": "momentum_buffer_list"},
-        options=lambda g: {"momentum": g["momentum"] != 0, "nesterov": g["nesterov"]},
-    ),
-    "adagrad": KernelSpec(
-        update="adagrad", state_lists={"sum": "state_sums"}, options=lambda g: {}
-    ),
-    "rmsprop": KernelSpec(
-        update="rmsprop",
-        state_lists={
-            "square_avg": "square_avgs",
-            "grad_avg": "grad_avgs",
-            "momentum_buffer": "momentum_buffer_list",
-        },
-        options=lambda g: {"centered": g["centered"], "momentum": g["momentum"] > 0},
-    ),
-    "adam": KernelSpec(
-        update="adam",
-        state_lists={
-            "exp_avg": "exp_avgs",
-            "exp_avg_sq": "exp_avg_sqs",
-            "max_exp_avg_sq": "max_exp_avg_sqs",
-        },
-        options=lambda g: {
-            "amsgrad": g["amsgrad"],
-            "decoupled_weight_decay": g["decoupled_weight_decay"],
-        },
-        readers={"beta1": _beta(0), "beta2": _beta(1)},
-    ),
-}
+def kernel_spec(optimizer_class: type) -> KernelSpec:
+    """The :class:`KernelSpec` of an optimizer class: its ``rule.kernel`` (each built-in declares
+    its own, beside its reference, in its :class:`~torchopt_lab.optim.rules.Rule`)."""
+    spec = getattr(getattr(optimizer_class, "rule", None), "kernel", None)
+    if spec is None:
+        raise TypeError(f"{optimizer_class.__name__} declares no fused kernel (rule.kernel)")
+    return spec
 
 
 @dataclass
@@ -306,7 +277,6 @@ def _options(optimizer: torch.optim.Optimizer) -> tuple:
 
 def fused_step(
     optimizer: torch.optim.Optimizer,
-    algorithm: str,
     parts: list[Part],
     *,
     total_norm: Tensor | None,
@@ -323,7 +293,7 @@ def fused_step(
     """
     _backend.kernels()  # raises clearly if the triton_kernels found is not ours
     kernels = importlib.import_module("triton_kernels.optim")
-    spec = SPECS[algorithm]
+    spec = kernel_spec(type(optimizer))
     state: FusedState = optimizer.__dict__.setdefault("_fused_state", FusedState())
     state.plan = None
 
@@ -451,7 +421,7 @@ def _same_objects(values: Any, expected: list) -> bool:
     return len(values) == len(expected) and all(map(operator.is_, values, expected))
 
 
-def repeat_step(optimizer: torch.optim.Optimizer, algorithm: str) -> bool:
+def repeat_step(optimizer: torch.optim.Optimizer) -> bool:
     """Run the step planned by the last :func:`fused_step` again with the current gradients, if
     nothing it depends on changed; return whether it ran.
 
@@ -463,7 +433,9 @@ def repeat_step(optimizer: torch.optim.Optimizer, algorithm: str) -> bool:
     """
     state: FusedState | None = optimizer.__dict__.get("_fused_state")
     plan = state.plan if state is not None else None
-    spec = SPECS[algorithm]
+    if plan is None:
+        return False
+    spec = kernel_spec(type(optimizer))
     if (
         plan is None
         or plan.options != _options(optimizer)
@@ -556,7 +528,7 @@ def _launch_all(
                 kernels.grad_square_norm(entry.launch.table, norms, slot)
             square_norms[device] = norms
 
-    state.norms.clear()
+    # (state.norms is cleared at the start of the optimizer's step: the torch path records too.)
     counted: set[torch.device] = set()
     for entry in prepared:
         device = entry.key[0]

@@ -97,4 +97,15 @@ class Adadelta(RuleOptimizer):
         scalars=_scalars,
         update=_update,
         triton_update=_triton_update,
+        # torch's param-group order (its repr and state_dict), not its signature's.
+        group_order=(
+            "lr",
+            "rho",
+            "eps",
+            "weight_decay",
+            "maximize",
+            "capturable",
+            "foreach",
+            "differentiable",
+        ),
     )

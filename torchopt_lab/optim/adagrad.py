@@ -1,25 +1,27 @@
-"""Adagrad."""
+"""Adagrad, one :class:`~torchopt_lab.optim.rules.Rule` declaration run on the built-in engine
+(its ``reference``: :func:`adagrad`; its ``kernel``: the fused Triton ``adagrad`` update)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from operator import attrgetter
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from torchopt_lab.optim._base import (
-    TensorLists,
     TorchoptOptimizer,
     as_float,
     foreach_addcdiv_,
     increment_steps,
-    new_step,
     per_step,
     read_steps,
 )
+from torchopt_lab.optim._fused import KernelSpec
+from torchopt_lab.optim.rules import Check, Hyperparameter, Rule, State, lr_checks, register
 
-__all__ = ["Adagrad", "adagrad"]
+__all__ = ["ADAGRAD", "Adagrad", "adagrad"]
 
 
 def _sparse_adagrad_update(
@@ -85,6 +87,86 @@ def adagrad(
     foreach_addcdiv_(params, grads, denominators, step_sizes)
 
 
+def _scalars(group: Mapping[str, Any], step: Any, state: dict[str, Tensor]) -> dict[str, Any]:
+    """Adagrad's per-step values: the decayed step size lr / (1 + (t - 1) * lr_decay)."""
+    return {
+        "clr": group["lr"] / (1 + (step - 1) * group["lr_decay"]),
+        "weight_decay": group["weight_decay"],
+        "eps": group["eps"],
+    }
+
+
+def _update(
+    param: Tensor, grad: Tensor, state_sum: Tensor, *, clr: Any, weight_decay: Any, eps: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`adagrad` for one dense tensor, out of place (the engine negates g under
+    maximize)."""
+    if weight_decay != 0:
+        # L2 penalty: g <- g + lambda * theta.
+        grad = grad + weight_decay * param
+    # Accumulated squares: s <- s + g^2.
+    state_sum = state_sum + grad * grad
+    # theta <- theta - lr_t * g / (sqrt(s) + eps), in addcdiv's order: (lr_t * g) / denominator.
+    param = param - clr * grad / (state_sum.sqrt() + eps)
+    return param, state_sum
+
+
+#: Adagrad's declaration: torch.optim.Adagrad's arguments, checks (order, types, messages), state
+#: (``step`` and ``sum``, created in the constructor as torch does) and param groups; the
+#: per-tensor update (what fused=True compiles on the CPU) beside the group-level reference and
+#: the fused kernel, bound by tests/optim/test_builtin_rules.py.
+ADAGRAD = Rule(
+    hyperparameters=(
+        Hyperparameter("lr", 1e-2),
+        Hyperparameter("lr_decay", 0),
+        Hyperparameter("weight_decay", 0),
+        Hyperparameter("initial_accumulator_value", 0),
+        Hyperparameter("eps", 1e-10),
+        Hyperparameter("foreach", None),
+        Hyperparameter("maximize", False, keyword_only=True),
+        Hyperparameter("differentiable", False, keyword_only=True),
+        Hyperparameter("fused", None, keyword_only=True),
+    ),
+    checks=(
+        *lr_checks(),
+        Check("lr_decay", lambda v: v >= 0.0, "Invalid lr_decay value: {value}"),
+        Check("weight_decay", lambda v: v >= 0.0, "Invalid weight_decay value: {value}"),
+        Check(
+            "initial_accumulator_value",
+            lambda v: v >= 0.0,
+            "Invalid initial_accumulator_value value: {value}",
+        ),
+        Check("eps", lambda v: v >= 0.0, "Invalid epsilon value: {value}"),
+        Check(
+            ("fused", "differentiable"),
+            lambda v: not (v[0] and v[1]),
+            "`fused` does not support `differentiable`",
+            RuntimeError,
+        ),
+    ),
+    state=(State("sum", init=lambda group: group["initial_accumulator_value"]),),
+    scalars=_scalars,
+    update=_update,
+    setstate_defaults={"foreach": None, "maximize": False, "differentiable": False, "fused": None},
+    eager_state=True,
+    group_order=(
+        "lr",
+        "lr_decay",
+        "eps",
+        "weight_decay",
+        "initial_accumulator_value",
+        "foreach",
+        "maximize",
+        "differentiable",
+        "fused",
+    ),
+    sparse_message=None,  # sparse gradients update the rows they touch
+    reference=adagrad,
+    kernel=KernelSpec(update="adagrad", state_lists={"sum": "state_sums"}, options=lambda g: {}),
+)
+
+
+@register
 class Adagrad(TorchoptOptimizer):
     r"""Adagrad (Duchi, Hazan & Singer, 2011, "Adaptive Subgradient Methods for Online Learning
     and Stochastic Optimization").
@@ -101,106 +183,7 @@ class Adagrad(TorchoptOptimizer):
     ``fused``, ``capturable`` and ``differentiable`` behave as torch's (docs/optimizers.md).
     """
 
-    _reference = staticmethod(adagrad)
-    _group_defaults: ClassVar[dict[str, Any]] = {
-        "foreach": None,
-        "maximize": False,
-        "differentiable": False,
-        "fused": None,
-    }
-
-    def __init__(
-        self,
-        params: Any,
-        lr: float | Tensor = 1e-2,
-        lr_decay: float = 0,
-        weight_decay: float = 0,
-        initial_accumulator_value: float = 0,
-        eps: float = 1e-10,
-        foreach: bool | None = None,
-        *,
-        maximize: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        backend: str = "auto",
-        max_grad_norm: float | None = None,
-        skip_nonfinite: bool = False,
-        float32_state: bool = False,
-        record_norms: bool = False,
-    ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not lr_decay >= 0.0:
-            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if not initial_accumulator_value >= 0.0:
-            raise ValueError(
-                f"Invalid initial_accumulator_value value: {initial_accumulator_value}"
-            )
-        if not eps >= 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        defaults = {
-            "lr": lr,
-            "lr_decay": lr_decay,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "initial_accumulator_value": initial_accumulator_value,
-            "foreach": foreach,
-            "maximize": maximize,
-            "differentiable": differentiable,
-            "fused": fused,
-        }
-        if fused and differentiable:
-            raise RuntimeError("`fused` does not support `differentiable`")
-        super().__init__(
-            params,
-            defaults,
-            backend=backend,
-            max_grad_norm=max_grad_norm,
-            skip_nonfinite=skip_nonfinite,
-            float32_state=float32_state,
-            record_norms=record_norms,
-        )
-        for group in self.param_groups:
-            for p in group["params"]:
-                self._init_state(p)
-
-    def _init_state(self, p: Tensor) -> dict[str, Tensor]:
-        state = self.state[p]
-        if len(state) == 0:
-            value = self.defaults["initial_accumulator_value"]
-            state["step"] = new_step()
-            state["sum"] = torch.full_like(
-                p,
-                complex(value, value) if torch.is_complex(p) else value,
-                memory_format=torch.preserve_format,
-            )
-        return state
-
-    def _group_tensors(self, group: dict[str, Any]) -> TensorLists:
-        tensors: TensorLists = {"params": [], "grads": [], "state_sums": [], "state_steps": []}
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            # Params added later with add_param_group get their state here.
-            state = self._init_state(p)
-            tensors["params"].append(p)
-            tensors["grads"].append(p.grad)
-            tensors["state_sums"].append(state["sum"])
-            tensors["state_steps"].append(state["step"])
-        return tensors
-
-    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "lr": group["lr"],
-            "weight_decay": group["weight_decay"],
-            "lr_decay": group["lr_decay"],
-            "eps": group["eps"],
-            "maximize": group["maximize"],
-        }
+    rule = ADAGRAD
 
     def share_memory(self) -> None:
         """Move the ``sum`` state tensors to shared memory (for Hogwild-style training)."""

@@ -1,24 +1,36 @@
-"""Adam and AdamW."""
+"""Adam and AdamW, each one :class:`~torchopt_lab.optim.rules.Rule` declaration run on the
+built-in engine (its ``reference``: :func:`adam`; its ``kernel``: the fused Triton ``adam``
+update)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from torchopt_lab.optim._base import (
-    TensorLists,
     TorchoptOptimizer,
     as_float,
     foreach_addcdiv_,
     increment_steps,
-    new_step,
     per_step,
     read_steps,
 )
+from torchopt_lab.optim._fused import KernelSpec
+from torchopt_lab.optim.rules import (
+    TORCH_FLAGS,
+    Check,
+    Hyperparameter,
+    Rule,
+    State,
+    adam_checks,
+    register,
+)
 
-__all__ = ["Adam", "AdamW", "adam"]
+__all__ = ["ADAM", "ADAMW", "Adam", "AdamW", "adam"]
 
 
 def adam(
@@ -76,6 +88,183 @@ def adam(
     foreach_addcdiv_(params, exp_avgs, denominators, [step_size for _, step_size in scalars])
 
 
+def _scalars(group: Mapping[str, Any], step: float, state: dict[str, Tensor]) -> dict[str, Any]:
+    """Adam's per-step scalars, as :func:`adam` computes them (float64): the bias corrections
+    c1 = 1 - beta1^t and c2 = sqrt(1 - beta2^t) folded into the step size and epsilon."""
+    beta1, beta2 = group["betas"]
+    lr = group["lr"]
+    bias_correction2 = (1 - beta2**step) ** 0.5
+    return {
+        "lr": lr,
+        "weight_decay": group["weight_decay"],
+        "decoupled_weight_decay": group["decoupled_weight_decay"],
+        "beta1": beta1,
+        "beta2": beta2,
+        "eps": group["eps"] * bias_correction2,
+        "step_size": -lr * bias_correction2 / (1 - beta1**step),
+    }
+
+
+def _update(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    *,
+    lr: Any,
+    weight_decay: Any,
+    decoupled_weight_decay: bool,
+    beta1: Any,
+    beta2: Any,
+    eps: Any,
+    step_size: Any,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Adam's update of one parameter, out of place, in :func:`adam`'s order of operations
+    (``max_exp_avg_sq`` is None without amsgrad)."""
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param = param * (1 - lr * weight_decay)
+        else:
+            grad = grad + weight_decay * param
+    exp_avg = torch.lerp(exp_avg, grad, 1 - beta1)
+    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    second = exp_avg_sq
+    if max_exp_avg_sq is not None:
+        max_exp_avg_sq = torch.maximum(max_exp_avg_sq, exp_avg_sq)
+        second = max_exp_avg_sq
+    param = param + step_size * exp_avg / (second.sqrt() + eps)
+    return param, exp_avg, exp_avg_sq, max_exp_avg_sq
+
+
+def _squeezed(betas: Any) -> tuple[Any, Any]:
+    """torch stores tensor betas squeezed to 0-dim (and betas as a tuple)."""
+    return tuple(beta.squeeze() if isinstance(beta, Tensor) else beta for beta in betas)
+
+
+def _beta_checks(index: int) -> tuple[Check, ...]:
+    return (
+        Check(
+            ("betas", "foreach", "capturable"),
+            lambda v: not (isinstance(v[0][index], Tensor) and v[1] and not v[2]),
+            f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True",
+        ),
+        Check(
+            "betas",
+            lambda b: not isinstance(b[index], Tensor) or b[index].numel() == 1,
+            f"Tensor betas[{index}] must be 1-element",
+        ),
+    )
+
+
+def _beta(index: int) -> Any:
+    return lambda group: group["betas"][index]
+
+
+#: Adam's declaration: torch.optim.Adam's arguments, checks (order, types, messages), state and
+#: param groups; the per-tensor update (what fused=True compiles on the CPU) beside the
+#: group-level reference and the fused kernel, bound by tests/optim/test_adam_rule.py.
+ADAM = Rule(
+    hyperparameters=(
+        Hyperparameter("lr", 1e-3),
+        Hyperparameter("betas", (0.9, 0.999), convert=_squeezed),
+        Hyperparameter("eps", 1e-8),
+        Hyperparameter("weight_decay", 0),
+        Hyperparameter("amsgrad", False),
+        *TORCH_FLAGS,
+        Hyperparameter("fused", None, keyword_only=True),
+        Hyperparameter("decoupled_weight_decay", False, keyword_only=True),
+    ),
+    checks=(
+        Check(
+            ("lr", "foreach", "capturable"),
+            lambda v: not (isinstance(v[0], Tensor) and v[1] and not v[2]),
+            "lr as a Tensor is not supported for capturable=False and foreach=True",
+        ),
+        *adam_checks(),
+        Check(
+            "betas",
+            lambda b: (
+                (isinstance(b[0], float) and isinstance(b[1], float))
+                or (isinstance(b[0], Tensor) and isinstance(b[1], Tensor))
+            ),
+            "betas must be either both floats or both Tensors",
+        ),
+        *_beta_checks(0),
+        *_beta_checks(1),
+        Check(
+            ("fused", "differentiable"),
+            lambda v: not (v[0] and v[1]),
+            "`fused` does not support `differentiable`",
+            RuntimeError,
+        ),
+    ),
+    state=(
+        State("exp_avg"),
+        State("exp_avg_sq"),
+        State("max_exp_avg_sq", when=lambda group: group["amsgrad"]),
+    ),
+    scalars=_scalars,
+    update=_update,
+    setstate_defaults={
+        "amsgrad": False,
+        "maximize": False,
+        "foreach": None,
+        "capturable": False,
+        "differentiable": False,
+        "decoupled_weight_decay": False,
+        "fused": None,
+    },
+    group_order=(
+        "lr",
+        "betas",
+        "eps",
+        "weight_decay",
+        "amsgrad",
+        "maximize",
+        "foreach",
+        "capturable",
+        "differentiable",
+        "fused",
+        "decoupled_weight_decay",
+    ),
+    sparse_message="Adam does not support sparse gradients, please consider SparseAdam instead",
+    reference=adam,
+    kernel=KernelSpec(
+        update="adam",
+        state_lists={
+            "exp_avg": "exp_avgs",
+            "exp_avg_sq": "exp_avg_sqs",
+            "max_exp_avg_sq": "max_exp_avg_sqs",
+        },
+        options=lambda g: {
+            "amsgrad": g["amsgrad"],
+            "decoupled_weight_decay": g["decoupled_weight_decay"],
+        },
+        readers={"beta1": _beta(0), "beta2": _beta(1)},
+    ),
+)
+
+#: AdamW's: Adam's rule with weight_decay=1e-2 and decoupled_weight_decay=True fixed (not an
+#: argument; forced on load), in torch.optim.AdamW's signature order.
+ADAMW = dataclasses.replace(
+    ADAM,
+    hyperparameters=(
+        *(
+            Hyperparameter("weight_decay", 1e-2) if h.name == "weight_decay" else h
+            for h in ADAM.hyperparameters[:5]
+        ),
+        Hyperparameter("maximize", False, keyword_only=True),
+        Hyperparameter("foreach", None, keyword_only=True),
+        Hyperparameter("capturable", False, keyword_only=True),
+        Hyperparameter("differentiable", False, keyword_only=True),
+        Hyperparameter("fused", None, keyword_only=True),
+    ),
+    fixed={"decoupled_weight_decay": True},
+)
+
+
+@register
 class Adam(TorchoptOptimizer):
     r"""Adam (Kingma & Ba, 2015, "Adam: A Method for Stochastic Optimization"), with the AMSGrad
     variant (Reddi et al., 2018, "On the Convergence of Adam and Beyond").
@@ -97,143 +286,10 @@ class Adam(TorchoptOptimizer):
     (docs/optimizers.md).
     """
 
-    _reference = staticmethod(adam)
-    _group_defaults: ClassVar[dict[str, Any]] = {
-        "amsgrad": False,
-        "maximize": False,
-        "foreach": None,
-        "capturable": False,
-        "differentiable": False,
-        "decoupled_weight_decay": False,
-        "fused": None,
-    }
-
-    def __init__(
-        self,
-        params: Any,
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        amsgrad: bool = False,
-        *,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        decoupled_weight_decay: bool = False,
-        backend: str = "auto",
-        max_grad_norm: float | None = None,
-        skip_nonfinite: bool = False,
-        float32_state: bool = False,
-        record_norms: bool = False,
-    ) -> None:
-        if isinstance(lr, Tensor):
-            if foreach and not capturable:
-                raise ValueError(
-                    "lr as a Tensor is not supported for capturable=False and foreach=True"
-                )
-            if lr.numel() != 1:
-                raise ValueError("Tensor lr must be 1-element")
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not eps >= 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if not (
-            (isinstance(betas[0], float) and isinstance(betas[1], float))
-            or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
-        ):
-            raise ValueError("betas must be either both floats or both Tensors")
-        for index, beta in enumerate(betas):
-            if isinstance(beta, Tensor):
-                if not capturable and foreach:
-                    raise ValueError(
-                        f"betas[{index}] as a Tensor is not supported for capturable=False "
-                        "and foreach=True"
-                    )
-                if beta.numel() != 1:
-                    raise ValueError(f"Tensor betas[{index}] must be 1-element")
-        betas = tuple(beta.squeeze() if isinstance(beta, Tensor) else beta for beta in betas)
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "amsgrad": amsgrad,
-            "maximize": maximize,
-            "foreach": foreach,
-            "capturable": capturable,
-            "differentiable": differentiable,
-            "fused": fused,
-            "decoupled_weight_decay": decoupled_weight_decay,
-        }
-        if fused and differentiable:
-            raise RuntimeError("`fused` does not support `differentiable`")
-        super().__init__(
-            params,
-            defaults,
-            backend=backend,
-            max_grad_norm=max_grad_norm,
-            skip_nonfinite=skip_nonfinite,
-            float32_state=float32_state,
-            record_norms=record_norms,
-        )
-
-    def _group_tensors(self, group: dict[str, Any]) -> TensorLists:
-        tensors: TensorLists = {
-            "params": [],
-            "grads": [],
-            "exp_avgs": [],
-            "exp_avg_sqs": [],
-            "max_exp_avg_sqs": [],
-            "state_steps": [],
-        }
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(
-                    "Adam does not support sparse gradients, please consider SparseAdam instead"
-                )
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = new_step()
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["amsgrad"]:
-                    state["max_exp_avg_sq"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-            tensors["params"].append(p)
-            tensors["grads"].append(p.grad)
-            tensors["exp_avgs"].append(state["exp_avg"])
-            tensors["exp_avg_sqs"].append(state["exp_avg_sq"])
-            if group["amsgrad"]:
-                tensors["max_exp_avg_sqs"].append(state["max_exp_avg_sq"])
-            tensors["state_steps"].append(state["step"])
-        return tensors
-
-    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        beta1, beta2 = group["betas"]
-        return {
-            "amsgrad": group["amsgrad"],
-            "beta1": beta1,
-            "beta2": beta2,
-            "lr": group["lr"],
-            "weight_decay": group["weight_decay"],
-            "eps": group["eps"],
-            "maximize": group["maximize"],
-            "decoupled_weight_decay": group["decoupled_weight_decay"],
-        }
+    rule = ADAM
 
 
+@register
 class AdamW(Adam):
     r""":class:`Adam` with decoupled weight decay (Loshchilov & Hutter, 2019, "Decoupled Weight
     Decay Regularization"): :math:`\theta \leftarrow \theta(1-\gamma\lambda)` before the Adam
@@ -243,47 +299,4 @@ class AdamW(Adam):
     carry ``decoupled_weight_decay=True``, forced on load as torch does).
     """
 
-    def __init__(
-        self,
-        params: Any,
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        backend: str = "auto",
-        max_grad_norm: float | None = None,
-        skip_nonfinite: bool = False,
-        float32_state: bool = False,
-        record_norms: bool = False,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            amsgrad,
-            foreach=foreach,
-            maximize=maximize,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-            decoupled_weight_decay=True,
-            backend=backend,
-            max_grad_norm=max_grad_norm,
-            skip_nonfinite=skip_nonfinite,
-            float32_state=float32_state,
-            record_norms=record_norms,
-        )
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group["decoupled_weight_decay"] = True
+    rule = ADAMW

@@ -114,4 +114,17 @@ class NAdam(RuleOptimizer):
         scalars=_scalars,
         update=_update,
         triton_update=_triton_update,
+        # torch's param-group order (its repr and state_dict), not its signature's.
+        group_order=(
+            "lr",
+            "betas",
+            "eps",
+            "weight_decay",
+            "momentum_decay",
+            "decoupled_weight_decay",
+            "maximize",
+            "foreach",
+            "capturable",
+            "differentiable",
+        ),
     )

@@ -137,4 +137,16 @@ class RAdam(RuleOptimizer):
         scalars=_scalars,
         update=_update,
         triton_update=_triton_update,
+        # torch's param-group order (its repr and state_dict), not its signature's.
+        group_order=(
+            "lr",
+            "betas",
+            "eps",
+            "weight_decay",
+            "maximize",
+            "foreach",
+            "capturable",
+            "decoupled_weight_decay",
+            "differentiable",
+        ),
     )

@@ -1,31 +1,33 @@
-"""RMSprop."""
+"""RMSprop, one :class:`~torchopt_lab.optim.rules.Rule` declaration run on the built-in engine
+(its ``reference``: :func:`rmsprop`; its ``kernel``: the fused Triton ``rmsprop`` update)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from torchopt_lab.optim._base import (
-    TensorLists,
     TorchoptOptimizer,
     as_float,
     foreach_add_,
     foreach_addcdiv_,
     increment_steps,
-    new_step,
 )
+from torchopt_lab.optim._fused import KernelSpec
+from torchopt_lab.optim.rules import Check, Hyperparameter, Rule, State, lr_checks, register
 
-__all__ = ["RMSprop", "rmsprop"]
+__all__ = ["RMSPROP", "RMSprop", "rmsprop"]
 
 
 def rmsprop(
     params: list[Tensor],
     grads: list[Tensor],
     square_avgs: list[Tensor],
-    grad_avgs: list[Tensor],
     momentum_buffer_list: list[Tensor],
+    grad_avgs: list[Tensor],
     state_steps: list[Tensor],
     *,
     lr: float | Tensor,
@@ -37,8 +39,9 @@ def rmsprop(
     maximize: bool,
 ) -> None:
     """RMSprop's torch reference update over real tensors of one device and dtype (see
-    :class:`RMSprop`). ``grad_avgs`` is empty unless ``centered``, ``momentum_buffer_list`` unless
-    ``momentum > 0``."""
+    :class:`RMSprop`). ``momentum_buffer_list`` is empty unless ``momentum > 0``, ``grad_avgs``
+    unless ``centered``; the state lists come in torch's state_dict order (torch.optim's
+    functional ``rmsprop`` takes ``grad_avgs`` first)."""
     lr = as_float(lr)
     increment_steps(state_steps)
     if maximize:
@@ -67,6 +70,115 @@ def rmsprop(
         foreach_addcdiv_(params, grads, denominators, -lr)
 
 
+def _scalars(group: Mapping[str, Any], step: Any, state: dict[str, Tensor]) -> dict[str, Any]:
+    """RMSprop's per-step values: its hyperparameters as they are (no bias correction)."""
+    return {
+        key: group[key] for key in ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
+    }
+
+
+def _update(
+    param: Tensor,
+    grad: Tensor,
+    square_avg: Tensor,
+    momentum_buffer: Tensor | None,
+    grad_avg: Tensor | None,
+    *,
+    lr: Any,
+    alpha: float,
+    eps: float,
+    weight_decay: Any,
+    momentum: float,
+    centered: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """:func:`rmsprop` for one tensor, out of place: ``momentum_buffer`` is None unless
+    ``momentum > 0``, ``grad_avg`` unless ``centered`` (returned as None). The state comes in
+    torch's state-dict order; the engine negates g under maximize."""
+    if weight_decay != 0:
+        # L2 penalty: g <- g + lambda * theta.
+        grad = grad + weight_decay * param
+    # Mean square: v <- alpha * v + (1 - alpha) * g^2.
+    square_avg = square_avg * alpha + (1 - alpha) * grad * grad
+    if centered:
+        # Centered: mean gradient m <- alpha * m + (1 - alpha) * g, denominator sqrt(v - m^2).
+        grad_avg = torch.lerp(grad_avg, grad, 1 - alpha)
+        denominator = (square_avg - grad_avg * grad_avg).sqrt() + eps
+    else:
+        denominator = square_avg.sqrt() + eps
+    if momentum > 0:
+        # b <- momentum * b + g / denominator; theta <- theta - lr * b.
+        momentum_buffer = momentum_buffer * momentum + grad / denominator
+        return param - lr * momentum_buffer, square_avg, momentum_buffer, grad_avg
+    # theta <- theta - lr * g / denominator, in addcdiv's order: (lr * g) / denominator.
+    return param - lr * grad / denominator, square_avg, momentum_buffer, grad_avg
+
+
+#: RMSprop's declaration: torch.optim.RMSprop's arguments (all positional), checks (order, types,
+#: messages), state (``step``, ``square_avg``, ``momentum_buffer`` with momentum, ``grad_avg``
+#: when centered) and param groups; the per-tensor update (what fused=True compiles on the CPU)
+#: beside the group-level reference and the fused kernel, bound by
+#: tests/optim/test_builtin_rules.py.
+RMSPROP = Rule(
+    hyperparameters=(
+        Hyperparameter("lr", 1e-2),
+        Hyperparameter("alpha", 0.99),
+        Hyperparameter("eps", 1e-8),
+        Hyperparameter("weight_decay", 0),
+        Hyperparameter("momentum", 0),
+        Hyperparameter("centered", False),
+        Hyperparameter("capturable", False),
+        Hyperparameter("foreach", None),
+        Hyperparameter("maximize", False),
+        Hyperparameter("differentiable", False),
+    ),
+    checks=(
+        *lr_checks(),
+        Check("eps", lambda v: v >= 0.0, "Invalid epsilon value: {value}"),
+        Check("momentum", lambda v: v >= 0.0, "Invalid momentum value: {value}"),
+        Check("weight_decay", lambda v: v >= 0.0, "Invalid weight_decay value: {value}"),
+        Check("alpha", lambda v: v >= 0.0, "Invalid alpha value: {value}"),
+    ),
+    state=(
+        State("square_avg"),
+        State("momentum_buffer", when=lambda group: group["momentum"] > 0),
+        State("grad_avg", when=lambda group: group["centered"]),
+    ),
+    scalars=_scalars,
+    update=_update,
+    setstate_defaults={
+        "momentum": 0,
+        "centered": False,
+        "foreach": None,
+        "maximize": False,
+        "differentiable": False,
+        "capturable": False,
+    },
+    group_order=(
+        "lr",
+        "momentum",
+        "alpha",
+        "eps",
+        "centered",
+        "weight_decay",
+        "capturable",
+        "foreach",
+        "maximize",
+        "differentiable",
+    ),
+    reference=rmsprop,
+    kernel=KernelSpec(
+        update="rmsprop",
+        state_lists={
+            "square_avg": "square_avgs",
+            "grad_avg": "grad_avgs",
+            "momentum_buffer": "momentum_buffer_list",
+        },
+        options=lambda g: {"centered": g["centered"], "momentum": g["momentum"] > 0},
+    ),
+)
+
+
+@register
 class RMSprop(TorchoptOptimizer):
     r"""RMSprop (Hinton, 2012, "Neural Networks for Machine Learning", lecture 6e), centered
     variant after Graves (2013, "Generating Sequences With Recurrent Neural Networks").
@@ -85,111 +197,4 @@ class RMSprop(TorchoptOptimizer):
     ``fused``, ``capturable`` and ``differentiable`` behave as torch's (docs/optimizers.md).
     """
 
-    _reference = staticmethod(rmsprop)
-    _group_defaults: ClassVar[dict[str, Any]] = {
-        "momentum": 0,
-        "centered": False,
-        "foreach": None,
-        "maximize": False,
-        "differentiable": False,
-        "capturable": False,
-    }
-
-    def __init__(
-        self,
-        params: Any,
-        lr: float | Tensor = 1e-2,
-        alpha: float = 0.99,
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        momentum: float = 0,
-        centered: bool = False,
-        capturable: bool = False,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        differentiable: bool = False,
-        *,
-        backend: str = "auto",
-        max_grad_norm: float | None = None,
-        skip_nonfinite: bool = False,
-        float32_state: bool = False,
-        record_norms: bool = False,
-    ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not eps >= 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not momentum >= 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if not alpha >= 0.0:
-            raise ValueError(f"Invalid alpha value: {alpha}")
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "alpha": alpha,
-            "eps": eps,
-            "centered": centered,
-            "weight_decay": weight_decay,
-            "capturable": capturable,
-            "foreach": foreach,
-            "maximize": maximize,
-            "differentiable": differentiable,
-        }
-        super().__init__(
-            params,
-            defaults,
-            backend=backend,
-            max_grad_norm=max_grad_norm,
-            skip_nonfinite=skip_nonfinite,
-            float32_state=float32_state,
-            record_norms=record_norms,
-        )
-
-    def _group_tensors(self, group: dict[str, Any]) -> TensorLists:
-        tensors: TensorLists = {
-            "params": [],
-            "grads": [],
-            "square_avgs": [],
-            "grad_avgs": [],
-            "momentum_buffer_list": [],
-            "state_steps": [],
-        }
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("RMSprop does not support sparse gradients")
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = new_step()
-                state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["momentum"] > 0:
-                    state["momentum_buffer"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-                if group["centered"]:
-                    state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            tensors["params"].append(p)
-            tensors["grads"].append(p.grad)
-            tensors["square_avgs"].append(state["square_avg"])
-            if group["momentum"] > 0:
-                tensors["momentum_buffer_list"].append(state["momentum_buffer"])
-            if group["centered"]:
-                tensors["grad_avgs"].append(state["grad_avg"])
-            tensors["state_steps"].append(state["step"])
-        return tensors
-
-    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "lr": group["lr"],
-            "alpha": group["alpha"],
-            "eps": group["eps"],
-            "weight_decay": group["weight_decay"],
-            "momentum": group["momentum"],
-            "centered": group["centered"],
-            "maximize": group["maximize"],
-        }
+    rule = RMSPROP

@@ -47,7 +47,6 @@ preconditioners, LAMB/LARS trust ratios), or one that needs a reduction across t
 from __future__ import annotations
 
 import importlib
-import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -60,10 +59,12 @@ from torchopt_lab import backend as _backend
 from torchopt_lab.optim import _cpu_fused
 from torchopt_lab.optim._base import (
     ENGINE_OPTIONS,
+    DeclaredOptimizer,
     TorchoptOptimizer,
     set_engine_options,
     split_stacked,
 )
+from torchopt_lab.optim._fused import KernelSpec
 from torchopt_lab.optim.clip import _clip_coefficient, _total_norm
 
 try:  # Triton is optional (Linux only): without it, rules run their torch update.
@@ -77,6 +78,7 @@ __all__ = [
     "TORCH_FLAGS",
     "Check",
     "Hyperparameter",
+    "KernelSpec",
     "Rule",
     "RuleOptimizer",
     "State",
@@ -95,23 +97,43 @@ class Hyperparameter:
     """One constructor argument, stored in every param group under ``name``.
 
     ``keyword_only`` places it after the ``*`` of the signature (torch's flags usually are).
+    ``convert``, if given, maps the value given to the one stored in the param group, after every
+    check has passed (Adam squeezes tensor ``betas`` to 0-dim tensors, as torch does).
     """
 
     name: str
     default: Any
     keyword_only: bool = False
+    convert: Callable[[Any], Any] | None = None
 
 
 @dataclass(frozen=True)
 class Check:
     """One validation of the constructor: ``valid(value)`` must hold, else ``error`` is raised
     with ``message.format(value=value)`` (so ``"Invalid beta parameter at index 0: {value[0]}"``
-    quotes the bad entry)."""
+    quotes the bad entry).
 
-    name: str
+    ``name`` is a hyperparameter's name, or a tuple of names when the check reads several: then
+    ``valid`` and the message's ``{value}`` get the tuple of their values, in that order (Adam's
+    ``("lr", "foreach", "capturable")``: "lr as a Tensor is not supported for capturable=False
+    and foreach=True"). Checks run in declaration order (torch's), before any ``convert``; a
+    name may also be a key of :attr:`Rule.fixed`."""
+
+    name: str | tuple[str, ...]
     valid: Callable[[Any], Any]
     message: str
     error: type[Exception] = ValueError
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names the check reads (one, or the tuple's)."""
+        return self.name if isinstance(self.name, tuple) else (self.name,)
+
+    def value(self, values: Mapping[str, Any]) -> Any:
+        """The value the check reads from the constructor's ``values``: one, or a tuple."""
+        if isinstance(self.name, tuple):
+            return tuple(values[name] for name in self.name)
+        return values[self.name]
 
     def __call__(self, value: Any) -> None:
         if not self.valid(value):
@@ -126,11 +148,30 @@ class State:
     filled with ``init``; it is an argument and a result of the update, in declaration order.
     ``scalar=True``: a 0-dim tensor kept like ``step`` (float32, or float64 under a float64
     default dtype; on the CPU unless ``capturable``), read and updated by ``scalars``.
+
+    ``init`` is a number, or a function of the param group returning one (Adagrad's
+    ``initial_accumulator_value``), or None: the state is created by the update on the first
+    step (torch's SGD sets its momentum buffer to a copy of the first gradient): the update then
+    receives None in its place and returns the new tensor. A complex parameter's state, updated
+    as a real view (``Rule.complex_as_real``), starts at ``init`` in both components.
+
+    ``when(group)``, if given, says in which param groups the state exists (Adam's
+    ``max_exp_avg_sq`` only with ``amsgrad``): elsewhere it is never created, the update
+    receives None in its place and returns None there.
     """
 
     name: str
-    init: float = 0.0
+    init: float | Callable[[Mapping[str, Any]], float] | None = 0.0
     scalar: bool = False
+    when: Callable[[Mapping[str, Any]], bool] | None = None
+
+    def exists(self, group: Mapping[str, Any]) -> bool:
+        """Whether this state is kept in ``group``'s parameters (see ``when``)."""
+        return self.when is None or bool(self.when(group))
+
+    def initial(self, group: Mapping[str, Any]) -> float | None:
+        """The initial value in ``group``: ``init``, or ``init(group)``, or None."""
+        return self.init(group) if callable(self.init) else self.init
 
 
 @dataclass(frozen=True)
@@ -147,9 +188,35 @@ class Rule:
     # Whether complex parameters are updated as real views (torch.view_as_real), as torch.optim
     # does for rules that are not linear in the gradient.
     complex_as_real: bool = True
-    # Extra param-group keys (with their values) that ``__setstate__`` fills in when an older
-    # state dict lacks them; every hyperparameter is filled in with its default already.
-    setstate_defaults: dict[str, Any] = field(default_factory=dict)
+    # The param-group keys ``__setstate__`` fills in (with these values) when an older state
+    # dict lacks them; None: every hyperparameter, with its default. A built-in lists torch's.
+    setstate_defaults: Mapping[str, Any] | None = None
+    # Whether each parameter's state has ``step`` (torch's SGD keeps none): without it,
+    # ``scalars`` receives None as the step.
+    step_state: bool = True
+    # Whether the state is created in the constructor for every parameter (torch's Adagrad),
+    # rather than on each parameter's first step; its initial values are then the constructor's
+    # (``init`` receives the optimizer's defaults, not a param group's overrides, as torch's).
+    eager_state: bool = False
+    # Param-group keys with a value the constructor does not take (not in its signature), set
+    # in every group and forced by ``__setstate__`` (AdamW's decoupled_weight_decay=True).
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    # The order of the param-group keys (every hyperparameter and fixed key) where it is not the
+    # signature's: torch's repr and state_dict show the keys in the order its constructor
+    # stores them (Adam stores maximize before foreach, its signature the other way round).
+    group_order: tuple[str, ...] = ()
+    # The RuntimeError a sparse gradient raises ({name}: the class name); None: the update
+    # takes sparse gradients (only a rule with a ``reference`` that does: SGD, Adagrad).
+    sparse_message: str | None = "{name} does not support sparse gradients"
+    # A built-in's group-level multi-tensor update in torch.optim's functional shape (positional
+    # lists: params, grads, one per tensor State in declaration order, then state_steps if
+    # step_state; keywords read from the param group), run on the built-in engine
+    # (TorchoptOptimizer: fused Triton kernels, capturable, GradScaler, torch's flags). None: a
+    # rule run by RuleOptimizer.
+    reference: Callable[..., None] | None = None
+    # How the built-in engine's fused Triton kernel takes this rule's lists and param groups
+    # (:class:`KernelSpec`), or None (no kernel). Only with a ``reference``.
+    kernel: KernelSpec | None = None
 
     @property
     def tensor_state(self) -> tuple[str, ...]:
@@ -226,13 +293,20 @@ def adam_checks() -> tuple[Check, ...]:
 
 
 #: Every registered optimizer by class name: what tests, benchmarks and ``compare`` iterate.
-REGISTRY: dict[str, type[RuleOptimizer]] = {}
+#: Rule optimizers (:class:`RuleOptimizer`) and built-ins (``rule.reference`` set, run on the
+#: built-in engine) alike.
+REGISTRY: dict[str, type[DeclaredOptimizer]] = {}
 
 
-def register(cls: type[RuleOptimizer]) -> type[RuleOptimizer]:
-    """Class decorator: add a :class:`RuleOptimizer` subclass to :data:`REGISTRY`."""
-    if not (isinstance(cls, type) and issubclass(cls, RuleOptimizer)):
-        raise TypeError(f"register() takes a RuleOptimizer subclass, got {cls!r}")
+def register(cls: type[DeclaredOptimizer]) -> type[DeclaredOptimizer]:
+    """Class decorator: add an optimizer class derived from a ``rule`` (a
+    :class:`RuleOptimizer` subclass, or a built-in) to :data:`REGISTRY`."""
+    if not (
+        isinstance(cls, type)
+        and issubclass(cls, DeclaredOptimizer)
+        and isinstance(getattr(cls, "rule", None), Rule)
+    ):
+        raise TypeError(f"register() takes a RuleOptimizer subclass with a rule, got {cls!r}")
     REGISTRY[cls.__name__] = cls
     return cls
 
@@ -267,7 +341,7 @@ def _real(tensor: Tensor) -> Tensor:
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
-class RuleOptimizer(torch.optim.Optimizer):
+class RuleOptimizer(DeclaredOptimizer):
     """A ``torch.optim.Optimizer`` derived from the class attribute ``rule`` (a :class:`Rule`).
 
     Subclasses set ``rule`` and a docstring; the constructor, its signature, ``step`` and
@@ -294,84 +368,13 @@ class RuleOptimizer(torch.optim.Optimizer):
     """
 
     rule: ClassVar[Rule]
-    _signature: ClassVar[inspect.Signature]
+    _adds_fused: ClassVar[bool] = True
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "rule" not in cls.__dict__:
-            return
-        rule = cls.rule
-        names = [h.name for h in rule.hyperparameters]
-        own = {"params", "backend", *ENGINE_OPTIONS}
-        if len(set(names)) != len(names) or own & set(names):
-            raise TypeError(
-                f"{cls.__name__}.rule: hyperparameter names must be unique and not one of the "
-                f"constructor's own {sorted(own)}: {names}"
-            )
-        unknown = {check.name for check in rule.checks} - set(names)
-        if unknown:
-            raise TypeError(f"{cls.__name__}.rule: checks of undeclared names {sorted(unknown)}")
-        state_names = [entry.name for entry in rule.state]
-        if "step" in state_names or len(set(state_names)) != len(state_names):
-            raise TypeError(
-                f"{cls.__name__}.rule: state names must be unique and not 'step': {state_names}"
-            )
-        parameters = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-        parameters += [
-            inspect.Parameter(
-                h.name,
-                inspect.Parameter.KEYWORD_ONLY
-                if h.keyword_only
-                else inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                default=h.default,
-            )
-            for h in rule.hyperparameters
-        ]
-        # Beside torch's arguments, as every torchopt_lab optimizer: whether the step is fused
-        # (a rule's own extension where torch.optim has none) and which backend runs it
-        # (attributes of the optimizer, not of its param groups, so state dicts stay torch's).
-        if "fused" not in names:
-            parameters.append(
-                inspect.Parameter("fused", inspect.Parameter.KEYWORD_ONLY, default=None)
-            )
-        parameters.append(
-            inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto")
-        )
-        # ... and the engine's options, as the built-in optimizers take them (attributes too).
-        parameters += [
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
-            for name, default in ENGINE_OPTIONS.items()
-        ]
-        cls._signature = inspect.Signature(parameters)
-
-        def __init__(self: RuleOptimizer, params: Any, *args: Any, **kwargs: Any) -> None:
-            RuleOptimizer._construct(self, params, args, kwargs)
-
-        __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-            [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *parameters]
-        )
-        __init__.__qualname__ = f"{cls.__qualname__}.__init__"
-        __init__.__doc__ = f"Construct {cls.__name__}: see the class docstring."
-        cls.__init__ = __init__  # type: ignore[method-assign]
-
-    def _construct(self, params: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        try:
-            bound = type(self)._signature.bind(params, *args, **kwargs)
-        except TypeError as error:
-            raise TypeError(f"{type(self).__name__}(): {error}") from None
-        bound.apply_defaults()
-        values = dict(bound.arguments)
-        params = values.pop("params")
-        set_engine_options(
-            self,
-            backend=values.pop("backend"),
-            **{name: values.pop(name) for name in ENGINE_OPTIONS},
-        )
-        self.fused = values.pop("fused", None)
-        for check in self.rule.checks:
-            check(values[check.name])
-        super().__init__(params, values)
-        _cpu_fused.check_flags(self.fused, values)
+    def _build(self, params: Any, defaults: dict[str, Any], engine: dict[str, Any]) -> None:
+        self.fused = engine.pop("fused", defaults.get("fused"))
+        set_engine_options(self, **engine)
+        torch.optim.Optimizer.__init__(self, params, defaults)
+        _cpu_fused.check_flags(self.fused, defaults)
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -388,11 +391,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         for name, default in ENGINE_OPTIONS.items():
             self.__dict__.setdefault(name, default)
         self.__dict__.setdefault("_skipped_on_host", 0)
-        defaults = {h.name: h.default for h in self.rule.hyperparameters}
-        defaults.update(self.rule.setstate_defaults)
+        self._fill_group_defaults()
         for group in self.param_groups:
-            for key, value in defaults.items():
-                group.setdefault(key, value)
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 for key in ("step", *self.rule.scalar_state):
@@ -407,25 +407,13 @@ class RuleOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         if len(state) == 0:
             # Host the step (and scalar state) on the CPU unless capturable, as torch.optim does.
-            device = p.device if group.get("capturable") else None
-            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype(), device=device)
-            for entry in self.rule.state:
-                if entry.scalar:
-                    state[entry.name] = torch.tensor(
-                        entry.init, dtype=_scalar_dtype(), device=device
-                    )
-                else:
-                    state[entry.name] = torch.full_like(
-                        p,
-                        entry.init,
-                        dtype=torch.float32 if self._float32(p) else None,
-                        memory_format=torch.preserve_format,
-                    )
+            self._create_state(state, p, group, dtype=torch.float32 if self._float32(p) else None)
         elif self._float32(p):
             # State created or loaded in the parameter's low precision: float32 from now on.
             for name in self.rule.tensor_state:
-                if state[name].dtype != torch.float32:
-                    state[name] = state[name].float()
+                value = state.get(name)
+                if value is not None and value.dtype != torch.float32:
+                    state[name] = value.float()
         return state
 
     def _float32(self, p: Tensor) -> bool:
@@ -445,7 +433,10 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     def _check_capturable(self, p: Tensor, state: Mapping[str, Any]) -> None:
         supported = _capturable_supported_devices()
-        devices = {p.device.type, state["step"].device.type}
+        devices = {
+            p.device.type,
+            *(state["step"].device.type for _ in ("step",) if "step" in state),
+        }
         if len(devices) != 1 or p.device.type not in supported:
             # What torch.optim raises for capturable=True on an unsupported device.
             raise AssertionError(
@@ -480,11 +471,12 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     def _traced_skip(
         self, clip: tuple[Tensor, Tensor] | None
-    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]], list[Tensor]] | None:
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]], list[tuple[Tensor, dict, bool, list]]] | None:
         """``skip_nonfinite`` under ``torch.compile``: whether to skip, as a 0-dim bool tensor
         (a host read would break the graph), counted in ``skipped_steps``, with the values the
-        step will update (parameters and existing state) and the parameters without state yet;
-        None when nothing can skip."""
+        step will update (parameters and existing state) and, for the parameters whose state
+        the step will create (all of it, or a ``State.init=None`` entry), whether their ``step``
+        is new and the State entries that are; None when nothing can skip."""
         if not (self.skip_nonfinite and clip and torch.compiler.is_compiling()):
             return None
         skip = ~torch.isfinite(clip[0])
@@ -494,26 +486,34 @@ class RuleOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state.get(p)
-                if not state:
-                    fresh.append(p)
-                values = [p, *(v for v in (state or {}).values() if torch.is_tensor(v))]
+                state = self.state.get(p) or {}
+                new = [e for e in self.rule.state if e.exists(group) and e.name not in state]
+                if new or "step" not in state:
+                    fresh.append((p, group, "step" not in state, new))
+                values = [p, *(v for v in state.values() if torch.is_tensor(v))]
                 kept.extend((t, t.detach().clone()) for t in values)
         return skip, kept, fresh
 
     def _undo_where(
-        self, skip: Tensor, kept: list[tuple[Tensor, Tensor]], fresh: list[Tensor]
+        self,
+        skip: Tensor,
+        kept: list[tuple[Tensor, Tensor]],
+        fresh: list[tuple[Tensor, dict, bool, list]],
     ) -> None:
         """Where ``skip`` is set, put back what the step changed: the kept values, and the state
-        the step created at its initial values (as if the next step were the first)."""
+        the step created at its initial values (as if the next step were the first; zeros for
+        state the update creates, as the built-in engine leaves SGD's first buffers)."""
         for tensor, before in kept:
             tensor.copy_(torch.where(skip, before, tensor))
-        for p in fresh:
+        for p, group, new_step, entries in fresh:
             state = self.state[p]
-            state["step"].copy_(torch.where(skip, 0.0, state["step"]))
-            for entry in self.rule.state:
-                value = state[entry.name]
-                value.copy_(torch.where(skip, entry.init, value))
+            if new_step and "step" in state:
+                state["step"].copy_(torch.where(skip, 0.0, state["step"]))
+            for entry in entries:
+                value = state.get(entry.name)
+                if value is not None:
+                    init = entry.initial(group)
+                    value.copy_(torch.where(skip, 0.0 if init is None else init, value))
 
     def _clip(self) -> tuple[Tensor, Tensor] | bool | None:
         """``max_grad_norm``: the global gradient norm (torch's, as ``clip_grad_norm_``) and the
@@ -575,7 +575,8 @@ class RuleOptimizer(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                message = rule.sparse_message or Rule.sparse_message
+                raise RuntimeError(message.format(name=type(self).__name__))
             state = self._init_state(p, group)
             if group.get("capturable") and not torch.compiler.is_compiling():
                 # (Dynamo sets capturable=True in the groups it traces.)
@@ -585,8 +586,10 @@ class RuleOptimizer(torch.optim.Optimizer):
                 scalars = {}
                 parts.setdefault((p.device, p.dtype), []).append((p, state, scalars))
                 continue
-            state["step"] += 1
-            step = scalar_value(state["step"])
+            step = None
+            if rule.step_state:
+                state["step"] += 1
+                step = scalar_value(state["step"])
             if rule.scalar_state:
                 scalars = rule.scalars(
                     hyperparameters, step, {name: state[name] for name in rule.scalar_state}
@@ -606,7 +609,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                 self._kernel_update(fused, maximize, clip, (index, device, dtype))
             rest = [m for m in members if not any(m[0] is q for q, _, _ in fused)]
             if rest and self.fused and not torch.compiler.is_compiling():
-                rest = self._cpu_fused_update(device, rest, maximize, clip)
+                rest = self._cpu_fused_update(group, device, rest, maximize, clip)
             for p, state, scalars in rest:
                 self._torch_update(p, state, scalars, maximize, clip)
 
@@ -620,25 +623,29 @@ class RuleOptimizer(torch.optim.Optimizer):
 
         The step counts (and the rule's scalar state) are stacked into 1-D float64 tensors, one
         entry per parameter, which ``rule.scalars`` evaluates element-wise (its contract: ``+ - *
-        / **`` and ``torch.where``); each 1-D result is then split among the parameters, and the
-        scalar state it updated in place is copied back into each parameter's own, in its own
-        dtype. Parameters whose counts or scalar state differ in device or dtype (loaded from
-        elsewhere) are stacked apart."""
+        / **`` and ``torch.where``); the 1-D results are then split among the parameters through
+        one table (:func:`split_stacked`), and the scalar state it updated in place is copied
+        back into each parameter's own, in its own dtype. Parameters whose counts or scalar
+        state differ in device or dtype (loaded from elsewhere) are stacked apart."""
         rule = self.rule
         batches: dict[tuple[Any, ...], list[tuple[dict, dict]]] = {}
         for _, state, scalars in members:
+            counted = ("step",) if rule.step_state else ()
             key = tuple(
-                (state[name].device, state[name].dtype) for name in ("step", *rule.scalar_state)
+                (state[name].device, state[name].dtype) for name in (*counted, *rule.scalar_state)
             )
             batches.setdefault(key, []).append((state, scalars))
         for batch in batches.values():
-            steps = [state["step"] for state, _ in batch]
-            torch._foreach_add_(steps, 1)
+            step = None
+            if rule.step_state:
+                steps = [state["step"] for state, _ in batch]
+                torch._foreach_add_(steps, 1)
+                step = scalar_value(torch.stack(steps))
             steps_shape = (len(batch),)
             scalar_state = {
                 name: torch.stack([state[name] for state, _ in batch]) for name in rule.scalar_state
             }
-            values = rule.scalars(hyperparameters, scalar_value(torch.stack(steps)), scalar_state)
+            values = rule.scalars(hyperparameters, step, scalar_state)
             for key, value in values.items():
                 if isinstance(value, Tensor) and value.numel() != 1 and value.shape != steps_shape:
                     raise RuntimeError(
@@ -656,6 +663,7 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     def _cpu_fused_update(
         self,
+        group: dict[str, Any],
         device: torch.device,
         members: list[tuple[Tensor, dict, dict]],
         maximize: bool,
@@ -683,7 +691,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                 f"the fused CPU update does not take {', '.join(options)}: the torch update ran",
             )
             return members
-        return _cpu_fused.fused_step(self, device, members, maximize)
+        return _cpu_fused.fused_step(self, device, members, maximize, group)
 
     def _kernel_members(
         self,
@@ -713,6 +721,10 @@ class RuleOptimizer(torch.optim.Optimizer):
             why = f"the rule kernel updates {list(kernels.RULE_DTYPES)}, not {dtype}"
         elif len(self.rule.tensor_state) > kernels.MAX_STATE:
             why = f"the rule kernel takes at most {kernels.MAX_STATE} state tensors"
+        elif any(
+            state.get(name) is None for _, state, _ in members for name in self.rule.tensor_state
+        ):
+            why = "a state tensor is absent (State.when) or created by the update (State.init=None)"
         elif not all(
             t.is_contiguous()
             for p, state, _ in members
@@ -802,14 +814,16 @@ class RuleOptimizer(torch.optim.Optimizer):
         used = grad
         if maximize:
             grad = -grad
-        targets = [p, *(state[name] for name in rule.tensor_state)]
+        names = rule.tensor_state
+        targets = [p, *(state.get(name) for name in names)]
         inputs = [p.float(), *targets[1:]] if self._float32(p) else list(targets)
         if self._float32(p):
             grad = grad.float()
         before = p.detach().clone() if self.record_norms else None
+        real = rule.complex_as_real and p.is_complex()
         if rule.complex_as_real:
-            targets = [_real(t) for t in targets]
-            inputs = [_real(t) for t in inputs]
+            targets = [None if t is None else _real(t) for t in targets]
+            inputs = [None if t is None else _real(t) for t in inputs]
             grad = _real(grad)
         results = rule.update(inputs[0], grad, *inputs[1:], **scalars)
         if len(results) != len(targets):
@@ -817,8 +831,13 @@ class RuleOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__}: rule.update returned {len(results)} tensors; "
                 f"expected the parameter and {list(rule.tensor_state)}"
             )
-        for target, result in zip(targets, results, strict=True):
-            target.copy_(result)
+        for index, (target, result) in enumerate(zip(targets, results, strict=True)):
+            if target is not None:
+                target.copy_(result)
+            elif result is not None:
+                # State.init=None: the update created it (detached, as torch's first buffers).
+                value = result.detach().clone(memory_format=torch.preserve_format)
+                state[names[index - 1]] = torch.view_as_complex(value) if real else value
         if before is not None:
             # What the kernels record: squared norms of the gradient used (unscaled, clipped),
             # of the update and of the parameter before it, float32 on the parameter's device.

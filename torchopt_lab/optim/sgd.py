@@ -1,16 +1,22 @@
-"""Stochastic gradient descent, with optional heavy-ball or Nesterov momentum."""
+"""Stochastic gradient descent, with optional heavy-ball or Nesterov momentum: SGD and Momentum,
+each one :class:`~torchopt_lab.optim.rules.Rule` declaration run on the built-in engine (its
+``reference``: :func:`sgd`; its ``kernel``: the fused Triton ``sgd`` update)."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from operator import attrgetter
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from torchopt_lab.optim._base import TensorLists, TorchoptOptimizer, as_float, foreach_add_
+from torchopt_lab.optim._base import TorchoptOptimizer, as_float, foreach_add_
+from torchopt_lab.optim._fused import KernelSpec
+from torchopt_lab.optim.rules import Check, Hyperparameter, Rule, State, register
 
-__all__ = ["SGD", "Momentum", "sgd"]
+__all__ = ["MOMENTUM", "SGD", "SGD_RULE", "Momentum", "sgd"]
 
 
 def sgd(
@@ -61,6 +67,121 @@ def sgd(
         foreach_add_(params, grads, -lr)
 
 
+def _scalars(group: Mapping[str, Any], step: Any, state: dict[str, Tensor]) -> dict[str, Any]:
+    """SGD's per-step values: its hyperparameters as they are (it has no step count)."""
+    return {key: group[key] for key in ("lr", "weight_decay", "momentum", "dampening", "nesterov")}
+
+
+def _update(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    *,
+    lr: Any,
+    weight_decay: Any,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`sgd` for one tensor, out of place: ``momentum_buffer`` is None without momentum
+    (returned as None) and on the first step (returned as the new buffer)."""
+    # Direction d = g + weight_decay * p (the engine negates g under maximize).
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    if momentum != 0:
+        if momentum_buffer is None:
+            # The first step's buffer is the direction itself, undamped (detached, as torch's).
+            momentum_buffer = grad.detach().clone()
+        else:
+            # b <- momentum * b + (1 - dampening) * d.
+            momentum_buffer = momentum_buffer * momentum + (1 - dampening) * grad
+        # Nesterov: d <- d + momentum * b; heavy ball: d <- b.
+        grad = grad + momentum * momentum_buffer if nesterov else momentum_buffer
+    # p <- p - lr * d.
+    return param - lr * grad, momentum_buffer
+
+
+#: SGD's declaration: torch.optim.SGD's arguments, checks (order, types, messages), state (a
+#: ``momentum_buffer`` with momentum, created by the first step as a clone of the direction; no
+#: ``step``) and param groups; the per-tensor update (what fused=True compiles on the CPU) beside
+#: the group-level reference and the fused kernel, bound by tests/optim/test_builtin_rules.py.
+SGD_RULE = Rule(
+    hyperparameters=(
+        Hyperparameter("lr", 1e-3),
+        Hyperparameter("momentum", 0),
+        Hyperparameter("dampening", 0),
+        Hyperparameter("weight_decay", 0),
+        Hyperparameter("nesterov", False),
+        Hyperparameter("maximize", False, keyword_only=True),
+        Hyperparameter("foreach", None, keyword_only=True),
+        Hyperparameter("differentiable", False, keyword_only=True),
+        Hyperparameter("fused", None, keyword_only=True),
+    ),
+    checks=(
+        Check(
+            "lr",
+            lambda lr: not isinstance(lr, Tensor) or lr.numel() == 1,
+            "Tensor lr must be 1-element",
+        ),
+        # torch writes these as ``x < 0.0`` (a NaN passes), unlike the other optimizers.
+        Check("lr", lambda lr: not lr < 0.0, "Invalid learning rate: {value}"),
+        Check("momentum", lambda m: not m < 0.0, "Invalid momentum value: {value}"),
+        Check("weight_decay", lambda wd: not wd < 0.0, "Invalid weight_decay value: {value}"),
+        Check(
+            ("nesterov", "momentum", "dampening"),
+            lambda v: not (v[0] and (v[1] <= 0 or v[2] != 0)),
+            "Nesterov momentum requires a momentum and zero dampening",
+        ),
+        Check(
+            ("fused", "differentiable"),
+            lambda v: not (v[0] and v[1]),
+            "`fused` does not support `differentiable`",
+            RuntimeError,
+        ),
+    ),
+    state=(State("momentum_buffer", init=None, when=lambda group: group["momentum"] != 0),),
+    scalars=_scalars,
+    update=_update,
+    complex_as_real=False,  # linear in the gradient: torch updates complex tensors as they are
+    setstate_defaults={
+        "nesterov": False,
+        "maximize": False,
+        "foreach": None,
+        "differentiable": False,
+        "fused": False,
+    },
+    step_state=False,
+    sparse_message=None,  # sparse gradients update the rows they touch
+    reference=sgd,
+    kernel=KernelSpec(
+        update="sgd",
+        state_lists={"momentum_buffer": "momentum_buffer_list"},
+        options=lambda g: {"momentum": g["momentum"] != 0, "nesterov": g["nesterov"]},
+    ),
+)
+
+#: Momentum's: SGD's rule with ``lr=0.01, momentum=0.9`` as defaults and a positive momentum
+#: required (checked first); its param groups and state are SGD's.
+MOMENTUM = dataclasses.replace(
+    SGD_RULE,
+    hyperparameters=(
+        Hyperparameter("lr", 0.01),
+        Hyperparameter("momentum", 0.9),
+        *SGD_RULE.hyperparameters[2:],
+    ),
+    checks=(
+        Check(
+            "momentum",
+            lambda m: m > 0.0,
+            "Invalid momentum value: {value}; Momentum needs momentum > 0 (use SGD for plain "
+            "gradient descent)",
+        ),
+        *SGD_RULE.checks,
+    ),
+)
+
+
+@register
 class SGD(TorchoptOptimizer):
     r"""Stochastic gradient descent, optionally with momentum (Robbins & Monro, 1951; Nesterov
     momentum after Sutskever et al., 2013, "On the importance of initialization and momentum in
@@ -78,96 +199,10 @@ class SGD(TorchoptOptimizer):
     ``fused``, ``capturable`` and ``differentiable`` behave as torch's (docs/optimizers.md).
     """
 
-    _reference = staticmethod(sgd)
-    _group_defaults: ClassVar[dict[str, Any]] = {
-        "nesterov": False,
-        "maximize": False,
-        "foreach": None,
-        "differentiable": False,
-        "fused": False,
-    }
-    _views_complex_as_real = False
-    _creates_state = True
-
-    def __init__(
-        self,
-        params: Any,
-        lr: float | Tensor = 1e-3,
-        momentum: float = 0,
-        dampening: float = 0,
-        weight_decay: float | Tensor = 0,
-        nesterov: bool = False,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        backend: str = "auto",
-        max_grad_norm: float | None = None,
-        skip_nonfinite: bool = False,
-        float32_state: bool = False,
-        record_norms: bool = False,
-    ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "dampening": dampening,
-            "weight_decay": weight_decay,
-            "nesterov": nesterov,
-            "maximize": maximize,
-            "foreach": foreach,
-            "differentiable": differentiable,
-            "fused": fused,
-        }
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        if fused and differentiable:
-            raise RuntimeError("`fused` does not support `differentiable`")
-        super().__init__(
-            params,
-            defaults,
-            backend=backend,
-            max_grad_norm=max_grad_norm,
-            skip_nonfinite=skip_nonfinite,
-            float32_state=float32_state,
-            record_norms=record_norms,
-        )
-
-    def _group_tensors(self, group: dict[str, Any]) -> TensorLists:
-        params, grads, buffers = [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            params.append(p)
-            grads.append(p.grad)
-            if group["momentum"] != 0:
-                buffers.append(self.state[p].get("momentum_buffer"))
-        return {"params": params, "grads": grads, "momentum_buffer_list": buffers}
-
-    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "weight_decay": group["weight_decay"],
-            "momentum": group["momentum"],
-            "lr": group["lr"],
-            "dampening": group["dampening"],
-            "nesterov": group["nesterov"],
-            "maximize": group["maximize"],
-        }
-
-    def _finish_group(self, group: dict[str, Any], tensors: TensorLists) -> None:
-        if group["momentum"] != 0:
-            for p, buffer in zip(tensors["params"], tensors["momentum_buffer_list"], strict=True):
-                self.state[p]["momentum_buffer"] = buffer
+    rule = SGD_RULE
 
 
+@register
 class Momentum(SGD):
     r"""SGD with heavy-ball momentum (Polyak, 1964, "Some methods of speeding up the convergence
     of iteration methods"): :class:`SGD` with ``lr=0.01, momentum=0.9`` as defaults.
@@ -180,44 +215,4 @@ class Momentum(SGD):
     ``torch.optim.SGD``.
     """
 
-    def __init__(
-        self,
-        params: Any,
-        lr: float | Tensor = 0.01,
-        momentum: float = 0.9,
-        dampening: float = 0,
-        weight_decay: float | Tensor = 0,
-        nesterov: bool = False,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        backend: str = "auto",
-        max_grad_norm: float | None = None,
-        skip_nonfinite: bool = False,
-        float32_state: bool = False,
-        record_norms: bool = False,
-    ) -> None:
-        if not momentum > 0.0:
-            raise ValueError(
-                f"Invalid momentum value: {momentum}; Momentum needs momentum > 0 "
-                "(use SGD for plain gradient descent)"
-            )
-        super().__init__(
-            params,
-            lr,
-            momentum,
-            dampening,
-            weight_decay,
-            nesterov,
-            maximize=maximize,
-            foreach=foreach,
-            differentiable=differentiable,
-            fused=fused,
-            backend=backend,
-            max_grad_norm=max_grad_norm,
-            skip_nonfinite=skip_nonfinite,
-            float32_state=float32_state,
-            record_norms=record_norms,
-        )
+    rule = MOMENTUM
