@@ -38,6 +38,17 @@ parameters before it), and the engine's options every built-in optimizer takes (
 :func:`register` adds the class to :data:`REGISTRY`, which the tests,
 ``torchopt-lab compare`` and the benchmarks iterate.
 
+What torch's own optimizers need is declared too: state kept only where an option holds
+(``State.when``), state the update creates on the first step (``State.init=None``), no ``step``
+(``Rule.step_state``), state made in the constructor (``Rule.eager_state``), checks of several
+arguments (a tuple ``Check.name``), values converted once checked (``Hyperparameter.convert``),
+group keys the constructor does not take (``Rule.fixed``), torch's group key order
+(``Rule.group_order``) and its ``__setstate__`` keys (``Rule.setstate_defaults``). A built-in
+(SGD, Momentum, Adagrad, RMSprop, Adam, AdamW) is a rule with a ``reference`` (its group-level
+multi-tensor update) and a ``kernel`` (:class:`KernelSpec`), subclassed from the built-in engine
+(``TorchoptOptimizer``) rather than :class:`RuleOptimizer`; both engines derive the class with
+the same code (``DeclaredOptimizer``). See ``docs/authoring.md``.
+
 What a rule cannot express: an update that is not element-wise (reads more than one element of a
 tensor to update one: Muon's orthogonalisation, Adafactor's factored second moments, Shampoo's
 preconditioners, LAMB/LARS trust ratios), or one that needs a reduction across tensors. See
