@@ -126,6 +126,14 @@ def optim_inputs(
     return [(optim_input.desc, optim_input.kwargs) for optim_input in built]
 
 
+def ours_then_torchs(
+    name: str, kwargs: dict[str, Any], run: Callable[[Callable[..., Any], dict[str, Any]], Any]
+) -> list[Any]:
+    """``[run(ours, options), run(torch's, options)]``: the same run of ours and of torch.optim's
+    ``name``, each given its own deep copy of ``kwargs`` (so the two never share a tensor lr)."""
+    return [run(make, copy.deepcopy(kwargs)) for make in (mine(name), theirs(name))]
+
+
 def plain_inputs(name: str) -> list[tuple[str, dict[str, Any]]]:
     """The OptimizerInfo's own optim inputs, without the global flags."""
     return [(i.desc, i.kwargs) for i in INFOS[name].optim_inputs_func(device="cpu")]
@@ -705,26 +713,25 @@ def test_mixed_dtypes_in_one_optimizer_step_as_one_optimizer_per_dtype(name: str
 
 @pytest.mark.parametrize("name", NAMES)
 def test_param_groups_weight_decay_goes_right_direction_as_torch(name: str) -> None:
-    for (desc, kwargs), (_, their_kwargs) in zip(
-        optim_inputs(name, skip=("differentiable",)),
-        optim_inputs(name, skip=("differentiable",)),
-        strict=True,
-    ):
-        results = []
-        for make, options in ((mine(name), kwargs), (theirs(name), their_kwargs)):
+    for desc, kwargs in optim_inputs(name, skip=("differentiable",)):
+
+        def run(
+            make: Callable[..., Any], options: dict[str, Any]
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             weight, bias, x = linear_problem(torch.float32)
             bias_options = {**copy.deepcopy(options), "weight_decay": 0.0}
             _, initial, final = train_linear(
-                lambda ps, make=make, options=options, bias_options=bias_options: make(
+                lambda ps: make(
                     [{"params": ps[:1], **options}, {"params": ps[1:], **bias_options}]
                 ),
                 weight,
                 bias,
                 x,
             )
-            assert_direction(kwargs, initial, final)
-            results.append((weight, bias))
-        for a, b in zip(*results, strict=True):
+            assert_direction(options, initial, final)
+            return weight, bias
+
+        for a, b in zip(*ours_then_torchs(name, kwargs, run), strict=True):
             assert_close(a, b, desc)
 
 
@@ -947,17 +954,19 @@ def test_state_dict_interchanges_with_torch_on_every_optim_input(name: str, dire
 @pytest.mark.parametrize("name", NAMES)
 def test_zero_element_params_step_as_torch(name: str) -> None:
     for desc, kwargs in optim_inputs(name, skip=("differentiable",)):
-        results = []
-        for make in (mine(name), theirs(name)):
+
+        def run(
+            make: Callable[..., Any], options: dict[str, Any]
+        ) -> tuple[list[torch.Tensor], Any]:
             params = [torch.zeros(0), torch.zeros(3, 0), torch.ones(2)]
             for p in params:
                 p.grad = torch.ones_like(p)
-            options = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
             optimizer = make(params, **options)
             optimizer.step()
             optimizer.step()
-            results.append((params, optimizer))
-        (params, optimizer), (reference, oracle) = results
+            return params, optimizer
+
+        (params, optimizer), (reference, oracle) = ours_then_torchs(name, kwargs, run)
         for a, b in zip(params, reference, strict=True):
             assert a.shape == b.shape
             assert_close(a, b, desc)
@@ -1053,13 +1062,11 @@ def test_state_dict_saves_and_loads_with_weights_only(name: str, named: bool) ->
 
 @pytest.mark.parametrize("name", NAMES)
 def test_loads_python_number_steps_and_steps_as_torch(name: str) -> None:
-    for (desc, kwargs), (_, their_kwargs) in zip(
-        optim_inputs(name, skip=("differentiable",)),
-        optim_inputs(name, skip=("differentiable",)),
-        strict=True,
-    ):
-        results = []
-        for make, options in ((mine(name), kwargs), (theirs(name), their_kwargs)):
+    for desc, kwargs in optim_inputs(name, skip=("differentiable",)):
+
+        def run(
+            make: Callable[..., Any], options: dict[str, Any]
+        ) -> tuple[list[torch.Tensor], Any]:
             generator = torch.Generator().manual_seed(0)
             params = [Parameter(torch.randn(2, 3, generator=generator)) for _ in range(2)]
             for p in params:
@@ -1073,8 +1080,9 @@ def test_loads_python_number_steps_and_steps_as_torch(name: str) -> None:
                     p_state["step"] = p_state["step"].item()
             optimizer.load_state_dict(state_dict)
             optimizer.step()
-            results.append((params, optimizer))
-        (params, optimizer), (reference, their_optimizer) = results
+            return params, optimizer
+
+        (params, optimizer), (reference, their_optimizer) = ours_then_torchs(name, kwargs, run)
         for a, b in zip(params, reference, strict=True):
             assert_close(a, b, desc)
         assert_same_state(optimizer, their_optimizer)

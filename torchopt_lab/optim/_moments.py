@@ -3,12 +3,28 @@ torch update and its Triton twin side by side, held together by the rules' kerne
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from torchopt_lab.optim.rules import tl, triton_jit, triton_lerp  # noqa: F401 - Triton needs tl here
+
+
+def moment_scalars(group: Mapping[str, Any]) -> dict[str, Any]:
+    """The first scalars of the rules built on Adam's moments, in the order their
+    ``triton_update`` unpacks them (``scalars[:6]``): ``lr``, ``beta1``, ``beta2``, ``eps``,
+    ``weight_decay``, ``decoupled_weight_decay``."""
+    beta1, beta2 = group["betas"]
+    return {
+        "lr": group["lr"],
+        "beta1": beta1,
+        "beta2": beta2,
+        "eps": group["eps"],
+        "weight_decay": group["weight_decay"],
+        "decoupled_weight_decay": group["decoupled_weight_decay"],
+    }
 
 
 def decayed_moments(

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from torchopt_lab.optim._moments import decayed_moments, triton_decayed_moments
+from torchopt_lab.optim._moments import decayed_moments, moment_scalars, triton_decayed_moments
 from torchopt_lab.optim.rules import (
     TORCH_FLAGS,
     Check,
@@ -34,12 +34,7 @@ def _scalars(group: Mapping[str, Any], step: float, state: dict[str, Tensor]) ->
     state["mu_product"] *= mu.to(state["mu_product"].dtype) if isinstance(mu, Tensor) else mu
     mu_product = scalar_value(state["mu_product"])
     return {
-        "lr": lr,
-        "beta1": beta1,
-        "beta2": beta2,
-        "eps": group["eps"],
-        "weight_decay": group["weight_decay"],
-        "decoupled_weight_decay": group["decoupled_weight_decay"],
+        **moment_scalars(group),
         "bias_correction2": 1 - beta2**step,
         "grad_coefficient": -lr * (1.0 - mu) / (1.0 - mu_product),
         "exp_avg_coefficient": (-lr * mu_next) / (1.0 - mu_product * mu_next),
@@ -52,27 +47,14 @@ def _update(
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     *,
-    lr: Any,
-    beta1: float,
-    beta2: float,
     eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
     bias_correction2: float,
     grad_coefficient: Any,
     exp_avg_coefficient: Any,
+    **moments: Any,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    param, grad, exp_avg, exp_avg_sq = decayed_moments(
-        param,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-    )
+    # moments: lr, beta1, beta2, weight_decay, decoupled_weight_decay (moment_scalars).
+    param, grad, exp_avg, exp_avg_sq = decayed_moments(param, grad, exp_avg, exp_avg_sq, **moments)
     denom = (exp_avg_sq / bias_correction2).sqrt() + eps
     # theta -= lr (1 - mu_t) / (1 - prod mu) g / denom + lr mu_{t+1} / (1 - prod mu') m / denom.
     param = param + grad_coefficient * grad / denom

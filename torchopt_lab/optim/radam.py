@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchopt_lab.optim._moments import decayed_moments, triton_decayed_moments
+from torchopt_lab.optim._moments import decayed_moments, moment_scalars, triton_decayed_moments
 from torchopt_lab.optim.rules import (
     TORCH_FLAGS,
     Hyperparameter,
@@ -43,12 +43,7 @@ def _scalars(group: Mapping[str, Any], step: float, state: dict[str, Tensor]) ->
             else 0.0
         )
     return {
-        "lr": group["lr"],
-        "beta1": beta1,
-        "beta2": beta2,
-        "eps": group["eps"],
-        "weight_decay": group["weight_decay"],
-        "decoupled_weight_decay": group["decoupled_weight_decay"],
+        **moment_scalars(group),
         "bias_correction1": 1 - beta1**step,
         "sqrt_bias_correction2": bias_correction2**0.5,
         "rectified": rectified,
@@ -63,26 +58,16 @@ def _update(
     exp_avg_sq: Tensor,
     *,
     lr: Any,
-    beta1: float,
-    beta2: float,
     eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
     bias_correction1: float,
     sqrt_bias_correction2: float,
     rectified: bool,
     rect: float,
+    **moments: Any,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    # moments: beta1, beta2, weight_decay, decoupled_weight_decay (moment_scalars).
     param, grad, exp_avg, exp_avg_sq = decayed_moments(
-        param,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
+        param, grad, exp_avg, exp_avg_sq, lr=lr, **moments
     )
     bias_corrected_exp_avg = exp_avg / bias_correction1
     if isinstance(rectified, Tensor):

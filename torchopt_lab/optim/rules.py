@@ -634,10 +634,10 @@ class RuleOptimizer(DeclaredOptimizer):
 
         The step counts (and the rule's scalar state) are stacked into 1-D float64 tensors, one
         entry per parameter, which ``rule.scalars`` evaluates element-wise (its contract: ``+ - *
-        / **`` and ``torch.where``); each 1-D result is then split among the parameters, and the
-        scalar state it updated in place is copied back into each parameter's own, in its own
-        dtype. Parameters whose counts or scalar state differ in device or dtype (loaded from
-        elsewhere) are stacked apart."""
+        / **`` and ``torch.where``); the 1-D results are then split among the parameters through
+        one table (:func:`split_stacked`), and the scalar state it updated in place is copied
+        back into each parameter's own, in its own dtype. Parameters whose counts or scalar
+        state differ in device or dtype (loaded from elsewhere) are stacked apart."""
         rule = self.rule
         batches: dict[tuple[Any, ...], list[tuple[dict, dict]]] = {}
         for _, state, scalars in members:
