@@ -28,12 +28,19 @@ from datetime import datetime, timezone
 
 import torch
 
+import torchopt_lab.optim as ours
 from torchopt_lab._arguments import UsageError
-from torchopt_lab.bench import table_header
+from torchopt_lab.bench import choices, table_header
 from torchopt_lab.bench.optim_gpu import PARAMETER_SETS
 
 SMALL_TENSORS = "4096 small tensors"
-OPTIMIZERS = ("Adam", "AdamW", "SGD", "Adagrad", "RMSprop")
+#: The registered optimizers whose fused path is a built-in kernel (its host work is what this
+#: measures) and which torch.optim has, to compare with: read from the registry, not listed.
+OPTIMIZERS = tuple(
+    name
+    for name, cls in ours.REGISTRY.items()
+    if cls.rule.kernel is not None and hasattr(torch.optim, name)
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,8 +110,6 @@ def _torch_host_work(optimizer: torch.optim.Optimizer) -> None:
 def measure(name: str, tensors: int, repeats: int) -> dict[str, float]:
     """Milliseconds of host work per step: ours with the same and with new gradients, torch's
     lower bound (see the module docstring)."""
-    import torchopt_lab.optim as ours
-
     shapes = PARAMETER_SETS[SMALL_TENSORS]()[:tensors]
     params = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
     gradient_sets = [[torch.zeros_like(p) for p in params] for _ in range(2)]
@@ -131,13 +136,7 @@ def measure(name: str, tensors: int, repeats: int) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    names = [name.strip() for name in args.optimizers.split(",") if name.strip()]
-    unknown = [name for name in names if name not in OPTIMIZERS]
-    if unknown or not names:
-        raise UsageError(
-            f"unknown optimizer: {', '.join(unknown) or repr(args.optimizers)}; choose from "
-            f"{', '.join(OPTIMIZERS)}"
-        )
+    names = choices(args.optimizers, OPTIMIZERS, "optimizer")
     if not 1 <= args.tensors <= 4096 or args.repeats < 1:
         raise UsageError(
             f"--tensors must be in [1, 4096] and --repeats positive, got {args.tensors} and "
