@@ -900,14 +900,19 @@ class TorchoptOptimizer(DeclaredOptimizer):
             if self.skip_nonfinite and not torch.isfinite(total_norm).item():
                 self._skipped_on_host += 1
                 return None
-            unscaled = total_norm
-            if inverse_scale is not None:
-                # As the kernels do: the norm of the scaled gradients, unscaled in float64.
-                unscaled = (total_norm.double() * inverse_scale.double().to(total_norm.device)).to(
-                    total_norm.dtype
-                )
-            clip_coefficient = _clip_coefficient(unscaled, self.max_grad_norm)
+            clip_coefficient = self._unscaled_clip_coefficient(total_norm, inverse_scale)
         return inverse_scale, total_norm, clip_coefficient
+
+    def _unscaled_clip_coefficient(
+        self, total_norm: Tensor, inverse_scale: Tensor | None
+    ) -> Tensor:
+        """``max_grad_norm``'s clip coefficient from the norm of the (possibly GradScaler-scaled)
+        gradients: as the kernels do, the norm unscaled in float64 first."""
+        if inverse_scale is not None:
+            total_norm = (total_norm.double() * inverse_scale.double().to(total_norm.device)).to(
+                total_norm.dtype
+            )
+        return _clip_coefficient(total_norm, self.max_grad_norm)
 
     def _traced_step(self, loss: Any) -> Any:
         """The step under ``torch.compile``: the torch reference update, traced by Dynamo.
@@ -983,12 +988,7 @@ class TorchoptOptimizer(DeclaredOptimizer):
                 counted = nonfinite if skip is None else nonfinite & ~skip.to(nonfinite.device)
                 self._skipped_in_graph().add_(counted.to(torch.int64).cpu())
                 skip = nonfinite if skip is None else skip.to(nonfinite.device) | nonfinite
-            unscaled = total_norm
-            if inverse_scale is not None:
-                unscaled = (total_norm.double() * inverse_scale.double().to(total_norm.device)).to(
-                    total_norm.dtype
-                )
-            clip_coefficient = _clip_coefficient(unscaled, self.max_grad_norm)
+            clip_coefficient = self._unscaled_clip_coefficient(total_norm, inverse_scale)
         return inverse_scale, clip_coefficient, skip
 
     def _skipped_in_graph(self) -> Tensor:
