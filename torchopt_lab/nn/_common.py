@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -84,3 +85,13 @@ def reduction_gradient(
     if reduction == "mean":
         return grad_output / denominator
     return grad_output
+
+
+def normalized_rows(input: torch.Tensor, normalized_dims: int) -> torch.Tensor:
+    """``input`` as contiguous ``[rows, width]``, the trailing ``normalized_dims`` flattened;
+    rows counted from the leading dimensions (reshape(-1, 0) is ambiguous for an empty row).
+    What the layer-norm and RMS-norm kernels take."""
+    leading = input.dim() - normalized_dims
+    return input.contiguous().reshape(
+        math.prod(input.shape[:leading]), math.prod(input.shape[leading:])
+    )

@@ -27,7 +27,12 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from torchopt_lab.nn._autocast import autocast_inputs
-from torchopt_lab.nn._common import check_dtype, check_floating, check_normalized_shape
+from torchopt_lab.nn._common import (
+    check_dtype,
+    check_floating,
+    check_normalized_shape,
+    normalized_rows,
+)
 from torchopt_lab.nn._dispatch import (
     first_order_only,
     no_forward_mode,
@@ -424,15 +429,6 @@ register_vmap_by_slices(batch_norm_gradient_sums)
 register_vmap_by_slices(channel_affine)
 
 
-def _rows(input: torch.Tensor, normalized_dims: int) -> torch.Tensor:
-    """``input`` as contiguous ``[rows, width]``, the trailing ``normalized_dims`` flattened;
-    rows counted from the leading dimensions (reshape(-1, 0) is ambiguous for an empty row)."""
-    leading = input.dim() - normalized_dims
-    return input.contiguous().reshape(
-        math.prod(input.shape[:leading]), math.prod(input.shape[leading:])
-    )
-
-
 def _flat(parameter: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
     """A weight or bias as one contiguous row; float32 parameters of a float16/bfloat16 input are
     read in the input's dtype."""
@@ -445,8 +441,8 @@ def _kernel_rows(
     input: torch.Tensor, normalized_dims: int, weight: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What the layer-norm kernels read, as forward and backward both build it: the input as rows
-    (:func:`_rows`) and the weight as one row (:func:`_flat`)."""
-    rows = _rows(input, normalized_dims)
+    (:func:`normalized_rows`) and the weight as one row (:func:`_flat`)."""
+    rows = normalized_rows(input, normalized_dims)
     return rows, _flat(weight, rows)
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from torchopt_lab.nn._autocast import autocast_inputs
-from torchopt_lab.nn._common import check_normalized_shape
+from torchopt_lab.nn._common import check_normalized_shape, normalized_rows
 from torchopt_lab.nn._dispatch import (
     first_order_only,
     no_forward_mode,
@@ -171,15 +171,6 @@ register_vmap_by_slices(rms_norm_forward)
 register_vmap_by_slices(rms_norm_backward)
 
 
-def _rows(input: torch.Tensor, normalized_dims: int) -> torch.Tensor:
-    """``input`` as contiguous ``[rows, width]``, the trailing ``normalized_dims`` flattened;
-    rows counted from the leading dimensions (reshape(-1, 0) is ambiguous for an empty row)."""
-    leading = input.dim() - normalized_dims
-    return input.contiguous().reshape(
-        math.prod(input.shape[:leading]), math.prod(input.shape[leading:])
-    )
-
-
 @forward_mode
 class RMSNormTritonFunction(torch.autograd.Function):
     """RMS normalisation over the trailing ``normalized_dims`` dimensions (flattened into one
@@ -192,7 +183,7 @@ class RMSNormTritonFunction(torch.autograd.Function):
     def forward(
         input: torch.Tensor, normalized_dims: int, weight: torch.Tensor | None, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = _rows(input, normalized_dims)
+        rows = normalized_rows(input, normalized_dims)
         flat_weight = None if weight is None else weight.contiguous().reshape(rows.shape[1])
         output, rstd = rms_norm_forward(rows, flat_weight, eps)
         return output.reshape(input.shape), rstd
@@ -208,7 +199,7 @@ class RMSNormTritonFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor, _: Any) -> tuple[torch.Tensor | None, ...]:
         input, weight, rstd = ctx.saved_tensors
-        rows = _rows(input, ctx.normalized_dims)
+        rows = normalized_rows(input, ctx.normalized_dims)
         flat_weight = None if weight is None else weight.contiguous().reshape(rows.shape[1])
         with_weight = weight is not None and ctx.needs_input_grad[2]
         # dL/dx = r (w g - x̂ c_1); dL/dw = Σ_rows g x̂
