@@ -1365,29 +1365,29 @@ def test_zero_grad_sets_to_none_or_zeroes_as_asked(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_step_count_dtype_and_device_match_torch(name: str) -> None:
+    def run(make: Callable[..., Any], options: dict[str, Any]) -> Any:
+        param = torch.randn(3, requires_grad=True)
+        param.grad = torch.ones(3)
+        optimizer = make([param], **options)
+        optimizer.step()
+        optimizer.step()
+        step = optimizer.state[param].get("step")
+        return None if step is None else (step.dtype, step.device, step.shape, step.item())
+
     for desc, kwargs in plain_inputs(name):
-        steps = []
-        for make in (mine(name), theirs(name)):
-            param = torch.randn(3, requires_grad=True)
-            param.grad = torch.ones(3)
-            optimizer = make([param], **copy.deepcopy(kwargs))
-            optimizer.step()
-            optimizer.step()
-            step = optimizer.state[param].get("step")
-            steps.append(
-                None if step is None else (step.dtype, step.device, step.shape, step.item())
-            )
-        assert steps[0] == steps[1], desc
+        ours, torchs = ours_then_torchs(name, kwargs, run)
+        assert ours == torchs, desc
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_step_supports_amp_scaling_where_torch_does(name: str) -> None:
+    def run(make: Callable[..., Any], options: dict[str, Any]) -> bool:
+        optimizer = make([torch.zeros(2, requires_grad=True)], **options)
+        return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
     for desc, kwargs in optim_inputs(name):
-        flags = []
-        for make in (mine(name), theirs(name)):
-            optimizer = make([torch.zeros(2, requires_grad=True)], **copy.deepcopy(kwargs))
-            flags.append(bool(getattr(optimizer, "_step_supports_amp_scaling", False)))
-        assert flags[0] == flags[1], desc
+        ours, torchs = ours_then_torchs(name, kwargs, run)
+        assert ours == torchs, desc
 
 
 @pytest.mark.parametrize("name", FUSED_ON_CPU)
