@@ -468,6 +468,29 @@ class DeclaredOptimizer(torch.optim.Optimizer):
                 for p in group["params"]:
                     self._init_state(p, group)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim pickles only defaults, state and param groups; keep the engine's options
+        # too (not the fused kernels' cached tables: they hold addresses, rebuilt on a step).
+        return {
+            **super().__getstate__(),
+            "backend": self.backend,
+            **{name: getattr(self, name) for name in ENGINE_OPTIONS},
+            **({"fused": self.fused} if type(self)._adds_fused else {}),
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """torch.optim's, then the engine's options an older pickle lacks (``fused`` included,
+        where the engine adds it: pickled before RMSprop took it) and the param-group keys an
+        older state dict lacks."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+        for name, default in ENGINE_OPTIONS.items():
+            self.__dict__.setdefault(name, default)
+        self.__dict__.setdefault("_skipped_on_host", 0)
+        if type(self)._adds_fused:
+            self.__dict__.setdefault("fused", None)
+        self._fill_group_defaults()
+
     def _build(self, params: Any, defaults: dict[str, Any], engine: dict[str, Any]) -> None:
         """The engine's construction from checked param-group ``defaults`` and its own options
         (``backend``, :data:`ENGINE_OPTIONS`, and ``fused`` where the engine adds it)."""
@@ -544,49 +567,9 @@ class TorchoptOptimizer(DeclaredOptimizer):
     _views_complex_as_real: ClassVar[bool] = True
     # Whether ``_reference`` fills in state lists (SGD creates momentum buffers on the first step).
     _creates_state: ClassVar[bool] = False
-    # Param-group keys that state dicts of older torch versions may lack, with the value torch's
-    # ``__setstate__`` gives them.
-    _group_defaults: ClassVar[dict[str, Any]] = {}
-
-    def __init__(
-        self,
-        params: Any,
-        defaults: dict[str, Any],
-        *,
-        backend: str = "auto",
-        max_grad_norm: float | None = None,
-        skip_nonfinite: bool = False,
-        float32_state: bool = False,
-        record_norms: bool = False,
-    ) -> None:
-        set_engine_options(
-            self,
-            backend=backend,
-            max_grad_norm=max_grad_norm,
-            skip_nonfinite=skip_nonfinite,
-            float32_state=float32_state,
-            record_norms=record_norms,
-        )
-        super().__init__(params, defaults)
-        if defaults.get("fused") and defaults.get("foreach"):
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-
-    def __getstate__(self) -> dict[str, Any]:
-        # torch.optim pickles only defaults, state and param groups; keep our options too (not
-        # the fused kernels' cached tables: they hold addresses, rebuilt on the next step).
-        return {
-            **super().__getstate__(),
-            "backend": self.backend,
-            "max_grad_norm": self.max_grad_norm,
-            "skip_nonfinite": self.skip_nonfinite,
-            "float32_state": self.float32_state,
-            "record_norms": self.record_norms,
-            **({"fused": self.fused} if type(self)._adds_fused else {}),
-        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._fill_group_defaults()
         for group in self.param_groups:
             for p in group["params"]:
                 # Older torch stored ``step`` as a Python number (a tensor since torch 1.12), and
@@ -594,14 +577,6 @@ class TorchoptOptimizer(DeclaredOptimizer):
                 p_state = self.state.get(p, {})
                 if "step" in p_state:
                     p_state["step"] = _as_float_step(p_state["step"])
-        self.__dict__.setdefault("backend", "auto")
-        self.__dict__.setdefault("max_grad_norm", None)
-        self.__dict__.setdefault("skip_nonfinite", False)
-        self.__dict__.setdefault("float32_state", False)
-        self.__dict__.setdefault("record_norms", False)
-        self.__dict__.setdefault("_skipped_on_host", 0)
-        if type(self)._adds_fused:
-            self.__dict__.setdefault("fused", None)  # pickled before RMSprop took fused
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's ``load_state_dict``; with ``float32_state``, the state of low-precision
@@ -679,7 +654,10 @@ class TorchoptOptimizer(DeclaredOptimizer):
             # fused as an extension (RMSprop: torch's has none), an attribute as the rule
             # optimizers keep it, refused with differentiable or foreach in torch's words.
             self.fused = engine.pop("fused")
-        TorchoptOptimizer.__init__(self, params, defaults, **engine)
+        set_engine_options(self, **engine)
+        torch.optim.Optimizer.__init__(self, params, defaults)
+        if defaults.get("fused") and defaults.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if "fused" in self.__dict__:
             _cpu_fused.check_flags(self.fused, defaults)
 

@@ -69,7 +69,6 @@ from torch.optim.optimizer import _get_capturable_supported_devices as _capturab
 from torchopt_lab import backend as _backend
 from torchopt_lab.optim import _cpu_fused
 from torchopt_lab.optim._base import (
-    ENGINE_OPTIONS,
     DeclaredOptimizer,
     TorchoptOptimizer,
     set_engine_options,
@@ -387,22 +386,8 @@ class RuleOptimizer(DeclaredOptimizer):
         torch.optim.Optimizer.__init__(self, params, defaults)
         _cpu_fused.check_flags(self.fused, defaults)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {
-            **super().__getstate__(),
-            "backend": self.backend,
-            "fused": self.fused,
-            **{name: getattr(self, name) for name in ENGINE_OPTIONS},
-        }
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("backend", "auto")
-        self.__dict__.setdefault("fused", None)
-        for name, default in ENGINE_OPTIONS.items():
-            self.__dict__.setdefault(name, default)
-        self.__dict__.setdefault("_skipped_on_host", 0)
-        self._fill_group_defaults()
         for group in self.param_groups:
             for p in group["params"]:
                 p_state = self.state.get(p, {})
