@@ -58,6 +58,7 @@ preconditioners, LAMB/LARS trust ratios), or one that needs a reduction across t
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -75,6 +76,7 @@ from torchopt_lab.optim._base import (
     split_stacked,
 )
 from torchopt_lab.optim._fused import KernelSpec
+from torchopt_lab.optim._lifted import NotLiftable, TensorList, copy_into
 from torchopt_lab.optim.clip import _clip_coefficient, _total_norm
 
 try:  # Triton is optional (Linux only): without it, rules run their torch update.
@@ -347,6 +349,47 @@ def scalar_value(value: Tensor) -> float | Tensor:
     return value.item()
 
 
+def _scalars_key(scalars: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What parameters must share to run the update over lists: equal scalars. Python numbers
+    compare by type and value (with the sign of a zero: ``-0.0`` is not ``0.0``); anything else
+    (a tensor) by identity, which parameters on the same step share (one dict per step value).
+    NAdam's, made per parameter from its ``mu_product``, are equal when the products are."""
+    values = tuple(scalars.values())
+    if not all(type(value) in _PLAIN_SCALARS for value in values):
+        return tuple(scalars), tuple(map(id, values))
+    zeros = tuple(math.copysign(1.0, v) for v in values if type(v) is float and v == 0)
+    return tuple(scalars), values, tuple(map(type, values)), zeros
+
+
+_PLAIN_SCALARS = frozenset((bool, int, float, type(None)))
+
+
+#: On the CPU, the parameter bytes one lifted update takes at most: every op of the update makes
+#: a new tensor for each member, and while the members' intermediates stay in cache (as the
+#: per-parameter update's do) a list is as fast as a loop or faster; a whole model's list is 2-5x
+#: slower than the loop (measured on bench-optim's sets, 2 threads).
+_CPU_CHUNK_BYTES = 1 << 18
+
+
+def _chunks(
+    members: list[tuple[Tensor, dict, dict]],
+) -> list[list[tuple[Tensor, dict, dict]]]:
+    """``members`` cut into runs of at most :data:`_CPU_CHUNK_BYTES` parameter bytes on the CPU
+    (a larger parameter alone); whole elsewhere, where a foreach op is one kernel per list."""
+    if members[0][0].device.type != "cpu":
+        return [members]
+    chunks: list[list[tuple[Tensor, dict, dict]]] = [[]]
+    size = 0
+    for member in members:
+        nbytes = member[0].numel() * member[0].element_size()
+        if chunks[-1] and size + nbytes > _CPU_CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(member)
+        size += nbytes
+    return chunks
+
+
 def _real(tensor: Tensor) -> Tensor:
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
@@ -606,8 +649,7 @@ class RuleOptimizer(DeclaredOptimizer):
             rest = [m for m in members if not any(m[0] is q for q, _, _ in fused)]
             if rest and self.fused and not torch.compiler.is_compiling():
                 rest = self._cpu_fused_update(group, device, rest, maximize, clip)
-            for p, state, scalars in rest:
-                self._torch_update(p, state, scalars, maximize, clip)
+            self._torch_updates(group, rest, maximize, clip)
 
     def _traced_scalars(
         self, hyperparameters: dict[str, Any], members: list[tuple[Tensor, dict, dict]]
@@ -791,6 +833,114 @@ class RuleOptimizer(DeclaredOptimizer):
                 f"rule.scalars() returns {keys}; the kernel passes them in the dict's order"
             )
         cls._scalar_order_checked = True
+
+    def _torch_updates(
+        self,
+        group: dict[str, Any],
+        members: list[tuple[Tensor, dict, dict]],
+        maximize: bool,
+        clip: tuple[Tensor, Tensor] | None,
+    ) -> None:
+        """The rule's torch update of ``members`` (one (device, dtype) part of a param group):
+        run once over lists (:meth:`_lifted_update`, torch's foreach ops) for the members that
+        share their scalars and which state they lack, else per parameter (:meth:`_torch_update`).
+
+        Per parameter always with ``foreach=False`` (torch's for-loop, as asked), with
+        ``differentiable=True`` (autograd through foreach ops is not guaranteed on torch 2.4),
+        with ``record_norms`` (the norms are recorded per parameter), under ``torch.compile``
+        (Inductor fuses the per-parameter update anyway) and after an update that cannot run over
+        lists (:class:`~torchopt_lab.optim._lifted.NotLiftable`, recorded)."""
+        lift = not (
+            group.get("foreach") is False
+            or group.get("differentiable")
+            or self.record_norms
+            or torch.compiler.is_compiling()
+            or self.__dict__.get("_not_liftable")
+        )
+        batches: dict[tuple[Any, ...], list[tuple[Tensor, dict, dict]]] = {}
+        keys: dict[int, tuple[Any, ...]] = {}  # one key per scalars dict (shared by a step)
+        for p, state, scalars in members:
+            if lift:
+                key = keys.get(id(scalars))
+                if key is None:
+                    key = keys[id(scalars)] = _scalars_key(scalars)
+                absent = tuple(state.get(name) is None for name in self.rule.tensor_state)
+                batches.setdefault((key, absent), []).append((p, state, scalars))
+            else:
+                self._torch_update(p, state, scalars, maximize, clip)
+        for batch in (chunk for part in batches.values() for chunk in _chunks(part)):
+            if len(batch) > 1:
+                try:
+                    self._lifted_update(batch, maximize, clip)
+                    continue
+                except NotLiftable as error:
+                    self.__dict__["_not_liftable"] = True
+                    _backend.record(
+                        f"optim.{type(self).__name__} (foreach)",
+                        "foreach",
+                        "torch",
+                        batch[0][0].device,
+                        f"the rule's update cannot run over lists ({error}): it runs per "
+                        "parameter from now on",
+                    )
+            for p, state, scalars in batch:
+                self._torch_update(p, state, scalars, maximize, clip)
+
+    def _lifted_update(
+        self,
+        members: list[tuple[Tensor, dict, dict]],
+        maximize: bool,
+        clip: tuple[Tensor, Tensor] | None,
+    ) -> None:
+        """:meth:`_torch_update` of several parameters at once: the rule's update called once
+        with :class:`~torchopt_lab.optim._lifted.TensorList` arguments, so that each of its ops
+        is one foreach op over the members (or a loop where torch has none); the members share
+        their scalars and lack the same state. Each tensor goes through the same ops in the same
+        order as in :meth:`_torch_update`, so the results are the same bit for bit."""
+        rule = self.rule
+        params = [p for p, _, _ in members]
+        grads = [p.grad for p in params]
+        if clip is not None:
+            grads = torch._foreach_mul(grads, clip[1].to(grads[0].device, grads[0].dtype))
+        if maximize:
+            grads = torch._foreach_neg(grads)
+        names = rule.tensor_state
+        targets: list[list[Tensor] | None] = [params]
+        for name in names:
+            values = [state.get(name) for _, state, _ in members]
+            targets.append(None if values[0] is None else values)
+        inputs = list(targets)
+        if self._float32(params[0]):
+            inputs[0] = [p.float() for p in params]
+            grads = [grad.float() for grad in grads]
+        real = rule.complex_as_real and params[0].is_complex()
+        if real:
+            targets = [None if t is None else [_real(x) for x in t] for t in targets]
+            inputs = [None if t is None else [_real(x) for x in t] for t in inputs]
+            grads = [_real(grad) for grad in grads]
+        scalars = members[0][2]
+        lifted = [None if t is None else TensorList(t) for t in inputs]
+        results = rule.update(lifted[0], TensorList(grads), *lifted[1:], **scalars)
+        if len(results) != len(targets):
+            raise RuntimeError(
+                f"{type(self).__name__}: rule.update returned {len(results)} tensors; "
+                f"expected the parameter and {list(rule.tensor_state)}"
+            )
+        written: list[Tensor] = []
+        sources: list[Tensor] = []
+        for index, (target, result) in enumerate(zip(targets, results, strict=True)):
+            if result is None:
+                continue
+            values = result.tensors if isinstance(result, TensorList) else [result] * len(members)
+            if target is not None:
+                written.extend(target)
+                sources.extend(values)
+                continue
+            # State.init=None: the update created it (detached, as torch's first buffers).
+            for (_, state, _), value in zip(members, values, strict=True):
+                value = value.detach().clone(memory_format=torch.preserve_format)
+                state[names[index - 1]] = torch.view_as_complex(value) if real else value
+        copy_into(written, sources)
 
     def _torch_update(
         self,
