@@ -610,6 +610,7 @@ class RuleOptimizer(DeclaredOptimizer):
         by_step: dict[float, dict[str, Any]] = {}
         # (device, dtype) -> [(param, its state, its scalars)], in the group's order.
         parts: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, dict, dict]]] = {}
+        counted: list[tuple[Tensor, dict]] = []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -625,10 +626,13 @@ class RuleOptimizer(DeclaredOptimizer):
                 scalars = {}
                 parts.setdefault((p.device, p.dtype), []).append((p, state, scalars))
                 continue
-            step = None
-            if rule.step_state:
-                state["step"] += 1
-                step = scalar_value(state["step"])
+            counted.append((p, state))
+        if counted and rule.step_state:
+            # One foreach add for the group's counts (a tensor op per count costs more than the
+            # update of a small parameter), with one wrapped 1 rather than one per count.
+            torch._foreach_add_([state["step"] for _, state in counted], torch.tensor(1.0))
+        for p, state in counted:
+            step = scalar_value(state["step"]) if rule.step_state else None
             if rule.scalar_state:
                 scalars = rule.scalars(
                     hyperparameters, step, {name: state[name] for name in rule.scalar_state}
