@@ -406,13 +406,16 @@ class RuleOptimizer(DeclaredOptimizer):
     float32 state and are updated in float32) and ``record_norms`` (``norm_diagnostics()``); all
     attributes, not param-group keys. Each (device, dtype) part of a param group runs either the
     optimizer kernel skeleton with the rule's update inlined (one launch, clipping and diagnostics
-    fused; :mod:`triton_kernels.optim.rule_kernels`) or ``rule.update`` per parameter (the torch
-    reference path), as :func:`torchopt_lab.backend.resolve` decides; ``foreach`` is accepted and
-    stored as torch does, and gives the same numbers. ``fused=True`` (keyword-only, before
-    ``backend``; torch's Adam has it, torch's rule-like optimizers do not) runs the rule's update
-    compiled by Inductor on CPU tensors (:mod:`torchopt_lab.optim._cpu_fused`; with clipping,
-    float32 state or norm records the torch update runs instead, recorded) and the fused rule
-    kernel on CUDA; with ``differentiable`` or ``foreach`` it raises as torch does.
+    fused; :mod:`triton_kernels.optim.rule_kernels`) or ``rule.update`` (the torch reference
+    path), as :func:`torchopt_lab.backend.resolve` decides. The torch path calls ``rule.update``
+    once over lists of parameters, its ops as foreach ops (:mod:`torchopt_lab.optim._lifted`,
+    the same results bit for bit), or per parameter with ``foreach=False`` (torch's for-loop),
+    ``differentiable=True``, ``record_norms`` and under ``torch.compile``. ``fused=True``
+    (keyword-only, before ``backend``; torch's Adam has it, torch's rule-like optimizers do not)
+    runs the rule's update compiled by Inductor on CPU tensors
+    (:mod:`torchopt_lab.optim._cpu_fused`; with clipping, float32 state or norm records the torch
+    update runs instead, recorded) and the fused rule kernel on CUDA; with ``differentiable`` or
+    ``foreach`` it raises as torch does.
 
     Steps are counted on the host, where the rule's per-step scalars are computed from them, so
     a step is skipped on the host before any count moves: ``skip_nonfinite`` reads the norm (one
