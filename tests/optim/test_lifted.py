@@ -330,3 +330,42 @@ def test_tensor_list_refuses_what_differs_per_tensor() -> None:
         bool(tensors)
     with pytest.raises(NotLiftable):
         len(tensors)
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_lifted_update_is_bitwise_the_per_parameter_update_on_dtensor_parameters(
+    name: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # FSDP2's parameters are DTensors, which lack a sharding rule for torch._foreach_copy_.
+    import torch.distributed as dist
+
+    tensor = pytest.importorskip("torch.distributed.tensor")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        mesh = tensor.init_device_mesh("cpu", (1,))
+
+        def run(foreach: bool | None) -> list[torch.Tensor]:
+            params = [
+                torch.nn.Parameter(tensor.distribute_tensor(p.detach(), mesh, [tensor.Shard(0)]))
+                for p in _params(torch.float32)
+                if p.dim() > 0
+            ]
+            optimizer = REGISTRY[name](params, foreach=foreach, backend="torch", max_grad_norm=0.5)
+            for step in range(3):
+                generator = torch.Generator().manual_seed(step)
+                for p in params:
+                    grad = torch.randn(p.shape, generator=generator)
+                    p.grad = tensor.distribute_tensor(grad, mesh, [tensor.Shard(0)])
+                optimizer.step()
+            return [p.full_tensor() for p in params]
+
+        loop = run(False)
+        sizes = _spy(monkeypatch)
+        lifted = run(None)
+    finally:
+        dist.destroy_process_group()
+    assert sizes and max(sizes) > 1
+    for expected, actual in zip(loop, lifted, strict=True):
+        assert torch.equal(actual, expected)

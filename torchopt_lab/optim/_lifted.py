@@ -435,11 +435,15 @@ _FOREACH: dict[str, Callable[..., Any]] = {
 
 
 def copy_into(targets: list[Tensor], sources: list[Tensor]) -> None:
-    """``target.copy_(source)`` for each pair, as one ``torch._foreach_copy_`` where torch has
-    it (torch 2.4 lacks it on some builds)."""
+    """``target.copy_(source)`` for each pair, as one ``torch._foreach_copy_`` where torch has it
+    (torch 2.4 lacks it on some builds) and the targets are plain tensors (DTensor, FSDP2's
+    parameters, has no sharding rule for it)."""
     foreach_copy = getattr(torch, "_foreach_copy_", None)
-    if foreach_copy is not None:
+    if foreach_copy is not None and all(type(t) in _PLAIN for t in targets):
         foreach_copy(targets, sources)
         return
     for target, source in zip(targets, sources, strict=True):
         target.copy_(source)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
