@@ -299,15 +299,17 @@ BINARY: list[Callable[[Any, Any], Any]] = [
 ]
 
 
+@pytest.mark.parametrize("shapes", [[(5, 3), (7,)], [(5, 3), (7,), ()]], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op", BINARY, ids=range(len(BINARY)))
 def test_tensor_list_op_is_bitwise_the_op_on_each_tensor(
-    op: Callable[[Any, Any], Any], dtype: torch.dtype
+    op: Callable[[Any, Any], Any], dtype: torch.dtype, shapes: list[tuple[int, ...]]
 ) -> None:
-    # Special values too: NaN, infinities and both zeros.
+    # With a 0-dim tensor in the list and without (numbers reach foreach differently); special
+    # values too: NaN, infinities and both zeros.
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, -2.5])
     generator = torch.Generator().manual_seed(0)
-    xs = [torch.randn(shape, generator=generator).to(dtype) for shape in [(5, 3), (7,), ()]]
+    xs = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
     ys = [torch.randn(x.shape, generator=generator).to(dtype) for x in xs]
     xs.append(special.to(dtype))
     ys.append(special.flip(0).to(dtype))

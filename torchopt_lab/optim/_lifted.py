@@ -247,6 +247,18 @@ def _foreach_device(x: TensorList) -> bool:
     return not x.tensors or x.tensors[0].device.type == "cpu"
 
 
+def _scalar(x: TensorList, value: int | float) -> int | float | Tensor:
+    """A Python float as the CPU's foreach ops take it best: one 0-dim float64 tensor for the
+    whole list. Given a number, they wrap it into a tensor again for each tensor of the list,
+    which costs more than a small tensor's arithmetic; a 0-dim float64 tensor promotes and
+    computes as a Python float does (both are float64 CPU scalars to the kernel) with a tensor
+    of one or more dimensions, but not with a 0-dim one (two 0-dim tensors promote to float64),
+    so a list holding one gets the number."""
+    if type(value) is float and _foreach_device(x) and min(map(Tensor.dim, x.tensors), default=0):
+        return torch.tensor(value, dtype=torch.float64)
+    return value
+
+
 def _add(x: Any, y: Any, *, alpha: Any = None) -> Any:
     if _lists(x, y):
         if alpha is None:
@@ -255,10 +267,10 @@ def _add(x: Any, y: Any, *, alpha: Any = None) -> Any:
     if alpha is not None:
         return NotImplemented
     # x + s == s + x exactly (IEEE addition commutes).
-    if isinstance(x, TensorList) and _number(y):
-        return TensorList(torch._foreach_add(x.tensors, y))
     if isinstance(y, TensorList) and _number(x):
-        return TensorList(torch._foreach_add(y.tensors, x))
+        x, y = y, x
+    if isinstance(x, TensorList) and _number(y):
+        return TensorList(torch._foreach_add(x.tensors, _scalar(x, y)))
     return NotImplemented
 
 
@@ -269,21 +281,22 @@ def _sub(x: Any, y: Any, *, alpha: Any = None) -> Any:
         return TensorList(torch._foreach_sub(x.tensors, y.tensors, alpha=alpha))
     if alpha is not None:
         return NotImplemented
+    # x - s == x + (-s) and s - x == (-x) + s exactly: subtraction adds the negation (torch's
+    # sub is its add with alpha=-1).
     if isinstance(x, TensorList) and _number(y) and not isinstance(y, bool):
-        return TensorList(torch._foreach_sub(x.tensors, y))
+        return TensorList(torch._foreach_add(x.tensors, _scalar(x, -y)))
     if isinstance(y, TensorList) and _number(x) and not isinstance(x, bool):
-        # s - x == (-x) + s exactly: subtraction is addition of the negation.
-        return TensorList(torch._foreach_add(torch._foreach_neg(y.tensors), x))
+        return TensorList(torch._foreach_add(torch._foreach_neg(y.tensors), _scalar(y, x)))
     return NotImplemented
 
 
 def _mul(x: Any, y: Any) -> Any:
     if _lists(x, y):
         return TensorList(torch._foreach_mul(x.tensors, y.tensors))
-    if isinstance(x, TensorList) and _number(y):
-        return TensorList(torch._foreach_mul(x.tensors, y))
     if isinstance(y, TensorList) and _number(x):
-        return TensorList(torch._foreach_mul(y.tensors, x))
+        x, y = y, x
+    if isinstance(x, TensorList) and _number(y):
+        return TensorList(torch._foreach_mul(x.tensors, _scalar(x, y)))
     return NotImplemented
 
 
@@ -295,7 +308,7 @@ def _div(x: Any, y: Any, *, rounding_mode: Any = None) -> Any:
     if isinstance(x, TensorList) and _number(y) and _foreach_device(x):
         # Off the CPU, foreach divides by a scalar as a multiplication by its reciprocal taken
         # in float64 and a tensor by one taken in its opmath type: not always the same bits.
-        return TensorList(torch._foreach_div(x.tensors, y))
+        return TensorList(torch._foreach_div(x.tensors, _scalar(x, y)))
     return NotImplemented
 
 
