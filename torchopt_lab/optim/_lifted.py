@@ -8,10 +8,10 @@ element-wise operation (``x + y``, ``x * s``, ``torch.lerp``, ``torch.maximum``,
 ...), and a loop applying the op to each tensor where none does (any op works, just slower).
 Either way each tensor sees the same operations in the same order as in the per-tensor update,
 so the results are the same bit for bit (on the CPU, foreach ops run torch's per-tensor ops;
-CUDA's foreach kernels compute in the same opmath, except a division by a number, kept per
-tensor there; ``tests/optim/test_lifted.py`` checks the CPU). Python branches on scalars
-(``if weight_decay != 0``) work as before, since the scalars are the Python numbers the
-per-tensor update gets.
+CUDA's foreach kernels compute in the same opmath, except division by a number, powers and
+addcmul/addcdiv, kept per tensor there; ``tests/optim/test_lifted.py`` checks the CPU).
+Python branches on scalars (``if weight_decay != 0``) work as before, since the scalars are the
+Python numbers the per-tensor update gets.
 
 What cannot be lifted raises :class:`NotLiftable` (the caller then runs the update per tensor):
 a branch on a tensor's value or shape that differs among the tensors (``if p.dim() > 1``),
