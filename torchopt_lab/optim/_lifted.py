@@ -257,7 +257,7 @@ def _scalar(x: TensorList, value: int | float) -> int | float | Tensor:
     computes as a Python float does (both are float64 CPU scalars to the kernel) with a tensor
     of one or more dimensions, but not with a 0-dim one (two 0-dim tensors promote to float64),
     so a list holding one gets the number."""
-    if type(value) is float and _foreach_device(x) and min(map(Tensor.dim, x.tensors), default=0):
+    if type(value) is float and _foreach_device(x) and all(t.dim() for t in x.tensors):
         return torch.tensor(value, dtype=torch.float64)
     return value
 
