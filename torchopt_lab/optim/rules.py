@@ -855,8 +855,10 @@ class RuleOptimizer(DeclaredOptimizer):
         Per parameter always with ``foreach=False`` (torch's for-loop, as asked), with
         ``differentiable=True`` (autograd through foreach ops is not guaranteed on torch 2.4),
         with ``record_norms`` (the norms are recorded per parameter), under ``torch.compile``
-        (Inductor fuses the per-parameter update anyway) and after an update that cannot run over
-        lists (:class:`~torchopt_lab.optim._lifted.NotLiftable`, recorded)."""
+        (Inductor fuses the per-parameter update anyway; a lifted trace, tried with per-parameter
+        scalars as lists of 0-dim tensors, compiled no faster: Adamax over 40 tensors, 39.5 s
+        against 39.4 s for the first two steps) and after an update that cannot run over lists
+        (:class:`~torchopt_lab.optim._lifted.NotLiftable`, recorded)."""
         lift = not (
             group.get("foreach") is False
             or group.get("differentiable")
