@@ -57,6 +57,7 @@ preconditioners, LAMB/LARS trust ratios), or one that needs a reduction across t
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from collections.abc import Callable, Mapping
@@ -230,12 +231,13 @@ class Rule:
     # (:class:`KernelSpec`), or None (no kernel). Only with a ``reference``.
     kernel: KernelSpec | None = None
 
-    @property
+    # Cached: a step reads them for every parameter.
+    @functools.cached_property
     def tensor_state(self) -> tuple[str, ...]:
         """Names of the state tensors the update takes and returns, in its argument order."""
         return tuple(entry.name for entry in self.state if not entry.scalar)
 
-    @property
+    @functools.cached_property
     def scalar_state(self) -> tuple[str, ...]:
         return tuple(entry.name for entry in self.state if entry.scalar)
 
