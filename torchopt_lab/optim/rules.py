@@ -376,20 +376,26 @@ _CPU_CHUNK_BYTES = 1 << 18
 def _chunks(
     members: list[tuple[Tensor, dict, dict]],
 ) -> list[list[tuple[Tensor, dict, dict]]]:
-    """``members`` cut into runs of at most :data:`_CPU_CHUNK_BYTES` parameter bytes on the CPU
-    (a larger parameter alone); whole elsewhere, where a foreach op is one kernel per list."""
+    """``members`` cut into lists of at most :data:`_CPU_CHUNK_BYTES` parameter bytes on the CPU,
+    a larger parameter alone (the small ones packed together however the large ones interleave
+    with them: a model's biases and norms sit between its matrices); whole elsewhere, where a
+    foreach op is one kernel per list."""
     if members[0][0].device.type != "cpu":
         return [members]
     chunks: list[list[tuple[Tensor, dict, dict]]] = [[]]
+    alone = []
     size = 0
     for member in members:
         nbytes = member[0].numel() * member[0].element_size()
-        if chunks[-1] and size + nbytes > _CPU_CHUNK_BYTES:
+        if nbytes >= _CPU_CHUNK_BYTES:
+            alone.append([member])
+            continue
+        if size + nbytes > _CPU_CHUNK_BYTES:
             chunks.append([])
             size = 0
         chunks[-1].append(member)
         size += nbytes
-    return chunks
+    return [chunk for chunk in chunks if chunk] + alone
 
 
 def _real(tensor: Tensor) -> Tensor:
