@@ -17,7 +17,7 @@ import torch
 import torchopt_lab
 import torchopt_lab.optim as ours
 from torchopt_lab.optim._lifted import NotLiftable, TensorList
-from torchopt_lab.optim.rules import REGISTRY, Hyperparameter, Rule, RuleOptimizer, State
+from torchopt_lab.optim.rules import REGISTRY, Hyperparameter, Rule, RuleOptimizer, State, _chunks
 
 # Many small parameters (cut into several lists) and one of more than 256 KiB (alone).
 SHAPES = [(4, 3), (5,), (), (2, 3, 4), (7,), (1,), (3, 3), (300, 300)]
@@ -371,3 +371,11 @@ def test_lifted_update_is_bitwise_the_per_parameter_update_on_dtensor_parameters
     assert sizes and max(sizes) > 1
     for expected, actual in zip(loop, lifted, strict=True):
         assert torch.equal(actual, expected)
+
+
+def test_cpu_lists_pack_small_parameters_and_leave_large_ones_alone() -> None:
+    # 256 KiB of float32 per list at most: 65536 elements; larger parameters run alone.
+    numels = [10, 100_000, 10, *[8192] * 9, 70_000, 10]
+    members = [(torch.zeros(n), {}, {}) for n in numels]
+    sizes = [[m[0].numel() for m in chunk] for chunk in _chunks(members)]
+    assert sizes == [[10, 10, *[8192] * 7], [8192, 8192, 10], [100_000], [70_000]]
