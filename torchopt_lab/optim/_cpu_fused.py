@@ -4,13 +4,14 @@
 The compiled function updates a *chunk* of :data:`CHUNK` tensors per call, each flattened to
 1-D: the rule's ``update`` out of place, then ``copy_`` into the parameter and state tensors,
 which Inductor turns into the stores of one loop per tensor (each element of the parameter,
-gradient and state read once, the parameter and state written once). A call costs tens of
-microseconds on the host whatever its size, so chunks amortise it over many tensors, and the
-arithmetic runs at memory bandwidth, like torch's fused CPU kernels. Where the host time goes
-(measured, 1 thread, 16 tensors a call): Dynamo's guards and argument handling plus AOTAutograd's
-and Inductor's wrappers, about 10 us per tensor, which is what keeps the step above torch's fused
-kernels (about 3 us per tensor) on sets of many tensors; Inductor's per-call size asserts (off
-here: Dynamo's guards have checked the sizes) took a third of a call. The generated C++ is one
+gradient and state read once, the parameter and state written once). A call has a fixed host
+cost whatever its size, so chunks amortise it over many tensors, and the arithmetic runs at
+memory bandwidth, like torch's fused CPU kernels. Once Dynamo has compiled a variant, calls skip
+its frame evaluation (:class:`_ChunkStep`): the variant's guards are checked by Dynamo's own
+guard manager and its graph is called with the arguments in order. Host time per step, measured
+(2026-12-03, 1 thread, Adam's update over 204 tensors of 360 elements): 5.3 ms through Dynamo,
+about 1.1-1.5 ms called directly, torch's fused Adam 0.8 ms; Inductor's per-call size asserts
+(off here: the guards have checked the sizes) took a third of a call. The generated C++ is one
 vectorised loop per tensor (AVX-512 where the CPU has it) with a masked tail.
 
 A state absent from a parameter's group (``State.when``: Adam's ``max_exp_avg_sq`` without
@@ -51,6 +52,7 @@ import torch
 from torch import Tensor
 
 from torchopt_lab import backend as _backend
+from torchopt_lab.optim._scalars import as_number
 
 __all__ = [
     "CHUNK",
@@ -566,13 +568,7 @@ def builtin_step(
     params, grads = tensors["params"], tensors["grads"]
     count = len(params)
     steps = tensors["state_steps"] if rule.step_state else None
-    hyperparameters = {
-        key: tuple(float(v) if isinstance(v, Tensor) else v for v in value)
-        if isinstance(value, tuple)
-        else (value.item() if isinstance(value, Tensor) else value)
-        for key, value in group.items()
-        if key != "params"
-    }
+    hyperparameters = {key: as_number(value) for key, value in group.items() if key != "params"}
     by_name = {entry.name: name for entry, name in optimizer._state_entries}
     columns = [
         tensors[by_name[e.name]] if e.exists(group) else None for e in rule.state if not e.scalar
