@@ -160,6 +160,32 @@ def test_compiled_steps_are_called_directly_and_still_follow_dynamos_guards(
     assert "called directly once compiled" in decision["reason"]
 
 
+def test_direct_call_turns_itself_off_when_its_machinery_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A guard manager that cannot read the chunk's locals (another torch's API): calls go
+    # through Dynamo from then on, the step stays right, and backend_info says why.
+    monkeypatch.setattr(_cpu_fused, "_compiled", {})
+    cls = REGISTRY["Adamax"]
+    fused, plain, fused_opt, plain_opt = _pair(cls, SHAPES)
+    _step_both(fused, plain, fused_opt, plain_opt, 0)
+
+    class Unreadable:
+        def check(self, arguments: dict[str, Any]) -> bool:
+            raise TypeError("locals read otherwise")
+
+    steps = list(_cpu_fused._compiled.values())
+    for step in steps:
+        step.direct = [(Unreadable(), graph) for _, graph in step.direct]
+    for seed in (1, 2):
+        _step_both(fused, plain, fused_opt, plain_opt, seed)
+        _assert_same_run(fused, plain, fused_opt, plain_opt)
+    assert all(step.off and step.direct == [] for step in steps)
+    assert all("locals read otherwise" in step.why_not_direct for step in steps)
+    reason = torchopt_lab.backend_info()["decisions"]["optim.Adamax (fused)"]["reason"]
+    assert "called through Dynamo" in reason and "locals read otherwise" in reason
+
+
 @pytest.mark.parametrize(
     "source",
     [

@@ -199,6 +199,7 @@ class _ChunkStep:
         self.graphs: list[_Graph] = []
         self.direct: list[tuple[Any, _Graph]] = []
         self.synced: tuple[int, ...] = ()
+        self.off = False  # the direct call failed once: every call goes through Dynamo
         self.why_not_direct: str | None = None
         # Calls that went through Dynamo (compiling a variant, or one not callable directly).
         self.dynamo_calls = 0
@@ -221,12 +222,13 @@ class _ChunkStep:
     def _entries(self) -> list[Any]:
         return torch._C._dynamo.eval_frame._debug_get_cache_entry_list(self.code)
 
-    def _sync(self) -> None:
-        """Pair Dynamo's cache entries (in its lookup order) with the graphs compiled for them."""
+    def _sync(self, arguments: dict[str, Any]) -> None:
+        """Pair Dynamo's cache entries (in its lookup order) with the graphs compiled for them,
+        after Dynamo ran on ``arguments``."""
         entries = self._entries()
         # Each compile gives an entry a code object of its own: they tell the entries apart.
         synced = tuple(id(getattr(entry, "code", entry)) for entry in entries)
-        if synced == self.synced:
+        if synced == self.synced or self.off:
             return
         self.synced, self.direct, why = synced, [], None
         for entry in entries:
@@ -239,18 +241,38 @@ class _ChunkStep:
             else:
                 self.direct.append((entry.guard_manager, graph))
         self.why_not_direct = why
+        if self.direct and why is None:
+            # Every variant is direct, so one of them is what Dynamo just ran: its guards must
+            # pass on these locals, or this torch's guard manager reads them otherwise.
+            try:
+                passed = any(guard.check(arguments) for guard, _ in self.direct)
+            except Exception as error:  # any failure turns the direct call off
+                passed, why = False, f"{type(error).__name__}: {error}"
+            if not passed:
+                self._turn_off(why or "Dynamo's guards do not read the chunk's locals as given")
+
+    def _turn_off(self, why: str) -> None:
+        self.direct, self.off, self.why_not_direct = [], True, f"the direct call is off: {why}"
 
     def __call__(self, arguments: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         """Run the chunk step on ``arguments`` (its locals by name); ``tensors`` holds the float
         scalars as float64 tensors."""
-        for guard, graph in self.direct:
-            if guard.check(arguments):
-                graph.compiled(*graph.arguments(arguments, tensors))
-                return
+        call = None
+        try:
+            for guard, graph in self.direct:
+                if guard.check(arguments):
+                    call = graph.compiled, graph.arguments(arguments, tensors)
+                    break
+        except Exception as error:  # the direct call's own machinery failed
+            self._turn_off(f"{type(error).__name__}: {error}")
+        if call is not None:
+            compiled, args = call
+            compiled(*args)
+            return
         self.dynamo_calls += 1
         with _compile_settings():
             self.dynamo(**arguments)
-        self._sync()
+        self._sync(arguments)
 
 
 def _entry_graph(entry: Any, code: types.CodeType, scope: dict[str, Any]) -> _Graph | None:
@@ -460,7 +482,13 @@ def fused_update(
             left = [i for *_, later in calls[done:] for i in later]
             return sorted(rest + left)
     why = "; ".join(
-        sorted({step.why_not_direct for step in _compiled.values() if step.why_not_direct})
+        sorted(
+            {
+                step.why_not_direct
+                for (compiled, _), step in _compiled.items()
+                if compiled is update and step.why_not_direct
+            }
+        )
     )
     _backend.record(
         component,
