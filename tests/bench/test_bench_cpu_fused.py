@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import torchopt_lab
 from torchopt_lab.bench import cpu_fused
 from torchopt_lab.bench.optim import QUICK_NOTE
 from torchopt_lab.cli import main
@@ -55,3 +56,18 @@ def test_rule_form_update_matches_torch_fused_optimizer(name: str) -> None:
             params[i], *states[i] = spec.update(p, g, *states[i], **spec.scalars(step))
     for mine, reference in zip(params, theirs, strict=True):
         torch.testing.assert_close(mine, reference.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_bench_cpu_fused_declared_rows_time_the_builtins_compiled_declaration(capsys) -> None:
+    # "<name> declared": our built-in's whole step with its declaration's update compiled (the
+    # switch back on afterwards), against torch's fused kernel on the same tensors.
+    assert _cpu_fused.TORCH_KERNELS
+    argv = ["bench-cpu-fused", "--quick", "--optimizers", "Adagrad declared", "--sets"]
+    assert main([*argv, "small-tensors"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    cells = rows[0].strip("| ").split(" | ")
+    assert (cells[0], cells[5]) == ("Adagrad declared", "torch fused")
+    assert float(cells[4]) > 0 and float(cells[6]) > 0  # ours, torch's ms (--quick: 2 digits)
+    assert _cpu_fused.TORCH_KERNELS
+    decision = torchopt_lab.backend_info()["decisions"]["optim.Adagrad (fused)"]
+    assert decision["backend"] == "inductor"

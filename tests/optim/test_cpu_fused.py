@@ -120,6 +120,86 @@ def test_fused_cpu_step_matches_the_rules_torch_path(name: str) -> None:
     assert _cpu_fused.compile_count(cls.rule.update) >= 1
 
 
+def test_compiled_steps_are_called_directly_and_still_follow_dynamos_guards(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Once Dynamo has compiled a variant, calls check its guards and call its graph directly;
+    # a scalar the update branches on (Adamax: weight_decay != 0) fails the guard, so Dynamo
+    # compiles the other branch rather than the old graph running: results stay the torch path's.
+    monkeypatch.setattr(_cpu_fused, "_compiled", {})  # fresh code objects: nothing compiled
+
+    def through_dynamo() -> int:
+        return sum(step.dynamo_calls for step in _cpu_fused._compiled.values())
+
+    def set_all(key: str, value: float) -> None:
+        for optimizer in (fused_opt, plain_opt):
+            optimizer.param_groups[0][key] = value
+
+    cls = REGISTRY["Adamax"]
+    fused, plain, fused_opt, plain_opt = _pair(cls, SHAPES)
+    _step_both(fused, plain, fused_opt, plain_opt, 0)
+    compiled = through_dynamo()
+    assert compiled >= 1
+    set_all("lr", 0.01)  # a graph input: the same variant, called directly
+    for seed in (1, 2):
+        _step_both(fused, plain, fused_opt, plain_opt, seed)
+        _assert_same_run(fused, plain, fused_opt, plain_opt)
+    assert through_dynamo() == compiled
+    set_all("weight_decay", 0.1)  # the other branch: Dynamo compiles it
+    _step_both(fused, plain, fused_opt, plain_opt, 3)
+    _assert_same_run(fused, plain, fused_opt, plain_opt)
+    assert through_dynamo() > compiled
+    compiled = through_dynamo()
+    for weight_decay in (0.1, 0):  # both variants known (0 an int, as given): direct again
+        set_all("weight_decay", weight_decay)
+        _step_both(fused, plain, fused_opt, plain_opt, 4)
+        _assert_same_run(fused, plain, fused_opt, plain_opt)
+    assert through_dynamo() == compiled
+    assert all(step.why_not_direct is None for step in _cpu_fused._compiled.values())
+    decision = torchopt_lab.backend_info()["decisions"]["optim.Adamax (fused)"]
+    assert "called directly once compiled" in decision["reason"]
+
+
+def test_direct_call_turns_itself_off_when_its_machinery_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A guard manager that cannot read the chunk's locals (another torch's API): calls go
+    # through Dynamo from then on, the step stays right, and backend_info says why.
+    monkeypatch.setattr(_cpu_fused, "_compiled", {})
+    cls = REGISTRY["Adamax"]
+    fused, plain, fused_opt, plain_opt = _pair(cls, SHAPES)
+    _step_both(fused, plain, fused_opt, plain_opt, 0)
+
+    class Unreadable:
+        def check(self, arguments: dict[str, Any]) -> bool:
+            raise TypeError("locals read otherwise")
+
+    steps = list(_cpu_fused._compiled.values())
+    for step in steps:
+        step.direct = [(Unreadable(), graph) for _, graph in step.direct]
+    for seed in (1, 2):
+        _step_both(fused, plain, fused_opt, plain_opt, seed)
+        _assert_same_run(fused, plain, fused_opt, plain_opt)
+    assert all(step.off and step.direct == [] for step in steps)
+    assert all("locals read otherwise" in step.why_not_direct for step in steps)
+    reason = torchopt_lab.backend_info()["decisions"]["optim.Adamax (fused)"]["reason"]
+    assert "called through Dynamo" in reason and "locals read otherwise" in reason
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "L['params'][0].stride()[0]",  # not an argument the direct call reads
+        "G['torch'].pi",
+        "L['params'][0]; import os",
+    ],
+)
+def test_direct_call_refuses_a_graph_argument_it_does_not_know(source: str) -> None:
+    # Such a variant is called through Dynamo (the reason is recorded), never with a guess.
+    assert _cpu_fused._argument_builder([("L['params'][0]", False), (source, False)]) is None
+    assert _cpu_fused._argument_builder([("L['scalars']['lr']", True)]) is not None
+
+
 def test_fused_cpu_step_compiles_once_whatever_the_sizes_and_number_of_tensors(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -178,13 +258,12 @@ def test_fused_keeps_through_pickle() -> None:
 def test_fused_cpu_step_falls_back_to_the_torch_update_when_inductor_fails_and_says_so(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def no_compiler(update: Any, parallel: bool) -> Any:
-        def step(*args: Any) -> None:
-            raise RuntimeError("no C++ compiler found")
+    def no_compiler(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("no C++ compiler found")
 
-        return step
-
-    monkeypatch.setattr(_cpu_fused, "_compiled_step", no_compiler)
+    # Inductor itself fails, under Dynamo, for a rule compiled afresh.
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", no_compiler)
+    monkeypatch.setattr(_cpu_fused, "_compiled", {})
     monkeypatch.setattr(_cpu_fused, "_failed", {})
     cls = REGISTRY["Adamax"]
     fused, plain, fused_opt, plain_opt = _pair(cls, SHAPES, **_options(cls))

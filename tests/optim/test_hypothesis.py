@@ -244,22 +244,39 @@ def check_nonfinite_case(backend: str, dtype: torch.dtype, data: st.DataObject) 
         ]
         for _ in range(3)
     ]
+    # torch's run once more with every finite gradient one ulp larger: how far a single rounding
+    # moves torch's own result. The kernels round differently from ATen's CPU loops (which fuse
+    # multiply-adds, e.g. weight decay's grad.add(param, alpha=...)), and an ill-conditioned draw
+    # (eps 0 with beta2 0: the denominator is |g| itself) amplifies one rounding a hundredfold.
+    nudged = [[torch.nextafter(g, g.new_tensor(INF)) for g in grads] for grads in steps]
     results = []
-    for cls, extra in ((mine, {"backend": backend}), (theirs, {"foreach": False})):
+    runs = ((mine, {"backend": backend}, steps), (theirs, {"foreach": False}, steps))
+    for cls, extra, grad_steps in (*runs, (theirs, {"foreach": False}, nudged)):
         params = [
             laid_out(v, layout).requires_grad_()
             for v, (layout, _) in zip(values, layouts, strict=True)
         ]
         optimizer = cls(params, **options, **extra)
-        for grads in steps:
+        for grads in grad_steps:
             for p, g, (_, layout) in zip(params, grads, layouts, strict=True):
                 p.grad = laid_out(g, layout)
             optimizer.step()
         results.append(params)
     rtol, atol = (1e-12, 1e-12) if dtype == torch.float64 else (1e-6, 1e-5)
-    for a, b in zip(*results, strict=True):
+    for a, b, c in zip(*results, strict=True):
         assert a.stride() == b.stride()
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol, atol=atol, equal_nan=True)
+        a, b, c = a.detach(), b.detach(), c.detach()
+        # NaN where torch has NaN, the same infinities; finite values within the stated tolerance
+        # plus 4x the spread one rounding gives torch's own run (0 on well-conditioned draws).
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        assert torch.equal(a[a.isinf()], b[b.isinf()])
+        finite = b.isfinite()
+        spread = torch.where(finite & c.isfinite(), (b - c).abs(), 0.0)
+        bound = atol + rtol * torch.where(finite, b.abs(), 0.0) + 4 * spread
+        difference = torch.where(finite, (a - b).abs(), 0.0)
+        assert (difference <= bound).all(), (
+            f"ours - torch {difference.max().item()} > bound (spread {spread.max().item()})"
+        )
 
 
 @settings(max_examples=300, deadline=None)

@@ -1,12 +1,15 @@
 """``torchopt-lab bench-cpu-fused``: the ``fused=True`` CPU step of rule optimizers, in one run.
 
-Two kinds of rows, on ``bench-optim``'s parameter sets (``transformer``, ``small-tensors``):
+Three kinds of rows, on ``bench-optim``'s parameter sets (``transformer``, ``small-tensors``):
 
 - **the mechanism against torch's fused CPU kernels**: SGD with momentum, Adagrad, Adam and AdamW
   written below in rule form (``update(param, grad, *state, **scalars)``, *for this benchmark
   only*: the package's built-in optimizers run torch's own fused kernels for ``fused=True`` on
   CPU), compiled and run by :mod:`torchopt_lab.optim._cpu_fused` exactly as a rule optimizer's
   ``fused=True`` step is, against ``torch.optim``'s ``fused=True`` on the same tensors;
+- **the same four as our built-in optimizers** (``<name> declared``): their whole ``step()``
+  with ``fused=True``, their declaration's ``update`` compiled (``_cpu_fused.TORCH_KERNELS`` off
+  for these rows), against the same torch fused kernels: what a user gets with the switch off;
 - **every registered rule optimizer**: ``fused=True`` against its torch path (``fused=None``).
 
 Each row also gives the one-time compile cost: the first step's time less a steady step's, with
@@ -119,6 +122,13 @@ TORCH_FUSED: dict[str, TorchFused] = {
     "AdamW": TorchFused(torch.optim.AdamW, {"lr": 1e-4}, _adam, 2, _adam_scalars(1e-2, True)),
 }
 
+# The same four as our built-in optimizers, through their whole ``step()``: ``fused=True`` on CPU
+# tensors with their declaration's ``update`` compiled (``_cpu_fused.TORCH_KERNELS`` off for the
+# row: by default they hand the step to torch's kernels), against the same torch fused kernels.
+DECLARED: dict[str, tuple[str, dict[str, Any]]] = {
+    f"{name} declared": (spec.theirs.__name__, spec.options) for name, spec in TORCH_FUSED.items()
+}
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -128,7 +138,7 @@ _RULES = sorted(name for name in REGISTRY if name not in TORCH_FUSED)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    names = [*TORCH_FUSED, *_RULES]
+    names = [*TORCH_FUSED, *DECLARED, *_RULES]
     add_set_arguments(parser, names, PARAM_SETS)
     parser.add_argument(
         "--quick",
@@ -163,6 +173,20 @@ class _MechanismStep:
             raise RuntimeError(f"the fused CPU path did not update {len(left)} tensors")
 
 
+class _DeclaredStep:
+    """A built-in optimizer's ``fused=True`` step with its declaration's update compiled."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def step(self) -> None:
+        kernels, _cpu_fused.TORCH_KERNELS = _cpu_fused.TORCH_KERNELS, False
+        try:
+            self.optimizer.step()
+        finally:
+            _cpu_fused.TORCH_KERNELS = kernels
+
+
 def _variants(name: str, shapes: list[tuple[int, ...]]) -> tuple[Any, Any, str]:
     """(ours fused, the baseline, the baseline's name), on their own copies of one set."""
     params, grads = _tensors(shapes)
@@ -173,10 +197,15 @@ def _variants(name: str, shapes: list[tuple[int, ...]]) -> tuple[Any, Any, str]:
         spec = TORCH_FUSED[name]
         baseline = spec.theirs(theirs_params, **spec.options, fused=True)
         return _MechanismStep(spec, params, grads), baseline, "torch fused"
-    cls = REGISTRY[name]
     ours_params = [p.clone().requires_grad_() for p in params]
     for p, g in zip(ours_params, grads, strict=True):
         p.grad = g
+    if name in DECLARED:
+        cls_name, options = DECLARED[name]
+        baseline = getattr(torch.optim, cls_name)(theirs_params, **options, fused=True)
+        ours = REGISTRY[cls_name](ours_params, **options, fused=True)
+        return _DeclaredStep(ours), baseline, "torch fused"
+    cls = REGISTRY[name]
     fused = cls(ours_params, lr=1e-4, fused=True)
     return fused, cls(theirs_params, lr=1e-4, backend="torch"), "ours reference"
 
@@ -202,7 +231,7 @@ def measure(name: str, shapes: list[tuple[int, ...]], repeats: int, steps: int) 
 
 
 def run(args: argparse.Namespace) -> int:
-    names = choices(args.optimizers, [*TORCH_FUSED, *_RULES], "optimizer")
+    names = choices(args.optimizers, [*TORCH_FUSED, *DECLARED, *_RULES], "optimizer")
     set_names = choices(args.sets, list(PARAM_SETS), "parameter set")
     if args.repeats < 1 or args.steps < 1:
         raise UsageError(f"--repeats and --steps must be >= 1, got {args.repeats} and {args.steps}")

@@ -78,6 +78,7 @@ from torchopt_lab.optim._base import (
 )
 from torchopt_lab.optim._fused import KernelSpec
 from torchopt_lab.optim._lifted import NotLiftable, TensorList, copy_into
+from torchopt_lab.optim._scalars import as_number, scalar_value
 from torchopt_lab.optim.clip import _clip_coefficient, _total_norm
 
 try:  # Triton is optional (Linux only): without it, rules run their torch update.
@@ -328,27 +329,6 @@ def register(cls: type[DeclaredOptimizer]) -> type[DeclaredOptimizer]:
 def _scalar_dtype() -> torch.dtype:
     """The dtype torch.optim gives ``state["step"]``: float64 under a float64 default dtype."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def _as_number(value: Any) -> Any:
-    """A tensor hyperparameter (or a tuple of them) as Python numbers, as torch reads them; under
-    ``torch.compile``, as 0-dim float64 tensors (a host read would break the graph)."""
-    if isinstance(value, Tensor):
-        return scalar_value(value.reshape(()))
-    if isinstance(value, tuple):
-        return tuple(_as_number(entry) for entry in value)
-    return value
-
-
-def scalar_value(value: Tensor) -> float | Tensor:
-    """A 0-dim tensor (the step count, scalar state such as NAdam's ``mu_product``) as
-    :meth:`Rule.scalars` reads it: a Python number eagerly; under ``torch.compile`` a float64
-    tensor (the counts of a part stacked, see :meth:`RuleOptimizer._traced_scalars`), kept in
-    the graph (as torch.optim's ``_get_value``), so that the compiled step neither breaks the
-    graph on a host read nor bakes the count in and recompiles every step."""
-    if torch.compiler.is_compiling():
-        return value.to(torch.float64)
-    return value.item()
 
 
 def _scalars_key(scalars: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -614,7 +594,7 @@ class RuleOptimizer(DeclaredOptimizer):
         # Hyperparameters as the scalars function reads them: Python numbers, except under
         # differentiable=True, where tensors stay tensors so that gradients reach them.
         hyperparameters = {
-            key: value if differentiable else _as_number(value)
+            key: value if differentiable else as_number(value)
             for key, value in group.items()
             if key != "params"
         }

@@ -1,0 +1,34 @@
+"""Tensor hyperparameters and scalar state as a rule's ``scalars`` function reads them: Python
+numbers eagerly, float64 tensors kept in the graph under ``torch.compile``. Shared by the rule
+engine (:mod:`torchopt_lab.optim.rules`) and the fused CPU step (:mod:`._cpu_fused`), which
+cannot import each other."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["as_number", "scalar_value"]
+
+
+def as_number(value: Any) -> Any:
+    """A tensor hyperparameter (or a tuple of them) as Python numbers, as torch reads them; under
+    ``torch.compile``, as 0-dim float64 tensors (a host read would break the graph)."""
+    if isinstance(value, Tensor):
+        return scalar_value(value.reshape(()))
+    if isinstance(value, tuple):
+        return tuple(as_number(entry) for entry in value)
+    return value
+
+
+def scalar_value(value: Tensor) -> float | Tensor:
+    """A 0-dim tensor (the step count, scalar state such as NAdam's ``mu_product``) as
+    :meth:`Rule.scalars` reads it: a Python number eagerly; under ``torch.compile`` a float64
+    tensor (the counts of a part stacked, see :meth:`RuleOptimizer._traced_scalars`), kept in
+    the graph (as torch.optim's ``_get_value``), so that the compiled step neither breaks the
+    graph on a host read nor bakes the count in and recompiles every step."""
+    if torch.compiler.is_compiling():
+        return value.to(torch.float64)
+    return value.item()
