@@ -8,10 +8,11 @@ gradient and state read once, the parameter and state written once). A call has 
 cost whatever its size, so chunks amortise it over many tensors, and the arithmetic runs at
 memory bandwidth, like torch's fused CPU kernels. Once Dynamo has compiled a variant, calls skip
 its frame evaluation (:class:`_ChunkStep`): the variant's guards are checked by Dynamo's own
-guard manager and its graph is called with the arguments in order. Host time per step, measured
-(2026-12-03, 1 thread, Adam's update over 204 tensors of 360 elements): 5.3 ms through Dynamo,
-about 1.1-1.5 ms called directly, torch's fused Adam 0.8 ms; Inductor's per-call size asserts
-(off here: the guards have checked the sizes) took a third of a call. The generated C++ is one
+guard manager and its graph is called with the arguments in order, and the flat views of
+parameters and state are remembered across steps. Host time per step, measured (2026-12-03,
+1 thread, Adam's update over 204 tensors of 360 elements): 5.3 ms through Dynamo, about 1.1-1.5
+ms called directly, torch's fused Adam 0.8 ms; Inductor's per-call size asserts (off here: the
+guards have checked the sizes) took a third of a call. The generated C++ is one
 vectorised loop per tensor (AVX-512 where the CPU has it) with a masked tail.
 
 A state absent from a parameter's group (``State.when``: Adam's ``max_exp_avg_sq`` without
@@ -77,8 +78,9 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Adagrad, Adam, AdamW) run torch's kernel for ``fused=True`` on CPU tensors while this is True
 #: (the default); False compiles their rule's ``update`` like every rule optimizer's. RMSprop
 #: (``fused`` an attribute: torch's has none) always compiles its ``update``. Measured in one run
-#: (2026-12-03, 1 thread, CPU time, load 6-8): compiled / torch fused 1.3-1.4 on the transformer
-#: set, 4.3-4.7 on 2000 small tensors.
+#: (2026-12-03 16:06 UTC, quiet, 2 threads; bench-cpu-fused "declared" rows, docs/benchmarks.md):
+#: the built-ins' compiled declaration / torch fused 1.30-1.47 on the transformer set, 2.1-3.4 on
+#: 2000 small tensors (the optimizer's per-parameter host work on top of the compiled calls').
 TORCH_KERNELS = True
 # The torch.optim functions (the built-ins' ``_reference`` names) with a fused CPU kernel.
 _TORCH_FUSED_CPU = frozenset({"sgd", "adagrad", "adam", "adamw"})
