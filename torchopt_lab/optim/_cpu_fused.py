@@ -199,7 +199,6 @@ class _ChunkStep:
         # aid: the guards have checked them): a third of a call's host time, measured.
         options["size_asserts"] = False
         self.options = options
-        self.graphs: list[_Graph] = []
         self.direct: list[tuple[Any, _Graph]] = []
         self.synced: tuple[int, ...] = ()
         self.off = False  # the direct call failed once: every call goes through Dynamo
@@ -214,7 +213,6 @@ class _ChunkStep:
 
         compiled = compile_fx(graph, example_inputs, config_patches=self.options)
         record = _Graph(compiled, _argument_builder(_graph_sources()))
-        self.graphs.append(record)
 
         def call(*args: Any) -> Any:
             return compiled(*args)
