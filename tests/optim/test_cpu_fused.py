@@ -160,6 +160,21 @@ def test_compiled_steps_are_called_directly_and_still_follow_dynamos_guards(
     assert "called directly once compiled" in decision["reason"]
 
 
+def _scaled(param: torch.Tensor, grad: torch.Tensor, *, factor: float) -> tuple[torch.Tensor]:
+    return (param * factor,)
+
+
+def test_members_share_a_compiled_call_only_with_the_same_scalars_signed_zeros_included() -> None:
+    # 0.0 == -0.0, but param * -0.0 is -0: a member is never run with another's scalars that
+    # merely compare equal (the key is the one the torch path batches by, _scalars.scalars_key).
+    params = [torch.ones(3), torch.ones(3)]
+    members = [
+        ([p, torch.zeros(3)], {"factor": f}) for p, f in zip(params, (0.0, -0.0), strict=True)
+    ]
+    assert _cpu_fused.fused_update("test", _scaled, members, False) == []
+    assert not torch.signbit(params[0]).any() and torch.signbit(params[1]).all()
+
+
 def test_direct_call_turns_itself_off_when_its_machinery_fails(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from torchopt_lab import backend as _backend
-from torchopt_lab.optim._scalars import as_number
+from torchopt_lab.optim._scalars import as_number, scalars_key
 
 __all__ = [
     "CHUNK",
@@ -452,7 +452,7 @@ def fused_update(
             continue
         key = keys.get(id(scalars))
         if key is None:
-            key = keys[id(scalars)] = tuple(scalars.items())
+            key = keys[id(scalars)] = scalars_key(scalars)
         # Which states are absent (None) is part of the compiled graph: chunks never mix them.
         absent = tuple([tensor is None for tensor in flat])
         kind = (flat[0].numel() >= PARALLEL_NUMEL, absent, key)

@@ -1,16 +1,18 @@
 """Tensor hyperparameters and scalar state as a rule's ``scalars`` function reads them: Python
-numbers eagerly, float64 tensors kept in the graph under ``torch.compile``. Shared by the rule
-engine (:mod:`torchopt_lab.optim.rules`) and the fused CPU step (:mod:`._cpu_fused`), which
-cannot import each other."""
+numbers eagerly, float64 tensors kept in the graph under ``torch.compile``; and when two
+parameters' scalars are the same. Shared by the rule engine (:mod:`torchopt_lab.optim.rules`)
+and the fused CPU step (:mod:`._cpu_fused`), which cannot import each other."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["as_number", "scalar_value"]
+__all__ = ["as_number", "scalar_value", "scalars_key"]
 
 
 def as_number(value: Any) -> Any:
@@ -32,3 +34,19 @@ def scalar_value(value: Tensor) -> float | Tensor:
     if torch.compiler.is_compiling():
         return value.to(torch.float64)
     return value.item()
+
+
+def scalars_key(scalars: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What parameters must share to be updated by one call (the update over lists, or one
+    compiled chunk of the fused CPU step): equal scalars. Python numbers
+    compare by type and value (with the sign of a zero: ``-0.0`` is not ``0.0``); anything else
+    (a tensor) by identity, which parameters on the same step share (one dict per step value).
+    NAdam's, made per parameter from its ``mu_product``, are equal when the products are."""
+    values = tuple(scalars.values())
+    if not all(type(value) in _PLAIN_SCALARS for value in values):
+        return tuple(scalars), tuple(map(id, values))
+    zeros = tuple(math.copysign(1.0, v) for v in values if type(v) is float and v == 0)
+    return tuple(scalars), values, tuple(map(type, values)), zeros
+
+
+_PLAIN_SCALARS = frozenset((bool, int, float, type(None)))

@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -78,7 +77,7 @@ from torchopt_lab.optim._base import (
 )
 from torchopt_lab.optim._fused import KernelSpec
 from torchopt_lab.optim._lifted import NotLiftable, TensorList, copy_into
-from torchopt_lab.optim._scalars import as_number, scalar_value
+from torchopt_lab.optim._scalars import as_number, scalar_value, scalars_key
 from torchopt_lab.optim.clip import _clip_coefficient, _total_norm
 
 try:  # Triton is optional (Linux only): without it, rules run their torch update.
@@ -331,21 +330,6 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _scalars_key(scalars: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What parameters must share to run the update over lists: equal scalars. Python numbers
-    compare by type and value (with the sign of a zero: ``-0.0`` is not ``0.0``); anything else
-    (a tensor) by identity, which parameters on the same step share (one dict per step value).
-    NAdam's, made per parameter from its ``mu_product``, are equal when the products are."""
-    values = tuple(scalars.values())
-    if not all(type(value) in _PLAIN_SCALARS for value in values):
-        return tuple(scalars), tuple(map(id, values))
-    zeros = tuple(math.copysign(1.0, v) for v in values if type(v) is float and v == 0)
-    return tuple(scalars), values, tuple(map(type, values)), zeros
-
-
-_PLAIN_SCALARS = frozenset((bool, int, float, type(None)))
-
-
 #: On the CPU, the parameter bytes one lifted update takes at most: every op of the update makes
 #: a new tensor for each member, and while the members' intermediates stay in cache (as the
 #: per-parameter update's do) a list is as fast as a loop or faster; a whole model's list is 2-5x
@@ -376,6 +360,13 @@ def _chunks(
         chunks[-1].append(member)
         size += nbytes
     return [chunk for chunk in chunks if chunk] + alone
+
+
+def _created_state(value: Tensor, real: bool) -> Tensor:
+    """A state the update created (``State.init=None``), detached as torch's first buffers are,
+    complex again if the update saw it as a real view."""
+    value = value.detach().clone(memory_format=torch.preserve_format)
+    return torch.view_as_complex(value) if real else value
 
 
 def _real(tensor: Tensor) -> Tensor:
@@ -860,7 +851,7 @@ class RuleOptimizer(DeclaredOptimizer):
             if lift:
                 key = keys.get(id(scalars))
                 if key is None:
-                    key = keys[id(scalars)] = _scalars_key(scalars)
+                    key = keys[id(scalars)] = scalars_key(scalars)
                 absent = tuple(state.get(name) is None for name in self.rule.tensor_state)
                 batches.setdefault((key, absent), []).append((p, state, scalars))
             else:
@@ -918,11 +909,7 @@ class RuleOptimizer(DeclaredOptimizer):
         scalars = members[0][2]
         lifted = [None if t is None else TensorList(t) for t in inputs]
         results = rule.update(lifted[0], TensorList(grads), *lifted[1:], **scalars)
-        if len(results) != len(targets):
-            raise RuntimeError(
-                f"{type(self).__name__}: rule.update returned {len(results)} tensors; "
-                f"expected the parameter and {list(rule.tensor_state)}"
-            )
+        self._check_results(results)
         written: list[Tensor] = []
         sources: list[Tensor] = []
         for index, (target, result) in enumerate(zip(targets, results, strict=True)):
@@ -933,11 +920,17 @@ class RuleOptimizer(DeclaredOptimizer):
                 written.extend(target)
                 sources.extend(values)
                 continue
-            # State.init=None: the update created it (detached, as torch's first buffers).
             for (_, state, _), value in zip(members, values, strict=True):
-                value = value.detach().clone(memory_format=torch.preserve_format)
-                state[names[index - 1]] = torch.view_as_complex(value) if real else value
+                state[names[index - 1]] = _created_state(value, real)
         copy_into(written, sources)
+
+    def _check_results(self, results: tuple[Any, ...]) -> None:
+        """``rule.update`` returns the parameter and each tensor state, in order."""
+        if len(results) != 1 + len(self.rule.tensor_state):
+            raise RuntimeError(
+                f"{type(self).__name__}: rule.update returned {len(results)} tensors; "
+                f"expected the parameter and {list(self.rule.tensor_state)}"
+            )
 
     def _torch_update(
         self,
@@ -969,18 +962,12 @@ class RuleOptimizer(DeclaredOptimizer):
             inputs = [None if t is None else _real(t) for t in inputs]
             grad = _real(grad)
         results = rule.update(inputs[0], grad, *inputs[1:], **scalars)
-        if len(results) != len(targets):
-            raise RuntimeError(
-                f"{type(self).__name__}: rule.update returned {len(results)} tensors; "
-                f"expected the parameter and {list(rule.tensor_state)}"
-            )
+        self._check_results(results)
         for index, (target, result) in enumerate(zip(targets, results, strict=True)):
             if target is not None:
                 target.copy_(result)
             elif result is not None:
-                # State.init=None: the update created it (detached, as torch's first buffers).
-                value = result.detach().clone(memory_format=torch.preserve_format)
-                state[names[index - 1]] = torch.view_as_complex(value) if real else value
+                state[names[index - 1]] = _created_state(result, real)
         if before is not None:
             # What the kernels record: squared norms of the gradient used (unscaled, clipped),
             # of the update and of the parameter before it, float32 on the parameter's device.
