@@ -168,10 +168,9 @@ def test_members_share_a_compiled_call_only_with_the_same_scalars_signed_zeros_i
     # 0.0 == -0.0, but param * -0.0 is -0: a member is never run with another's scalars that
     # merely compare equal (the key is the one the torch path batches by, _scalars.scalars_key).
     params = [torch.ones(3), torch.ones(3)]
-    members = [
-        ([p, torch.zeros(3)], {"factor": f}) for p, f in zip(params, (0.0, -0.0), strict=True)
-    ]
-    assert _cpu_fused.fused_update("test", _scaled, members, False) == []
+    grads = [torch.zeros(3), torch.zeros(3)]
+    scalars = [{"factor": 0.0}, {"factor": -0.0}]
+    assert _cpu_fused.fused_update("test", _scaled, params, grads, [], scalars, False) == []
     assert not torch.signbit(params[0]).any() and torch.signbit(params[1]).all()
 
 
@@ -390,20 +389,57 @@ def test_flat_gives_a_real_1d_detached_tensor_without_a_base(tensor: torch.Tenso
     assert flat._base is None and flat.data_ptr() == tensor.data_ptr()
 
 
-def test_flat_views_are_remembered_across_steps_but_never_outlive_their_memory() -> None:
-    # A parameter's flat view is made once (views cost a third of the host time per parameter)
-    # and dropped with its tensor; p.data = ... gives a new one, not a stale one.
-    param = torch.zeros(3, 2, requires_grad=True)
-    first = _cpu_fused._stable_flat(param)
-    assert _cpu_fused._stable_flat(param) is first
-    param.data = torch.ones(3, 2)
-    second = _cpu_fused._stable_flat(param)
-    assert second is not first and second.data_ptr() == param.data_ptr()
-    param.data = param.data.view(-1)[:2]  # the same first address, fewer elements
-    assert _cpu_fused._stable_flat(param).numel() == 2
-    key = id(param)
-    del param, first, second
-    assert key not in _cpu_fused._views
+def _restride(tensor: torch.Tensor) -> None:
+    with torch.no_grad():
+        tensor.set_(tensor.untyped_storage(), 0, tensor.shape, tuple(reversed(tensor.stride())))
+
+
+def test_plans_keep_flat_views_across_steps_but_never_past_a_change_of_memory() -> None:
+    # A plan makes the flat views of parameters and state once (views cost a third of the host
+    # time per parameter) and is rebuilt when a tensor is another object or has moved, been
+    # resized or been restrided: p.data = ..., set_, resize_, a new state tensor.
+    params = [torch.zeros(3, 2, requires_grad=True), torch.zeros(2, 2, requires_grad=True)]
+    states = [[torch.zeros(3, 2), torch.zeros(2, 2)]]
+    plan = _cpu_fused._Plan([*params, *states[0]], 2)
+    assert plan.fits([*params, *states[0]])
+    assert plan.flats[0].data_ptr() == params[0].data_ptr() and plan.flats[0].shape == (6,)
+    changes = [
+        lambda: setattr(params[0], "data", torch.ones(3, 2)),  # moved
+        lambda: setattr(params[0], "data", params[0].data.view(-1)[:2]),  # same address, fewer
+        lambda: _restride(params[1]),  # the same address and shape, transposed strides
+        lambda: states[0].__setitem__(1, torch.zeros(2, 2)),  # another object
+    ]
+    for change in changes:
+        plan = _cpu_fused._Plan([*params, *states[0]], 2)
+        change()
+        assert not plan.fits([*params, *states[0]])
+    assert plan.left == [1]  # params[1] is not contiguous now: the torch update takes it
+
+
+def test_a_plan_rebuilt_for_a_moved_parameter_updates_its_new_memory() -> None:
+    # The plan of a list is kept in the dict the caller passes: the second step reuses it, a
+    # parameter moved by p.data = ... makes a new one, and the update lands in the new memory.
+    params = [torch.ones(4), torch.ones(3, 2)]
+    grads = [torch.zeros(4), torch.zeros(3, 2)]
+    plans: dict = {}
+    for factor in (2.0, 3.0):
+        assert (
+            _cpu_fused.fused_update(
+                "test", _scaled, params, grads, [], {"factor": factor}, False, plans
+            )
+            == []
+        )
+    (plan,) = plans.values()
+    assert torch.equal(params[1], torch.full((3, 2), 6.0))
+    params[1].data = torch.ones(3, 2)
+    assert (
+        _cpu_fused.fused_update("test", _scaled, params, grads, [], {"factor": 5.0}, False, plans)
+        == []
+    )
+    assert next(iter(plans.values())) is not plan
+    assert torch.equal(params[1], torch.full((3, 2), 5.0)) and torch.equal(
+        params[0], torch.full((4,), 30.0)
+    )
 
 
 def test_fused_cpu_step_follows_a_parameter_whose_data_is_replaced() -> None:

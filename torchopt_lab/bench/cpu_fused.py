@@ -159,16 +159,22 @@ class _MechanismStep:
 
     def __init__(self, spec: TorchFused, params: list[Tensor], grads: list[Tensor]) -> None:
         self.spec, self.count = spec, 0
-        self.members = [
-            [p.detach(), g, *(torch.zeros_like(p) for _ in range(spec.states))]
-            for p, g in zip(params, grads, strict=True)
-        ]
+        self.params, self.grads = [p.detach() for p in params], grads
+        self.states = [[torch.zeros_like(p) for p in params] for _ in range(spec.states)]
+        self.plans: dict = {}
 
     def step(self) -> None:
         self.count += 1
-        scalars = self.spec.scalars(self.count)
-        members = [(tensors, scalars) for tensors in self.members]
-        left = _cpu_fused.fused_update("bench.cpu_fused", self.spec.update, members, False)
+        left = _cpu_fused.fused_update(
+            "bench.cpu_fused",
+            self.spec.update,
+            self.params,
+            self.grads,
+            self.states,
+            self.spec.scalars(self.count),
+            False,
+            self.plans,
+        )
         if left:
             raise RuntimeError(f"the fused CPU path did not update {len(left)} tensors")
 

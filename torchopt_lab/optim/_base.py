@@ -206,6 +206,20 @@ def _memory_key(param: Tensor) -> tuple[Any, ...]:
         return ("tensor", id(param))
 
 
+def _distinct_storages(params: list[Tensor]) -> bool:
+    """Whether each of ``params`` (of one device) has a storage of its own, asked in one pass
+    (the usual case; :func:`_memory_key` per parameter costs a microsecond each). False when
+    unsure: empty tensors (their storages may all sit at address 0), a wrapper subclass without
+    a storage (DTensor), or a trace."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        addresses = {p.untyped_storage().data_ptr() for p in params}
+    except (RuntimeError, NotImplementedError):
+        return False
+    return len(addresses) == len(params) and 0 not in addresses
+
+
 def _without_repeats(tensors: TensorLists) -> Iterator[TensorLists]:
     """One group's tensor lists cut into consecutive runs in which no parameter repeats.
 
@@ -216,6 +230,9 @@ def _without_repeats(tensors: TensorLists) -> Iterator[TensorLists]:
     of one storage (they may overlap) count as repeats too; cutting a run where nothing overlaps
     only costs a launch."""
     params = tensors["params"]
+    if _distinct_storages(params):
+        yield tensors
+        return
     keys = [_memory_key(param) for param in params]
     if len(set(keys)) == len(keys):
         yield tensors
@@ -583,6 +600,7 @@ class TorchoptOptimizer(DeclaredOptimizer):
         parameters stays float32 (torch casts every floating state tensor to its parameter's
         dtype, which would round a float32 checkpoint to bfloat16)."""
         super().load_state_dict(state_dict)
+        _cpu_fused.forget_plans(self)  # they hold the replaced state's tensors
         if self.float32_state:
             self._load_float32_state(state_dict)
 
@@ -985,7 +1003,10 @@ class TorchoptOptimizer(DeclaredOptimizer):
         reason is recorded; an explicit ``backend="triton"`` raises instead.
         """
         component = f"optim.{type(self).__name__}"
-        shared = _sharing_memory([p for _, tensors in groups for p in tensors["params"]])
+        # Which parameters overlap in memory matters only to the kernels (one launch would update
+        # that memory twice at once): found when a Triton part first needs it (an address sort
+        # over every parameter costs microseconds each, a third of a small CPU step's host time).
+        shared: set[int] | None = None
         parts = []
         for group_index, (group, tensors) in enumerate(groups):
             if not tensors["params"]:
@@ -1020,6 +1041,10 @@ class TorchoptOptimizer(DeclaredOptimizer):
                     chosen = "torch"
                 by_backend = {chosen: list(range(len(indices)))}
                 if chosen == "triton":
+                    if shared is None:
+                        shared = _sharing_memory(
+                            [p for _, tensors in groups for p in tensors["params"]]
+                        )
                     by_backend = self._kernel_eligible(
                         component,
                         lists[full.index("params")],
@@ -1134,8 +1159,8 @@ class TorchoptOptimizer(DeclaredOptimizer):
         if part.group.get("fused"):
             # torch.optim's own check and message for fused=True (floating-point parameters on
             # a device with fused kernels): complex or meta ones are refused, not run on views.
-            for param in part.tensors["params"]:
-                _device_dtype_check_for_fused(param)
+            # It reads only the device and dtype, which a part's parameters share: one call.
+            _device_dtype_check_for_fused(part.tensors["params"][0])
         hyperparameters = self._hyperparameters(part.group)
         if inverse_scale is not None:
             factor = inverse_scale.to(part.device)

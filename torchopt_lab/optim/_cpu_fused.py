@@ -42,12 +42,12 @@ error and warned about once.
 from __future__ import annotations
 
 import contextlib
+import operator
 import re
 import sys
 import types
 import warnings
-import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -89,6 +89,10 @@ _TORCH_FUSED_CPU = frozenset({"sgd", "adagrad", "adam", "adamw"})
 #: their grain size (a parallel loop's barrier costs more than a small tensor's update, and far
 #: more when the machine's cores are busy).
 PARALLEL_NUMEL = 32768
+# Parameter types whose memory the compiled loops read (wrapper subclasses have none of their own).
+_PLAIN = frozenset({Tensor, torch.nn.Parameter})
+# Plans (:class:`_Plan`) one optimizer keeps: one per (param group, dtype, update branch) it steps.
+_PLANS = 32
 # Recompilations allowed per rule (dtypes x maximize x branches on the scalars) before raising.
 _RECOMPILE_LIMIT = 64
 
@@ -345,47 +349,56 @@ def _unsupported_dtype(dtype: torch.dtype) -> str | None:
     return None
 
 
-# id(tensor) -> (a weak reference to it, its flat view): the flat views of parameters and state,
-# which live across steps, so that a step does not make them again (a view and a detach cost
-# 1-2 us a tensor, a third of the host time per parameter). An entry leaves with its tensor.
-_views: dict[int, tuple[weakref.ref, Tensor]] = {}
+class _Plan:
+    """The flat views of one list of members' parameters and state, and which of those members
+    the compiled path takes (contiguous) and how (all threads or one): kept across steps while
+    the same tensors stay where they were, so that a step flattens its gradients only.
+
+    Making a flat view costs 1-2 us a tensor and deciding a member's kind about as much: over
+    hundreds of parameters, more than the optimizer's whole update of small ones. A plan holds
+    the same tensors its caller's lists hold (the optimizer's parameters and state) and is
+    rebuilt on the first step on which any differs: another object, or the same one at another
+    address, with another number of elements or no longer contiguous (``p.data = ...``,
+    ``set_``, ``resize_``), all that a flat view depends on."""
+
+    __slots__ = ("flats", "kept", "left", "marks", "parallel", "serial")
+
+    def __init__(self, kept: list[Tensor], count: int) -> None:
+        self.kept = kept
+        self.marks = _marks(kept)
+        contiguous = self.marks[2]
+        self.flats = [_flat(t) if flat else t for t, flat in zip(kept, contiguous, strict=True)]
+        # Members with a tensor the compiled loops cannot read as flat memory.
+        left = {index % count for index, flat in enumerate(contiguous) if not flat}
+        self.left = sorted(left)
+        numels = self.marks[1]
+        taken = [i for i in range(count) if i not in left]
+        self.parallel = [i for i in taken if numels[i] >= PARALLEL_NUMEL]
+        self.serial = [i for i in taken if numels[i] < PARALLEL_NUMEL]
+
+    def fits(self, kept: list[Tensor]) -> bool:
+        """Whether ``kept`` are this plan's tensors, where they were."""
+        return (
+            len(kept) == len(self.kept)
+            and all(map(operator.is_, kept, self.kept))
+            and _marks(kept) == self.marks
+        )
 
 
-def _stable_flat(tensor: Tensor) -> Tensor:
-    """:func:`_flat` of a tensor that outlives the step (a parameter, a state), remembered. The
-    view is reused only while it still covers the tensor's memory: the same first address and
-    number of elements (``p.data = ...``, ``set_`` or ``resize_`` give it another)."""
-    key = id(tensor)
-    entry = _views.get(key)
-    if entry is not None:
-        ref, flat = entry
-        if (
-            ref() is tensor
-            and flat.data_ptr() == tensor.data_ptr()
-            and flat.numel() == tensor.numel() * (2 if tensor.is_complex() else 1)
-        ):
-            return flat
-    flat = _flat(tensor)
-    if flat is not tensor:
-        _views[key] = (weakref.ref(tensor, lambda _, key=key: _views.pop(key, None)), flat)
-    return flat
+def _marks(tensors: list[Tensor]) -> tuple[list[int], list[int], list[bool]]:
+    """What a tensor's flat view depends on: its address, number of elements and contiguity
+    (three passes of C calls: a quarter of a microsecond a tensor, a third of a tuple's)."""
+    return (
+        list(map(Tensor.data_ptr, tensors)),
+        list(map(Tensor.numel, tensors)),
+        list(map(Tensor.is_contiguous, tensors)),
+    )
 
 
-def _flat_member(tensors: Sequence[Tensor | None]) -> list[Tensor | None] | None:
-    """A parameter's tensors (None for an absent state) flattened by :func:`_flat`, the
-    parameter's and state's views remembered across steps (the gradient, often a new tensor each
-    step, is not); None if one is not contiguous (the compiled loops read them as flat memory)."""
-    flat: list[Tensor | None] = []
-    for index, tensor in enumerate(tensors):
-        if tensor is None:
-            flat.append(None)
-        elif not tensor.is_contiguous():
-            return None
-        elif index == 1:
-            flat.append(_flat(tensor))
-        else:
-            flat.append(_stable_flat(tensor))
-    return flat
+def _flat_grads(grads: list[Tensor]) -> list[Tensor | None]:
+    """The gradients by :func:`_flat` (None for one that is not contiguous), made every step:
+    gradients are usually new tensors each step."""
+    return [_flat(g) if g.is_contiguous() else None for g in grads]
 
 
 def _scalar_tensors(scalars: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -411,106 +424,140 @@ def _compile_settings() -> Any:
             recompile_limit=_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
         )
     )
+    if "enable_cpp_symbolic_shape_guards" in torch._dynamo.config._config:
+        # The guards on sizes compiled to C++ rather than evaluated as a Python lambda: a third
+        # of a direct call's host time, measured.
+        stack.enter_context(torch._dynamo.config.patch(enable_cpp_symbolic_shape_guards=True))
     return stack
 
 
 def fused_update(
     component: str,
     update: Callable[..., tuple[Tensor, ...]],
-    members: list[tuple[list[Tensor | None], dict[str, Any]]],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[list[Tensor] | None],
+    scalars: dict[str, Any] | list[dict[str, Any]],
     maximize: bool,
+    plans: dict[Any, _Plan] | None = None,
 ) -> list[int]:
-    """Update ``members`` (each: [param, grad, *state] of one parameter, all of one dtype, and the
-    scalars of its step; a state absent from its group is None) with the compiled ``update``;
-    return the indices of the members it did not update (the caller runs the torch update for
-    them), recording why."""
-    if not members:
+    """Update ``params`` (all of one dtype) with the compiled ``update``; return the indices of
+    those it did not update (the caller runs the torch update for them), recording why.
+
+    ``states`` holds one list per state of ``update`` (None for a state absent from the group,
+    ``State.when``); ``scalars`` is the scalars of the step, or one dict per parameter (those on
+    the same step share one dict). ``plans``, a dict the caller keeps across steps (one per
+    optimizer), remembers the flat views of the parameters and state (:class:`_Plan`)."""
+    count = len(params)
+    if not count:
         return []
-    dtype = members[0][0][0].dtype
+    dtype = params[0].dtype
     why = _unsupported_dtype(dtype)
+    if why is None:
+        why = _failed.get((update, dtype.to_real() if dtype.is_complex else dtype))
     if why is not None:
-        _backend.record(component, "fused", "torch", members[0][0][0].device, why)
-        return list(range(len(members)))
-    dtype = dtype.to_real() if dtype.is_complex else dtype
-    rest: list[int] = []
-    # (parallel, absent states, scalars) -> the flattened members of that kind, and their indices.
-    chunks: dict[tuple[Any, ...], tuple[list[list[Tensor | None]], list[int]]] = {}
-    # Members on the same step share their scalars dict (the optimizers compute it once per step
-    # value): its key is built once per dict, not once per member.
-    keys: dict[int, tuple[Any, ...]] = {}
-    for index, (tensors, scalars) in enumerate(members):
-        flat = _flat_member(tensors)
-        if flat is None:
-            _backend.record(
-                component,
-                "fused",
-                "torch",
-                tensors[0].device,
-                "a parameter, gradient or state tensor is not contiguous",
-            )
-            rest.append(index)
-            continue
-        key = keys.get(id(scalars))
-        if key is None:
-            key = keys[id(scalars)] = scalars_key(scalars)
-        # Which states are absent (None) is part of the compiled graph: chunks never mix them.
-        absent = tuple([tensor is None for tensor in flat])
-        kind = (flat[0].numel() >= PARALLEL_NUMEL, absent, key)
-        chunk = chunks.get(kind)
-        if chunk is None:
-            chunk = chunks[kind] = ([], [])
-        chunk[0].append(flat)
-        chunk[1].append(index)
-    if not chunks:
-        return rest
-    failure = _failed.get((update, dtype))
-    if failure is not None:
-        _backend.record(component, "fused", "torch", torch.device("cpu"), failure)
-        return sorted(rest + [i for _, indices in chunks.values() for i in indices])
-    scratch = _scratch_tensors(dtype, len(members[0][0]))
-    calls = [
-        (
-            parallel,
-            absent,
-            members[indices[0]][1],
-            flats[start : start + CHUNK],
-            indices[start : start + CHUNK],
+        _backend.record(component, "fused", "torch", params[0].device, why)
+        return list(range(count))
+    if not all(type(p) in _PLAIN for p in params):
+        # A wrapper subclass (DTensor, ...) holds no flat memory of its own to loop over.
+        _backend.record(
+            component,
+            "fused",
+            "torch",
+            params[0].device,
+            "the parameters are a tensor subclass, which the compiled loops cannot read",
         )
-        for (parallel, absent, _), (flats, indices) in chunks.items()
-        for start in range(0, len(indices), CHUNK)
-    ]
+        return list(range(count))
+    kept = [*params, *(t for column in states if column is not None for t in column)]
+    absent = tuple(column is None for column in states)
+    # A plan holds its first parameter, so no other tensor takes that id while the plan lives.
+    key = (update, maximize, absent, id(params[0]))
+    plan = None if plans is None else plans.get(key)
+    if plan is None or not plan.fits(kept):
+        plan = _Plan(kept, count)
+        if plans is not None:
+            if key not in plans and len(plans) >= _PLANS:
+                plans.clear()  # plans of lists no longer stepped (their tensors are held)
+            plans[key] = plan
+    flat_grads = _flat_grads(grads)
+    left = sorted({*plan.left, *(i for i, g in enumerate(flat_grads) if g is None)})
+    if left:
+        _backend.record(
+            component,
+            "fused",
+            "torch",
+            params[0].device,
+            "a parameter, gradient or state tensor is not contiguous",
+        )
+    # Members of each kind (threading, scalars) in chunks: a compiled call runs one kind.
+    per_member = isinstance(scalars, list)
+    kinds: dict[tuple[Any, ...], list[int]] = {}
+    keys: dict[int, tuple[Any, ...]] = {}
+    for parallel, indices in ((False, plan.serial), (True, plan.parallel)):
+        if left:
+            indices = [i for i in indices if flat_grads[i] is not None]
+        if not per_member:
+            if indices:
+                kinds[(parallel, 0)] = indices
+            continue
+        for i in indices:
+            # Members share a chunk only with the same scalars, signed zeros and types
+            # included (0.0 == -0.0, but a member given -0.0 must not get +0.0).
+            step_scalars = scalars[i]
+            scalars_id = id(step_scalars)
+            scalar_key = keys.get(scalars_id)
+            if scalar_key is None:
+                scalar_key = keys[scalars_id] = scalars_key(step_scalars)
+            kinds.setdefault((parallel, scalar_key), []).append(i)
+    if not kinds:
+        return left
+    flats, width = plan.flats, len(states)
+    columns = []
+    offset = count
+    for gone in absent:
+        if gone:
+            columns.append(None)
+        else:
+            columns.append(flats[offset : offset + count])
+            offset += count
+    pads = _scratch_tensors(dtype.to_real() if dtype.is_complex else dtype, 2 + width)
     # The float scalars as the compiled graphs take them (float64 tensors), once per scalars dict.
     as_tensors: dict[int, dict[str, Tensor]] = {}
-    for done, (parallel, absent, scalars, chunk, _) in enumerate(calls):
+    calls = [
+        (parallel, indices[start : start + CHUNK])
+        for (parallel, _), indices in kinds.items()
+        for start in range(0, len(indices), CHUNK)
+    ]
+    for done, (parallel, chunk) in enumerate(calls):
         step = _compiled_step(update, parallel)
-        if len(chunk) < CHUNK:
-            chunk = chunk + [
-                [None if gone else pad for gone, pad in zip(absent, pads, strict=True)]
-                for pads in scratch[: CHUNK - len(chunk)]
-            ]
-        columns = list(zip(*chunk, strict=True))
-        tensors = as_tensors.get(id(scalars))
+        pad = pads[: CHUNK - len(chunk)]
+        step_scalars = scalars[chunk[0]] if per_member else scalars
+        tensors = as_tensors.get(id(step_scalars))
         if tensors is None:
-            tensors = as_tensors[id(scalars)] = _scalar_tensors(scalars)
+            tensors = as_tensors[id(step_scalars)] = _scalar_tensors(step_scalars)
         arguments = (
             update,
-            list(columns[0]),
-            list(columns[1]),
-            [list(column) for column in columns[2:]],
-            scalars,
+            [flats[i] for i in chunk] + [p[0] for p in pad],
+            [flat_grads[i] for i in chunk] + [p[1] for p in pad],
+            [
+                [None] * CHUNK
+                if column is None
+                else [column[i] for i in chunk] + [p[2 + k] for p in pad]
+                for k, column in enumerate(columns)
+            ],
+            step_scalars,
             maximize,
         )
         try:
             step(dict(zip(step.names, arguments, strict=True)), tensors)
         except Exception as error:  # Inductor failed: the torch update runs instead
             why = f"Inductor could not compile the rule's update: {type(error).__name__}: {error}"
-            _failed[(update, dtype)] = why
+            _failed[(update, dtype.to_real() if dtype.is_complex else dtype)] = why
             _backend.record(component, "fused", "torch", torch.device("cpu"), why)
             warnings.warn(
                 f"{component}: fused=True runs the rule's torch update: {why}", stacklevel=4
             )
-            left = [i for *_, later in calls[done:] for i in later]
-            return sorted(rest + left)
+            return sorted(left + [i for _, later in calls[done:] for i in later])
     why = "; ".join(
         sorted(
             {
@@ -528,7 +575,7 @@ def fused_update(
         f"fused=True on CPU: the rule's update compiled by Inductor, {CHUNK} tensors per call, "
         + (f"called through Dynamo ({why})" if why else "called directly once compiled"),
     )
-    return rest
+    return left
 
 
 def check_flags(fused: bool | None, hyperparameters: dict[str, Any]) -> None:
@@ -595,12 +642,29 @@ def fused_step(
             left += first
             members = [m for m in members if all(m[1].get(key) is not None for key in created)]
     kept = [e.name if e.exists(group) else None for e in entries]
-    updated = [
-        ([p, p.grad, *(None if key is None else state[key] for key in kept)], scalars)
-        for p, state, scalars in members
-    ]
-    rest = fused_update(component, rule.update, updated, maximize)
+    rest = fused_update(
+        component,
+        rule.update,
+        [p for p, _, _ in members],
+        [p.grad for p, _, _ in members],
+        [None if key is None else [state[key] for _, state, _ in members] for key in kept],
+        [scalars for _, _, scalars in members],
+        maximize,
+        _plans(optimizer),
+    )
     return left + [members[i] for i in rest]
+
+
+def _plans(optimizer: Any) -> dict[Any, _Plan]:
+    """The optimizer's plans (:class:`_Plan`), kept in its ``__dict__``, which torch.optim's
+    ``__getstate__`` leaves out of pickles and copies; :func:`forget_plans` drops them."""
+    return optimizer.__dict__.setdefault("_cpu_fused_plans", {})
+
+
+def forget_plans(optimizer: Any) -> None:
+    """Drop the optimizer's plans and the tensors they hold (``load_state_dict`` replaces its
+    state: the old tensors must not stay alive until the next step)."""
+    optimizer.__dict__.pop("_cpu_fused_plans", None)
 
 
 def compiles_builtin(optimizer: Any) -> bool:
@@ -647,22 +711,29 @@ def builtin_step(
             "compiled)",
         )
     skipped = set(first)
-    by_step: dict[Any, dict[str, Any]] = {}
-    members: list[tuple[list[Tensor | None], dict[str, Any]]] = []
-    indices: list[int] = []
     # One host read for all step counts (a read each costs a microsecond per parameter).
-    counts = torch.stack(steps).tolist() if steps else [None] * count
-    for i in range(count):
-        if i in skipped:
-            continue
-        step = None if counts[i] is None else counts[i] + 1
-        scalars = by_step.get(step)
-        if scalars is None:
-            scalars = by_step[step] = rule.scalars(hyperparameters, step, {})
-        state = [None if column is None else column[i] for column in columns]
-        members.append(([params[i], grads[i], *state], scalars))
-        indices.append(i)
-    rest = fused_update(component, rule.update, members, bool(group.get("maximize", False)))
+    counts = torch.stack(steps).tolist() if steps else [None]
+    by_step: dict[Any, dict[str, Any]] = {}
+    for value in set(counts):
+        step = None if value is None else value + 1
+        by_step[value] = rule.scalars(hyperparameters, step, {})
+    indices = [i for i in range(count) if i not in skipped] if skipped else list(range(count))
+    if skipped:
+        params, grads = [params[i] for i in indices], [grads[i] for i in indices]
+        columns = [None if c is None else [c[i] for i in indices] for c in columns]
+    scalars: dict[str, Any] | list[dict[str, Any]] = by_step[counts[0]]
+    if len(by_step) > 1:
+        scalars = [by_step[counts[i]] for i in indices]
+    rest = fused_update(
+        component,
+        rule.update,
+        params,
+        grads,
+        columns,
+        scalars,
+        bool(group.get("maximize", False)),
+        _plans(optimizer),
+    )
     left = sorted(skipped | {indices[i] for i in rest})
     if steps is not None:
         done = set(left)

@@ -445,6 +445,7 @@ class RuleOptimizer(DeclaredOptimizer):
         """torch.optim's ``load_state_dict``; with ``float32_state``, the state of low-precision
         parameters stays float32 (as for the built-in optimizers)."""
         super().load_state_dict(state_dict)
+        _cpu_fused.forget_plans(self)  # they hold the replaced state's tensors
         if self.float32_state:
             TorchoptOptimizer._load_float32_state(self, state_dict)  # type: ignore[arg-type]
 
