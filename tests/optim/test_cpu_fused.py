@@ -510,6 +510,32 @@ def test_builtin_fused_cpu_step_compiled_matches_its_torch_path(
     assert _cpu_fused.compile_count(cls.rule.update) >= 1
 
 
+@pytest.mark.parametrize("name", ["Adam", "Adagrad"])
+def test_builtin_fused_cpu_step_counts_each_parameters_own_steps(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Parameters skipped on some steps (no gradient) stand at other counts: each is updated with
+    # the scalars of its own count and its count is incremented in the compiled call, as on the
+    # torch path; a chunk never mixes counts.
+    monkeypatch.setattr(_cpu_fused, "TORCH_KERNELS", False)
+    cls = REGISTRY[name]
+    real = [shape for shape in SHAPES if not shape[1].is_complex]
+    fused, plain, fused_opt, plain_opt = _pair(cls, real, weight_decay=0.1)
+    for seed in range(5):
+        _step_both(fused, plain, fused_opt, plain_opt, seed)
+        if seed % 2:  # the next step leaves out every other parameter
+            for a, b in list(zip(fused, plain, strict=True))[::2]:
+                a.grad = b.grad = None
+            fused_opt.step()
+            plain_opt.step()
+        _assert_same_builtin_run(fused, plain, fused_opt, plain_opt)
+    counts = {fused_opt.state[p]["step"].item() for p in fused}
+    assert counts == {5.0, 7.0}
+    assert (
+        torchopt_lab.backend_info()["decisions"][f"optim.{name} (fused)"]["backend"] == "inductor"
+    )
+
+
 @pytest.mark.parametrize("name", BUILTINS)
 def test_builtin_fused_cpu_step_runs_torchs_kernel_where_torch_has_one(name: str) -> None:
     cls = REGISTRY[name]

@@ -801,15 +801,32 @@ class TorchoptOptimizer(DeclaredOptimizer):
         rule = getattr(type(self), "rule", None)
         return rule is not None and rule.kernel is None
 
-    def _finish_group(self, group: dict[str, Any], tensors: TensorLists) -> None:
+    def _created_lists(self, group: dict[str, Any], tensors: TensorLists) -> dict[str, list]:
+        """Copies of the state lists an update may fill in (``State.init=None``), taken before
+        it runs: :meth:`_finish_group` then stores only what changed."""
+        if getattr(type(self), "rule", None) is None or not self._creates_state:
+            return {}
+        return {
+            name: list(tensors[name])
+            for entry, name in self._state_entries
+            if entry.init is None and entry.exists(group)
+        }
+
+    def _finish_group(
+        self, group: dict[str, Any], tensors: TensorLists, before: dict[str, list] | None = None
+    ) -> None:
         """Store state the reference update created (``State.init=None``: SGD's first momentum
-        buffers)."""
+        buffers): every entry, or with ``before`` (:meth:`_created_lists`) those the update
+        replaced (a state-dict write per parameter costs a microsecond, on every step)."""
         if getattr(type(self), "rule", None) is None or not self._creates_state:
             return
         for entry, name in self._state_entries:
             if entry.init is None and entry.exists(group):
-                for p, value in zip(tensors["params"], tensors[name], strict=True):
-                    self.state[p][entry.name] = value
+                values = tensors[name]
+                old = before.get(name) if before is not None else None
+                for index, (p, value) in enumerate(zip(tensors["params"], values, strict=True)):
+                    if old is None or old[index] is not value:
+                        self.state[p][entry.name] = value
 
     @_use_grad_in_graph
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -1143,7 +1160,7 @@ class TorchoptOptimizer(DeclaredOptimizer):
         """Make every ``state["step"]`` of a group's lists a float tensor (an int64 step set by
         hand; loaded ones are converted by ``__setstate__``), stored back into the state."""
         steps = tensors.get("state_steps", [])
-        if all(step.is_floating_point() for step in steps):
+        if all(map(Tensor.is_floating_point, steps)):
             return
         for index, param in enumerate(tensors["params"]):
             state = self.state[param]
@@ -1173,6 +1190,7 @@ class TorchoptOptimizer(DeclaredOptimizer):
         if float32:
             self._upcast_state(part.tensors)
         for tensors in _without_repeats(part.tensors):
+            unfilled = self._created_lists(part.group, tensors)
             if float32:
                 self._float32_update(part.group, tensors, hyperparameters, clip_coefficient)
             elif self._views_complex_as_real and part.dtype.is_complex:
@@ -1180,7 +1198,7 @@ class TorchoptOptimizer(DeclaredOptimizer):
                 self._torch_update(part.group, viewed, hyperparameters, clip_coefficient)
             else:
                 self._torch_update(part.group, tensors, hyperparameters, clip_coefficient)
-            self._finish_group(part.group, tensors)
+            self._finish_group(part.group, tensors, unfilled)
         if before is not None:
             self._record_norms(part, before, clip_coefficient)
 
