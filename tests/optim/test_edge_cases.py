@@ -11,6 +11,7 @@ from optim_cases import CASES, Case, clone_params, loss_of, make_params, train
 
 import torchopt_lab.optim as ours
 from torchopt_lab import backend_info
+from torchopt_lab.optim._base import _distinct_storages
 
 ONE_CASE_PER_CLASS = list({case.ours: case for case in CASES}.values())
 CLASSES = [(case.ours, case.theirs) for case in ONE_CASE_PER_CLASS]
@@ -242,3 +243,15 @@ def test_max_grad_norm_refuses_sparse_gradients_clearly() -> None:
     optimizer = ours.SGD(embedding.parameters(), lr=0.1, max_grad_norm=0.1)
     with pytest.raises(NotImplementedError, match="max_grad_norm cannot clip sparse gradients"):
         optimizer.step()
+
+
+# The engine's one-pass check for the usual CPU step, against the general answer it stands in
+# for.
+
+
+def test_distinct_storages_is_true_only_when_no_two_parameters_can_overlap() -> None:
+    a, b = torch.zeros(4), torch.zeros(4)
+    assert _distinct_storages([a, b])
+    assert not _distinct_storages([a, a])  # the same tensor twice
+    assert not _distinct_storages([a[:2], a[2:]])  # views of one storage
+    assert not _distinct_storages([torch.zeros(0), torch.zeros(0)])  # no memory: unsure
