@@ -677,3 +677,28 @@ def test_rmsprop_fused_hands_gradscaler_its_scale_and_matches_fused_none() -> No
             optimizer.zero_grad()
         results.append(param.detach())
     _assert_close_to_scale(results[0], results[1])
+
+
+def test_wrapper_subclass_parameters_take_the_torch_update_and_plain_subclasses_do_not() -> None:
+    # A wrapper subclass (DTensor's kind; TwoTensor here) holds no memory of its own for the
+    # compiled loops: its members are returned to the torch update, with the reason recorded. A
+    # plain subclass of Parameter has its memory and is updated.
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    class Tagged(torch.nn.Parameter):
+        pass
+
+    wrapped = [TwoTensor(torch.ones(3), torch.ones(3))]
+    grads = [TwoTensor(torch.zeros(3), torch.zeros(3))]
+    left = _cpu_fused.fused_update(
+        "test.wrapped", _scaled, wrapped, grads, [], {"factor": 2.0}, False
+    )
+    assert left == [0] and torch.equal(wrapped[0].a, torch.ones(3))
+    decision = torchopt_lab.backend_info()["decisions"]["test.wrapped"]
+    assert decision["backend"] == "torch" and "subclass" in decision["reason"]
+    tagged = [Tagged(torch.ones(3))]
+    with torch.no_grad():
+        left = _cpu_fused.fused_update(
+            "test.tagged", _scaled, tagged, [torch.zeros(3)], [], {"factor": 2.0}, False
+        )
+    assert left == [] and torch.equal(tagged[0].detach(), torch.full((3,), 2.0))

@@ -158,7 +158,14 @@ NONFINITE_OPTIMIZERS = st.one_of(
             "centered": st.booleans(),
             "maximize": st.booleans(),
         }
-    ).map(lambda options: (ours.RMSprop, torch.optim.RMSprop, options)),
+    )
+    # Centered with alpha 0, the denominator sqrt(E[g^2] - E[g]^2) is g*g - g*g: 0 exactly or
+    # one rounding off it, which decides between NaN (0 * g / 0 at lr 0) and a finite update.
+    # torch itself answers by its loop's vector width: the same first two entries are NaN in a
+    # 2-element parameter and finite in a 64-element one (measured, torch 2.13 CPU). No answer
+    # to compare against there.
+    .filter(lambda options: not (options["centered"] and options["alpha"] == 0))
+    .map(lambda options: (ours.RMSprop, torch.optim.RMSprop, options)),
     # The optimizers declared as rules (torchopt_lab.optim.rules) that torch.optim also has. beta1
     # 0 puts their first moment on torch.lerp's second formula (NaN for an infinite gradient).
     st.fixed_dictionaries(

@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from torchopt_lab import backend as _backend
 from torchopt_lab.optim._scalars import as_number, scalars_key
@@ -89,7 +90,8 @@ _TORCH_FUSED_CPU = frozenset({"sgd", "adagrad", "adam", "adamw"})
 #: their grain size (a parallel loop's barrier costs more than a small tensor's update, and far
 #: more when the machine's cores are busy).
 PARALLEL_NUMEL = 32768
-# Parameter types whose memory the compiled loops read (wrapper subclasses have none of their own).
+# Parameter types whose memory the compiled loops read, known without asking (wrapper subclasses,
+# DTensor's kind, have none of their own; other subclasses do).
 _PLAIN = frozenset({Tensor, torch.nn.Parameter})
 # Plans (:class:`_Plan`) one optimizer keeps: one per (param group, dtype, update branch) it steps.
 _PLANS = 32
@@ -387,7 +389,8 @@ class _Plan:
         # Members with a tensor the compiled loops cannot read as flat memory.
         left = {index % count for index, flat in enumerate(contiguous) if not flat}
         self.left = sorted(left)
-        numels = self.marks[1]
+        # Elements of the flat view (a complex tensor's real view has twice its own).
+        numels = [self.flats[i].numel() for i in range(count)]
         taken = [i for i in range(count) if i not in left]
         self.parallel = [i for i in taken if numels[i] >= PARALLEL_NUMEL]
         self.serial = [i for i in taken if numels[i] < PARALLEL_NUMEL]
@@ -476,7 +479,7 @@ def fused_update(
     if why is not None:
         _backend.record(component, "fused", "torch", params[0].device, why)
         return list(range(count))
-    if not all(type(p) in _PLAIN for p in params):
+    if not all(type(p) in _PLAIN or not is_traceable_wrapper_subclass(p) for p in params):
         # A wrapper subclass (DTensor, ...) holds no flat memory of its own to loop over.
         _backend.record(
             component,
