@@ -510,14 +510,17 @@ def test_builtin_fused_cpu_step_compiled_matches_its_torch_path(
     assert _cpu_fused.compile_count(cls.rule.update) >= 1
 
 
+@pytest.mark.parametrize("parallel_numel", [32768, 1], ids=["serial", "parallel"])
 @pytest.mark.parametrize("name", ["Adam", "Adagrad"])
 def test_builtin_fused_cpu_step_counts_each_parameters_own_steps(
-    name: str, monkeypatch: pytest.MonkeyPatch
+    name: str, parallel_numel: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Parameters skipped on some steps (no gradient) stand at other counts: each is updated with
-    # the scalars of its own count and its count is incremented in the compiled call, as on the
-    # torch path; a chunk never mixes counts.
+    # the scalars of its own count and its count is incremented (in the compiled call for
+    # serial chunks, on the host after a parallel one), as on the torch path; a chunk never mixes
+    # counts.
     monkeypatch.setattr(_cpu_fused, "TORCH_KERNELS", False)
+    monkeypatch.setattr(_cpu_fused, "PARALLEL_NUMEL", parallel_numel)
     cls = REGISTRY[name]
     real = [shape for shape in SHAPES if not shape[1].is_complex]
     fused, plain, fused_opt, plain_opt = _pair(cls, real, weight_decay=0.1)

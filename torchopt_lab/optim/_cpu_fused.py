@@ -573,8 +573,11 @@ def fused_update(
             ],
             step_scalars,
             maximize,
+            # The serial loops count their members' steps; a parallel call leaves its (few, large)
+            # members' counts to one host add below: a count in a parallel region is an OpenMP
+            # `single` with a barrier each.
             None
-            if steps is None
+            if steps is None or parallel
             else [steps[i] for i in chunk] + _scratch_steps(steps[chunk[0]].dtype, len(pad)),
         )
         try:
@@ -586,7 +589,9 @@ def fused_update(
             warnings.warn(
                 f"{component}: fused=True runs the rule's torch update: {why}", stacklevel=4
             )
+            _count(steps, calls[:done])
             return sorted(left + [i for _, later in calls[done:] for i in later])
+    _count(steps, calls)
     why = "; ".join(
         sorted(
             {
@@ -605,6 +610,14 @@ def fused_update(
         + (f"called through Dynamo ({why})" if why else "called directly once compiled"),
     )
     return left
+
+
+def _count(steps: list[Tensor] | None, calls: list[tuple[bool, list[int]]]) -> None:
+    """Increment the step counts of the members of the parallel ``calls`` that ran."""
+    if steps is not None:
+        counts = [steps[i] for parallel, chunk in calls if parallel for i in chunk]
+        if counts:
+            torch._foreach_add_(counts, 1)
 
 
 def check_flags(fused: bool | None, hyperparameters: dict[str, Any]) -> None:
