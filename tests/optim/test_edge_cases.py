@@ -255,3 +255,21 @@ def test_distinct_storages_is_true_only_when_no_two_parameters_can_overlap() -> 
     assert not _distinct_storages([a, a])  # the same tensor twice
     assert not _distinct_storages([a[:2], a[2:]])  # views of one storage
     assert not _distinct_storages([torch.zeros(0), torch.zeros(0)])  # no memory: unsure
+
+
+def test_a_sparse_gradient_is_refused_after_the_parameters_before_it_get_state_as_in_torch() -> (
+    None
+):
+    # torch.optim's _init_group creates the state of the parameters before the first sparse
+    # gradient, then raises: the same error type and the same state left behind.
+    def run(cls: type) -> tuple[type[BaseException], list[bool]]:
+        params = [torch.zeros(3, requires_grad=True) for _ in range(3)]
+        for p in params:
+            p.grad = torch.ones(3)
+        params[1].grad = torch.ones(3).to_sparse()
+        optimizer = cls(params, lr=0.1)
+        with pytest.raises(RuntimeError) as error:
+            optimizer.step()
+        return error.type, [len(optimizer.state[p]) > 0 for p in params]
+
+    assert run(ours.Adam) == run(torch.optim.Adam) == (RuntimeError, [True, False, False])

@@ -771,23 +771,29 @@ class TorchoptOptimizer(DeclaredOptimizer):
         # A group that keeps no state (SGD without momentum) leaves self.state untouched, as
         # torch does: no empty entries in its state_dict.
         stateless = steps is None and not kept
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            if sparse is not None and grad.is_sparse:
-                raise RuntimeError(sparse.format(name=type(self).__name__))
-            params.append(p)
-            grads.append(grad)
-            if stateless:
-                continue
-            state = all_state[p]
+        # A list comprehension a column (a Python loop body per parameter costs as much as the
+        # update of a small one).
+        params.extend([p for p in group["params"] if p.grad is not None])
+        grads.extend([p.grad for p in params])
+        if sparse is not None and any(grad.is_sparse for grad in grads):
+            # As torch.optim: the parameters before the first sparse gradient get their state.
+            first = next(index for index, grad in enumerate(grads) if grad.is_sparse)
+            if not stateless:
+                for p in params[:first]:
+                    state = all_state[p]
+                    if len(state) == 0:
+                        self._create_state(state, p, group)
+            raise RuntimeError(sparse.format(name=type(self).__name__))
+        if stateless:
+            return tensors
+        states = [all_state[p] for p in params]
+        for p, state in zip(params, states, strict=True):
             if len(state) == 0:
                 self._create_state(state, p, group)
-            for name, values in kept:
-                values.append(state.get(name))
-            if steps is not None:
-                steps.append(state["step"])
+        for name, values in kept:
+            values.extend([state.get(name) for state in states])
+        if steps is not None:
+            steps.extend([state["step"] for state in states])
         return tensors
 
     def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:

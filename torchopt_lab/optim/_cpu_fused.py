@@ -742,7 +742,7 @@ def builtin_step(
         for e, c in zip([e for e in rule.state if not e.scalar], columns, strict=True)
         if e.init is None and c is not None
     ]
-    first = [i for i in range(count) if any(column[i] is None for column in created)]
+    first = sorted({i for column in created for i, value in enumerate(column) if value is None})
     if first:
         _backend.record(
             component,
