@@ -164,6 +164,47 @@ def _scaled(param: torch.Tensor, grad: torch.Tensor, *, factor: float) -> tuple[
     return (param * factor,)
 
 
+def _halved_or_scaled(
+    param: torch.Tensor, grad: torch.Tensor, *, factor: float, halve: bool
+) -> tuple[torch.Tensor]:
+    return (param * 0.5 if halve else param * factor,)
+
+
+class _CountingGuard:
+    def __init__(self, guard: Any, failed: list[int]) -> None:
+        self.guard, self.failed = guard, failed
+
+    def check(self, arguments: dict[str, Any]) -> bool:
+        passed = self.guard.check(arguments)
+        self.failed[0] += not passed
+        return passed
+
+
+def test_the_variant_used_last_is_checked_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two compiled variants (a branch on `halve`): a step's chunks all run one of them, so only
+    # its first call may try the other first (a failed check costs a whole guard check).
+    monkeypatch.setattr(_cpu_fused, "_compiled", {})
+    params = [torch.ones(3) for _ in range(6)]  # 3 chunks of 2
+    grads = [torch.zeros(3) for _ in params]
+    plans: dict = {}
+
+    def step(halve: bool) -> None:
+        scalars = {"factor": 1.0, "halve": halve}
+        update = _halved_or_scaled
+        assert (
+            _cpu_fused.fused_update("test", update, params, grads, [], scalars, False, plans) == []
+        )
+
+    step(True)
+    step(False)  # both variants compiled: the False one was used last
+    (chunk_step,) = _cpu_fused._compiled.values()
+    failed = [0]
+    chunk_step.direct = [(_CountingGuard(g, failed), graph) for g, graph in chunk_step.direct]
+    step(True)
+    assert failed[0] == 1  # the first chunk only; the other two find the True variant first
+    assert all(torch.equal(p, torch.full((3,), 0.25)) for p in params)
+
+
 def test_members_share_a_compiled_call_only_with_the_same_scalars_signed_zeros_included() -> None:
     # 0.0 == -0.0, but param * -0.0 is -0: a member is never run with another's scalars that
     # merely compare equal (the key is the one the torch path batches by, _scalars.scalars_key).

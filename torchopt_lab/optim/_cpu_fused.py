@@ -280,9 +280,14 @@ class _ChunkStep:
         scalars as float64 tensors."""
         call = None
         try:
-            for guard, graph in self.direct:
+            for index, (guard, graph) in enumerate(self.direct):
                 if guard.check(arguments):
                     call = graph.compiled, graph.arguments(arguments, tensors)
+                    if index:
+                        # The variant used last is tried first, as Dynamo orders its cache: a
+                        # failed check costs as much as a passing one, and the chunks of one
+                        # step (or param group) run one variant.
+                        self.direct.insert(0, self.direct.pop(index))
                     break
         except Exception as error:  # the direct call's own machinery failed
             self._turn_off(f"{type(error).__name__}: {error}")
