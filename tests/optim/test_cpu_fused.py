@@ -441,7 +441,7 @@ def test_plans_keep_flat_views_across_steps_but_never_past_a_change_of_memory() 
     # resized or been restrided: p.data = ..., set_, resize_, a new state tensor.
     params = [torch.zeros(3, 2, requires_grad=True), torch.zeros(2, 2, requires_grad=True)]
     states = [[torch.zeros(3, 2), torch.zeros(2, 2)]]
-    plan = _cpu_fused._Plan([*params, *states[0]], 2)
+    plan = _cpu_fused._Plan([*params, *states[0]], 2, (False,))
     assert plan.fits([*params, *states[0]])
     assert plan.flats[0].data_ptr() == params[0].data_ptr() and plan.flats[0].shape == (6,)
     changes = [
@@ -451,7 +451,7 @@ def test_plans_keep_flat_views_across_steps_but_never_past_a_change_of_memory() 
         lambda: states[0].__setitem__(1, torch.zeros(2, 2)),  # another object
     ]
     for change in changes:
-        plan = _cpu_fused._Plan([*params, *states[0]], 2)
+        plan = _cpu_fused._Plan([*params, *states[0]], 2, (False,))
         change()
         assert not plan.fits([*params, *states[0]])
     assert plan.left == [1]  # params[1] is not contiguous now: the torch update takes it

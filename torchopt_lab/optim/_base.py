@@ -775,21 +775,19 @@ class TorchoptOptimizer(DeclaredOptimizer):
         # update of a small one).
         params.extend([p for p in group["params"] if p.grad is not None])
         grads.extend([p.grad for p in params])
-        if sparse is not None and any(grad.is_sparse for grad in grads):
-            # As torch.optim: the parameters before the first sparse gradient get their state.
-            first = next(index for index, grad in enumerate(grads) if grad.is_sparse)
-            if not stateless:
-                for p in params[:first]:
-                    state = all_state[p]
-                    if len(state) == 0:
-                        self._create_state(state, p, group)
+        # As torch.optim: the parameters before the first sparse gradient get their state, then
+        # it raises.
+        refused = None
+        if sparse is not None:
+            refused = next((index for index, grad in enumerate(grads) if grad.is_sparse), None)
+        states = [] if stateless else [all_state[p] for p in params[:refused]]
+        for p, state in zip(params, states, strict=False):  # states stop at a refused one
+            if len(state) == 0:
+                self._create_state(state, p, group)
+        if refused is not None:
             raise RuntimeError(sparse.format(name=type(self).__name__))
         if stateless:
             return tensors
-        states = [all_state[p] for p in params]
-        for p, state in zip(params, states, strict=True):
-            if len(state) == 0:
-                self._create_state(state, p, group)
         for name, values in kept:
             values.extend([state.get(name) for state in states])
         if steps is not None:

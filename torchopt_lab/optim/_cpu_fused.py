@@ -390,13 +390,20 @@ class _Plan:
     address, with another number of elements or no longer contiguous (``p.data = ...``,
     ``set_``, ``resize_``), all that a flat view depends on."""
 
-    __slots__ = ("flats", "kept", "left", "marks", "parallel", "serial")
+    __slots__ = ("columns", "flats", "kept", "left", "marks", "parallel", "serial")
 
-    def __init__(self, kept: list[Tensor], count: int) -> None:
+    def __init__(self, kept: list[Tensor], count: int, absent: tuple[bool, ...]) -> None:
         self.kept = kept
         self.marks = _marks(kept)
         contiguous = self.marks[2]
         self.flats = [_flat(t) if flat else t for t, flat in zip(kept, contiguous, strict=True)]
+        # The flat views of each state of the update (``kept`` holds the parameters, then each
+        # state present), None for a state absent from the group.
+        self.columns: list[list[Tensor] | None] = []
+        start = count
+        for gone in absent:
+            self.columns.append(None if gone else self.flats[start : start + count])
+            start += 0 if gone else count
         # Members with a tensor the compiled loops cannot read as flat memory.
         left = {index % count for index, flat in enumerate(contiguous) if not flat}
         self.left = sorted(left)
@@ -484,9 +491,11 @@ def fused_update(
     if not count:
         return []
     dtype = params[0].dtype
+    # The dtype the compiled loops see (a complex parameter as its real view).
+    real = dtype.to_real() if dtype.is_complex else dtype
     why = _unsupported_dtype(dtype)
     if why is None:
-        why = _failed.get((update, dtype.to_real() if dtype.is_complex else dtype))
+        why = _failed.get((update, real))
     if why is not None:
         _backend.record(component, "fused", "torch", params[0].device, why)
         return list(range(count))
@@ -506,7 +515,7 @@ def fused_update(
     key = (update, maximize, absent, id(params[0]))
     plan = None if plans is None else plans.get(key)
     if plan is None or not plan.fits(kept):
-        plan = _Plan(kept, count)
+        plan = _Plan(kept, count, absent)
         if plans is not None:
             if key not in plans and len(plans) >= _PLANS:
                 plans.clear()  # plans of lists no longer stepped (their tensors are held)
@@ -543,16 +552,8 @@ def fused_update(
             kinds.setdefault((parallel, scalar_key), []).append(i)
     if not kinds:
         return left
-    flats, width = plan.flats, len(states)
-    columns = []
-    offset = count
-    for gone in absent:
-        if gone:
-            columns.append(None)
-        else:
-            columns.append(flats[offset : offset + count])
-            offset += count
-    pads = _scratch_tensors(dtype.to_real() if dtype.is_complex else dtype, 2 + width)
+    flats, columns = plan.flats, plan.columns
+    pads = _scratch_tensors(real, 2 + len(states))
     # The float scalars as the compiled graphs take them (float64 tensors), once per scalars dict.
     as_tensors: dict[int, dict[str, Tensor]] = {}
     calls = [
@@ -590,7 +591,7 @@ def fused_update(
             step(dict(zip(step.names, arguments, strict=True)), tensors)
         except Exception as error:  # Inductor failed: the torch update runs instead
             why = f"Inductor could not compile the rule's update: {type(error).__name__}: {error}"
-            _failed[(update, dtype.to_real() if dtype.is_complex else dtype)] = why
+            _failed[(update, real)] = why
             _backend.record(component, "fused", "torch", torch.device("cpu"), why)
             warnings.warn(
                 f"{component}: fused=True runs the rule's torch update: {why}", stacklevel=4
