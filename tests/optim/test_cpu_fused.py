@@ -553,19 +553,28 @@ def test_builtin_fused_cpu_step_compiled_matches_its_torch_path(
 
 @pytest.mark.parametrize("parallel_numel", [32768, 1], ids=["serial", "parallel"])
 @pytest.mark.parametrize("name", ["Adam", "Adagrad"])
+@pytest.mark.parametrize("count_dtype", [torch.float32, torch.float64])
 def test_builtin_fused_cpu_step_counts_each_parameters_own_steps(
-    name: str, parallel_numel: int, monkeypatch: pytest.MonkeyPatch
+    name: str, parallel_numel: int, count_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Parameters skipped on some steps (no gradient) stand at other counts: each is updated with
     # the scalars of its own count and its count is incremented (in the compiled call for
-    # serial chunks, on the host after a parallel one), as on the torch path; a chunk never mixes
-    # counts.
+    # serial chunks of float32 counts, on the host otherwise), as on the torch path; a chunk never
+    # mixes counts. torch.optim's counts are float64 under a float64 default dtype: a compiled
+    # call's add to a float64 0-dim input is dropped by Dynamo, and they stayed at 0.
     monkeypatch.setattr(_cpu_fused, "TORCH_KERNELS", False)
     monkeypatch.setattr(_cpu_fused, "PARALLEL_NUMEL", parallel_numel)
     cls = REGISTRY[name]
     real = [shape for shape in SHAPES if not shape[1].is_complex]
-    fused, plain, fused_opt, plain_opt = _pair(cls, real, weight_decay=0.1)
-    for seed in range(5):
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(count_dtype)
+    try:
+        fused, plain, fused_opt, plain_opt = _pair(cls, real, weight_decay=0.1)
+        _step_both(fused, plain, fused_opt, plain_opt, 0)  # the counts are made on a first step
+    finally:
+        torch.set_default_dtype(default)
+    assert {fused_opt.state[p]["step"].dtype for p in fused} == {count_dtype}
+    for seed in range(1, 5):
         _step_both(fused, plain, fused_opt, plain_opt, seed)
         if seed % 2:  # the next step leaves out every other parameter
             for a, b in list(zip(fused, plain, strict=True))[::2]:
@@ -746,3 +755,180 @@ def test_wrapper_subclass_parameters_take_the_torch_update_and_plain_subclasses_
             "test.tagged", _scaled, tagged, [torch.zeros(3)], [], {"factor": 2.0}, False
         )
     assert left == [] and torch.equal(tagged[0].detach(), torch.full((3,), 2.0))
+
+
+# --- the memo: a chunk called again skips Dynamo's guards (_cpu_fused._Memo) ------------------
+
+
+class _Guards:
+    """Counts the guard checks of every compiled chunk step."""
+
+    def __init__(self) -> None:
+        self.checks = 0
+
+    def wrap(self) -> None:
+        for step in _cpu_fused._compiled.values():
+            step.direct = [
+                (guard if isinstance(guard, _Counted) else _Counted(guard, self), graph)
+                for guard, graph in step.direct
+            ]
+
+
+class _Counted:
+    def __init__(self, guard: Any, guards: _Guards) -> None:
+        self.guard, self.guards = guard, guards
+
+    def check(self, arguments: dict[str, Any]) -> bool:
+        self.guards.checks += 1
+        return self.guard.check(arguments)
+
+
+def test_a_chunk_called_again_skips_the_guards_and_runs_what_they_would_have_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The same steps with the memo on and off: bitwise the same (the same compiled loops), the
+    # torch path's to the stated tolerance, and with the memo on, no guard check after the first
+    # step (every chunk unchanged but its gradients' values and the step's scalars).
+    monkeypatch.setattr(_cpu_fused, "TORCH_KERNELS", False)
+    monkeypatch.setattr(_cpu_fused, "PARALLEL_NUMEL", 20)  # the matrix in a parallel chunk
+    cls = REGISTRY["Adam"]
+    real = [shape for shape in SHAPES if not shape[1].is_complex]
+    fused, plain, fused_opt, plain_opt = _pair(cls, real, weight_decay=0.1)
+    unmemoised = [p.detach().clone().requires_grad_() for p in fused]
+    unmemoised_opt = cls(unmemoised, weight_decay=0.1, fused=True)
+    guards = _Guards()
+    for seed in range(STEPS):
+        _step_both(fused, plain, fused_opt, plain_opt, seed)
+        for a, b in zip(fused, unmemoised, strict=True):
+            b.grad = a.grad.clone()
+        monkeypatch.setattr(_cpu_fused, "MEMO", False)
+        unmemoised_opt.step()
+        monkeypatch.setattr(_cpu_fused, "MEMO", True)
+        _assert_same_builtin_run(fused, plain, fused_opt, plain_opt)
+        for a, b in zip(fused, unmemoised, strict=True):
+            assert torch.equal(a, b)
+            for key, value in fused_opt.state[a].items():
+                assert torch.equal(value, unmemoised_opt.state[b][key]), key
+        if seed == 0:
+            guards.wrap()
+            checks = guards.checks
+    assert guards.checks > checks  # the unmemoised optimizer's calls check guards
+    memoised = guards.checks
+    for seed in range(2):
+        _step_both(fused, plain, fused_opt, plain_opt, STEPS + seed)
+    assert guards.checks == memoised  # the memoised one's do not
+
+
+def _adam_pair(**options: Any) -> tuple[list, list, Any, Any]:
+    real = [shape for shape in SHAPES if not shape[1].is_complex]
+    return _pair(REGISTRY["Adam"], real, **options)
+
+
+def _replace_steps(fused_opt: Any, plain_opt: Any) -> None:
+    # New step tensors (the compiled serial loops count them in place): the memo checks the
+    # tensors it was made with are the ones given.
+    for optimizer in (fused_opt, plain_opt):
+        for state in optimizer.state.values():
+            state["step"] = torch.tensor(state["step"].item() + 5)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        # beta1: a float the compiled loops hold as a constant (Dynamo specialised on it).
+        lambda fused, plain, fo, po: [
+            o.param_groups[0].update(betas=(0.8, 0.99)) for o in (fo, po)
+        ],
+        # weight_decay: an int 0 the update branches on, then a float.
+        lambda fused, plain, fo, po: [o.param_groups[0].update(weight_decay=0.3) for o in (fo, po)],
+        lambda fused, plain, fo, po: _replace_steps(fo, po),
+    ],
+    ids=["specialised_float", "branch", "step_tensors"],
+)
+def test_the_memo_sends_a_chunk_through_the_guards_when_anything_they_check_changed(
+    change: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each change fails the memoised variant's guards: the result is the torch path's, which a
+    # call of the memoised variant (the old constant, branch, count dtype or memory) is not.
+    monkeypatch.setattr(_cpu_fused, "TORCH_KERNELS", False)
+    fused, plain, fused_opt, plain_opt = _adam_pair(weight_decay=0)
+    for seed in range(3):
+        _step_both(fused, plain, fused_opt, plain_opt, seed)
+    guards = _Guards()
+    guards.wrap()
+    generator = torch.Generator().manual_seed(7)
+    for a, b in zip(fused, plain, strict=True):
+        grad = torch.randn(a.shape, dtype=a.dtype, generator=generator)
+        a.grad, b.grad = grad.clone(), grad.clone()
+    change(fused, plain, fused_opt, plain_opt)
+    fused_opt.step()
+    plain_opt.step()
+    assert guards.checks > 0
+    _assert_same_builtin_run(fused, plain, fused_opt, plain_opt)
+
+
+def test_the_memo_sees_the_global_state_dynamos_guards_check() -> None:
+    class Passthrough(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    outside = _cpu_fused._ambient()
+    with Passthrough():
+        assert _cpu_fused._ambient() != outside
+    with torch.no_grad():
+        assert _cpu_fused._ambient() != outside
+    with torch.autocast("cpu"):
+        assert _cpu_fused._ambient() != outside
+    assert _cpu_fused._ambient() == outside
+
+
+_OFFSET = 1.0
+
+
+def _offset(param: torch.Tensor, grad: torch.Tensor, *, factor: float) -> tuple[torch.Tensor]:
+    return (param * factor + _OFFSET,)  # reads a global: only Dynamo's guards follow it
+
+
+def test_a_users_update_is_never_memoised_so_the_globals_it_reads_are_followed() -> None:
+    # A rule of one's own may read a global that changes between steps: Dynamo's guards see the
+    # change (and compile again), a memo would run the old constant. Updates of this package only
+    # read modules and functions (_cpu_fused._own).
+    params = [torch.zeros(3) for _ in range(4)]
+    grads = [torch.zeros(3) for _ in params]
+    plans: dict = {}
+
+    def step() -> None:
+        assert (
+            _cpu_fused.fused_update("t", _offset, params, grads, [], {"factor": 1.0}, False, plans)
+            == []
+        )
+
+    step()
+    step()
+    globals()["_OFFSET"] = 10.0
+    try:
+        step()
+    finally:
+        globals()["_OFFSET"] = 1.0
+    assert all(torch.equal(p, torch.full((3,), 12.0)) for p in params)
+    assert not any(plan.memos for plan in plans.values())
+
+
+@pytest.mark.parametrize("name", ["NAdam", "Adam"])
+def test_a_gradient_with_the_negative_bit_is_read_as_its_value(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch._neg_view(-g) is g, held as -g in memory with the negative bit set: the compiled
+    # loops read memory, so the gradient is resolved first (it ran the update with -g before).
+    monkeypatch.setattr(_cpu_fused, "TORCH_KERNELS", False)
+    cls = REGISTRY[name]
+    real = [shape for shape in SHAPES if not shape[1].is_complex]
+    fused, plain, fused_opt, plain_opt = _pair(cls, real)
+    for seed in range(3):
+        generator = torch.Generator().manual_seed(seed)
+        for a, b in zip(fused, plain, strict=True):
+            grad = torch.randn(a.shape, dtype=a.dtype, generator=generator)
+            a.grad, b.grad = torch._neg_view(grad.neg()), grad
+        fused_opt.step()
+        plain_opt.step()
+        _assert_same_builtin_run(fused, plain, fused_opt, plain_opt)
