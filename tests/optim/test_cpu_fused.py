@@ -922,3 +922,29 @@ def test_a_gradient_with_the_negative_bit_is_read_as_its_value(
         fused_opt.step()
         plain_opt.step()
         _assert_same_builtin_run(fused, plain, fused_opt, plain_opt)
+
+
+def test_a_memoised_call_that_fails_goes_through_the_guards_from_then_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The raw call's own machinery failing (as a gradient whose memory cannot be read fails it,
+    # before the loops run): that call and every later one check the guards, results unchanged.
+    monkeypatch.setattr(_cpu_fused, "TORCH_KERNELS", False)
+    fused, plain, fused_opt, plain_opt = _adam_pair(weight_decay=0.1)
+    for seed in range(2):
+        _step_both(fused, plain, fused_opt, plain_opt, seed)
+    plans = fused_opt.__dict__["_cpu_fused_plans"]
+    memos = [memo for plan in plans.values() for memo in plan.memos.values()]
+    assert memos
+
+    def unreadable(args: list) -> None:
+        raise RuntimeError("cannot access data pointer")
+
+    for memo in memos:
+        monkeypatch.setattr(memo.graph, "raw", (unreadable, memo.graph.raw[1]))
+    guards = _Guards(monkeypatch)
+    for seed in range(2, 4):
+        _step_both(fused, plain, fused_opt, plain_opt, seed)
+        _assert_same_builtin_run(fused, plain, fused_opt, plain_opt)
+    assert guards.checks >= 2 * len(memos)
+    assert all(memo.graph.raw is None for memo in memos)

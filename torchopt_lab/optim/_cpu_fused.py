@@ -445,8 +445,8 @@ def _scalar_shape(scalars: Mapping[str, Any], floats: frozenset[str]) -> tuple[A
     )
 
 
-_dispatch_keys = torch._C._dispatch_keys
-_dtype = operator.attrgetter("dtype")
+# What of a gradient the memo compares (with its type and size): dtype and device.
+_meta = operator.attrgetter("dtype", "is_cpu")
 
 
 class _Memo:
@@ -455,18 +455,19 @@ class _Memo:
     again (about 2.5 us a parameter: a fifth of a large step's host time) nor AOTAutograd's
     runtime wrapper (``_Graph.raw``).
 
-    The guards check the tensors' types, dispatch keys (layout, device, conjugate and negative
-    bits, autograd, subclasses), dtypes, dimensions, strides and the relations of their sizes;
-    the scalars the update branches on; the update itself and the globals it reads; and the
-    global state. Here: the parameters and state are the plan's own flat views (unchanged while
-    the plan fits) and the scratch pads; the step counts must be the same tensors; each gradient
-    (a new tensor every step, already flat and contiguous) must be a plain tensor with the same
-    dispatch keys, dtype and size; the scalars the same by :func:`_scalar_shape`; the global state
-    the same by :func:`_ambient`. The update must be one of this package's (:func:`_own`): its
-    globals are modules and functions, while a rule of a user's own may read a global that
-    changes, which only Dynamo's guards see."""
+    The guards check the tensors' types, dispatch keys, dtypes, devices, dimensions, strides and
+    the relations of their sizes; the scalars the update branches on; the update itself and the
+    globals it reads; and the global state. Here: the parameters and state are the plan's own
+    flat views (unchanged while the plan fits) and the scratch pads; the step counts must be the
+    same tensors; each gradient (a new tensor every step, made flat and contiguous, a negative
+    bit resolved, by :func:`_flat_grads`) must be a plain tensor (no subclass) on the CPU with the
+    same dtype and size, all that the compiled loops read of it (one whose memory cannot be read,
+    a functorch wrapper's, fails the call, which then goes through the guards); the scalars the
+    same by :func:`_scalar_shape`, the global state by :func:`_ambient`. The update must be one of
+    this package's (:func:`_own`): its globals are modules and functions, while a rule of a
+    user's own may read a global that changes, which only Dynamo's guards see."""
 
-    __slots__ = ("ambient", "chunk", "dtypes", "graph", "keys", "numels", "shape", "steps")
+    __slots__ = ("ambient", "chunk", "graph", "metas", "numels", "shape", "steps")
 
     def __init__(
         self,
@@ -480,8 +481,7 @@ class _Memo:
         self.graph, self.chunk, self.steps = graph, chunk, steps
         self.shape, self.ambient = shape, ambient
         self.numels = list(map(Tensor.numel, grads))
-        self.dtypes = list(map(_dtype, grads))
-        self.keys = list(map(_dispatch_keys, grads))
+        self.metas = list(map(_meta, grads))
 
     def fits(
         self,
@@ -497,8 +497,7 @@ class _Memo:
             and ambient == self.ambient
             and all(type(grad) is Tensor for grad in grads)
             and list(map(Tensor.numel, grads)) == self.numels
-            and list(map(_dtype, grads)) == self.dtypes
-            and list(map(_dispatch_keys, grads)) == self.keys
+            and list(map(_meta, grads)) == self.metas
             and (
                 self.steps is None
                 if steps is None
