@@ -11,8 +11,11 @@ its frame evaluation (:class:`_ChunkStep`): the variant's guards are checked by 
 guard manager (its guards on sizes compiled to C++) and its graph is called with the arguments
 in order. Each optimizer keeps a :class:`_Plan` per list of parameters it steps: the flat views
 of the parameters and state and the chunks' layout, checked each step (same tensors, addresses,
-sizes, contiguity) and rebuilt when any changed, so a step flattens only the gradients. The
-built-ins' step counts are incremented inside the compiled call. Host time per step, measured
+sizes, contiguity) and rebuilt when any changed, so a step flattens only the gradients. A chunk
+called again with nothing its variant depends on changed (:class:`_Memo`, kept in the plan)
+skips even the guard check and AOTAutograd's runtime wrapper: Inductor's compiled module is
+called with the inputs it writes bumped, about 45 us less a call. The built-ins' float32 step
+counts are incremented inside the compiled serial call. Host time per step, measured
 (2026-12-03, 1 thread, Adam's update over 204 tensors of 360 elements): 5.3 ms through Dynamo,
 about 1.1-1.5 ms called directly, torch's fused Adam 0.8 ms; Inductor's per-call size asserts
 (off here: the guards have checked the sizes) took a third of a call. Over 2000 small tensors
