@@ -403,3 +403,29 @@ def test_float32_state_survives_a_checkpoint() -> None:
     assert second.state[resumed]["exp_avg"].dtype == torch.float32
     run(resumed, second, grads[3:])
     torch.testing.assert_close(resumed, straight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "NAdam"])
+def test_a_negative_bit_gradient_takes_the_torch_path_or_triton_refuses(monkeypatch, name) -> None:
+    # torch._neg_view(-g) is g held as -g in memory with the negative bit set: the kernels read
+    # memory, so they ran the update with -g (built-ins and rule kernels alike) before.
+    from torchopt_lab.optim.rules import REGISTRY
+
+    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    cls = REGISTRY[name]
+    torch.manual_seed(0)
+    value, grad = torch.randn(3, 4), torch.randn(3, 4)
+    mine, theirs = torch.nn.Parameter(value.clone()), torch.nn.Parameter(value.clone())
+    ours_opt, their_opt = cls([mine], lr=0.1), cls([theirs], lr=0.1, backend="torch")
+    mine.grad, theirs.grad = torch._neg_view(grad.neg()), grad
+    ours_opt.step()
+    component = f"optim.{name}" + (
+        "" if name == "NAdam" else " (tensors the kernels cannot update)"
+    )
+    decision = backend.backend_info()["decisions"][component]
+    assert decision["backend"] == "torch" and "negative bit" in decision["reason"]
+    their_opt.step()
+    _close(mine, theirs)
+    strict = cls([mine], lr=0.1, backend="triton")
+    with pytest.raises(RuntimeError, match="negative bit"):
+        strict.step()

@@ -195,6 +195,13 @@ def _as_float_step(step: Any) -> Tensor:
     return new_step().fill_(float(step))
 
 
+# Why a tensor with the negative bit set (``torch._neg_view``, a lazy negation) leaves the kernels.
+_NEGATIVE_BIT = (
+    "a parameter or gradient has the negative bit set (a lazy negation: its memory holds minus "
+    "its value), and the kernels read memory"
+)
+
+
 def _memory_key(param: Tensor) -> tuple[Any, ...]:
     """What identifies the memory a parameter updates: its storage (views of one storage may
     overlap), or the tensor itself when it holds no elements."""
@@ -1117,6 +1124,8 @@ class TorchoptOptimizer(DeclaredOptimizer):
                 g.shape == p.shape and g.dtype == p.dtype
                 for p, g in zip(params, grads, strict=True)
             )
+            and not any(map(Tensor.is_neg, params))
+            and not any(map(Tensor.is_neg, grads))
         ):
             return {"triton": list(range(len(params)))}  # the usual case, checked in bulk
         eligible: dict[str, list[int]] = {"triton": [], "torch": []}
@@ -1134,6 +1143,8 @@ class TorchoptOptimizer(DeclaredOptimizer):
                         "kernels read both at the same offsets"
                     ),
                 )
+            elif ok and (param.is_neg() or grad.is_neg()):
+                ok, why = False, _NEGATIVE_BIT
             elif ok and id(param) in shared:
                 ok, why = (
                     False,

@@ -70,6 +70,7 @@ from torch.optim.optimizer import _get_capturable_supported_devices as _capturab
 from torchopt_lab import backend as _backend
 from torchopt_lab.optim import _cpu_fused
 from torchopt_lab.optim._base import (
+    _NEGATIVE_BIT,
     DeclaredOptimizer,
     TorchoptOptimizer,
     set_engine_options,
@@ -756,6 +757,8 @@ class RuleOptimizer(DeclaredOptimizer):
             for t in (p, p.grad, *(state[name] for name in self.rule.tensor_state))
         ):
             why = "a parameter, gradient or state tensor is not contiguous"
+        elif any(p.is_neg() or p.grad.is_neg() for p, _, _ in members):
+            why = _NEGATIVE_BIT
         if why is None:
             return members
         if self.backend == "triton":
