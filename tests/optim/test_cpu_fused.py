@@ -948,3 +948,18 @@ def test_a_memoised_call_that_fails_goes_through_the_guards_from_then_on(
         _assert_same_builtin_run(fused, plain, fused_opt, plain_opt)
     assert guards.checks >= 2 * len(memos)
     assert all(memo.graph.raw is None for memo in memos)
+
+
+def test_the_memos_scalar_shape_keeps_what_guards_read_and_refuses_what_it_cannot_compare() -> None:
+    shape = _cpu_fused._scalar_shape
+    floats = frozenset({"lr"})
+    # A float the variant takes as a tensor: only whether it is NaN.
+    assert shape({"lr": 0.1}, floats) == shape({"lr": 0.2}, floats)
+    assert shape({"lr": 0.1}, floats) != shape({"lr": float("nan")}, floats)
+    # A float held as a constant (specialised): its value, signed zeros apart, ints apart.
+    assert shape({"beta": 0.9}, floats) != shape({"beta": 0.8}, floats)
+    assert shape({"beta": 0.0}, floats) != shape({"beta": -0.0}, floats)
+    assert shape({"beta": 0}, floats) != shape({"beta": 0.0}, floats)
+    assert shape({"flag": True}, floats) != shape({"flag": False}, floats)
+    # A tensor scalar: guards read more than its value, so no memo.
+    assert shape({"lr": torch.tensor(0.1)}, floats) is None

@@ -435,17 +435,27 @@ def _autocast_cpu() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-def _scalar_shape(scalars: Mapping[str, Any], floats: frozenset[str]) -> tuple[Any, ...]:
+def _scalar_shape(scalars: Mapping[str, Any], floats: frozenset[str]) -> tuple[Any, ...] | None:
     """What of a step's scalars a compiled variant's guards can depend on: every scalar's type
     and value (signed zeros apart), except the floats the variant takes as tensor inputs, whose
     guards only ask whether they are NaN (Dynamo's guards on the values it specialised on, and
-    on ints and bools, are on values)."""
-    return tuple(
-        (key, type(value), math.isnan(value))
-        if key in floats
-        else (key, type(value), value, math.copysign(1.0, value) if type(value) is float else 0)
-        for key, value in scalars.items()
-    )
+    on ints and bools, are on values); None where a scalar is not a number, bool, string or
+    None (a tensor's guards are on more than its value): such steps always check the guards."""
+    shape = []
+    for key, value in scalars.items():
+        kind = type(value)
+        if key in floats and kind is float:
+            shape.append((key, kind, math.isnan(value)))
+        elif kind is float:
+            shape.append((key, kind, value, math.copysign(1.0, value)))
+        elif kind in _PLAIN_SCALARS:
+            shape.append((key, kind, value))
+        else:
+            return None
+    return tuple(shape)
+
+
+_PLAIN_SCALARS = frozenset({int, bool, str, type(None)})
 
 
 # What of a gradient the memo compares (with its type and size): dtype and device.
@@ -811,7 +821,7 @@ def fused_update(
                 shape = shapes.get(key)
                 if shape is None:
                     shape = shapes[key] = _scalar_shape(step_scalars, raw[1])
-                if memo.fits(chunk, grads_in, steps_in, shape, ambient):
+                if shape is not None and memo.fits(chunk, grads_in, steps_in, shape, ambient):
                     try:
                         raw[0](memo.graph.arguments(local, tensors))
                         continue
@@ -821,9 +831,10 @@ def fused_update(
             graph = step(local, tensors)
             if memos is not None and graph is not None and graph.raw is not None:
                 shape = _scalar_shape(step_scalars, graph.raw[1])
-                memos[(parallel, chunk[0])] = _Memo(
-                    graph, chunk, grads_in, steps_in, shape, ambient
-                )
+                if shape is not None:
+                    memos[(parallel, chunk[0])] = _Memo(
+                        graph, chunk, grads_in, steps_in, shape, ambient
+                    )
         except Exception as error:  # Inductor failed: the torch update runs instead
             why = f"Inductor could not compile the rule's update: {type(error).__name__}: {error}"
             _failed[(update, real)] = why
