@@ -428,6 +428,17 @@ def _ambient() -> tuple[Any, ...]:
     )
 
 
+# Whether this torch shows all of :func:`_ambient` (else no memo: every call checks the guards).
+_AMBIENT_SHOWN = all(
+    hasattr(torch._C, name)
+    for name in (
+        "_is_torch_function_enabled",
+        "_len_torch_function_stack",
+        "_len_torch_dispatch_stack",
+    )
+)
+
+
 def _autocast_cpu() -> bool:
     try:
         return torch.is_autocast_enabled("cpu")
@@ -779,7 +790,7 @@ def fused_update(
     # counts are added on the host, as a parallel call's are.
     in_loops = steps is not None and all(step.dtype is torch.float32 for step in steps)
     # Chunks unchanged since their last call skip Dynamo's guards (:class:`_Memo`).
-    memos = plan.memos if MEMO and plans is not None and _own(update) else None
+    memos = plan.memos if MEMO and _AMBIENT_SHOWN and plans is not None and _own(update) else None
     ambient = _ambient() if memos is not None else ()
     shapes: dict[tuple[int, int], tuple[Any, ...]] = {}
     for done, (parallel, chunk) in enumerate(calls):
