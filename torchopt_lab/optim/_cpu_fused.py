@@ -476,8 +476,9 @@ _meta = operator.attrgetter("dtype", "is_cpu")
 class _Memo:
     """What one chunk's call passed Dynamo's guards with, so that the next step's call of the same
     chunk, with all of it unchanged, runs the same compiled variant without checking the guards
-    again (about 2.5 us a parameter: a fifth of a large step's host time) nor AOTAutograd's
-    runtime wrapper (``_Graph.raw``).
+    again nor going through AOTAutograd's runtime wrapper (``_Graph.raw``): measured, 37 us and
+    11 us of a call of 16 parameters with two states (the guard check covers some 80 tensors),
+    against the memo's own 4 us.
 
     The guards check the tensors' types, dispatch keys, dtypes, devices, dimensions, strides and
     the relations of their sizes; the scalars the update branches on; the update itself and the
