@@ -963,3 +963,20 @@ def test_the_memos_scalar_shape_keeps_what_guards_read_and_refuses_what_it_canno
     assert shape({"flag": True}, floats) != shape({"flag": False}, floats)
     # A tensor scalar: guards read more than its value, so no memo.
     assert shape({"lr": torch.tensor(0.1)}, floats) is None
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [[torch.float32] * 3, [torch.float64] * 3, [torch.float32, torch.float64, torch.float32]],
+    ids=["float32", "float64", "mixed"],
+)
+def test_increment_adds_one_to_each_count_in_its_own_dtype(dtypes: list[torch.dtype]) -> None:
+    from torchopt_lab.optim._scalars import increment
+
+    counts = [torch.tensor(float(i), dtype=dtype) for i, dtype in enumerate(dtypes)]
+    versions = [count._version for count in counts]
+    increment(counts)
+    assert [count.item() for count in counts] == [1.0, 2.0, 3.0]
+    assert [count.dtype for count in counts] == dtypes
+    assert all(count._version > version for count, version in zip(counts, versions, strict=True))
+    increment([])

@@ -64,7 +64,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from torchopt_lab import backend as _backend
-from torchopt_lab.optim._scalars import as_number, scalars_key
+from torchopt_lab.optim._scalars import as_number, increment, scalars_key
 
 __all__ = [
     "CHUNK",
@@ -882,8 +882,7 @@ def _count(steps: list[Tensor] | None, calls: list[tuple[bool, list[int]]], in_l
     loops did not count (the parallel calls', or every call's without ``in_loops``)."""
     if steps is not None:
         counts = [steps[i] for parallel, chunk in calls if parallel or not in_loops for i in chunk]
-        if counts:
-            torch._foreach_add_(counts, 1)
+        increment(counts)
 
 
 def check_flags(fused: bool | None, hyperparameters: dict[str, Any]) -> None:

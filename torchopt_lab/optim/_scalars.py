@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["as_number", "scalar_value", "scalars_key"]
+__all__ = ["as_number", "increment", "scalar_value", "scalars_key"]
 
 
 def as_number(value: Any) -> Any:
@@ -50,3 +50,28 @@ def scalars_key(scalars: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 _PLAIN_SCALARS = frozenset((bool, int, float, type(None)))
+
+
+# (device, dtype) -> a 0-dim one, read by :func:`increment`.
+_ONES: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def increment(counts: list[Tensor]) -> None:
+    """Add 1 to each of ``counts`` (step counts, 0-dim) in place, as ``torch._foreach_add_(counts,
+    1)`` does: with a list of one 0-dim tensor of their device and dtype, which on the CPU costs
+    a quarter of the Python number's (the per-tensor loop there wraps the number in a new tensor
+    for each count: 32 against 133 us for 66 counts, measured). Counts of mixed devices or dtypes,
+    and a trace, take the number."""
+    if not counts:
+        return
+    first = counts[0]
+    key = (first.device, first.dtype)
+    if torch.compiler.is_compiling() or any(
+        count.dtype != key[1] or count.device != key[0] for count in counts
+    ):
+        torch._foreach_add_(counts, 1)
+        return
+    one = _ONES.get(key)
+    if one is None:
+        one = _ONES[key] = torch.ones((), device=key[0], dtype=key[1])
+    torch._foreach_add_(counts, [one] * len(counts))

@@ -78,7 +78,7 @@ from torchopt_lab.optim._base import (
 )
 from torchopt_lab.optim._fused import KernelSpec
 from torchopt_lab.optim._lifted import NotLiftable, TensorList, copy_into
-from torchopt_lab.optim._scalars import as_number, scalar_value, scalars_key
+from torchopt_lab.optim._scalars import as_number, increment, scalar_value, scalars_key
 from torchopt_lab.optim.clip import _clip_coefficient, _total_norm
 
 try:  # Triton is optional (Linux only): without it, rules run their torch update.
@@ -613,8 +613,8 @@ class RuleOptimizer(DeclaredOptimizer):
             counted.append((p, state))
         if counted and rule.step_state:
             # One foreach add for the group's counts (a tensor op per count costs more than the
-            # update of a small parameter), with one wrapped 1 rather than one per count.
-            torch._foreach_add_([state["step"] for _, state in counted], torch.tensor(1.0))
+            # update of a small parameter).
+            increment([state["step"] for _, state in counted])
         for p, state in counted:
             step = scalar_value(state["step"]) if rule.step_state else None
             if rule.scalar_state:
@@ -665,7 +665,7 @@ class RuleOptimizer(DeclaredOptimizer):
             step = None
             if rule.step_state:
                 steps = [state["step"] for state, _ in batch]
-                torch._foreach_add_(steps, 1)
+                increment(steps)
                 step = scalar_value(torch.stack(steps))
             steps_shape = (len(batch),)
             scalar_state = {
