@@ -91,11 +91,12 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: The built-in optimizers whose torch counterpart has a fused CPU kernel (SGD and Momentum,
 #: Adagrad, Adam, AdamW) run torch's kernel for ``fused=True`` on CPU tensors while this is True
 #: (the default); False compiles their rule's ``update`` like every rule optimizer's. RMSprop
-#: (``fused`` an attribute: torch's has none) always compiles its ``update``. Measured in one run
-#: (2026-12-03 18:20 UTC, 2 threads, a noisy machine; bench-cpu-fused "declared" rows,
-#: docs/benchmarks.md): the built-ins' compiled declaration / torch fused 1.19-1.41 on the
-#: transformer set, 1.6-2.5 on 2000 small tensors (host time per compiled call and per parameter
-#: on top of the loops, which are 1.10-1.12x torch's on the large tensors alone).
+#: (``fused`` an attribute: torch's has none) always compiles its ``update``. Measured
+#: (2026-12-03 20:08-20:20 UTC, 2 threads, a noisy machine; bench-cpu-fused "declared" rows and
+#: paired runs, docs/benchmarks.md): the built-ins' compiled declaration / torch fused 1.08-1.28
+#: in one bench run and paired medians of 1.06-1.22 on the transformer set, 1.6-2.3 on 2000 small
+#: tensors (the engine's host work per parameter on top of the loops, which are 1.04-1.10x
+#: torch's on the large tensors alone).
 TORCH_KERNELS = True
 # The torch.optim functions (the built-ins' ``_reference`` names) with a fused CPU kernel.
 _TORCH_FUSED_CPU = frozenset({"sgd", "adagrad", "adam", "adamw"})
