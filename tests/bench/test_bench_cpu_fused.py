@@ -33,7 +33,14 @@ def test_bench_cpu_fused_quick_prints_a_ratio_and_compile_time_per_optimizer_and
     }
     assert {cells[5] for cells in rows} == {"ours reference"}
     for cells in rows:
-        assert float(cells[7]) > 0 and float(cells[8]) >= 0
+        assert float(cells[7]) > 0 and float(cells[8]) > 0 and float(cells[9]) >= 0
+
+
+def test_the_paired_ratio_is_the_median_of_each_turns_ratio() -> None:
+    # Turns slowed alike on both sides (a slow stretch of the machine) keep their ratio.
+    assert cpu_fused.paired_ratio([1.1, 2.2, 3.3], [1.0, 2.0, 3.0]) == pytest.approx(1.1)
+    # One odd turn does not move the median.
+    assert cpu_fused.paired_ratio([2.0, 1.0, 3.0, 2.0, 9.0], [1.0] * 5) == 2.0
 
 
 @pytest.mark.parametrize("name", sorted(cpu_fused.TORCH_FUSED))
