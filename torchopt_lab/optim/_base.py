@@ -29,7 +29,6 @@ from torch.optim.optimizer import _device_dtype_check_for_fused, _use_grad_for_d
 from torchopt_lab import backend as _backend
 from torchopt_lab.optim import _cpu_fused
 from torchopt_lab.optim._fused import FusedState, Part, _local, fused_step, repeat_step
-from torchopt_lab.optim._scalars import increment
 from torchopt_lab.optim.clip import _clip_coefficient, _total_norm
 
 TensorLists = dict[str, list[Any]]
@@ -62,11 +61,6 @@ def as_float(value: float | Tensor) -> float | Tensor:
     if torch.compiler.is_compiling():
         return value.reshape(()).to(torch.float64)
     return value.item()
-
-
-def increment_steps(state_steps: list[Tensor]) -> None:
-    """Add one to every ``state["step"]`` (:func:`~torchopt_lab.optim._scalars.increment`)."""
-    increment(state_steps)
 
 
 def read_steps(state_steps: list[Tensor]) -> list[float] | list[Tensor]:

@@ -14,11 +14,11 @@ from torchopt_lab.optim._base import (
     TorchoptOptimizer,
     as_float,
     foreach_addcdiv_,
-    increment_steps,
     per_step,
     read_steps,
 )
 from torchopt_lab.optim._fused import KernelSpec
+from torchopt_lab.optim._scalars import increment
 from torchopt_lab.optim.rules import Check, Hyperparameter, Rule, State, lr_checks, register
 
 __all__ = ["ADAGRAD", "Adagrad", "adagrad"]
@@ -56,7 +56,7 @@ def adagrad(
     """Adagrad's torch reference update over real tensors of one device and dtype (see
     :class:`Adagrad`). Sparse gradients update only the rows they touch."""
     lr = as_float(lr)
-    increment_steps(state_steps)
+    increment(state_steps)
     steps = read_steps(state_steps)
     # Decayed step size: lr_t = lr / (1 + (t - 1) * lr_decay).
     step_sizes = per_step(steps, lambda t: -lr / (1 + (t - 1) * lr_decay))

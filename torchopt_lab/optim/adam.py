@@ -15,11 +15,11 @@ from torchopt_lab.optim._base import (
     TorchoptOptimizer,
     as_float,
     foreach_addcdiv_,
-    increment_steps,
     per_step,
     read_steps,
 )
 from torchopt_lab.optim._fused import KernelSpec
+from torchopt_lab.optim._scalars import increment
 from torchopt_lab.optim.rules import (
     TORCH_FLAGS,
     Check,
@@ -55,7 +55,7 @@ def adam(
     ``state_steps`` are incremented here; ``max_exp_avg_sqs`` is empty unless ``amsgrad``.
     """
     lr, beta1, beta2 = as_float(lr), as_float(beta1), as_float(beta2)
-    increment_steps(state_steps)
+    increment(state_steps)
     steps = read_steps(state_steps)
     if maximize:
         grads = torch._foreach_neg(grads)

@@ -14,9 +14,9 @@ from torchopt_lab.optim._base import (
     as_float,
     foreach_add_,
     foreach_addcdiv_,
-    increment_steps,
 )
 from torchopt_lab.optim._fused import KernelSpec
+from torchopt_lab.optim._scalars import increment
 from torchopt_lab.optim.rules import Check, Hyperparameter, Rule, State, lr_checks, register
 
 __all__ = ["RMSPROP", "RMSprop", "rmsprop"]
@@ -43,7 +43,7 @@ def rmsprop(
     unless ``centered``; the state lists come in torch's state_dict order (torch.optim's
     functional ``rmsprop`` takes ``grad_avgs`` first)."""
     lr = as_float(lr)
-    increment_steps(state_steps)
+    increment(state_steps)
     if maximize:
         grads = torch._foreach_neg(grads)
     if weight_decay != 0:
