@@ -64,7 +64,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from torchopt_lab import backend as _backend
-from torchopt_lab.optim._scalars import as_number, increment, scalars_key
+from torchopt_lab.optim._scalars import _PLAIN_SCALARS, as_number, increment, scalars_key
 
 __all__ = [
     "CHUNK",
@@ -118,8 +118,8 @@ _compiled: dict[tuple[Callable[..., Any], bool], _ChunkStep] = {}
 _failed: dict[tuple[Callable[..., Any], torch.dtype], str] = {}
 # (dtype, tensors per parameter, CHUNK) -> scratch (param, grad, *state) to pad the last chunk.
 _scratch: dict[tuple[torch.dtype, int, int], list[list[Tensor]]] = {}
-# dtype -> scratch step counts to pad the last chunk.
-_scratch_counts: dict[torch.dtype, list[Tensor]] = {}
+# CHUNK -> scratch float32 step counts to pad the last chunk.
+_scratch_counts: dict[int, list[Tensor]] = {}
 
 
 def _chunk_step(
@@ -448,26 +448,20 @@ def _autocast_cpu() -> bool:
 
 
 def _scalar_shape(scalars: Mapping[str, Any], floats: frozenset[str]) -> tuple[Any, ...] | None:
-    """What of a step's scalars a compiled variant's guards can depend on: every scalar's type
-    and value (signed zeros apart), except the floats the variant takes as tensor inputs, whose
-    guards only ask whether they are NaN (Dynamo's guards on the values it specialised on, and
-    on ints and bools, are on values); None where a scalar is not a number, bool, string or
-    None (a tensor's guards are on more than its value): such steps always check the guards."""
-    shape = []
-    for key, value in scalars.items():
-        kind = type(value)
-        if key in floats and kind is float:
-            shape.append((key, kind, math.isnan(value)))
-        elif kind is float:
-            shape.append((key, kind, value, math.copysign(1.0, value)))
-        elif kind in _PLAIN_SCALARS:
-            shape.append((key, kind, value))
-        else:
-            return None
-    return tuple(shape)
-
-
-_PLAIN_SCALARS = frozenset({int, bool, str, type(None)})
+    """What of a step's scalars a compiled variant's guards can depend on: the scalars' key
+    (:func:`scalars_key`: types and values, signed zeros apart), with each float the variant
+    takes as a tensor input reduced to whether it is NaN, all its guards ask of it (Dynamo's
+    guards on the floats it specialised on, and on ints and bools, are on values); None where a
+    scalar is not a number, bool or None (a tensor's guards are on more than its value): such
+    steps always check the guards."""
+    if not all(type(value) in _PLAIN_SCALARS for value in scalars.values()):
+        return None
+    return scalars_key(
+        {
+            key: math.isnan(value) if key in floats and type(value) is float else value
+            for key, value in scalars.items()
+        }
+    )
 
 
 # What of a gradient the memo compares (with its type and size): dtype and device.
@@ -554,11 +548,12 @@ def compile_count(update: Callable[..., Any]) -> int:
     )
 
 
-def _scratch_steps(dtype: torch.dtype, count: int) -> list[Tensor]:
-    """``count`` step counts to pad a chunk, each a tensor of its own."""
-    pads = _scratch_counts.get(dtype)
+def _scratch_steps(count: int) -> list[Tensor]:
+    """``count`` float32 step counts to pad a chunk (the compiled loops count float32 ones only),
+    each a tensor of its own."""
+    pads = _scratch_counts.get(CHUNK)
     if pads is None:
-        pads = _scratch_counts[dtype] = [torch.zeros((), dtype=dtype) for _ in range(CHUNK)]
+        pads = _scratch_counts[CHUNK] = [torch.zeros((), dtype=torch.float32) for _ in range(CHUNK)]
     return pads[:count]
 
 
@@ -806,7 +801,7 @@ def fused_update(
         steps_in = (
             None
             if parallel or not in_loops
-            else [steps[i] for i in chunk] + _scratch_steps(torch.float32, len(pad))
+            else [steps[i] for i in chunk] + _scratch_steps(len(pad))
         )
         arguments = (
             update,
