@@ -57,7 +57,6 @@ preconditioners, LAMB/LARS trust ratios), or one that needs a reduction across t
 
 from __future__ import annotations
 
-import functools
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -232,15 +231,21 @@ class Rule:
     # (:class:`KernelSpec`), or None (no kernel). Only with a ``reference``.
     kernel: KernelSpec | None = None
 
-    # Cached: a step reads them for every parameter.
-    @functools.cached_property
-    def tensor_state(self) -> tuple[str, ...]:
-        """Names of the state tensors the update takes and returns, in its argument order."""
-        return tuple(entry.name for entry in self.state if not entry.scalar)
+    # Derived from ``state`` when the rule is made (a step reads them for every parameter). Plain
+    # attributes, not functools.cached_property: on Python < 3.12 its first read takes a lock,
+    # which Dynamo cannot trace, so a compiled step that read it first failed.
+    tensor_state: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    scalar_state: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
-    @functools.cached_property
-    def scalar_state(self) -> tuple[str, ...]:
-        return tuple(entry.name for entry in self.state if entry.scalar)
+    def __post_init__(self) -> None:
+        # The names of the state tensors the update takes and returns, in its argument order;
+        # and of the scalar state ``scalars`` reads and updates.
+        object.__setattr__(
+            self, "tensor_state", tuple(entry.name for entry in self.state if not entry.scalar)
+        )
+        object.__setattr__(
+            self, "scalar_state", tuple(entry.name for entry in self.state if entry.scalar)
+        )
 
 
 def triton_jit(fn: Callable[..., Any]) -> Any:
