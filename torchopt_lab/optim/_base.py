@@ -527,6 +527,33 @@ class DeclaredOptimizer(torch.optim.Optimizer):
         torch.optim keeps it (None: the CPU)."""
         return p.device if group.get("capturable") else None
 
+    def _init_group(self, group: dict[str, Any]) -> None:
+        """Create the state a step of ``group`` would create before its update, and nothing else:
+        that of each parameter with a gradient and no state yet, stopping at the first sparse
+        gradient (where a step may raise, having created the state of the parameters before it).
+
+        A compiled step calls it first: Dynamo runs a method of this name eagerly, outside the
+        graph, as it does torch.optim's own ``_init_group``, so the first compiled step traces
+        the state it reads. Created inside the graph instead, the state made the next step fail
+        the graph's guards (they saw no state) and compile the whole step a second time."""
+        rule = getattr(type(self), "rule", None)
+        if rule is None or not (rule.step_state or any(e.exists(group) for e in rule.state)):
+            return  # a group that keeps no state leaves self.state untouched, as torch does
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                return
+            state = self.state[p]
+            if len(state) == 0:
+                self._create_state(state, p, group)
+
+    def _init_groups(self) -> None:
+        """:meth:`_init_group` for every group; called by compiled steps only."""
+        for group in self.param_groups:
+            self._init_group(group)
+
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """``self.state[p]``, created from the rule's State entries if empty (see
         :meth:`_create_state`)."""
@@ -941,6 +968,7 @@ class TorchoptOptimizer(DeclaredOptimizer):
         as on the eager paths.
         """
         component = f"optim.{type(self).__name__}"
+        self._init_groups()  # the state, created outside the graph (see _init_group)
         groups = [(group, self._group_tensors(group)) for group in self.param_groups]
         inverse_scale, clip_coefficient, skip = self._traced_controls(
             [grad for _, tensors in groups for grad in tensors["grads"]]

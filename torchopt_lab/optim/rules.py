@@ -483,6 +483,8 @@ class RuleOptimizer(DeclaredOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            self._init_groups()  # the state, created outside the graph (see _init_group)
         clip = self._clip()
         if clip is False:
             return loss  # skip_nonfinite: nothing changes, no step is counted
