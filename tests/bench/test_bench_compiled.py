@@ -23,6 +23,28 @@ def test_compiled_step_benchmark_times_ours_and_torch_eager_and_compiled(monkeyp
         assert re.fullmatch(pattern, row), row
 
 
+@pytest.mark.parametrize("quick", [False, True])
+def test_compiled_step_benchmark_compiles_cold_unless_quick(monkeypatch, quick) -> None:
+    # Inductor's caches would let a variant reuse a graph an earlier one compiled (torch's plain
+    # SGD is the same foreach add as ours): the compile column would time a cache hit.
+    monkeypatch.setitem(compiled.PARAM_SETS, "tiny", (lambda: [(3,)], lambda: [(2,)]))
+    caches_off = []
+    compile_ = compiled.torch.compile
+
+    def recording_compile(function, **options):
+        run = compile_(function, backend="eager", **options)
+
+        def call():
+            caches_off.append(compiled.torch._inductor.config.force_disable_caches)
+            run()
+
+        return call
+
+    monkeypatch.setattr(compiled.torch, "compile", recording_compile)
+    compiled.optimizer_step("tiny", "Lion", quick=quick, turns=1, steps=1)
+    assert caches_off[:2] == [not quick, not quick]
+
+
 def test_compiled_step_benchmark_times_lion_without_a_torch_counterpart(monkeypatch) -> None:
     monkeypatch.setitem(compiled.PARAM_SETS, "tiny", (lambda: [(3,)], lambda: [(2,)]))
     rows = compiled.optimizer_step("tiny", "Lion", turns=1, steps=1)
