@@ -40,9 +40,18 @@ def test_compiled_step_benchmark_compiles_cold_unless_quick(monkeypatch, quick) 
 
         return call
 
+    cleared = []
+    clear = compiled.torch._inductor.utils.clear_inductor_caches
+    monkeypatch.setattr(
+        compiled.torch._inductor.utils,
+        "clear_inductor_caches",
+        lambda: cleared.append(len(caches_off)) or clear(),
+    )
     monkeypatch.setattr(compiled.torch, "compile", recording_compile)
     compiled.optimizer_step("tiny", "Lion", quick=quick, turns=1, steps=1)
     assert caches_off[:2] == [not quick, not quick]
+    # The kernels built in memory by an earlier compile are dropped before the compiled one's.
+    assert cleared == ([] if quick else [0])
 
 
 def test_compiled_step_benchmark_times_lion_without_a_torch_counterpart(monkeypatch) -> None:
