@@ -78,3 +78,24 @@ def test_bench_cpu_fused_declared_rows_time_the_builtins_compiled_declaration(ca
     assert _cpu_fused.TORCH_KERNELS
     decision = torchopt_lab.backend_info()["decisions"]["optim.Adagrad (fused)"]
     assert decision["backend"] == "inductor"
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_a_first_compile_is_charged_to_no_row(monkeypatch, capsys, quick) -> None:
+    # A process's first compile also builds what later ones reuse (about 11 s here): the first
+    # row's compile column took it. Timed runs compile something first; --quick does not.
+    calls = []
+    monkeypatch.setattr(cpu_fused, "warm_compiler", lambda: calls.append("warm") or 11.0)
+
+    def measure(name, shapes, repeats, steps):
+        calls.append(name)
+        return {"ours": 2.0, "baseline": 1.0, "paired": 2.0, "baseline_name": "x", "compile": 0.0}
+
+    monkeypatch.setattr(cpu_fused, "measure", measure)
+    quick_args = ["--quick"] if quick else ["--repeats", "1", "--steps", "1"]
+    assert (
+        main(["bench-cpu-fused", *quick_args, "--optimizers", "Lion", "--sets", "transformer"]) == 0
+    )
+    assert calls == (["Lion"] if quick else ["warm", "Lion"])
+    out = capsys.readouterr().out
+    assert ("# a first compile, charged to no row: 11.0 s" in out) != quick

@@ -8,6 +8,23 @@ from collections.abc import Iterable
 from torchopt_lab._arguments import UsageError
 
 
+def warm_compiler() -> float:
+    """Compile and run a one-line function with Inductor's caches off; return the seconds it took.
+
+    A process's first compile also does what every later one reuses (Inductor's imports, its C++
+    prelude): about 11 s here, which a compile-time column would otherwise charge to whichever
+    row compiles first (plain SGD's cold compile read 15.7 s first in the run, 6.3 s after this,
+    torch's 6.1 s)."""
+    import time
+
+    import torch
+
+    start = time.perf_counter()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(3))
+    return time.perf_counter() - start
+
+
 def table_header(columns: list[str]) -> str:
     """The first two lines of a markdown table with these column names."""
     return "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"

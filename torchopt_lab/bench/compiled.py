@@ -8,7 +8,8 @@ Two CPU timings, each against PyTorch in the same run:
   ``--sets`` (bench-optim's): ours eager, ours compiled (with ``fullgraph=True``: one graph, no
   break), torch.optim foreach eager, torch.optim compiled (where torch.optim has the optimizer;
   not Lion) (best of ``--repeats`` turns x ``--steps`` steps, and the first two calls, which
-  include the compiles, cold: Inductor's caches off except under ``--quick``);
+  include the compiles, cold: Inductor's caches off except under ``--quick``, after a first
+  compile no row is charged with);
 - forward + backward of an MLP of our layers compiled, against the same torch.nn MLP compiled
   (median of 20 steps, 1 thread, the torch path).
 """
@@ -28,7 +29,7 @@ import torchopt_lab.nn as ours_nn
 import torchopt_lab.nn.functional as ours_functional
 import torchopt_lab.optim as ours_optim
 from torchopt_lab._arguments import UsageError, refuse_overridden_by_quick
-from torchopt_lab.bench import add_set_arguments, choices, table_header
+from torchopt_lab.bench import add_set_arguments, choices, table_header, warm_compiler
 from torchopt_lab.bench.optim import OPTIMIZERS, PARAM_SETS
 
 #: name -> (ours, torch.optim's or None, the options both get): bench-optim's, and Lion.
@@ -187,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.quick:
         print(QUICK_NOTE)
+    else:
+        print(f"# a first compile, charged to no row: {warm_compiler():.1f} s")
     print(table_header(["optimizer", "set", "tensors", "step", "best", "first two (compiles)"]))
     for set_name in set_names:
         for name in names:

@@ -14,8 +14,9 @@ Three kinds of rows, on ``bench-optim``'s parameter sets (``transformer``, ``sma
 
 Each row also gives the one-time compile cost: the first two steps' time less two steady
 steps' (an update that creates its state compiles on the second step), with Inductor's on-disk
-caches disabled (except under ``--quick``) so that it is a cold compile; an update compiled for
-an earlier row (the same update, dtype and branch) shows about 0.
+caches disabled (except under ``--quick``) so that it is a cold compile, after a first compile
+that no row is charged with (a process's first also builds what later ones reuse, about 11 s);
+an update compiled for an earlier row (the same update, dtype and branch) shows about 0.
 Variants are timed in turns and each reports its best turn (``timeit``'s advice for a shared
 machine); ``paired median`` is the median over the turns of ours / the baseline, the two timed
 back to back in each turn (first in turn), which a machine whose speed drifts moves less than
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor
 
 from torchopt_lab._arguments import UsageError, refuse_overridden_by_quick
-from torchopt_lab.bench import add_set_arguments, choices, table_header
+from torchopt_lab.bench import add_set_arguments, choices, table_header, warm_compiler
 from torchopt_lab.bench.optim import PARAM_SETS, QUICK_NOTE
 from torchopt_lab.optim import _cpu_fused
 from torchopt_lab.optim.rules import REGISTRY
@@ -269,6 +270,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.quick:
         print(QUICK_NOTE)
+    else:
+        print(f"# a first compile, charged to no row: {warm_compiler():.1f} s")
     unmeasured = " (not measured)" if args.quick else ""
     ratio, paired = f"ours fused/baseline{unmeasured}", f"paired median{unmeasured}"
     columns = ["optimizer", "set", "tensors", "params", "ours fused ms", "baseline", "baseline ms"]
